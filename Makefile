@@ -1,0 +1,26 @@
+# `make demo` and `make test` each set up .venv first (pinned by constraints.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lockstep compile --model llama-2-70b --dtype int8 --pool lpu:576 --trace out/llama-2-70b.trace.json -o out/llama-2-70b.plan.json
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/compile_scale.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
