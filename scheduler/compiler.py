@@ -1,0 +1,145 @@
+"""`compile()`: model + pool + options -> timed Program."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from scheduler.cost import Calibration, CostModel
+from scheduler.devices import Pool
+from scheduler.errors import FitError, SpecError
+from scheduler.ir import build_ir
+from scheduler.model import ModelSpec, activation_dtype, check_dtype
+from scheduler.placement import OBJECTIVES, build_table, place
+from scheduler.program import SCHEMA_VERSION, Program, Timeline, fingerprint, hash_body
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    dtype: str = "bf16"  # weight dtype: fp32 | bf16 | fp16 | int8
+    max_slots: int = 8  # KV slots: sequences decoded at once; decode buckets go up to it
+    max_context: int = 2048  # tokens per slot (prompt + output); KV is preallocated for it
+    prefill_chunk: int = 256  # prompt tokens per prefill step
+    prompt_len: int = 128  # prompt length the predictions table is for
+    objective: str = "latency"  # latency | throughput
+    buckets: tuple[int, ...] = field(default=())  # decode batch sizes; () = powers of two + max_slots
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        for name in ("max_slots", "max_context", "prefill_chunk", "prompt_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if self.prompt_len >= self.max_context:
+            raise SpecError(f"prompt-len {self.prompt_len} must be below max-context {self.max_context}")
+        if not self.buckets:
+            sizes = [1 << k for k in range(self.max_slots.bit_length()) if 1 << k <= self.max_slots]
+            object.__setattr__(self, "buckets", tuple(sorted(set(sizes + [self.max_slots]))))
+        elif any(b < 1 or b > self.max_slots for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
+            raise SpecError(f"buckets {self.buckets} must be increasing, each in 1..max-slots {self.max_slots}")
+
+
+def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptions(),
+            calibration: Calibration | None = None) -> Program:
+    if options.max_context > model.max_position:
+        raise SpecError(f"max-context {options.max_context} exceeds {model.name}'s "
+                        f"max_position {model.max_position}")
+    ir = build_ir(model, options.dtype)
+    cost = CostModel(ir, pool, calibration)
+    _check_capacity(ir, pool, options)
+    ref_batch = 1 if options.objective == "latency" else options.max_slots
+    step_tokens = max(options.max_slots, options.prefill_chunk)
+    table = build_table(cost, ref_batch, options.max_context, options.max_slots, options.max_context, step_tokens)
+    try:
+        placement = place(table, options.objective)
+    except FitError:
+        raise FitError(f"{model.name} {options.dtype} does not fit on {pool.describe()}: no layout of whole "
+                       f"layers over tensor-parallel groups fits each device's memory "
+                       f"(try more devices or a smaller --max-slots / --max-context)") from None
+    timeline = Timeline(cost, placement)
+    chunk = min(options.prefill_chunk, options.max_context)
+    schedules = [timeline.schedule("decode", b, 1, options.max_context - 1) for b in options.buckets]
+    schedules.append(timeline.schedule("prefill", 1, chunk, options.max_context - chunk))
+    body = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": model.name, "fingerprint": fingerprint(model.to_dict()), "spec": model.to_dict(),
+                  "num_params": model.num_params, "weight_dtype": options.dtype,
+                  "act_dtype": activation_dtype(options.dtype)},
+        "pool": {"description": pool.describe(), "fingerprint": fingerprint(pool.to_dict()),
+                 "num_devices": pool.num_devices, "spec": pool.to_dict()},
+        "options": {**asdict(options), "buckets": list(options.buckets)},
+        "calibration": None if calibration is None else
+        {"device": calibration.device, "source": calibration.source, "fingerprint": fingerprint(calibration.to_json())},
+        "objective": {"name": options.objective, "value_s": placement.cost_s,
+                      "reference_step": {"batch": ref_batch, "context": options.max_context}},
+        "devices_used": placement.devices_used,
+        "stages": [_stage_json(ir, s) for s in placement.stages],
+        "memory_plan": [_memory_json(ir, pool, s, options, step_tokens) for s in placement.stages],
+        "buckets": list(options.buckets),
+        "prefill_chunk": chunk,
+        "schedules": schedules,
+        "predictions": _predictions(timeline, schedules, options, chunk, len(placement.stages)),
+        "ttft_by_prompt_len": [{"prompt_len": p, "ttft_s": timeline.ttft(p, chunk)}
+                               for p in _prompt_lens(options)],
+    }
+    return Program({**body, "plan_hash": hash_body(body)})
+
+
+def _check_capacity(ir, pool: Pool, options: CompileOptions) -> None:
+    """A lower bound on devices from memory alone, for a message that says how many are needed."""
+    weights = sum(ir.resident_bytes(layer, 1) for layer in ir.layers)
+    kv = ir.kv_bytes_per_token * options.max_slots * options.max_context
+    need = weights + kv
+    have = sum(g.device.usable_memory_bytes * g.count for g in pool.groups)
+    if need > have:
+        big = max(pool.groups, key=lambda g: g.device.usable_memory_bytes).device
+        at_least = math.ceil(need / big.usable_memory_bytes)
+        raise FitError(f"{ir.model.name} {options.dtype} needs at least {at_least} x {big.name} "
+                       f"({need / 1e9:.1f} GB of weights and KV cache); the pool has {pool.num_devices}")
+
+
+def _stage_json(ir, stage) -> dict:
+    return {"index": stage.index, "layers": [stage.layer_start, stage.layer_end],
+            "first_layer": ir.layers[stage.layer_start].name, "last_layer": ir.layers[stage.layer_end - 1].name,
+            "devices": [stage.device_start, stage.device_end], "device": stage.device, "tp": stage.tp}
+
+
+def _memory_json(ir, pool: Pool, stage, options: CompileOptions, step_tokens: int) -> dict:
+    """Bytes on EACH device of the stage (its tp devices hold equal shares)."""
+    layers = ir.layers[stage.layer_start:stage.layer_end]
+    weights = sum(ir.resident_bytes(layer, stage.tp) for layer in layers)
+    kv_per_token = sum(ir.kv_bytes_per_token_per_device(layer, stage.tp) for layer in layers)
+    kv = kv_per_token * options.max_slots * options.max_context
+    work = ir.workspace_bytes(stage.tp, step_tokens)
+    device = pool.device_at(stage.device_start)
+    return {"stage": stage.index, "devices": [stage.device_start, stage.device_end],
+            "weights_bytes": weights, "kv_bytes": kv, "kv_slots": options.max_slots,
+            "kv_bytes_per_token": kv_per_token, "activation_bytes": work, "total_bytes": weights + kv + work,
+            "usable_bytes": device.usable_memory_bytes, "capacity_bytes": device.memory_bytes}
+
+
+def _predictions(timeline: Timeline, schedules, options: CompileOptions, chunk: int, num_stages: int) -> list:
+    ttft = timeline.ttft(options.prompt_len, chunk)
+    out = []
+    for sched in schedules:
+        if sched["phase"] != "decode":
+            continue
+        b, tpot = sched["batch"], sched["step_s"]
+        # Pipelined: m micro-batches of b in flight; one leaves every bottleneck interval.
+        m = max(1, min(num_stages, options.max_slots // b))
+        interval = max(tpot, m * sched["bottleneck_s"])
+        out.append({"batch": b, "prompt_len": options.prompt_len, "ttft_s": ttft, "tpot_s": tpot,
+                    "tokens_per_s": b / tpot, "tokens_per_s_per_user": 1 / tpot,
+                    "pipelined_tokens_per_s": m * b / interval})
+    return out
+
+
+def _prompt_lens(options: CompileOptions) -> list[int]:
+    lens = {options.prompt_len}
+    p = 16
+    while p < options.max_context:
+        lens.add(p)
+        p *= 2
+    return sorted(lens)

@@ -1,0 +1,144 @@
+"""The cost model: roofline time per layer per device, collective and link transfer times,
+and a calibration table of measured per-layer times that overrides the analytic estimate.
+
+Roofline (Williams et al. 2009): a kernel takes max(FLOPs / achieved compute,
+bytes / achieved bandwidth), plus a fixed overhead per op. Achieved = peak x efficiency
+(the fractions on each `DeviceSpec`, documented there).
+
+Collectives over a tensor-parallel group of width t (ring algorithms; Patarasuk & Yuan 2009):
+  all-reduce of n bytes: 2 (t-1)/t * n / bw + 2 (t-1) * step latency
+  all-gather, n bytes per device: (t-1) * n / bw + (t-1) * step latency
+where bw uses min(links, t-1) links on a fully connected topology and min(links, 2) on a
+ring or chain, and a step costs the link latency plus the pool's per-hop latency.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scheduler.devices import DeviceSpec, Pool
+from scheduler.errors import SpecError
+from scheduler.ir import KINDS, Layer, ModelIR, Work
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured seconds per layer kind on one device (tensor-parallel width 1).
+
+    Keyed by (kind, phase, batch); each key holds points (tokens, seconds), where tokens is
+    the context for decode and the prompt chunk length for prefill. Between points the time
+    is interpolated linearly; past the ends it is extrapolated from the nearest two.
+    """
+
+    device: str
+    table: dict = field(default_factory=dict)  # (kind, phase, batch) -> ((tokens, seconds), ...)
+    source: str = ""  # what measured it (hostname, date, command), kept in the program
+
+    @staticmethod
+    def from_json(data: dict, source: str = "") -> "Calibration":
+        try:
+            device = data["device"]
+            rows = data["entries"]
+            table: dict = {}
+            for row in rows:
+                kind, phase = row["layer"], row["phase"]
+                batch, tokens, seconds = int(row["batch"]), int(row["tokens"]), float(row["seconds"])
+                if kind not in KINDS or phase not in PHASES or batch < 1 or tokens < 0 or not seconds > 0:
+                    raise SpecError(f"calibration entry out of range: {row}")
+                table.setdefault((kind, phase, batch), []).append((tokens, seconds))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"calibration is malformed ({exc!r}); expected "
+                            "{'device': NAME, 'entries': [{layer, phase, batch, tokens, seconds}]}") from None
+        table = {key: tuple(sorted(points)) for key, points in sorted(table.items())}
+        return Calibration(device, table, source or data.get("source", ""))
+
+    @staticmethod
+    def load(path: str | Path) -> "Calibration":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpecError(f"calibration file {str(path)!r} does not exist") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError(f"calibration file {str(path)!r} is not readable JSON: {exc}") from None
+        return Calibration.from_json(data)
+
+    def to_json(self) -> dict:
+        entries = [{"layer": k, "phase": p, "batch": b, "tokens": t, "seconds": s}
+                   for (k, p, b), points in self.table.items() for t, s in points]
+        return {"device": self.device, "source": self.source, "entries": entries}
+
+    def lookup(self, kind: str, phase: str, batch: int, tokens: int) -> float | None:
+        points = self.table.get((kind, phase, batch))
+        if not points:
+            return None
+        if len(points) == 1:
+            return points[0][1]
+        xs = [p[0] for p in points]
+        i = min(max(bisect.bisect_left(xs, tokens), 1), len(points) - 1)
+        (x0, y0), (x1, y1) = points[i - 1], points[i]
+        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0) if x1 != x0 else y1
+
+
+class CostModel:
+    def __init__(self, ir: ModelIR, pool: Pool, calibration: Calibration | None = None):
+        self.ir = ir
+        self.pool = pool
+        self.calibration = calibration
+
+    def compute_time(self, work: Work, device: DeviceSpec) -> float:
+        """Roofline time of one device's work, collectives excluded. Seconds."""
+        flops_per_s = device.peak_flops(self.ir.act_dtype) * device.compute_efficiency
+        bytes_per_s = device.mem_bw_bytes_per_s * device.memory_efficiency
+        return max(work.flops / flops_per_s, work.bytes / bytes_per_s) + work.ops * device.op_overhead_s
+
+    def collective_time(self, op: str, nbytes: float, device: DeviceSpec, tp: int) -> float:
+        if tp <= 1:
+            return 0.0
+        links = min(device.links, tp - 1) if self.pool.topology == "full" else min(device.links, 2)
+        bw = device.link_bw_bytes_per_s * device.link_efficiency * links
+        step = device.link_latency_s + self.pool.hop_latency_s
+        if op == "all_reduce":
+            return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * step
+        return (tp - 1) * nbytes / bw + (tp - 1) * step  # all_gather
+
+    def transfer_time(self, nbytes: float, device: DeviceSpec, hops: int) -> float:
+        """Point-to-point send over `hops` links (store-and-forward per hop is not modelled:
+        links cut through, so bandwidth is paid once and latency per hop)."""
+        if hops == 0:
+            return 0.0
+        bw = device.link_bw_bytes_per_s * device.link_efficiency
+        return nbytes / bw + hops * (device.link_latency_s + self.pool.hop_latency_s)
+
+    def layer_times(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
+                    new_tokens: int, past_tokens: int) -> tuple[float, float]:
+        """(compute seconds, collective seconds) for one layer on one device of a width-tp group."""
+        measured = self._calibrated(layer, device, tp, batch, new_tokens, past_tokens)
+        work = self.ir.work(layer, tp, batch, new_tokens, past_tokens)
+        compute = measured if measured is not None else self.compute_time(work, device)
+        comm = sum(self.collective_time(op, n, device, tp) for op, n in work.collectives)
+        return compute, comm
+
+    def layer_time(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
+                   new_tokens: int, past_tokens: int) -> float:
+        return sum(self.layer_times(layer, device, tp, batch, new_tokens, past_tokens))
+
+    def _calibrated(self, layer, device, tp, batch, new_tokens, past_tokens) -> float | None:
+        cal = self.calibration
+        if cal is None or tp != 1 or cal.device != device.name:
+            return None
+        if new_tokens == 1:
+            return cal.lookup(layer.kind, "decode", batch, past_tokens + 1)
+        measured = cal.lookup(layer.kind, "prefill", batch, new_tokens)  # a chunk at position 0
+        if measured is None or past_tokens == 0:
+            return measured
+        # A later chunk also attends to the cache: add the analytic difference.
+        later = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, past_tokens), device)
+        first = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, 0), device)
+        return measured + later - first

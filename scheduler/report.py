@@ -1,0 +1,65 @@
+"""Human-readable summary of a Program, and the machine-readable one `--json` prints."""
+
+from __future__ import annotations
+
+from scheduler.program import Program
+
+
+def summary_json(program: Program) -> dict:
+    d = program.data
+    return {"plan_hash": d["plan_hash"], "model": d["model"]["name"], "pool": d["pool"]["description"],
+            "dtype": d["model"]["weight_dtype"], "objective": d["objective"]["name"],
+            "devices_used": d["devices_used"], "num_devices": d["pool"]["num_devices"],
+            "stages": d["stages"], "memory_plan": d["memory_plan"], "predictions": d["predictions"],
+            "ttft_by_prompt_len": d["ttft_by_prompt_len"]}
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def summary_text(program: Program, max_stage_rows: int = 12) -> str:
+    d = program.data
+    m = d["model"]
+    lines = [
+        f"model     {m['name']}  {m['num_params'] / 1e9:.2f}B params  weights {m['weight_dtype']}, "
+        f"activations/KV {m['act_dtype']}",
+        f"pool      {d['pool']['description']}  ({d['pool']['num_devices']} devices, {d['devices_used']} used)",
+        f"objective {d['objective']['name']}: {_time(d['objective']['value_s'])} at batch "
+        f"{d['objective']['reference_step']['batch']}, context {d['objective']['reference_step']['context']}",
+        f"plan      {d['plan_hash'][:16]}  buckets {d['buckets']}  prefill chunk {d['prefill_chunk']}",
+        "",
+        f"{'stage':>5}  {'layers':<22} {'devices':<16} {'tp':>4}  {'weights':>9} {'kv':>9} {'act':>9}  "
+        f"{'used/usable':>11}",
+    ]
+    rows = list(zip(d["stages"], d["memory_plan"]))
+    shown = rows if len(rows) <= max_stage_rows else rows[: max_stage_rows // 2] + [None] + rows[-max_stage_rows // 2:]
+    for row in shown:
+        if row is None:
+            lines.append(f"{'...':>5}  ({len(rows) - max_stage_rows} more stages)")
+            continue
+        st, mem = row
+        lo, hi = st["devices"]
+        layers = f"{st['first_layer']}..{st['last_layer']}"
+        lines.append(f"{st['index']:>5}  {layers:<22} {st['device']}[{lo}:{hi}]".ljust(47) +
+                     f" {st['tp']:>4}  {_bytes(mem['weights_bytes']):>9} {_bytes(mem['kv_bytes']):>9} "
+                     f"{_bytes(mem['activation_bytes']):>9}  {mem['total_bytes'] / mem['usable_bytes']:>10.0%}")
+    lines += ["", "memory per device (each device of a stage holds the same)", "",
+              f"{'batch':>5} {'prompt':>6} {'TTFT':>10} {'TPOT':>10} {'tok/s':>10} {'tok/s/user':>10} "
+              f"{'pipelined tok/s':>15}"]
+    for p in d["predictions"]:
+        lines.append(f"{p['batch']:>5} {p['prompt_len']:>6} {_time(p['ttft_s']):>10} {_time(p['tpot_s']):>10} "
+                     f"{p['tokens_per_s']:>10.1f} {p['tokens_per_s_per_user']:>10.1f} "
+                     f"{p['pipelined_tokens_per_s']:>15.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The `lockstep` command: wiring only. Each subcommand parses flags and calls a library.
+
+Bad input (unknown preset, malformed pool, out-of-range sizes, a model that does not fit)
+prints one line on stderr and exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too by default)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model onto a device pool into a timed program")
+    p.add_argument("--model", required=True, help="preset name (e.g. llama-2-70b) or path to a HF config.json")
+    p.add_argument("--pool", required=True, help="e.g. lpu:576, h100:8@full, h100:4+a100:4, or a pool .toml")
+    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, int8 (default bf16)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt length for the predictions (default 128)")
+    p.add_argument("--max-slots", type=int, default=8, help="KV slots = largest decode batch (default 8)")
+    p.add_argument("--max-context", type=int, default=2048, help="tokens per slot (default 2048)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step (default 256)")
+    p.add_argument("--objective", default="latency", help="latency or throughput (default latency)")
+    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`")
+    p.add_argument("-o", "--output", help="write the program JSON here")
+    p.add_argument("--trace", help="write a Chrome trace-event JSON here (open in ui.perfetto.dev)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object instead of text")
+    p.set_defaults(run=_run_compile)
+
+
+def _run_compile(args) -> int:
+    import scheduler
+    from scheduler.report import summary_json, summary_text
+    from scheduler.trace import write_trace
+
+    model = scheduler.get_model(args.model)
+    pool = scheduler.parse_pool(args.pool)
+    calibration = scheduler.Calibration.load(args.calibration) if args.calibration else None
+    options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
+                                       prefill_chunk=args.prefill_chunk, prompt_len=args.prompt_len,
+                                       objective=args.objective)
+    program = scheduler.compile(model, pool, options, calibration)
+    for path in (args.output, args.trace):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.output:
+        Path(args.output).write_text(program.to_json())
+    if args.trace:
+        write_trace(program, args.trace)
+    if args.json:
+        print(json.dumps(summary_json(program), sort_keys=True))
+    else:
+        print(summary_text(program))
+        for label, path in (("program", args.output), ("trace", args.trace)):
+            if path:
+                print(f"{label:<9} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lockstep", description="Low-latency LLM serving with compile-time scheduling.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_compile(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from scheduler.errors import FitError, SpecError
+
+    try:
+        return args.run(args)
+    except (SpecError, FitError) as exc:
+        print(f"lockstep {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # unwritable -o / --trace path and the like
+        print(f"lockstep {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
