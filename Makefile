@@ -9,8 +9,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@echo "installing into $(VENV) (pinned by constraints.txt; log: $(VENV)/setup.log)"
+	@$(PY) -m pip install -c constraints.txt -e '.[test]' > $(VENV)/setup.log 2>&1 \
+		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	touch $(STAMP)
 
 demo: setup

@@ -40,8 +40,9 @@ def summary_text(program: Program, max_stage_rows: int = 12) -> str:
         f"{d['objective']['reference_step']['batch']}, context {d['objective']['reference_step']['context']}",
         f"plan      {d['plan_hash'][:16]}  buckets {d['buckets']}  prefill chunk {d['prefill_chunk']}",
         "",
-        f"{'stage':>5}  {'layers':<22} {'devices':<16} {'tp':>4}  {'weights':>9} {'kv':>9} {'act':>9}  "
-        f"{'used/usable':>11}",
+        "stages (memory is per device: each device of a stage holds an equal share)",
+        f"{'stage':>5}  {'layers':<22} {'devices':<18} {'tp':>4}  {'weights':>9} {'kv':>9} {'act':>9}  "
+        f"{'used':>6}",
     ]
     rows = list(zip(d["stages"], d["memory_plan"]))
     shown = rows if len(rows) <= max_stage_rows else rows[: max_stage_rows // 2] + [None] + rows[-max_stage_rows // 2:]
@@ -52,10 +53,11 @@ def summary_text(program: Program, max_stage_rows: int = 12) -> str:
         st, mem = row
         lo, hi = st["devices"]
         layers = f"{st['first_layer']}..{st['last_layer']}"
-        lines.append(f"{st['index']:>5}  {layers:<22} {st['device']}[{lo}:{hi}]".ljust(47) +
-                     f" {st['tp']:>4}  {_bytes(mem['weights_bytes']):>9} {_bytes(mem['kv_bytes']):>9} "
-                     f"{_bytes(mem['activation_bytes']):>9}  {mem['total_bytes'] / mem['usable_bytes']:>10.0%}")
-    lines += ["", "memory per device (each device of a stage holds the same)", "",
+        devices = f"{st['device']}[{lo}:{hi}]"
+        lines.append(f"{st['index']:>5}  {layers:<22} {devices:<18} {st['tp']:>4}  {_bytes(mem['weights_bytes']):>9} "
+                     f"{_bytes(mem['kv_bytes']):>9} {_bytes(mem['activation_bytes']):>9}  "
+                     f"{mem['total_bytes'] / mem['usable_bytes']:>6.0%}")
+    lines += ["", "predictions (decode steps sized for max context; TTFT on an idle server)",
               f"{'batch':>5} {'prompt':>6} {'TTFT':>10} {'TPOT':>10} {'tok/s':>10} {'tok/s/user':>10} "
               f"{'pipelined tok/s':>15}"]
     for p in d["predictions"]:
