@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -37,28 +38,51 @@ class CompileOptions:
         if not self.buckets:
             sizes = [1 << k for k in range(self.max_slots.bit_length()) if 1 << k <= self.max_slots]
             object.__setattr__(self, "buckets", tuple(sorted(set(sizes + [self.max_slots]))))
-        elif any(b < 1 or b > self.max_slots for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
+        elif (any(not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= self.max_slots for b in self.buckets)
+              or list(self.buckets) != sorted(set(self.buckets))):
             raise SpecError(f"buckets {self.buckets} must be increasing, each in 1..max-slots {self.max_slots}")
 
+    @property
+    def reference_batch(self) -> int:
+        """The decode batch placement optimizes: 1 for latency, the largest for throughput."""
+        return 1 if self.objective == "latency" else self.max_slots
 
-def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptions(),
-            calibration: Calibration | None = None) -> Program:
+    @property
+    def step_tokens(self) -> int:
+        """Tokens in the largest step (decode at max_slots, or one prefill chunk): sizes the workspace."""
+        return max(self.max_slots, self.prefill_chunk)
+
+
+def plan(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptions(),
+         calibration: Calibration | None = None) -> Timeline:
+    """Validates, applies the calibration, places; the Timeline predicts any step."""
     if options.max_context > model.max_position:
         raise SpecError(f"max-context {options.max_context} exceeds {model.name}'s "
                         f"max_position {model.max_position}")
     ir = build_ir(model, options.dtype)
+    if calibration is not None:
+        if calibration.model_fingerprint and calibration.model_fingerprint != fingerprint(model.to_dict()):
+            raise SpecError(f"the calibration was measured for another model than {model.name} "
+                            f"(run lockstep calibrate --model {model.name})")
+        pool = dataclasses.replace(pool, groups=tuple(
+            dataclasses.replace(g, device=calibration.apply_to(g.device)) for g in pool.groups))
     cost = CostModel(ir, pool, calibration)
     _check_capacity(ir, pool, options)
-    ref_batch = 1 if options.objective == "latency" else options.max_slots
-    step_tokens = max(options.max_slots, options.prefill_chunk)
-    table = build_table(cost, ref_batch, options.max_context, options.max_slots, options.max_context, step_tokens)
+    table = build_table(cost, options.reference_batch, options.max_context, options.max_slots,
+                        options.max_context, options.step_tokens)
     try:
         placement = place(table, options.objective)
     except FitError:
         raise FitError(f"{model.name} {options.dtype} does not fit on {pool.describe()}: no layout of whole "
                        f"layers over tensor-parallel groups fits each device's memory "
                        f"(try more devices or a smaller --max-slots / --max-context)") from None
-    timeline = Timeline(cost, placement)
+    return Timeline(cost, placement)
+
+
+def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptions(),
+            calibration: Calibration | None = None) -> Program:
+    timeline = plan(model, pool, options, calibration)
+    placement, pool, ir = timeline.placement, timeline.pool, timeline.ir
     chunk = min(options.prefill_chunk, options.max_context)
     schedules = [timeline.schedule("decode", b, 1, options.max_context - 1) for b in options.buckets]
     schedules.append(timeline.schedule("prefill", 1, chunk, options.max_context - chunk))
@@ -73,10 +97,10 @@ def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptio
         "calibration": None if calibration is None else
         {"device": calibration.device, "source": calibration.source, "fingerprint": fingerprint(calibration.to_json())},
         "objective": {"name": options.objective, "value_s": placement.cost_s,
-                      "reference_step": {"batch": ref_batch, "context": options.max_context}},
+                      "reference_step": {"batch": options.reference_batch, "context": options.max_context}},
         "devices_used": placement.devices_used,
         "stages": [_stage_json(ir, s) for s in placement.stages],
-        "memory_plan": [_memory_json(ir, pool, s, options, step_tokens) for s in placement.stages],
+        "memory_plan": [_memory_json(ir, pool, s, options) for s in placement.stages],
         "buckets": list(options.buckets),
         "prefill_chunk": chunk,
         "schedules": schedules,
@@ -106,13 +130,13 @@ def _stage_json(ir, stage) -> dict:
             "devices": [stage.device_start, stage.device_end], "device": stage.device, "tp": stage.tp}
 
 
-def _memory_json(ir, pool: Pool, stage, options: CompileOptions, step_tokens: int) -> dict:
+def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
     """Bytes on EACH device of the stage (its tp devices hold equal shares)."""
     layers = ir.layers[stage.layer_start:stage.layer_end]
     weights = sum(ir.resident_bytes(layer, stage.tp) for layer in layers)
     kv_per_token = sum(ir.kv_bytes_per_token_per_device(layer, stage.tp) for layer in layers)
     kv = kv_per_token * options.max_slots * options.max_context
-    work = ir.workspace_bytes(stage.tp, step_tokens)
+    work = ir.workspace_bytes(stage.tp, options.step_tokens)
     device = pool.device_at(stage.device_start)
     return {"stage": stage.index, "devices": [stage.device_start, stage.device_end],
             "weights_bytes": weights, "kv_bytes": kv, "kv_slots": options.max_slots,

@@ -15,6 +15,7 @@ ring or chain, and a step costs the link latency plus the pool's per-hop latency
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,12 @@ class Calibration:
     device: str
     table: dict = field(default_factory=dict)  # (kind, phase, batch) -> ((tokens, seconds), ...)
     source: str = ""  # what measured it (hostname, date, command), kept in the program
+    model_fingerprint: str = ""  # the model it was measured for ("" = any)
+    # The runtime attends to a power-of-two number of keys >= key_bucket_min (0 = exact
+    # context), capped at max_context: a decode step costs what its key bucket costs.
+    key_bucket_min: int = 0
+    max_context: int = 0
+    measured: dict = field(default_factory=dict)  # mem_bw_bytes_per_s, and FLOP/s per dtype
 
     @staticmethod
     def from_json(data: dict, source: str = "") -> "Calibration":
@@ -48,16 +55,22 @@ class Calibration:
             for row in rows:
                 kind, phase = row["layer"], row["phase"]
                 batch, tokens, seconds = int(row["batch"]), int(row["tokens"]), float(row["seconds"])
-                if kind not in KINDS or phase not in PHASES or batch < 1 or tokens < 0 or not seconds > 0:
+                if kind not in KINDS or phase not in PHASES or batch < 1 or tokens < 0 or not seconds >= 0:
                     raise SpecError(f"calibration entry out of range: {row}")
                 table.setdefault((kind, phase, batch), []).append((tokens, seconds))
-        except (KeyError, TypeError, ValueError) as exc:
+            measured = {str(k): float(v) for k, v in data.get("measured", {}).items()}
+            if any(not v > 0 for v in measured.values()):
+                raise SpecError(f"calibration 'measured' figures must be positive: {measured}")
+            extra = dict(model_fingerprint=str(data.get("model_fingerprint", "")),
+                         key_bucket_min=int(data.get("key_bucket_min", 0)),
+                         max_context=int(data.get("max_context", 0)), measured=measured)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SpecError):
                 raise
             raise SpecError(f"calibration is malformed ({exc!r}); expected "
                             "{'device': NAME, 'entries': [{layer, phase, batch, tokens, seconds}]}") from None
         table = {key: tuple(sorted(points)) for key, points in sorted(table.items())}
-        return Calibration(device, table, source or data.get("source", ""))
+        return Calibration(device, table, source or data.get("source", ""), **extra)
 
     @staticmethod
     def load(path: str | Path) -> "Calibration":
@@ -72,7 +85,27 @@ class Calibration:
     def to_json(self) -> dict:
         entries = [{"layer": k, "phase": p, "batch": b, "tokens": t, "seconds": s}
                    for (k, p, b), points in self.table.items() for t, s in points]
-        return {"device": self.device, "source": self.source, "entries": entries}
+        return {"device": self.device, "source": self.source, "entries": entries,
+                "model_fingerprint": self.model_fingerprint, "key_bucket_min": self.key_bucket_min,
+                "max_context": self.max_context, "measured": self.measured}
+
+    def attended_keys(self, context: int) -> int:
+        if not self.key_bucket_min:
+            return context
+        keys = max(self.key_bucket_min, 1 << (context - 1).bit_length())
+        return min(keys, self.max_context) if self.max_context else keys
+
+    def apply_to(self, device: DeviceSpec) -> DeviceSpec:
+        """The device with its measured figures (achieved, so efficiency 1) where this
+        calibration is for it; otherwise unchanged."""
+        if device.name != self.device or not self.measured:
+            return device
+        flops = dict(device.flops_per_s)
+        flops.update({k: v for k, v in self.measured.items() if k != "mem_bw_bytes_per_s"})
+        changes = {"flops_per_s": flops, "compute_efficiency": 1.0}
+        if "mem_bw_bytes_per_s" in self.measured:
+            changes.update(mem_bw_bytes_per_s=self.measured["mem_bw_bytes_per_s"], memory_efficiency=1.0)
+        return dataclasses.replace(device, **changes)
 
     def lookup(self, kind: str, phase: str, batch: int, tokens: int) -> float | None:
         points = self.table.get((kind, phase, batch))
@@ -134,7 +167,7 @@ class CostModel:
         if cal is None or tp != 1 or cal.device != device.name:
             return None
         if new_tokens == 1:
-            return cal.lookup(layer.kind, "decode", batch, past_tokens + 1)
+            return cal.lookup(layer.kind, "decode", batch, cal.attended_keys(past_tokens + 1))
         measured = cal.lookup(layer.kind, "prefill", batch, new_tokens)  # a chunk at position 0
         if measured is None or past_tokens == 0:
             return measured

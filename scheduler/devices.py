@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,10 @@ class DeviceSpec:
         if not isinstance(self.links, int) or self.links < 1:
             raise SpecError(f"device {self.name!r}: links must be a positive integer, got {self.links!r}")
         for name in ("op_overhead_s", "link_latency_s"):
-            if getattr(self, name) < 0:
-                raise SpecError(f"device {self.name!r}: {name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.flops_per_s:
-            raise SpecError(f"device {self.name!r}: flops_per_s needs at least one dtype")
+            _non_negative(f"device {self.name!r}: {name}", getattr(self, name))
+        if not isinstance(self.flops_per_s, dict) or not self.flops_per_s:
+            raise SpecError(f"device {self.name!r}: flops_per_s must be a table of dtype = FLOP/s, "
+                            f"got {self.flops_per_s!r}")
         for dtype, value in self.flops_per_s.items():
             _positive(f"device {self.name!r}: flops_per_s[{dtype}]", value)
         if self.default_topology not in TOPOLOGIES:
@@ -75,6 +76,11 @@ class DeviceSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _non_negative(what: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+        raise SpecError(f"{what} must be a finite number >= 0, got {value!r}")
 
 
 def _positive(what: str, value) -> None:
@@ -149,8 +155,7 @@ class Pool:
                 raise SpecError(f"pool: count of {group.device.name!r} must be a positive integer, got {group.count!r}")
         if self.topology not in TOPOLOGIES:
             raise SpecError(f"pool: unknown topology {self.topology!r}; expected one of {', '.join(TOPOLOGIES)}")
-        if self.hop_latency_s < 0:
-            raise SpecError(f"pool: hop latency must be >= 0, got {self.hop_latency_s!r}")
+        _non_negative("pool: hop latency", self.hop_latency_s)
 
     @property
     def num_devices(self) -> int:
@@ -194,7 +199,8 @@ class Pool:
 
 
 def parse_pool(text: str) -> Pool:
-    """`NAME:COUNT[+NAME:COUNT...][@TOPOLOGY]`, or a path to a TOML pool file."""
+    """`NAME[:COUNT][+NAME[:COUNT]...][@TOPOLOGY]` (COUNT defaults to 1, so `cpu` is `cpu:1`),
+    or a path to a TOML pool file."""
     if text.endswith(".toml"):
         return load_pool(text)
     body, _, topology = text.partition("@")
@@ -203,8 +209,8 @@ def parse_pool(text: str) -> Pool:
         name, sep, count = part.strip().partition(":")
         if not sep:
             count = "1"
-        if not name or not count.strip().isdigit():
-            raise SpecError(f"malformed pool {text!r}: expected NAME:COUNT[+NAME:COUNT][@chain|ring|full], e.g. lpu:576")
+        if not name or not re.fullmatch(r"[0-9]+", count.strip()):
+            raise SpecError(f"malformed pool {text!r}: expected NAME[:COUNT][+NAME[:COUNT]][@chain|ring|full], e.g. lpu:576")
         groups.append(DeviceGroup(get_device(name.strip()), int(count)))
     topology = topology.strip() or groups[0].device.default_topology
     return Pool(tuple(groups), topology, hop_latency_s=0.0)

@@ -171,6 +171,9 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     missing = [key for key in required if key not in cfg]
     if missing:
         raise SpecError(f"model config {str(path)!r} lacks {', '.join(missing)}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+            raise SpecError(f"model config {str(path)!r}: {key} must be a number, got {cfg[key]!r}")
     heads = cfg["num_attention_heads"]
     experts = cfg.get("num_local_experts") or 1
     return ModelSpec(

@@ -144,15 +144,17 @@ def _act_bytes(ir) -> int:
 def place(table: StageTable, objective: str) -> Placement:
     if objective not in OBJECTIVES:
         raise SpecError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    starts = [start for start, _ in table.groups]
+    bound = math.inf
+    if objective == "throughput":
+        # Lexicographic: the smallest bottleneck over every start group first, then the
+        # least latency among placements (from any start) within REL_TIE of it.
+        bottlenecks = [found[0] for found in (_solve(table, s, combine="max") for s in starts) if found]
+        if bottlenecks:
+            bound = min(bottlenecks) * (1 + REL_TIE)
     best = None
-    for start, _ in table.groups:
-        if objective == "latency":
-            found = _solve(table, start, combine="sum")
-        else:
-            found = _solve(table, start, combine="max")
-            if found is not None:
-                bound = found[0] * (1 + REL_TIE)
-                found = _solve(table, start, combine="sum", bound=bound)
+    for start in starts:
+        found = _solve(table, start, combine="sum", bound=bound)
         if found is not None and (best is None or found[0] < best[0] * (1 - REL_TIE)):
             best = found
     if best is None:

@@ -81,6 +81,7 @@ class Timeline:
         self.cost = cost
         self.ir = cost.ir
         self.pool = cost.pool
+        self.placement = placement
         self.stages = placement.stages
         self.act_bytes = DTYPE_BYTES[self.ir.act_dtype]
 

@@ -1,0 +1,233 @@
+"""The timed program: deterministic bytes, hash checks, schedules, memory plan, predictions."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scheduler import CompileOptions, Program, SpecError, compile, get_model, parse_pool
+
+APPROX = dict(rel=1e-9, abs=1e-15)
+
+
+def test_same_inputs_same_bytes(staged_program, staged_inputs):
+    again = compile(*staged_inputs)
+    assert again.to_json() == staged_program.to_json()
+    assert again.plan_hash == staged_program.plan_hash
+    assert len(staged_program.plan_hash) == 64 and int(staged_program.plan_hash, 16) >= 0
+
+
+COMPILE_IN_SUBPROCESS = """
+import sys
+from scheduler import CompileOptions, compile, get_model, parse_pool
+program = compile(get_model("llama-2-70b"), parse_pool("lpu:576"), CompileOptions(dtype="int8"))
+sys.stdout.write(program.to_json())
+"""
+
+
+def test_fresh_process_gives_same_bytes(big_program):
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_IN_SUBPROCESS], capture_output=True, text=True,
+                         env=env, check=True, timeout=120)
+    assert out.stdout == big_program.to_json()
+
+
+@pytest.mark.parametrize("change", [
+    dict(options=CompileOptions(max_slots=6, max_context=64, prompt_len=40, prefill_chunk=32)),
+    dict(options=CompileOptions(max_slots=4, max_context=64, prompt_len=40, prefill_chunk=16)),
+    dict(options=CompileOptions(max_slots=6, max_context=64, prompt_len=41, prefill_chunk=16)),
+    dict(options=CompileOptions(max_slots=6, max_context=64, prompt_len=40, prefill_chunk=16, dtype="fp16")),
+    dict(options=CompileOptions(max_slots=6, max_context=64, prompt_len=40, prefill_chunk=16,
+                                objective="throughput")),
+    dict(pool=parse_pool("lpu:8@chain")),
+    dict(model=dataclasses.replace(get_model("tiny"), num_layers=3)),
+    dict(model=dataclasses.replace(get_model("tiny"), rope_theta=5e5)),  # same costs, other model
+])
+def test_different_inputs_different_hash(staged_program, staged_inputs, change):
+    model, pool, options = staged_inputs
+    model, pool, options = change.get("model", model), change.get("pool", pool), change.get("options", options)
+    assert compile(model, pool, options).plan_hash != staged_program.plan_hash
+
+
+def test_from_json_round_trip(program):
+    text = program.to_json()
+    loaded = Program.from_json(text)
+    assert loaded == program
+    assert loaded.to_json() == text
+    assert loaded.plan_hash == program.plan_hash
+
+
+def test_from_json_rejects_tampering(staged_program):
+    data = json.loads(staged_program.to_json())
+    data["schedules"][0]["step_s"] *= 0.5  # a faster step than compiled
+    with pytest.raises(SpecError, match="plan_hash does not match"):
+        Program.from_json(json.dumps(data))
+    data = json.loads(staged_program.to_json())
+    data["plan_hash"] = "0" * 64
+    with pytest.raises(SpecError, match="plan_hash does not match"):
+        Program.from_json(json.dumps(data))
+    del data["plan_hash"]
+    with pytest.raises(SpecError, match="plan_hash does not match"):
+        Program.from_json(json.dumps(data))
+
+
+def test_from_json_rejects_other_documents(staged_program):
+    with pytest.raises(SpecError, match="not JSON"):
+        Program.from_json("{")
+    with pytest.raises(SpecError, match="schema_version must be 1"):
+        Program.from_json("[]")
+    data = json.loads(staged_program.to_json())
+    data["schema_version"] = 2
+    with pytest.raises(SpecError, match="schema_version must be 1"):
+        Program.from_json(json.dumps(data))
+
+
+def test_a_decode_schedule_per_bucket_and_one_prefill(program):
+    buckets = program.data["buckets"]
+    max_slots = program.data["options"]["max_slots"]
+    assert buckets == sorted(set([1 << k for k in range(max_slots.bit_length()) if 1 << k <= max_slots]
+                                 + [max_slots]))
+    phases = [(s["phase"], s["batch"]) for s in program.data["schedules"]]
+    assert phases == [("decode", b) for b in buckets] + [("prefill", 1)]
+    for b in buckets:
+        sched = program.schedule("decode", b)
+        assert sched["new_tokens"] == 1 and sched["context"] == program.data["options"]["max_context"]
+    prefill = program.schedule("prefill", 1)
+    assert prefill["new_tokens"] == program.data["prefill_chunk"]
+    with pytest.raises(KeyError):
+        program.schedule("decode", max_slots + 1)
+
+
+def test_buckets_when_max_slots_is_not_a_power_of_two(staged_program):
+    assert staged_program.data["buckets"] == [1, 2, 4, 6]
+
+
+def _spans(sched):
+    return [op for st in sched["stages"] for op in st["ops"]] + sched["transfers"]
+
+
+def test_ops_are_ordered_and_do_not_overlap(program):
+    layer_names = None
+    for sched in program.data["schedules"]:
+        names = []
+        for st in sched["stages"]:
+            ops = st["ops"]
+            assert ops, "every stage runs something"
+            for op in ops:
+                assert 0.0 <= op["start_s"] <= op["end_s"]
+            for a, b in zip(ops, ops[1:]):
+                assert a["end_s"] <= b["start_s"] + 1e-15
+            names += [op["layer"] for op in ops if op["op"] == "compute"]
+        # Each layer computes exactly once per step, in model order, across the stages.
+        assert names == list(dict.fromkeys(names))
+        layer_names = layer_names or names
+        assert names == layer_names
+        # Stages run one after the other within a step.
+        for a, b in zip(sched["stages"], sched["stages"][1:]):
+            assert a["ops"][-1]["end_s"] <= b["ops"][0]["start_s"] + 1e-15
+    assert layer_names[0] == "embed" and layer_names[-1] == "head"
+
+
+def test_step_time_is_the_last_end(program):
+    for sched in program.data["schedules"]:
+        assert sched["step_s"] == pytest.approx(max(s["end_s"] for s in _spans(sched)), **APPROX)
+        assert 0 < sched["bottleneck_s"] <= sched["step_s"]
+
+
+def test_single_stage_on_one_device_has_no_transfers(tiny_program):
+    assert len(tiny_program.data["stages"]) == 1
+    for sched in tiny_program.data["schedules"]:
+        assert sched["transfers"] == []
+        assert [op["op"] for op in sched["stages"][0]["ops"]] == ["compute"] * 6  # tp=1: no collectives
+
+
+def test_transfers_link_consecutive_stages(staged_program):
+    stages = staged_program.data["stages"]
+    assert len(stages) >= 2
+    for sched in staged_program.data["schedules"]:
+        hand_offs = [t for t in sched["transfers"] if t["to_stage"] == t["from_stage"] + 1]
+        assert [(t["from_stage"], t["to_stage"]) for t in hand_offs] == [(k, k + 1) for k in range(len(stages) - 1)]
+        for t in hand_offs:
+            src, dst = sched["stages"][t["from_stage"]], sched["stages"][t["to_stage"]]
+            assert t["start_s"] == pytest.approx(src["ops"][-1]["end_s"], **APPROX)
+            assert t["end_s"] == pytest.approx(dst["ops"][0]["start_s"], **APPROX)
+            assert t["end_s"] > t["start_s"]
+            assert t["src_device"] == stages[t["from_stage"]]["devices"][1] - 1
+            assert t["dst_device"] == stages[t["to_stage"]]["devices"][0]
+            hidden_bytes = sched["batch"] * sched["new_tokens"] * 128 * 2  # [T, h] bf16
+            assert t["bytes"] == hidden_bytes
+        # The sampled ids go back to the first stage at the end of the step.
+        feedback = sched["transfers"][-1]
+        assert (feedback["from_stage"], feedback["to_stage"]) == (len(stages) - 1, 0)
+        assert feedback["bytes"] == sched["batch"] * 4
+        assert feedback["end_s"] == pytest.approx(sched["step_s"], **APPROX)
+
+
+def test_tensor_parallel_stages_run_collectives(big_program):
+    sched = big_program.schedule("decode", 1)
+    ops = [op["op"] for op in sched["stages"][1]["ops"]]
+    assert big_program.data["stages"][1]["tp"] > 1
+    assert ops.count("all_reduce") == 2 * ops.count("compute")  # after attention and after the MLP
+
+
+def test_memory_plan_fits_usable_memory(program):
+    plan = program.data["memory_plan"]
+    assert [m["stage"] for m in plan] == [s["index"] for s in program.data["stages"]]
+    for m in plan:
+        assert m["total_bytes"] == pytest.approx(m["weights_bytes"] + m["kv_bytes"] + m["activation_bytes"])
+        assert m["total_bytes"] <= m["usable_bytes"] <= m["capacity_bytes"]
+        assert m["kv_bytes"] == m["kv_bytes_per_token"] * m["kv_slots"] * program.data["options"]["max_context"]
+
+
+def test_stages_cover_every_layer_once(program):
+    stages = program.data["stages"]
+    num_layers = program.data["model"]["spec"]["num_layers"] + 2
+    assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == num_layers
+    for a, b in zip(stages, stages[1:]):
+        assert a["layers"][1] == b["layers"][0]
+        assert a["devices"][1] == b["devices"][0]
+    assert program.data["devices_used"] == sum(s["tp"] for s in stages)
+    assert program.data["devices_used"] <= program.data["pool"]["num_devices"]
+
+
+def test_predictions(program):
+    preds = program.data["predictions"]
+    assert [p["batch"] for p in preds] == program.data["buckets"]
+    for p in preds:
+        assert {"batch", "prompt_len", "ttft_s", "tpot_s", "tokens_per_s"} <= set(p)
+        assert p["prompt_len"] == program.data["options"]["prompt_len"]
+        assert p["tpot_s"] == program.schedule("decode", p["batch"])["step_s"]
+        assert p["tokens_per_s"] == pytest.approx(p["batch"] / p["tpot_s"], rel=1e-12)
+        assert p["ttft_s"] > 0
+        assert p["pipelined_tokens_per_s"] >= p["tokens_per_s"] * (1 - 1e-12)
+    tpots = [p["tpot_s"] for p in preds]
+    assert tpots == sorted(tpots), "a bigger batch never steps faster"
+    throughput = [p["tokens_per_s"] for p in preds]
+    assert throughput == sorted(throughput), "a bigger batch never yields fewer tokens per second"
+
+
+def test_ttft_grows_with_prompt_length(program):
+    table = program.data["ttft_by_prompt_len"]
+    lens = [row["prompt_len"] for row in table]
+    assert lens == sorted(set(lens)) and program.data["options"]["prompt_len"] in lens
+    ttfts = [row["ttft_s"] for row in table]
+    assert all(a < b for a, b in zip(ttfts, ttfts[1:]))
+
+
+def test_larger_prompt_option_predicts_larger_ttft(staged_inputs):
+    model, pool, _ = staged_inputs
+
+    def ttft(prompt_len):
+        options = CompileOptions(max_slots=6, max_context=1024, prompt_len=prompt_len, prefill_chunk=16)
+        return compile(model, pool, options).data["predictions"][0]["ttft_s"]
+    assert ttft(16) < ttft(100) < ttft(900)
+
+
+def test_program_json_is_plain_and_sorted(staged_program):
+    text = staged_program.to_json()
+    assert text.endswith("\n")
+    assert json.loads(text) == staged_program.data
+    assert list(json.loads(text)) == sorted(staged_program.data)
