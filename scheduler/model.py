@@ -47,6 +47,7 @@ class ModelSpec:
     max_position: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    rope_scaling: str = ""  # a HF rope_type other than "default" (costs ignore it; the runtime refuses it)
 
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -171,6 +172,13 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     missing = [key for key in required if key not in cfg]
     if missing:
         raise SpecError(f"model config {str(path)!r} lacks {', '.join(missing)}")
+    # transformers >= 5 nests RoPE settings in rope_parameters; older configs keep rope_theta
+    # at the top and scaling in rope_scaling.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise SpecError(f"model config {str(path)!r}: rope_parameters must be an object, got {rope!r}")
+    cfg = {**cfg, "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0))}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
     for key in ("rope_theta", "rms_norm_eps"):
         if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
             raise SpecError(f"model config {str(path)!r}: {key} must be a number, got {cfg[key]!r}")
@@ -189,8 +197,9 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         num_experts=experts,
         experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1,
         max_position=cfg.get("max_position_embeddings", 4096),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(cfg["rope_theta"]),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_scaling="" if rope_type == "default" else str(rope_type),
     )
 
 

@@ -65,10 +65,52 @@ def _run_compile(args) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure this host and the model's per-layer step times")
+    p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
+    p.add_argument("--device", default="cpu", help="the device to measure (only cpu so far)")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    p.add_argument("--max-slots", type=int, default=8, help="as for compile (default 8)")
+    p.add_argument("--max-context", type=int, default=2048, help="as for compile (default 2048)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="as for compile (default 256)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per point (median; default 10)")
+    p.add_argument("-o", "--output", required=True, help="write the calibration JSON here")
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    import scheduler
+    from scheduler.errors import SpecError
+
+    if args.device != "cpu":
+        raise SpecError(f"calibrate measures the host cpu only for now, not {args.device!r}")
+    if args.dtype not in ("fp32", "bf16", "fp16"):
+        raise SpecError(f"calibrate runs fp32, bf16 or fp16 models, not {args.dtype!r}")
+    if args.repeats < 1:
+        raise SpecError(f"repeats must be a positive integer, got {args.repeats}")
+    model = scheduler.get_model(args.model)
+    # Validates sizes the way compile will, before minutes of measuring.
+    scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
+                             prefill_chunk=args.prefill_chunk, prompt_len=1)
+    if args.max_context > model.max_position:
+        raise SpecError(f"max-context {args.max_context} exceeds {model.name}'s max_position {model.max_position}")
+    from server.calibrate import calibrate
+
+    data = calibrate(model, args.dtype, args.max_slots, args.max_context, args.prefill_chunk, args.repeats,
+                     progress=lambda line: print(line, file=sys.stderr))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"calibration {args.output}: {len(data['entries'])} entries, memory read "
+          f"{data['measured']['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s, {args.dtype} matmul "
+          f"{data['measured'][args.dtype] / 1e9:.0f} GFLOP/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lockstep", description="Low-latency LLM serving with compile-time scheduling.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compile(sub)
+    _add_calibrate(sub)
     return parser
 
 

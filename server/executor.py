@@ -1,0 +1,143 @@
+"""Stage executors: run a compiled program's stages on torch devices, one step at a time.
+
+- `LocalExecutor`: every stage in this process (the default on one host, and for
+  simulated pools, whose math runs on the host CPU).
+- `RayExecutor` (server/ray_executor.py): one Ray actor per stage, chained with a Ray
+  Compiled Graph. Imported lazily by `make_executor`, so the local path never loads Ray.
+
+Both build each stage with `StageRunner`, so for the same program, weights and
+`StepBatch` they return the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.model import ModelSpec
+from server.model import TORCH_DTYPES, StageModel
+from server.sampling import sample
+from server.step import StepBatch, StepResult, StepTensors, tensorize
+from server.weights import init_random, load_checkpoint
+
+GPU_DEVICES = ("h100", "h200", "a100")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    layer_start: int
+    layer_end: int
+    device: str  # torch device string: "cpu", "cuda:0", ...
+    resource: str = ""  # Ray custom resource a simulated chip asks for ("" = none)
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """What an executor needs from a program, as plain values (travels to Ray actors)."""
+
+    spec: ModelSpec
+    dtype: str  # fp32 | bf16 | fp16
+    slots: int
+    max_context: int
+    stages: tuple[StageSpec, ...]
+    seed: int = 0  # random-init seed when no checkpoint
+    checkpoint: str = ""  # Hugging Face folder with *.safetensors
+
+
+def torch_device_for(pool_device: str, device_index: int, cuda_count: int) -> str:
+    """A program device to a torch device: GPUs map to cuda:N; `cpu` and simulated
+    chips (lpu, ...) run on the host."""
+    if pool_device in GPU_DEVICES:
+        if cuda_count == 0:
+            raise ValueError(f"the program places stages on {pool_device} but this host has no CUDA device")
+        return f"cuda:{device_index % cuda_count}"
+    return "cpu"
+
+
+def plan_from_program(program: dict, *, dtype: str | None = None, seed: int = 0, checkpoint: str = "",
+                      device: str | None = None) -> RuntimePlan:
+    """Reads a Program's JSON document. `device` forces every stage onto one torch device."""
+    spec = ModelSpec(**program["model"]["spec"])
+    if spec.rope_scaling:
+        raise ValueError(f"{spec.name} uses {spec.rope_scaling!r} RoPE scaling, which the runtime does not implement")
+    dtype = dtype or program["model"]["weight_dtype"]
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"the runtime computes in {', '.join(TORCH_DTYPES)}; the program's weights are {dtype} "
+                         f"(compile with --dtype fp32 or bf16 to serve)")
+    cuda_count = torch.cuda.device_count()
+    stages = []
+    for st in program["stages"]:
+        dev = device or torch_device_for(st["device"], st["devices"][0], cuda_count)
+        simulated = st["device"] not in GPU_DEVICES and st["device"] != "cpu"
+        stages.append(StageSpec(st["index"], st["layers"][0], st["layers"][1], dev,
+                                resource=st["device"] if simulated else ""))
+    return RuntimePlan(spec, dtype, program["options"]["max_slots"], program["options"]["max_context"],
+                       tuple(stages), seed, checkpoint)
+
+
+class StageRunner:
+    """One stage's layers and KV cache on its device."""
+
+    def __init__(self, plan: RuntimePlan, stage: StageSpec):
+        self.stage = stage
+        self.device = torch.device(stage.device)
+        self.is_last = stage.index == len(plan.stages) - 1
+        self.max_context = plan.max_context
+        torch.manual_seed(0)  # module construction draws; the weights are then overwritten
+        model = StageModel(plan.spec, stage.layer_start, stage.layer_end, plan.slots, plan.max_context,
+                           TORCH_DTYPES[plan.dtype])
+        if plan.checkpoint:
+            load_checkpoint(model, plan.checkpoint)
+        else:
+            init_random(model, plan.seed)
+        self.model = model.to(self.device).eval()
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.model.scratch_slot
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, x: torch.Tensor, meta: StepTensors) -> tuple[torch.Tensor, float]:
+        """x: token ids [R, T] or hidden [R, T, h]. Returns (output, seconds on this stage)."""
+        start = time.perf_counter()
+        meta = meta.to(self.device)
+        out = self.model(x.to(self.device, non_blocking=True), meta.positions, meta.write_slots,
+                         meta.read_slots, meta.key_len, meta.last_index)
+        self._sync()
+        return out, time.perf_counter() - start
+
+
+class LocalExecutor:
+    def __init__(self, plan: RuntimePlan):
+        self.plan = plan
+        self.runners = [StageRunner(plan, stage) for stage in plan.stages]
+
+    def step(self, batch: StepBatch) -> StepResult:
+        start = time.perf_counter()
+        meta = tensorize(batch, self.runners[0].scratch_slot, self.plan.max_context)
+        x, times = meta.tokens, []
+        for runner in self.runners:
+            x, seconds = runner.run(x, meta)
+            times.append(seconds)
+        ids = sample(x, list(batch.sampling), batch.sample_positions())
+        return StepResult(tuple(ids), tuple(times), time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.runners = []
+
+
+def make_executor(plan: RuntimePlan, kind: str = "local"):
+    """The one factory: `local`, or `ray` (imports Ray only then)."""
+    if kind == "local":
+        return LocalExecutor(plan)
+    if kind == "ray":
+        from server.ray_executor import RayExecutor
+
+        return RayExecutor(plan)
+    raise ValueError(f"unknown executor {kind!r}; expected local or ray")

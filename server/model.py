@@ -1,0 +1,237 @@
+"""The torch decoder, built from a scheduler `ModelSpec`, split into pipeline stages.
+
+Llama family (RMSNorm, RoPE, grouped-query attention, SwiGLU) and Mixtral-style MoE.
+Module and parameter names match Hugging Face `transformers` (LlamaForCausalLM,
+MixtralForCausalLM), so a `save_pretrained` folder loads without renaming.
+
+A `StageModel` holds layers [start, end) of the scheduler's layer list (0 = embed,
+1..n = blocks, n + 1 = final norm + LM head) and the static KV cache of its blocks.
+Its forward takes token ids (if it holds the embedding) or hidden states, and returns
+hidden states or, if it holds the head, the logits of each row's last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scheduler.model import ModelSpec
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# CPU sgemm (oneDNN / MKL) gives row-wise bitwise-identical results only when the row
+# count is a multiple of 4 (measured: rows of M=1, 2, 3, 5 differ from the same rows in
+# M=8; M=4, 8, 12, 16 agree). Every matmul here therefore sees a multiple of 4 rows,
+# which is what makes a sequence's tokens independent of its batch (see executor.py).
+ROW_MULTIPLE = 4
+
+
+def pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x: [M, ...] -> [ceil(M / 4) * 4, ...] (zero rows appended), and M."""
+    m = x.shape[0]
+    extra = -m % ROW_MULTIPLE
+    return (F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra)) if extra else x), m
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # computed in fp32 as in transformers' LlamaRMSNorm
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(spec: ModelSpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] int64 -> cos, sin: [B, 1, T, D] (the non-interleaved "rotate half" form)."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# From this many queries per row, torch's CPU flash attention is row-consistent (see _attend).
+FLASH_MIN_QUERIES = 32
+
+
+def _attend(q, keys, values, key_mask):
+    """q: [B, H, T, D]; keys, values: [B, Hkv, L, D]; key_mask: [B, 1, T, L] -> [B, H, T, D].
+
+    Two paths, because a row's result must not depend on its batch row. torch's CPU flash
+    kernel gives each thread a scratch buffer of q_split * (kv_split + D + 2) floats, with
+    q_split = min(T, 32) (64 or 256 for long chunks). Unless that is a multiple of 16 floats,
+    threads after the first get buffers off 64-byte alignment, the gemm inside evidently sums in
+    another order, and rows run by the second thread differ in the last bits (measured at
+    T = 1: rows 2-3 of 4 and 4-7 of 8 differ; padding L so the buffer is aligned cures it).
+    From T = 32, q_split is a multiple of 16. Shorter chunks (decode) use plain batched
+    matmuls, where every (row, kv head) problem has the same shape and layout."""
+    b, h, t, d = q.shape
+    if t >= FLASH_MIN_QUERIES:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, enable_gqa=True)
+    hkv = keys.shape[1]
+    group = h // hkv  # query heads per kv head, consecutive as in enable_gqa
+    scores = torch.matmul(q.reshape(b, hkv, group * t, d), keys.transpose(-1, -2)) * d ** -0.5  # [B, Hkv, G*T, L]
+    scores = scores.view(b, hkv, group, t, -1).masked_fill(~key_mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs.view(b, hkv, group * t, -1), values).view(b, h, t, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        h, d = spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, read_slots, key_mask):
+        """x: [B, T, h]; cache_k/v: [S, Hkv, C, D] for this layer; write_slots/write_pos: [B, T];
+        read_slots: [B]; key_mask: [B, 1, T, L] True where a key may be seen."""
+        s = self.spec
+        b, t, _ = x.shape
+        flat = x.reshape(b * t, -1)
+        q = self.q_proj(flat).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(flat).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(flat).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        # Write the new keys/values at (slot, position) per token: [B, T, Hkv, D].
+        cache_k[write_slots, :, write_pos] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[write_slots, :, write_pos] = v.transpose(1, 2).to(cache_v.dtype)
+        length = key_mask.shape[-1]
+        keys = cache_k[read_slots, :, :length]  # [B, Hkv, L, D]
+        values = cache_v[read_slots, :, :length]
+        out = _attend(q, keys, values, key_mask)
+        out = out.transpose(1, 2).reshape(b * t, s.num_heads * s.head_dim)
+        return self.o_proj(out).view(b, t, -1)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):  # x: [M, h]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):  # Mixtral's names: w1 = gate, w3 = up, w2 = down
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routing with renormalized softmax weights (Mixtral)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.top_k = spec.experts_per_token
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(spec.hidden_size, spec.intermediate_size) for _ in range(spec.num_experts))
+
+    def forward(self, x):  # x: [M, h]
+        weights = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [M, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, which = torch.nonzero(chosen == e, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            picked, m = pad_rows(x[rows])  # row count padded: a token's result must not depend on the others
+            out.index_add_(0, rows, expert(picked)[:m] * weights[rows, which, None])
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        if spec.is_moe:
+            self.block_sparse_moe = SparseMoE(spec)
+        else:
+            self.mlp = MLP(spec.hidden_size, spec.intermediate_size)
+
+    def forward(self, x, rope, cache_k, cache_v, write, read_slots, key_mask):
+        x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, read_slots, key_mask)
+        b, t, h = x.shape
+        flat = self.post_attention_layernorm(x).reshape(b * t, h)
+        ffn = self.block_sparse_moe(flat) if hasattr(self, "block_sparse_moe") else self.mlp(flat)
+        return x + ffn.view(b, t, h)
+
+
+class _Inner(nn.Module):  # the `model.` prefix of transformers' names
+    pass
+
+
+class StageModel(nn.Module):
+    """Layers [start, end) of the scheduler's layer list, with the KV cache of its blocks.
+
+    The cache holds `slots + 1` rows: the last is scratch for padding rows and tokens."""
+
+    def __init__(self, spec: ModelSpec, start: int, end: int, slots: int, max_context: int, dtype: torch.dtype):
+        super().__init__()
+        n = spec.num_layers
+        if not 0 <= start < end <= n + 2:
+            raise ValueError(f"stage layers [{start}, {end}) outside 0..{n + 2}")
+        self.spec, self.start, self.end = spec, start, end
+        self.block_ids = list(range(max(start, 1) - 1, min(end, n + 1) - 1))  # decoder block indices
+        self.model = _Inner()
+        if start == 0:
+            self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.model.layers = nn.ModuleDict({str(i): Block(spec) for i in self.block_ids})
+        self.has_head = end == n + 2
+        if self.has_head:
+            self.model.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.to(dtype)
+        self.scratch_slot = slots
+        shape = (len(self.block_ids), slots + 1, spec.num_kv_heads, max_context, spec.head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def has_embed(self) -> bool:
+        return self.start == 0
+
+    @torch.inference_mode()
+    def forward(self, x, positions, write_slots, read_slots, key_len, last_index):
+        """x: token ids [B, T] or hidden [B, T, h]; positions, write_slots: [B, T] int64;
+        read_slots: [B]; key_len: keys attended (static per step); last_index: [B], the
+        column of each row's last real token. Returns hidden [B, T, h] or logits [B, V] fp32."""
+        if self.has_embed:
+            x = self.model.embed_tokens(x)
+        if self.block_ids:
+            rope = rope_tables(self.spec, positions, x.dtype)
+            keys = torch.arange(key_len, device=positions.device)
+            key_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+            for li, i in enumerate(self.block_ids):
+                x = self.model.layers[str(i)](x, rope, self.cache_k[li], self.cache_v[li],
+                                              (write_slots, positions), read_slots, key_mask)
+        if not self.has_head:
+            return x
+        last = x[torch.arange(x.shape[0], device=x.device), last_index]  # [B, h]
+        return self.lm_head(self.model.norm(last)).float()

@@ -1,0 +1,103 @@
+"""The step contract between the engine and an executor: plain frozen dataclasses.
+
+The engine says which sequences (by KV slot) advance by which tokens; the executor pads
+the batch to the compiled bucket's static shape, runs every stage, samples, and says
+what each stage cost. Neither side holds the other's objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.model import ROW_MULTIPLE
+from server.sampling import SamplingParams
+
+PHASES = ("prefill", "decode")
+MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    phase: str  # prefill | decode
+    bucket: int  # compiled batch size this step is padded to
+    chunk: int  # static tokens per row: 1 for decode, the program's prefill chunk for prefill
+    slot_ids: tuple[int, ...]  # KV slot of each real row
+    token_ids: tuple[tuple[int, ...], ...]  # each row's new tokens (1 for decode, <= chunk for prefill)
+    positions: tuple[int, ...]  # position of each row's first new token
+    sampling: tuple[SamplingParams, ...]
+
+    def __post_init__(self):
+        n = len(self.slot_ids)
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if not 0 < n <= self.bucket:
+            raise ValueError(f"{n} rows do not fit bucket {self.bucket}")
+        if not len(self.token_ids) == len(self.positions) == len(self.sampling) == n:
+            raise ValueError("slot_ids, token_ids, positions and sampling must have one entry per row")
+        if any(not 0 < len(t) <= self.chunk for t in self.token_ids):
+            raise ValueError(f"each row needs 1..{self.chunk} tokens")
+        if len(set(self.slot_ids)) != n:
+            raise ValueError(f"slot ids repeat: {self.slot_ids}")
+
+    @property
+    def rows(self) -> int:
+        """Physical rows: the bucket rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
+        return -(-self.bucket // ROW_MULTIPLE) * ROW_MULTIPLE
+
+    def sample_positions(self) -> list[int]:
+        """Position of the token each row samples next."""
+        return [p + len(t) for p, t in zip(self.positions, self.token_ids)]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token_ids: tuple[int, ...]  # one sampled id per real row
+    stage_times_s: tuple[float, ...]  # measured per stage, seconds
+    step_time_s: float  # the whole step as the executor saw it, seconds
+
+
+@dataclass
+class StepTensors:
+    """StepBatch as static-shape tensors (on the host; each stage moves them to its device)."""
+
+    tokens: torch.Tensor  # [R, T] int64
+    positions: torch.Tensor  # [R, T] int64
+    write_slots: torch.Tensor  # [R, T] int64: padding goes to the scratch slot
+    read_slots: torch.Tensor  # [R] int64
+    last_index: torch.Tensor  # [R] int64: column of each row's last real token
+    key_len: int  # keys attended, a power of two >= the longest context, <= max_context
+
+    def to(self, device) -> "StepTensors":
+        if self.tokens.device == torch.device(device):
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return StepTensors(move(self.tokens), move(self.positions), move(self.write_slots),
+                           move(self.read_slots), move(self.last_index), self.key_len)
+
+
+def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTensors:
+    rows, t = batch.rows, batch.chunk
+    tokens = torch.zeros(rows, t, dtype=torch.int64)
+    positions = torch.zeros(rows, t, dtype=torch.int64)
+    write_slots = torch.full((rows, t), scratch_slot, dtype=torch.int64)
+    read_slots = torch.full((rows,), scratch_slot, dtype=torch.int64)
+    last_index = torch.zeros(rows, dtype=torch.int64)
+    longest = 1
+    for r, (slot, toks, pos) in enumerate(zip(batch.slot_ids, batch.token_ids, batch.positions)):
+        n = len(toks)
+        # Checked here, not by indexing: slot -1 would silently use the scratch slot and
+        # -2 another sequence's cache (negative indices wrap).
+        if not 0 <= slot < scratch_slot:
+            raise ValueError(f"row {r}: slot {slot} outside the KV slots 0..{scratch_slot - 1}")
+        if pos < 0 or pos + n > max_context:
+            raise ValueError(f"row {r}: positions {pos}..{pos + n - 1} outside the context of {max_context}")
+        tokens[r, :n] = torch.tensor(toks, dtype=torch.int64)
+        positions[r, :n] = torch.arange(pos, pos + n)
+        write_slots[r, :n] = slot
+        read_slots[r] = slot
+        last_index[r] = n - 1
+        longest = max(longest, pos + n)
+    key_len = min(max(MIN_KEY_BUCKET, 1 << (longest - 1).bit_length()), max_context)
+    return StepTensors(tokens, positions, write_slots, read_slots, last_index, key_len)

@@ -1,0 +1,73 @@
+"""StepBatch validation and its static-shape tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.sampling import GREEDY
+from server.step import MIN_KEY_BUCKET, StepBatch, tensorize
+
+SCRATCH = 8  # slots 0..7, scratch slot 8
+
+
+def batch(phase="decode", bucket=4, chunk=1, slots=(0, 1), tokens=((5,), (6,)), positions=(3, 9), sampling=None):
+    return StepBatch(phase, bucket, chunk, slots, tokens, positions, sampling or (GREEDY,) * len(slots))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(bucket=1), "2 rows do not fit bucket 1"),
+    (dict(slots=(), tokens=(), positions=()), "0 rows"),
+    (dict(slots=(3, 3)), r"slot ids repeat: \(3, 3\)"),
+    (dict(tokens=((5, 6), (7,))), "1..1 tokens"),
+    (dict(phase="prefill", chunk=4, tokens=((1, 2, 3, 4, 5), (1,))), "1..4 tokens"),
+    (dict(tokens=((), (7,))), "1..1 tokens"),
+    (dict(positions=(3,)), "one entry per row"),
+    (dict(sampling=(GREEDY,)), "one entry per row"),
+    (dict(phase="verify"), "phase must be one of"),
+])
+def test_bad_batches_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        batch(**kw)
+
+
+@pytest.mark.parametrize("slots, message", [((0, 8), "slot 8 outside"), ((-1, 0), "slot -1 outside")])
+def test_slots_outside_the_cache_are_refused(slots, message):
+    with pytest.raises(ValueError, match=message):  # slot -1 would otherwise alias the scratch slot
+        tensorize(batch(slots=slots), SCRATCH, 64)
+
+
+@pytest.mark.parametrize("positions, message", [((63, 64), "row 1: positions 64..64 outside the context of 64"),
+                                                ((-1, 0), "row 0: positions -1..-1")])
+def test_positions_past_the_context_are_refused(positions, message):
+    with pytest.raises(ValueError, match=message):
+        tensorize(batch(positions=positions), SCRATCH, 64)
+
+
+def test_padding_goes_to_the_scratch_slot():
+    t = tensorize(batch(phase="prefill", bucket=2, chunk=4, tokens=((1, 2, 3), (4,)), positions=(10, 0)), SCRATCH, 256)
+    assert t.tokens.shape == (4, 4)  # bucket 2 runs as 4 rows (model.ROW_MULTIPLE)
+    assert t.tokens.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0] * 4, [0] * 4]
+    assert t.positions[0].tolist() == [10, 11, 12, 0]
+    assert t.write_slots.tolist() == [[0, 0, 0, SCRATCH], [1] + [SCRATCH] * 3, [SCRATCH] * 4, [SCRATCH] * 4]
+    assert t.read_slots.tolist() == [0, 1, SCRATCH, SCRATCH]
+    assert t.last_index.tolist() == [2, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bucket, rows", [(1, 4), (2, 4), (4, 4), (5, 8), (8, 8)])
+def test_rows_are_a_multiple_of_four(bucket, rows):
+    assert batch(bucket=bucket, slots=(0,), tokens=((1,),), positions=(0,)).rows == rows
+
+
+@pytest.mark.parametrize("longest, max_context, key_len", [
+    (1, 1024, MIN_KEY_BUCKET), (128, 1024, 128), (129, 1024, 256), (600, 1024, 1024), (600, 700, 700), (20, 64, 64),
+])
+def test_keys_are_bucketed_to_powers_of_two(longest, max_context, key_len):
+    t = tensorize(batch(slots=(0,), tokens=((1,),), positions=(longest - 1,)), SCRATCH, max_context)
+    assert t.key_len == key_len
+
+
+def test_sample_positions():
+    b = batch(phase="prefill", chunk=8, tokens=((1, 2, 3), (4,)), positions=(0, 20))
+    assert b.sample_positions() == [3, 21]
+    assert tensorize(b, SCRATCH, 64).to("cpu").tokens.dtype == torch.int64
