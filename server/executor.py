@@ -45,6 +45,7 @@ class RuntimePlan:
     stages: tuple[StageSpec, ...]
     seed: int = 0  # random-init seed when no checkpoint
     checkpoint: str = ""  # Hugging Face folder with *.safetensors
+    pack_weights: bool = True  # prepack CPU linears for oneDNN (see model.Linear)
 
 
 def torch_device_for(pool_device: str, device_index: int, cuda_count: int) -> str:
@@ -94,6 +95,8 @@ class StageRunner:
         else:
             init_random(model, plan.seed)
         self.model = model.to(self.device).eval()
+        if plan.pack_weights:
+            self.model.pack_linears()
 
     @property
     def scratch_slot(self) -> int:

@@ -76,3 +76,22 @@ def test_stage_rejects_layers_outside_the_model(start, end):
     spec = scheduler.get_model("tiny")  # layers 0..5: embed, 4 blocks, head
     with pytest.raises(ValueError, match="outside"):
         StageModel(spec, start, end, slots=1, max_context=8, dtype=torch.float32)
+
+
+def test_prepacked_linears_match_plain_ones():
+    """The oneDNN-prepacked path (the runtime's CPU default) computes the same layer."""
+    spec = scheduler.get_model("tiny")
+    from server.weights import init_random
+
+    plain = StageModel(spec, 0, spec.num_layers + 2, slots=2, max_context=64, dtype=torch.float32)
+    packed = StageModel(spec, 0, spec.num_layers + 2, slots=2, max_context=64, dtype=torch.float32)
+    init_random(plain, seed=3)
+    init_random(packed, seed=3)
+    if not packed.pack_linears():
+        pytest.skip("this torch build has no oneDNN weight packing")
+    tokens = torch.tensor([[5, 9, 11, 2]] * 4)
+    positions = torch.arange(4).repeat(4, 1)
+    slots = torch.tensor([[0] * 4, [1] * 4, [2] * 4, [2] * 4])
+    args = (tokens, positions, slots, slots[:, 0], 64, torch.full((4,), 3))
+    torch.testing.assert_close(packed(*args), plain(*args), atol=1e-5, rtol=1e-5)
+    assert packed.lm_head.weight.numel() == 0  # the packed copy replaced the weight
