@@ -111,7 +111,7 @@ class StageRunner:
         start = time.perf_counter()
         meta = meta.to(self.device)
         out = self.model(x.to(self.device, non_blocking=True), meta.positions, meta.write_slots,
-                         meta.read_slots, meta.key_len, meta.last_index)
+                         meta.attend, meta.last_index)
         self._sync()
         return out, time.perf_counter() - start
 

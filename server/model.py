@@ -88,30 +88,26 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-# From this many queries per row, torch's CPU flash attention is row-consistent (see _attend).
-FLASH_MIN_QUERIES = 32
+def _attend_row(q, keys, values, positions):
+    """One sequence: q: [H, T, D]; keys, values: [Hkv, L, D] (views into its KV slot);
+    positions: [T]. Returns [H, T, D].
 
-
-def _attend(q, keys, values, key_mask):
-    """q: [B, H, T, D]; keys, values: [B, Hkv, L, D]; key_mask: [B, 1, T, L] -> [B, H, T, D].
-
-    Two paths, because a row's result must not depend on its batch row. torch's CPU flash
-    kernel gives each thread a scratch buffer of q_split * (kv_split + D + 2) floats, with
-    q_split = min(T, 32) (64 or 256 for long chunks). Unless that is a multiple of 16 floats,
-    threads after the first get buffers off 64-byte alignment, the gemm inside evidently sums in
-    another order, and rows run by the second thread differ in the last bits (measured at
-    T = 1: rows 2-3 of 4 and 4-7 of 8 differ; padding L so the buffer is aligned cures it).
-    From T = 32, q_split is a multiple of 16. Shorter chunks (decode) use plain batched
-    matmuls, where every (row, kv head) problem has the same shape and layout."""
-    b, h, t, d = q.shape
-    if t >= FLASH_MIN_QUERIES:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, enable_gqa=True)
-    hkv = keys.shape[1]
-    group = h // hkv  # query heads per kv head, consecutive as in enable_gqa
-    scores = torch.matmul(q.reshape(b, hkv, group * t, d), keys.transpose(-1, -2)) * d ** -0.5  # [B, Hkv, G*T, L]
-    scores = scores.view(b, hkv, group, t, -1).masked_fill(~key_mask[:, :, None], float("-inf"))
+    Rows are attended one at a time, as plain matmuls over views of the cache, because
+    - a sequence's result must not depend on its batch: torch's CPU flash kernel gives
+      rows run by its second thread misaligned scratch buffers and different last bits
+      (measured: rows 2-3 of 4 and 4-7 of 8 differ at T = 1), and depends on the thread
+      count, so a Ray actor at 1 thread and the driver at 2 would disagree;
+    - gathering [B, Hkv, L, D] keys into a batch copy cost ~100 us per layer at small's
+      shape and, at L = 2048, batch 8, allocated 16 MB per layer per step (steps then ran
+      2.5x slower than calibrated: allocator page faults). A view copies nothing."""
+    h, t, d = q.shape
+    hkv, length, _ = keys.shape
+    group = h // hkv  # query heads per kv head, consecutive (as transformers' repeat_kv)
+    scores = torch.matmul(q.reshape(hkv, group * t, d), keys.transpose(-1, -2)) * d ** -0.5  # [Hkv, G*T, L]
+    visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # [T, L]
+    scores = scores.view(hkv, group, t, length).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs.view(b, hkv, group * t, -1), values).view(b, h, t, d)
+    return torch.matmul(probs.view(hkv, group * t, length), values).view(h, t, d)
 
 
 class Attention(nn.Module):
@@ -124,9 +120,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=False)
         self.o_proj = Linear(spec.num_heads * d, h, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, read_slots, key_mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, attend):
         """x: [B, T, h]; cache_k/v: [S, Hkv, C, D] for this layer; write_slots/write_pos: [B, T];
-        read_slots: [B]; key_mask: [B, 1, T, L] True where a key may be seen."""
+        attend: (slot, keys) of each real row; later rows are padding and get zeros."""
         s = self.spec
         b, t, _ = x.shape
         flat = x.reshape(b * t, -1)
@@ -138,12 +134,9 @@ class Attention(nn.Module):
         # Write the new keys/values at (slot, position) per token: [B, T, Hkv, D].
         cache_k[write_slots, :, write_pos] = k.transpose(1, 2).to(cache_k.dtype)
         cache_v[write_slots, :, write_pos] = v.transpose(1, 2).to(cache_v.dtype)
-        length = key_mask.shape[-1]
-        # index_select on the narrowed view copies only [B, Hkv, L, D] (advanced indexing
-        # measured ~100 us per call at small's shape; this is a plain gather).
-        keys = cache_k.narrow(2, 0, length).index_select(0, read_slots)  # [B, Hkv, L, D]
-        values = cache_v.narrow(2, 0, length).index_select(0, read_slots)
-        out = _attend(q, keys, values, key_mask)
+        out = torch.zeros_like(q)
+        for r, (slot, length) in enumerate(attend):
+            out[r] = _attend_row(q[r], cache_k[slot, :, :length], cache_v[slot, :, :length], write_pos[r])
         out = out.transpose(1, 2).reshape(b * t, s.num_heads * s.head_dim)
         return self.o_proj(out).view(b, t, -1)
 
@@ -204,8 +197,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.hidden_size, spec.intermediate_size)
 
-    def forward(self, x, rope, cache_k, cache_v, write, read_slots, key_mask):
-        x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, read_slots, key_mask)
+    def forward(self, x, rope, cache_k, cache_v, write, attend):
+        x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, attend)
         b, t, h = x.shape
         flat = self.post_attention_layernorm(x).reshape(b * t, h)
         ffn = self.block_sparse_moe(flat) if hasattr(self, "block_sparse_moe") else self.mlp(flat)
@@ -257,19 +250,17 @@ class StageModel(nn.Module):
         return self.start == 0
 
     @torch.inference_mode()
-    def forward(self, x, positions, write_slots, read_slots, key_len, last_index):
+    def forward(self, x, positions, write_slots, attend, last_index):
         """x: token ids [B, T] or hidden [B, T, h]; positions, write_slots: [B, T] int64;
-        read_slots: [B]; key_len: keys attended (static per step); last_index: [B], the
-        column of each row's last real token. Returns hidden [B, T, h] or logits [B, V] fp32."""
+        attend: (slot, keys attended) per real row, the rest are padding; last_index: [B],
+        the column of each row's last real token. Returns hidden [B, T, h] or logits [B, V] fp32."""
         if self.has_embed:
             x = self.model.embed_tokens(x)
         if self.block_ids:
             rope = rope_tables(self.spec, positions, x.dtype)
-            keys = torch.arange(key_len, device=positions.device)
-            key_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
             for li, i in enumerate(self.block_ids):
                 x = self.model.layers[str(i)](x, rope, self.cache_k[li], self.cache_v[li],
-                                              (write_slots, positions), read_slots, key_mask)
+                                              (write_slots, positions), attend)
         if not self.has_head:
             return x
         last = x[torch.arange(x.shape[0], device=x.device), last_index]  # [B, h]

@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import ray
 import torch
@@ -50,22 +51,27 @@ class Hop:
         return _unpack_hop, (meta, _pack(self.x), self.stage_times_s, self.sampling, self.sample_positions)
 
 
+class _Packed(NamedTuple):
+    data: bytes
+    dtype: str
+    shape: tuple
+
+
 def _pack(value):
     if not isinstance(value, torch.Tensor):
         return value
     t = value.detach().contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # via uint8: numpy has no bf16
-    return data, str(t.dtype).removeprefix("torch."), tuple(t.shape)
+    return _Packed(data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
 
 
 def _unpack(value):
-    if not isinstance(value, tuple):
+    if not isinstance(value, _Packed):
         return value
-    data, dtype, shape = value
-    dtype = getattr(torch, dtype)
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)  # bytearray: writable, owned
+    dtype = getattr(torch, value.dtype)
+    if not value.data:
+        return torch.empty(value.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(value.data), dtype=dtype).reshape(value.shape)  # bytearray: writable, owned
 
 
 def _unpack_hop(meta, x, stage_times_s, sampling, sample_positions) -> Hop:

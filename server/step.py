@@ -65,16 +65,17 @@ class StepTensors:
     tokens: torch.Tensor  # [R, T] int64
     positions: torch.Tensor  # [R, T] int64
     write_slots: torch.Tensor  # [R, T] int64: padding goes to the scratch slot
-    read_slots: torch.Tensor  # [R] int64
     last_index: torch.Tensor  # [R] int64: column of each row's last real token
-    key_len: int  # keys attended, a power of two >= the longest context, <= max_context
+    # (slot, keys attended) per real row: keys is a power of two >= the row's context
+    # (>= MIN_KEY_BUCKET, <= max_context), so a row's work depends on itself alone.
+    attend: tuple[tuple[int, int], ...]
 
     def to(self, device) -> "StepTensors":
         if self.tokens.device == torch.device(device):
             return self
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return StepTensors(move(self.tokens), move(self.positions), move(self.write_slots),
-                           move(self.read_slots), move(self.last_index), self.key_len)
+                           move(self.last_index), self.attend)
 
 
 def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTensors:
@@ -82,9 +83,8 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
     tokens = torch.zeros(rows, t, dtype=torch.int64)
     positions = torch.zeros(rows, t, dtype=torch.int64)
     write_slots = torch.full((rows, t), scratch_slot, dtype=torch.int64)
-    read_slots = torch.full((rows,), scratch_slot, dtype=torch.int64)
     last_index = torch.zeros(rows, dtype=torch.int64)
-    longest = 1
+    attend = []
     for r, (slot, toks, pos) in enumerate(zip(batch.slot_ids, batch.token_ids, batch.positions)):
         n = len(toks)
         # Checked here, not by indexing: slot -1 would silently use the scratch slot and
@@ -96,8 +96,11 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
         tokens[r, :n] = torch.tensor(toks, dtype=torch.int64)
         positions[r, :n] = torch.arange(pos, pos + n)
         write_slots[r, :n] = slot
-        read_slots[r] = slot
         last_index[r] = n - 1
-        longest = max(longest, pos + n)
-    key_len = min(max(MIN_KEY_BUCKET, 1 << (longest - 1).bit_length()), max_context)
-    return StepTensors(tokens, positions, write_slots, read_slots, last_index, key_len)
+        attend.append((slot, key_bucket(pos + n, max_context)))
+    return StepTensors(tokens, positions, write_slots, last_index, tuple(attend))
+
+
+def key_bucket(context: int, max_context: int) -> int:
+    """Keys a row attends: a power of two >= its context, >= MIN_KEY_BUCKET, <= max_context."""
+    return min(max(MIN_KEY_BUCKET, 1 << (context - 1).bit_length()), max_context)

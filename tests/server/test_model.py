@@ -92,6 +92,6 @@ def test_prepacked_linears_match_plain_ones():
     tokens = torch.tensor([[5, 9, 11, 2]] * 4)
     positions = torch.arange(4).repeat(4, 1)
     slots = torch.tensor([[0] * 4, [1] * 4, [2] * 4, [2] * 4])
-    args = (tokens, positions, slots, slots[:, 0], 64, torch.full((4,), 3))
+    args = (tokens, positions, slots, ((0, 64), (1, 64)), torch.full((4,), 3))
     torch.testing.assert_close(packed(*args), plain(*args), atol=1e-5, rtol=1e-5)
     assert packed.lm_head.weight.numel() == 0  # the packed copy replaced the weight

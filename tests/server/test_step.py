@@ -50,7 +50,7 @@ def test_padding_goes_to_the_scratch_slot():
     assert t.tokens.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0] * 4, [0] * 4]
     assert t.positions[0].tolist() == [10, 11, 12, 0]
     assert t.write_slots.tolist() == [[0, 0, 0, SCRATCH], [1] + [SCRATCH] * 3, [SCRATCH] * 4, [SCRATCH] * 4]
-    assert t.read_slots.tolist() == [0, 1, SCRATCH, SCRATCH]
+    assert t.attend == ((0, 128), (1, 128))  # padding rows attend nothing
     assert t.last_index.tolist() == [2, 0, 0, 0]
 
 
@@ -64,7 +64,12 @@ def test_rows_are_a_multiple_of_four(bucket, rows):
 ])
 def test_keys_are_bucketed_to_powers_of_two(longest, max_context, key_len):
     t = tensorize(batch(slots=(0,), tokens=((1,),), positions=(longest - 1,)), SCRATCH, max_context)
-    assert t.key_len == key_len
+    assert t.attend == ((0, key_len),)
+
+
+def test_each_row_attends_its_own_key_bucket():
+    t = tensorize(batch(slots=(0, 1), tokens=((1,), (2,)), positions=(10, 300)), SCRATCH, 1024)
+    assert t.attend == ((0, 128), (1, 512))
 
 
 def test_sample_positions():
