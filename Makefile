@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench protos clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/compile_scale.py
+
+# Regenerate the gRPC stubs beside protos/**/*.proto (commit them; a test checks).
+protos: setup
+	$(PY) protos/generate.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -23,7 +23,7 @@ import torch
 import scheduler
 from scheduler.compiler import CompileOptions, plan
 from scheduler.cost import Calibration
-from server.calibrate import calibrate, measure_memory_bandwidth
+from server.calibrate import calibrate, measure_memory_bandwidth, merge
 from server.executor import LocalExecutor, RuntimePlan, StageSpec, make_executor
 from server.sampling import GREEDY
 from server.step import StepBatch
@@ -65,33 +65,39 @@ def roofline(args, bandwidth: float) -> None:
 
 
 def predictions(args) -> None:
+    """Calibration and verification interleaved in rounds, so both see the host's drift."""
     name, max_context, chunk = "small", 2048, 256
     model = scheduler.get_model(name)
-    print(f"\n## Calibrated predictions ({name} fp32, cpu:1, max context {max_context}, prefill chunk {chunk})")
+    print(f"\n## Calibrated predictions ({name} fp32, cpu:1, max context {max_context}, prefill chunk {chunk}; "
+          f"{args.rounds} rounds of calibrate-then-measure, medians)")
+    executor = LocalExecutor(one_stage_plan(model, "fp32", 8, max_context))
+    decode_points = [(b, c) for b in (1, 8) for c in (100, 300, 700, 1500, 2048)]
+    prompts = (64, 256, 1000)
+    docs, measured = [], {}
     start = time.perf_counter()
-    cal_doc = calibrate(model, "fp32", 8, max_context, chunk, repeats=args.steps // 2)
-    print(f"calibration took {time.perf_counter() - start:.0f} s")
-    cal = Calibration.from_json(cal_doc)
+    for _ in range(args.rounds):
+        docs.append(calibrate(model, "fp32", 8, max_context, chunk, repeats=max(args.steps // 4, 3)))
+        for bucket, context in decode_points:
+            t = median_step(executor, decode_batch(bucket, context), max(args.steps // 4, 3))
+            measured.setdefault(("decode", bucket, context), []).append(t)
+        for prompt in prompts:
+            measured.setdefault(("prefill", 1, prompt), []).append(measure_prefill(executor, prompt, chunk, 3))
+    print(f"calibration and measurement took {time.perf_counter() - start:.0f} s")
+    cal = Calibration.from_json(merge(docs))
     options = CompileOptions(dtype="fp32", max_context=max_context, prefill_chunk=chunk)
     program = scheduler.compile(model, scheduler.parse_pool("cpu:1"), options, cal)
     timeline = plan(model, scheduler.parse_pool("cpu:1"), options, cal)
     (stage,) = timeline.stages
-    executor = LocalExecutor(one_stage_plan(model, "fp32", 8, max_context))
     print(f"{'phase':<8} {'batch':>5} {'context':>7} {'predicted ms':>12} {'measured ms':>11} {'predicted/measured':>18}")
     errors = []
-    for bucket in (1, 8):
-        for context in (100, 300, 700, 1500, 2048):
-            predicted = timeline.stage_time(stage, bucket, 1, context - 1) + timeline.feedback_time(bucket)
-            measured = median_step(executor, decode_batch(bucket, context), args.steps)
-            errors.append(predicted / measured)
-            print(f"{'decode':<8} {bucket:>5} {context:>7} {predicted * 1e3:>12.3f} {measured * 1e3:>11.3f} "
-                  f"{predicted / measured:>18.3f}")
-    for prompt in (64, 256, 1000):
-        predicted = timeline.ttft(prompt, chunk)
-        measured = measure_prefill(executor, prompt, chunk, args.steps // 4)
-        errors.append(predicted / measured)
-        print(f"{'prefill':<8} {1:>5} {prompt:>7} {predicted * 1e3:>12.3f} {measured * 1e3:>11.3f} "
-              f"{predicted / measured:>18.3f}")
+    for (phase, bucket, tokens), times in measured.items():
+        if phase == "decode":
+            predicted = timeline.stage_time(stage, bucket, 1, tokens - 1) + timeline.feedback_time(bucket)
+        else:
+            predicted = timeline.ttft(tokens, chunk)
+        got = statistics.median(times)
+        errors.append(predicted / got)
+        print(f"{phase:<8} {bucket:>5} {tokens:>7} {predicted * 1e3:>12.3f} {got * 1e3:>11.3f} {predicted / got:>18.3f}")
     worst = max(abs(e - 1) for e in errors)
     print(f"worst |predicted/measured - 1| = {worst:.3f} (goal <= 0.05); "
           f"program decode tick at batch 1 = {program.schedule('decode', 1)['step_s'] * 1e3:.3f} ms")
@@ -106,7 +112,7 @@ def measure_prefill(executor, prompt: int, chunk: int, repeats: int) -> float:
             executor.step(StepBatch("prefill", 1, chunk, (0,), ((5,) * n,), (k * chunk,), (GREEDY,)))
         return time.perf_counter() - start
     run()
-    return statistics.median(run() for _ in range(max(repeats, 3)))
+    return statistics.median(run() for _ in range(repeats))
 
 
 def ray_vs_local(args) -> None:
@@ -115,12 +121,14 @@ def ray_vs_local(args) -> None:
     name = "small"
     model = scheduler.get_model(name)
     print(f"\n## RayExecutor vs LocalExecutor ({name} fp32, decode, context 128)")
-    print(f"{'stages':>6} {'batch':>5} {'local ms':>9} {'ray ms':>9} {'ray/local':>9}")
+    print(f"{'stages':>6} {'batch':>5} {'local ms':>9} {'ray ms':>9} {'ray/local':>9}  (actor threads = cores / stages)")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for stages in (1, 2):
             plan = one_stage_plan(model, "fp32", 8, 512, stages)
-            local, remote = LocalExecutor(plan), make_executor(plan, "ray")
+            # Each actor gets its share of the cores, as the LocalExecutor has them all.
+            threads = max(1, torch.get_num_threads() // stages)
+            local, remote = LocalExecutor(plan), make_executor(plan, "ray", threads_per_actor=threads)
             for bucket in (1, 8):
                 batch = decode_batch(bucket, 128)
                 t_local = median_step(local, batch, args.steps)
@@ -135,6 +143,7 @@ def ray_vs_local(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="calibrate-then-measure rounds (medians)")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     bandwidth = measure_memory_bandwidth()

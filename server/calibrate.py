@@ -148,3 +148,18 @@ def calibrate(model: scheduler.ModelSpec, dtype: str = "fp32", max_slots: int = 
         "measured": measured,
         "entries": entries,
     }
+
+
+def merge(docs: list[dict]) -> dict:
+    """Several calibration runs of the same model as one: the median of each entry, and
+    of each measured device figure. On a shared, noisy host, rounds spread over time
+    (interleaved with whatever else is measured) track its drift better than one run."""
+    by_key: dict[tuple, list[float]] = {}
+    for doc in docs:
+        for e in doc["entries"]:
+            by_key.setdefault((e["layer"], e["phase"], e["batch"], e["tokens"]), []).append(e["seconds"])
+    entries = [{"layer": k[0], "phase": k[1], "batch": k[2], "tokens": k[3], "seconds": statistics.median(v)}
+               for k, v in by_key.items()]
+    measured = {key: statistics.median(doc["measured"][key] for doc in docs) for key in docs[0]["measured"]}
+    return {**docs[0], "entries": entries, "measured": measured,
+            "source": f"median of {len(docs)} runs; first: {docs[0]['source']}"}

@@ -106,11 +106,47 @@ def _run_calibrate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="compile, then serve the program over gRPC with Prometheus metrics")
+    p.add_argument("--model", required=True, help="preset name or path to a HF config.json (or checkpoint folder)")
+    p.add_argument("--pool", default="cpu", help="device pool (default cpu: this host)")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    p.add_argument("--checkpoint", default="", help="HF checkpoint folder (config.json + *.safetensors); "
+                                                   "default: seeded random weights")
+    p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
+    p.add_argument("--max-slots", type=int, default=8)
+    p.add_argument("--max-context", type=int, default=1024)
+    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--calibration", default="auto", help="calibration JSON, 'auto' (cpu pools: load the cached "
+                                                          "one or measure quickly), or 'none'")
+    p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
+    p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
+    p.add_argument("--time-scale", type=float, default=0.0, help="slowdown of simulated time (default: measured)")
+    p.add_argument("--guard-band-ms", type=float, default=0.5, help="added to every paced tick (default 0.5)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: any free port)")
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--no-ray", action="store_true", help="run the engine in this process, without Ray")
+    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, time in-flight streams get to finish")
+    p.add_argument("--duration-s", type=float, default=0.0, help="stop by itself after this long (0: run until signalled)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from server.serve import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lockstep", description="Low-latency LLM serving with compile-time scheduling.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compile(sub)
     _add_calibrate(sub)
+    _add_serve(sub)
     return parser
 
 

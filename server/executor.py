@@ -135,12 +135,12 @@ class LocalExecutor:
         self.runners = []
 
 
-def make_executor(plan: RuntimePlan, kind: str = "local"):
-    """The one factory: `local`, or `ray` (imports Ray only then)."""
+def make_executor(plan: RuntimePlan, kind: str = "local", **options):
+    """The one factory: `local`, or `ray` (imports Ray only then; options go to RayExecutor)."""
     if kind == "local":
         return LocalExecutor(plan)
     if kind == "ray":
         from server.ray_executor import RayExecutor
 
-        return RayExecutor(plan)
+        return RayExecutor(plan, **options)
     raise ValueError(f"unknown executor {kind!r}; expected local or ray")

@@ -1,0 +1,1 @@
+"""Lockstep gRPC API, by version (`protos.lockstep.v1`)."""

@@ -1,0 +1,173 @@
+"""`LockstepServer`: program -> executor -> engine -> gRPC + metrics, in one process.
+
+`lockstep serve` runs it inside a Ray actor (`EngineActor`) placed on the program's
+devices; the gRPC server runs on that actor's event loop, so a token crosses no extra
+process boundary between the engine and the client's stream. Tests may run it in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+from server.api import Limits, LockstepService
+from server.engine import Engine, EngineConfig
+from server.executor import GPU_DEVICES, make_executor, plan_from_program
+from server.metrics import Metrics
+from server.sampling import GREEDY
+from server.step import StepBatch
+from server.tokenizer import load_tokenizer
+
+MAX_MESSAGE_BYTES = 1 << 20  # a request is a prompt: 1 MiB is ~250k tokens of text
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Lockstep"].full_name
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    program_json: str  # the compiled Program document
+    executor: str = "local"  # local | ray
+    seed: int = 0
+    checkpoint: str = ""
+    deterministic: bool = True
+    time_scale: float = 0.0  # 0: 1 on real devices, measured on simulated ones
+    guard_band_s: float = 0.0005
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    max_queue: int = 64
+    max_tokens: int = 1024
+
+
+def is_simulated(program: dict) -> bool:
+    return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
+
+
+def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 3) -> float:
+    """Runs every compiled step on the host (which also warms it up) and returns the
+    smallest factor by which the simulated step times can be slowed so the host keeps
+    up: max over steps of measured / simulated, plus 10%."""
+    worst = 0.0
+    for (phase, batch), simulated_s in sorted(engine_step_s.items()):
+        n = chunk if phase == "prefill" else 1
+        rows = range(batch)
+        step = StepBatch(phase, batch, n, tuple(rows), tuple((0,) * n for _ in rows),
+                         tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
+        measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
+        worst = max(worst, measured / simulated_s)
+    return worst * 1.1
+
+
+class LockstepServer:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.program = pb_json(config.program_json)
+        self.metrics = Metrics()
+        self.server = None
+        self.engine = None
+        self.executor = None
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> dict:
+        """Builds and starts everything; returns the bound addresses and settings."""
+        cfg, program = self.config, self.program
+        plan = plan_from_program(program, seed=cfg.seed, checkpoint=cfg.checkpoint)
+        self.executor = make_executor(plan, cfg.executor)
+        step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
+        opts = program["options"]
+        if is_simulated(program) and not cfg.time_scale:
+            scale = await asyncio.to_thread(measure_time_scale, self.executor, step_s, opts["max_context"],
+                                            program["prefill_chunk"])
+        else:  # real devices run at their own speed; one step warms the executor up
+            await asyncio.to_thread(measure_time_scale, self.executor, {("decode", 1): 1.0}, opts["max_context"], 1, 1)
+            scale = cfg.time_scale or 1.0
+        self.engine = Engine(self.executor, program,
+                             EngineConfig(cfg.deterministic, scale, cfg.guard_band_s, cfg.max_queue), self.metrics)
+        spec = program["model"]["spec"]
+        tokenizer = load_tokenizer(cfg.checkpoint or None, spec["vocab_size"])
+        limits = Limits(cfg.max_tokens, opts["max_context"] - 1, spec["vocab_size"], opts["max_context"])
+        info = self._model_info(scale, limits)
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_LockstepServicer_to_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics),
+                                               self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
+                              executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
+        self.metrics.set_time_scale(scale)
+        self.metrics.set_slots_total(opts["max_slots"])
+        self.metrics.set_accepting(True)
+        metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        self.engine.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return {"grpc": f"{cfg.host}:{port}", "metrics": f"http://{cfg.host}:{metrics_port}/metrics",
+                "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
+                "mode": "deterministic" if cfg.deterministic else "throughput"}
+
+    def _model_info(self, scale: float, limits: Limits) -> pb.ModelInfo:
+        p, cfg = self.program, self.config
+        preds = [pb.Prediction(batch=x["batch"], prompt_len=x["prompt_len"], ttft_s=x["ttft_s"] * scale,
+                               tpot_s=x["tpot_s"] * scale, tokens_per_s=x["tokens_per_s"] / scale)
+                 for x in p["predictions"]]
+        return pb.ModelInfo(model=p["model"]["name"], plan_hash=p["plan_hash"], pool=p["pool"]["description"],
+                            buckets=p["buckets"], max_slots=p["options"]["max_slots"],
+                            max_context=p["options"]["max_context"], prefill_chunk=p["prefill_chunk"],
+                            dtype=p["model"]["weight_dtype"], time_scale=scale, deterministic=cfg.deterministic,
+                            guard_band_s=cfg.guard_band_s, predictions=preds, vocab_size=limits.vocab_size,
+                            executor=cfg.executor, max_prompt_tokens=limits.max_prompt_tokens,
+                            max_tokens_limit=limits.max_tokens)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stops admission, lets in-flight streams finish within `grace_s`, then exits."""
+        if self.engine is not None:
+            self.engine.accepting = False
+            self.metrics.set_accepting(False)
+            await self.health.enter_graceful_shutdown()
+            deadline = time.monotonic() + grace_s
+            while not self.engine.idle() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        if self.server is not None:
+            await self.server.stop(grace=max(0.0, min(grace_s, 1.0)))
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+        if self.executor is not None:
+            self.executor.close()
+        self.metrics.close()
+
+
+def pb_json(text: str) -> dict:
+    from scheduler.program import Program
+
+    return Program.from_json(text).data
+
+
+class EngineActor:
+    """The Ray actor `lockstep serve` runs the server in (wrapped with ray.remote there)."""
+
+    def __init__(self):
+        self.server: LockstepServer | None = None
+
+    async def start(self, config: ServeConfig) -> dict:
+        self.server = LockstepServer(config)
+        return await self.server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+    async def status(self) -> dict:
+        return self.server.engine.status() if self.server and self.server.engine else {}

@@ -1,0 +1,273 @@
+"""The lockstep engine: one thread that owns the program and the executor.
+
+Each tick: drop cancelled requests, admit waiting ones into free KV slots, pick the
+tick's work, run one step, hand out the sampled tokens, retire finished sequences, and
+(in deterministic mode) wait out the tick so tokens leave on a fixed cadence.
+
+Tick policy (static shapes): a tick is either
+- a decode step of every running sequence, padded to the smallest compiled bucket that
+  holds them, or
+- one prefill chunk of the oldest admitted sequence whose prompt is not in yet.
+When both are pending they alternate, so running streams keep their cadence while new
+prompts go in. In deterministic mode a tick lasts the program's step time for its
+phase and bucket, times `time_scale`, plus the guard band; a step that runs longer is
+an overrun: counted and exported, never hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from server.sampling import SamplingParams
+from server.step import StepBatch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    deterministic: bool = True  # pace ticks to the program; False: run steps back to back
+    time_scale: float = 1.0  # program seconds -> wall seconds (simulated pools run slower)
+    guard_band_s: float = 0.0005  # added to every paced tick, seconds
+    max_queue: int = 64  # waiting requests beyond this are refused at once
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # length | stop | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None  # measured, from arrival
+    tpot_s: float | None  # measured mean gap after the first token
+    queue_s: float | None  # arrival -> admission into a slot
+    e2e_s: float
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. `emit` is called from the engine thread with (token_id, tick) for
+    each token and a `Finished` at the end; it must be cheap and thread-safe."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    emit: Callable
+    arrival_s: float = field(default_factory=time.perf_counter)
+    predicted_ttft_s: float = 0.0
+    predicted_e2e_s: float = 0.0
+    cancelled: bool = False  # set by the client side; the engine retires it next tick
+    # Engine state.
+    slot: int = -1
+    prefilled: int = 0
+    out: list[int] = field(default_factory=list)
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class Engine:
+    def __init__(self, executor, program: dict, config: EngineConfig = EngineConfig(), metrics=None):
+        self.executor = executor
+        self.config = config
+        self.metrics = metrics
+        opts = program["options"]
+        self.max_slots, self.max_context = opts["max_slots"], opts["max_context"]
+        self.chunk = program["prefill_chunk"]
+        self.buckets = list(program["buckets"])
+        self.step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admitted, in slots
+        self._free_slots = list(range(self.max_slots))
+        self._stop = False
+        self._last_phase = "decode"
+        self.accepting = True
+        self.ticks = 0
+        self.overruns = 0
+        self._thread = threading.Thread(target=self._loop, name="lockstep-engine", daemon=True)
+
+    # -- client side (any thread) --------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def tick_s(self, phase: str, batch: int) -> float:
+        """Wall seconds a paced tick lasts."""
+        return self.step_s[(phase, batch)] * self.config.time_scale + self.config.guard_band_s
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
+        """(TTFT, end-to-end) in seconds for a request arriving now, from the program and
+        the queue: the static schedule makes this arithmetic, not a guess."""
+        with self._lock:
+            ahead = [r for r in self._running if not r.decoding] + list(self._waiting)
+            decoding = sum(r.decoding for r in self._running)
+            remaining = sorted(r.max_tokens - len(r.out) for r in self._running if r.decoding)
+            free = len(self._free_slots) - len(self._waiting)
+        chunks_ahead = sum(math.ceil((len(r.prompt) - r.prefilled) / self.chunk) for r in ahead)
+        own = math.ceil(prompt_len / self.chunk)
+        batch = self.bucket_for(min(decoding + len(ahead) + 1, self.max_slots))
+        decode = self.tick_s("decode", batch)
+        prefill = self.tick_s("prefill", 1)
+        wait_slot = 0.0
+        if free <= 0 and remaining:  # wait for the (1 - free)-th earliest finish
+            wait_slot = remaining[min(-free, len(remaining) - 1)] * (decode + prefill)
+        interleave = decode if decoding else 0.0  # a decode tick between prefill chunks
+        ttft = wait_slot + (chunks_ahead + own) * (prefill + interleave)
+        return ttft, ttft + (max_tokens - 1) * decode
+
+    def submit(self, request: Request) -> None:
+        """Queues a request (the caller validated it). Raises OverflowError past max_queue."""
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue:
+                raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
+            self._waiting.append(request)
+            self._lock.notify()
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"queue_length": len(self._waiting), "running": len(self._running),
+                    "slots_in_use": self.max_slots - len(self._free_slots), "max_slots": self.max_slots,
+                    "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting}
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout_s)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._running
+
+    # -- engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stop:
+                    break
+                self._retire_cancelled()
+                self._admit()
+                work = self._pick()
+            if work is not None:
+                self._tick(*work)
+
+    def _retire_cancelled(self) -> None:
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, "cancelled")
+        for r in [r for r in self._running if r.cancelled]:
+            self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            r = self._waiting.popleft()
+            r.slot = self._free_slots.pop(0)
+            r.admitted_s = time.perf_counter()
+            self._running.append(r)
+
+    def _pick(self):
+        prefilling = [r for r in self._running if not r.decoding]
+        decoding = [r for r in self._running if r.decoding]
+        if prefilling and (not decoding or self._last_phase == "decode"):
+            return "prefill", [prefilling[0]]
+        if decoding:
+            return "decode", decoding
+        return None
+
+    def _tick(self, phase: str, rows: list[Request]) -> None:
+        start = time.perf_counter()
+        if phase == "prefill":
+            (r,) = rows
+            tokens = r.prompt[r.prefilled:r.prefilled + self.chunk]
+            batch = StepBatch("prefill", 1, self.chunk, (r.slot,), (tuple(tokens),), (r.prefilled,), (r.sampling,))
+        else:
+            bucket = self.bucket_for(len(rows))
+            positions = tuple(len(r.prompt) + len(r.out) - 1 for r in rows)
+            batch = StepBatch("decode", bucket, 1, tuple(r.slot for r in rows),
+                              tuple((r.out[-1],) for r in rows), positions, tuple(r.sampling for r in rows))
+        result = self.executor.step(batch)
+        now = time.perf_counter()
+        self.ticks += 1
+        self._last_phase = phase
+        if phase == "prefill":
+            r.prefilled += len(tokens)
+            if r.decoding:
+                self._emit(r, result.token_ids[0], now)
+        else:
+            for r, token in zip(rows, result.token_ids):
+                self._emit(r, token, now)
+        tick = self.tick_s(phase, batch.bucket)
+        measured = now - start
+        overrun = self.config.deterministic and measured > tick
+        self.overruns += overrun
+        if self.metrics is not None:
+            predicted = self.step_s[(phase, batch.bucket)] * self.config.time_scale
+            self.metrics.observe_tick(phase, len(batch.slot_ids), measured, predicted, overrun)
+            with self._lock:
+                self.metrics.set_queue(len(self._running), len(self._waiting), self.max_slots - len(self._free_slots))
+        if self.config.deterministic and not overrun:
+            _sleep_until(start + tick)
+
+    def _emit(self, r: Request, token: int, now: float) -> None:
+        gap = None if r.last_token_s is None else now - r.last_token_s
+        if r.first_token_s is None:
+            r.first_token_s = now
+        r.last_token_s = now
+        r.out.append(token)
+        r.emit(token, self.ticks)
+        if self.metrics is not None:
+            self.metrics.token_emitted(gap)
+        if token in r.stop_ids:
+            self._finish(r, "stop")
+        elif len(r.out) >= r.max_tokens or len(r.prompt) + len(r.out) >= self.max_context:
+            self._finish(r, "length")
+
+    def _finish(self, r: Request, reason: str) -> None:
+        with self._lock:  # an RLock: _retire_cancelled already holds it
+            if r in self._running:
+                self._running.remove(r)
+                self._free_slots.append(r.slot)
+                self._free_slots.sort()  # lowest free slot first: deterministic placement
+        now = time.perf_counter()
+        n = len(r.out)
+        tpot = (r.last_token_s - r.first_token_s) / (n - 1) if n > 1 else None
+        r.emit(Finished(reason, len(r.prompt), n,
+                        None if r.first_token_s is None else r.first_token_s - r.arrival_s, tpot,
+                        None if r.admitted_s is None else r.admitted_s - r.arrival_s, now - r.arrival_s), self.ticks)
+
+
+def _sleep_until(deadline: float) -> None:
+    """Sleeps until `deadline` (perf_counter seconds). time.sleep overshoots by ~60 us
+    here, so it sleeps short and spins the last 200 us (a spin on a 2-core host steals a
+    core from the step, so it stays short)."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        if left > 0.0003:
+            time.sleep(left - 0.0002)
+
+
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{next(_ids)}"

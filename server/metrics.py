@@ -1,0 +1,276 @@
+"""Prometheus metrics: every prediction exported beside its measurement.
+
+One `Metrics` owns its own `CollectorRegistry` and HTTP endpoint, so several servers
+(or tests) in one process never clash over names or ports. The engine calls the
+methods below from its step loop: each one touches pre-resolved metric children
+(a lock and an add or a bucket scan), never a label lookup by string on the hot path.
+
+Names start with `lockstep_` and carry their unit (`_seconds`, `_tokens_total`,
+`_ratio`). Counters are exposed with a `_total` suffix, the Info as `lockstep_server_info`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+
+# Latency buckets: 100 us * 2^k for k = 0..22, i.e. 100 us .. 419 s. A factor of 2 per
+# bucket resolves a sub-millisecond decode step and a minutes-long request in one
+# histogram (23 buckets). Rounding to 4 decimals keeps the `le` labels short and exact.
+LATENCY_BUCKETS_S = tuple(round(1e-4 * 2**k, 4) for k in range(23))
+# Rows per tick: the compiled batch buckets are powers of two up to 256.
+BATCH_BUCKETS = tuple(2**k for k in range(9))
+# Measured / predicted step time: fine around 1 (the Groq compiler's estimate was within
+# 2% of measurement, so 0.98 and 1.02 are bucket edges), coarse beyond 0.5 and 2.
+RATIO_BUCKETS = (
+    0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0,
+    1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 3.0, 5.0, 10.0,
+)  # fmt: skip
+
+PHASES = ("prefill", "decode")  # same as server.step.PHASES (not imported: that pulls in torch)
+FINISH_REASONS = ("length", "stop", "cancelled", "error", "rejected")
+# grpc.StatusCode names, listed here so label values stay a closed set without importing grpc.
+GRPC_CODES = frozenset((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+))  # fmt: skip
+INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
+MODES = ("deterministic", "throughput")
+_POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds close()'s wait
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # a scrape every few seconds is not worth a log line
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a hung scrape never keeps the process alive
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _PhaseSeries:
+    """The children of every `phase`-labelled metric for one phase, resolved once."""
+
+    def __init__(self, m: Metrics, phase: str):
+        self.ticks = m._ticks.labels(phase)
+        self.overruns = m._overruns.labels(phase)
+        self.measured = m._step_measured.labels(phase)
+        self.predicted = m._step_predicted.labels(phase)
+        self.measured_last = m._step_measured_last.labels(phase)
+        self.predicted_last = m._step_predicted_last.labels(phase)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+
+        def latency(name: str, what: str) -> Histogram:
+            return Histogram(name, what, buckets=LATENCY_BUCKETS_S, registry=r)
+
+        # Per request: measured, then predicted at admission.
+        self._ttft = latency("lockstep_time_to_first_token_seconds", "Arrival to first token")
+        self._itl = latency("lockstep_inter_token_latency_seconds", "Gap between consecutive tokens of a request")
+        self._tpot = latency("lockstep_time_per_output_token_seconds", "(e2e - TTFT) / (tokens - 1) per request")
+        self._e2e = latency("lockstep_e2e_request_latency_seconds", "Arrival to last token")
+        self._queue = latency("lockstep_queue_time_seconds", "Arrival to first scheduled tick")
+        self._ttft_pred = latency("lockstep_predicted_time_to_first_token_seconds", "TTFT promised at admission")
+        self._tpot_pred = latency("lockstep_predicted_time_per_output_token_seconds", "TPOT promised at admission")
+
+        # Per tick.
+        self._batch = Histogram(
+            "lockstep_tick_batch_size", "Rows per tick", buckets=BATCH_BUCKETS, registry=r
+        )
+        phase = ["phase"]
+        self._step_measured = Histogram(
+            "lockstep_step_measured_seconds", "Measured step time", phase,
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self._step_predicted = Histogram(
+            "lockstep_step_predicted_seconds", "Program's step time for the tick's bucket", phase,
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self._ratio = Histogram(
+            "lockstep_step_measured_over_predicted_ratio", "Measured / predicted step time",
+            buckets=RATIO_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._ticks = Counter("lockstep_ticks_total", "Ticks run", phase, registry=r)
+        self._overruns = Counter("lockstep_tick_overruns_total", "Ticks that ran past their slot", phase, registry=r)
+        self._step_measured_last = Gauge("lockstep_step_measured_last_seconds", "Last measured step", phase, registry=r)
+        self._step_predicted_last = Gauge(
+            "lockstep_step_predicted_last_seconds", "Last predicted step", phase, registry=r
+        )
+        self._phases = {p: _PhaseSeries(self, p) for p in PHASES}  # also exports zeros before the first tick
+
+        # State.
+        self._running = Gauge("lockstep_requests_running", "Requests holding a KV slot", registry=r)
+        self._waiting = Gauge("lockstep_requests_waiting", "Requests admitted, not yet scheduled", registry=r)
+        self._slots_used = Gauge("lockstep_kv_slots_used", "KV slots in use", registry=r)
+        self._slots_total = Gauge("lockstep_kv_slots_total", "KV slots preallocated", registry=r)
+        self._time_scale = Gauge("lockstep_time_scale", "Simulated-time slowdown factor (1: real time)", registry=r)
+        self._accepting = Gauge("lockstep_accepting_requests", "1 while admitting requests, else 0", registry=r)
+
+        # Totals.
+        self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", registry=r)
+        self._generation_tokens = Counter("lockstep_generation_tokens_total", "Tokens emitted", registry=r)
+        self._admitted = Counter("lockstep_requests_admitted_total", "Requests admitted", registry=r)
+        self._finished = Counter(
+            "lockstep_requests_finished_total", "Requests ended, by reason and gRPC status code",
+            ["reason", "code"], registry=r,
+        )  # fmt: skip
+        self._finished_children: dict[tuple[str, object], Counter] = {}
+
+        self._server_info = Info("lockstep_server", "What this server runs", registry=r)
+        self._info_labels: dict[str, str] = {}
+
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- HTTP endpoint -----------------------------------------------------------------
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start serving /metrics in a daemon thread; returns the bound port (port=0: any free one)."""
+        if self._httpd is not None:
+            raise RuntimeError(f"metrics already served on port {self._httpd.server_port}")
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = _Server6 if family == socket.AF_INET6 else _Server
+        httpd = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        thread = threading.Thread(
+            target=httpd.serve_forever, args=(_POLL_INTERVAL_S,), name="lockstep-metrics", daemon=True
+        )
+        thread.start()
+        self._httpd, self._thread = httpd, thread
+        return httpd.server_port
+
+    def close(self) -> None:
+        """Stop the endpoint and free its port; safe to call twice or without serve()."""
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()  # waits for serve_forever to return (<= _POLL_INTERVAL_S)
+        self._httpd.server_close()
+        self._thread.join()
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- Set once, or on change ----------------------------------------------------------
+
+    def set_info(self, **labels: str) -> None:
+        """Merge `labels` (keys from INFO_LABELS) into lockstep_server_info."""
+        unknown = sorted(set(labels) - set(INFO_LABELS))
+        if unknown:
+            raise ValueError(f"unknown info labels {unknown}; allowed: {list(INFO_LABELS)}")
+        if "mode" in labels and labels["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {labels['mode']!r}")
+        self._info_labels.update((k, str(v)) for k, v in labels.items())
+        self._server_info.info(self._info_labels)
+
+    def set_time_scale(self, x: float) -> None:
+        if not x > 0:
+            raise ValueError(f"time scale must be > 0, got {x!r}")
+        self._time_scale.set(x)
+
+    def set_slots_total(self, n: int) -> None:
+        self._slots_total.set(n)
+
+    def set_accepting(self, accepting: bool) -> None:
+        self._accepting.set(1 if accepting else 0)
+
+    # --- Step loop -------------------------------------------------------------------------
+
+    def observe_tick(self, phase: str, batch: int, measured_s: float, predicted_s: float, overrun: bool) -> None:
+        """One tick of `batch` rows; the ratio is skipped when predicted_s is not > 0."""
+        try:
+            s = self._phases[phase]
+        except KeyError:
+            raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}") from None
+        s.ticks.inc()
+        if overrun:
+            s.overruns.inc()
+        s.measured.observe(measured_s)
+        s.predicted.observe(predicted_s)
+        s.measured_last.set(measured_s)
+        s.predicted_last.set(predicted_s)
+        self._batch.observe(batch)
+        if predicted_s > 0:
+            self._ratio.observe(measured_s / predicted_s)
+
+    def set_queue(self, running: int, waiting: int, slots_used: int) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._slots_used.set(slots_used)
+
+    def request_admitted(self, prompt_tokens: int) -> None:
+        self._admitted.inc()
+        self._prompt_tokens.inc(prompt_tokens)
+
+    def token_emitted(self, gap_s: float | None) -> None:
+        """One token left for a client; gap_s is None for a request's first token.
+
+        lockstep_generation_tokens_total counts here, as tokens leave (so its rate is
+        live during long streams), not from request_finished's completion_tokens.
+        """
+        self._generation_tokens.inc()
+        if gap_s is not None:
+            self._itl.observe(gap_s)
+
+    def request_finished(
+        self,
+        reason: str,
+        code: str,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        e2e_s: float | None,
+        queue_s: float | None,
+        predicted_ttft_s: float | None,
+        predicted_tpot_s: float | None,
+        completion_tokens: int,
+    ) -> None:
+        """Count the request under (reason, code) and observe each latency that is not None.
+
+        code: a gRPC status code name ("OK") or a grpc.StatusCode member. TPOT needs two
+        tokens, so tpot_s is also skipped when completion_tokens < 2.
+        """
+        self._finished_child(reason, code).inc()
+        if ttft_s is not None:
+            self._ttft.observe(ttft_s)
+        if tpot_s is not None and completion_tokens >= 2:
+            self._tpot.observe(tpot_s)
+        if e2e_s is not None:
+            self._e2e.observe(e2e_s)
+        if queue_s is not None:
+            self._queue.observe(queue_s)
+        if predicted_ttft_s is not None:
+            self._ttft_pred.observe(predicted_ttft_s)
+        if predicted_tpot_s is not None:
+            self._tpot_pred.observe(predicted_tpot_s)
+
+    def request_rejected(self, code: str) -> None:
+        """Refused at arrival (never admitted): counts as reason="rejected"."""
+        self._finished_child("rejected", code).inc()
+
+    def _finished_child(self, reason: str, code) -> Counter:
+        # Validated once per (reason, code): later calls are one dict lookup.
+        child = self._finished_children.get((reason, code))
+        if child is None:
+            name = getattr(code, "name", code)  # grpc.StatusCode.OK -> "OK"
+            if reason not in FINISH_REASONS:
+                raise ValueError(f"reason must be one of {list(FINISH_REASONS)}, got {reason!r}")
+            if name not in GRPC_CODES:
+                raise ValueError(f"code must be a gRPC status code name such as 'OK', got {code!r}")
+            child = self._finished_children[(reason, code)] = self._finished.labels(reason, name)
+        return child

@@ -1,0 +1,224 @@
+"""End to end over loopback: a real grpc.aio server (LockstepServer, in this process on its
+own event loop) and real gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+import scheduler
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+from server.app import LockstepServer, ServeConfig
+from server.executor import LocalExecutor, plan_from_program
+from server.sampling import SamplingParams
+from tests.server.helpers import generate, random_prompt
+
+OPTIONS = scheduler.CompileOptions(dtype="fp32", max_slots=4, max_context=256, prefill_chunk=32, prompt_len=16)
+PROGRAM = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
+
+
+class Running:
+    """A LockstepServer on an event loop in a background thread."""
+
+    def __init__(self, **config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = LockstepServer(ServeConfig(PROGRAM.to_json(), **config))
+        self.info = self.call(self.server.start())
+        self.channel = grpc.insecure_channel(self.info["grpc"])
+        self.stub = pb_grpc.LockstepStub(self.channel)
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.channel.close()
+        self.call(self.server.stop(grace_s=2.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = Running(max_queue=4, max_tokens=200, deterministic=False)
+    yield server
+    server.close()
+
+
+def request(prompt, max_tokens=12, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=max_tokens,
+                              sampling=pb.SamplingParams(**sampling))
+
+
+def stream(stub, req, timeout=60) -> tuple[list[int], pb.Finished]:
+    tokens, finished = [], None
+    for msg in stub.Generate(req, timeout=timeout):
+        if msg.WhichOneof("kind") == "token":
+            tokens.append(msg.token.id)
+        else:
+            finished = msg.finished
+    return tokens, finished
+
+
+def executor_tokens(prompt, n, params) -> list[int]:
+    executor = LocalExecutor(plan_from_program(PROGRAM.data))
+    return generate(executor, 0, prompt, n, params, chunk=OPTIONS.prefill_chunk).out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=42)])
+def test_streamed_tokens_equal_the_executors(live, params):
+    prompt = random_prompt(45, seed=5)  # two prefill chunks
+    tokens, finished = stream(live.stub, request(prompt, 12, temperature=params.temperature, top_p=params.top_p,
+                                                 seed=params.seed))
+    assert tokens == executor_tokens(prompt, 12, params)
+    assert finished.finish_reason == "length" and finished.completion_tokens == 12
+    assert finished.prompt_tokens == 45 and finished.measured_ttft_s > 0 and finished.predicted_ttft_s > 0
+
+
+def test_concurrent_streams_get_their_own_tokens(live):
+    prompts = [random_prompt(10 + 7 * i, seed=i) for i in range(4)]
+    params = SamplingParams(temperature=1.0, seed=7)
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: stream(live.stub, request(p, 10, temperature=1.0, seed=7))[0], prompts))
+    assert results == [executor_tokens(p, 10, params) for p in prompts]
+
+
+def test_admission_metadata_carries_the_prediction(live):
+    call = live.stub.Generate(request([1, 2, 3], 3), timeout=30)
+    metadata = dict(call.initial_metadata())
+    assert float(metadata["lockstep-predicted-ttft-s"]) > 0
+    assert float(metadata["lockstep-predicted-e2e-s"]) >= float(metadata["lockstep-predicted-ttft-s"])
+    assert len(list(call)) == 4  # 3 tokens + finished
+
+
+def test_cancel_frees_the_slot(live):
+    call = live.stub.Generate(request([4, 5, 6], 180), timeout=60)
+    first = next(call)
+    assert first.token.index == 0
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = live.stub.GetServerStatus(pb.GetServerStatusRequest())
+        if status.slots_in_use == 0 and status.running == 0:
+            break
+        time.sleep(0.01)
+    assert status.slots_in_use == 0
+
+
+def test_stop_token_ends_the_stream(live):
+    prompt = random_prompt(20, seed=9)
+    expected = executor_tokens(prompt, 8, SamplingParams())
+    req = request(prompt, 8)
+    req.stop_token_ids.append(expected[3])
+    tokens, finished = stream(live.stub, req)
+    assert tokens == expected[: expected.index(expected[3]) + 1]
+    assert finished.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("req, code, field", [
+    (pb.GenerateRequest(max_tokens=5), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (request(list(range(300)), 5), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
+    (request([1, 2], 0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (request([1, 2], 201), grpc.StatusCode.OUT_OF_RANGE, "max_tokens"),
+    (request(list(range(100)), 190), grpc.StatusCode.OUT_OF_RANGE, "max_tokens"),
+    (request([1, 2], 5, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (request([1, 2], 5, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (request([1, 99999], 5), grpc.StatusCode.INVALID_ARGUMENT, "prompt.token_ids"),
+    (pb.GenerateRequest(text="hi", max_tokens=5, model="llama-9000"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+])
+def test_bad_requests_get_a_status_naming_the_field(live, req, code, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stream(live.stub, req)
+    assert err.value.code() == code
+    assert err.value.details().startswith(field)
+    assert live.stub.GetServerStatus(pb.GetServerStatusRequest()).accepting  # still up
+
+
+def test_a_deadline_the_prediction_cannot_meet_is_refused_at_once(live):
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stream(live.stub, request([1, 2, 3], 200), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "predicted finish" in err.value.details()
+    assert time.monotonic() - start < 0.05 + 0.5
+
+
+def test_queue_bound_refuses_with_resource_exhausted(live):
+    calls = [live.stub.Generate(request([7, 8], 150), timeout=60) for _ in range(12)]
+    codes = []
+    for call in calls:
+        try:
+            next(call)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+            assert "queue full" in exc.details() and "first token in" in exc.details()
+    for call in calls:
+        call.cancel()
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+
+
+def test_text_prompt_streams_text(live):
+    tokens, texts = [], []
+    for msg in live.stub.Generate(pb.GenerateRequest(text="héllo", max_tokens=6), timeout=30):
+        if msg.WhichOneof("kind") == "token":
+            tokens.append(msg.token.id)
+            texts.append(msg.token.text)
+    assert len(tokens) == 6 and isinstance("".join(texts), str)
+
+
+def test_model_info_and_status(live):
+    info = live.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.model == "tiny" and info.plan_hash == PROGRAM.plan_hash and list(info.buckets) == [1, 2, 4]
+    assert info.max_slots == 4 and info.max_context == 256 and info.predictions[0].tpot_s > 0
+    status = live.stub.GetServerStatus(pb.GetServerStatusRequest())
+    assert status.max_slots == 4 and status.accepting
+
+
+def test_health_and_reflection_answer(live):
+    health = health_pb2_grpc.HealthStub(live.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="lockstep.v1.Lockstep")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(live.channel)
+    (answer,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"lockstep.v1.Lockstep", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint_counts_what_happened(live):
+    stream(live.stub, request([3, 1, 4, 1, 5], 5))
+    text = urllib.request.urlopen(live.info["metrics"], timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("lockstep_generation_tokens_total", ())] >= 5
+    assert samples[("lockstep_requests_finished_total", (("code", "OK"), ("reason", "length")))] >= 1
+    assert samples[("lockstep_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("lockstep_ticks_total", (("phase", "decode"),))] >= 4
+    assert any(name == "lockstep_server_info" for name, _ in samples)
+
+
+def test_deterministic_mode_paces_ticks_and_counts_overruns():
+    server = Running(max_queue=4, max_tokens=50, deterministic=True, time_scale=3.0)
+    try:
+        stream(server.stub, request([1, 2, 3], 10))
+        status = server.stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status.ticks >= 10
+        # A scale that makes ticks far shorter than the host's steps: every tick overruns.
+        fast = Running(max_queue=4, max_tokens=50, deterministic=True, time_scale=1e-6)
+        try:
+            stream(fast.stub, request([1, 2, 3], 5))
+            assert fast.stub.GetServerStatus(pb.GetServerStatusRequest()).overruns >= 5
+        finally:
+            fast.close()
+    finally:
+        server.close()
