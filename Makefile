@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/lockstep compile --model llama-2-70b --dtype int8 --pool lpu:576 --trace out/llama-2-70b.trace.json -o out/llama-2-70b.plan.json
+	$(VENV)/bin/lockstep demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -23,7 +23,7 @@ import torch
 import scheduler
 from scheduler.compiler import CompileOptions, plan
 from scheduler.cost import Calibration
-from server.calibrate import calibrate, measure_memory_bandwidth, merge
+from server.calibrate import Calibrator, measure_memory_bandwidth
 from server.executor import LocalExecutor, RuntimePlan, StageSpec, make_executor
 from server.sampling import GREEDY
 from server.step import StepBatch
@@ -48,45 +48,60 @@ def one_stage_plan(model, dtype: str, slots: int, max_context: int, stages: int 
     return RuntimePlan(model, dtype, slots, max_context, specs)
 
 
-def roofline(args, bandwidth: float) -> None:
-    print(f"\n## Bare decode step vs memory roofline (read bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"{torch.get_num_threads()} threads, context 128)")
-    print(f"{'model':<6} {'batch':>5} {'weights MB':>10} {'roofline ms':>11} {'measured ms':>11} {'roofline/measured':>17}")
+def roofline(args) -> None:
+    """Memory read bandwidth and decode steps sampled alternately, so both see the same
+    moment of this shared machine; ratio of medians."""
+    print(f"\n## Bare decode step vs memory roofline ({torch.get_num_threads()} threads, context 128; "
+          f"bandwidth = reads of a 256 MB tensor, sampled alternately with the steps)")
+    print(f"{'model':<6} {'batch':>5} {'weights MB':>10} {'read GB/s':>9} {'roofline ms':>11} {'measured ms':>11} "
+          f"{'roofline/measured':>17}")
     for name in ("tiny", "small"):
         model = scheduler.get_model(name)
         executor = LocalExecutor(one_stage_plan(model, "fp32", 8, 512))
         weight_bytes = model.num_params * 4
         for bucket in (1, 8):
-            measured = median_step(executor, decode_batch(bucket, 128), args.steps)
+            batch = decode_batch(bucket, 128)
+            median_step(executor, batch, 3)
+            steps, bandwidths = [], []
+            for _ in range(args.steps):
+                bandwidths.append(measure_memory_bandwidth(repeats=1))
+                steps.append(executor.step(batch).step_time_s)
+            measured, bandwidth = statistics.median(steps), statistics.median(bandwidths)
             ideal = weight_bytes / bandwidth
-            print(f"{name:<6} {bucket:>5} {weight_bytes / 1e6:>10.1f} {ideal * 1e3:>11.3f} "
+            print(f"{name:<6} {bucket:>5} {weight_bytes / 1e6:>10.1f} {bandwidth / 1e9:>9.1f} {ideal * 1e3:>11.3f} "
                   f"{measured * 1e3:>11.3f} {ideal / measured:>17.2f}")
         executor.close()
 
 
 def predictions(args) -> None:
-    """Calibration and verification interleaved in rounds, so both see the host's drift."""
+    """Calibration and verification interleaved step by step (round-robin), so both
+    see the same drift of this shared host; then predicted (from the calibration) vs
+    measured (the verification steps, at contexts between the calibrated points)."""
     name, max_context, chunk = "small", 2048, 256
     model = scheduler.get_model(name)
     print(f"\n## Calibrated predictions ({name} fp32, cpu:1, max context {max_context}, prefill chunk {chunk}; "
-          f"{args.rounds} rounds of calibrate-then-measure, medians)")
-    executor = LocalExecutor(one_stage_plan(model, "fp32", 8, max_context))
+          f"{args.rounds} round-robin rounds of calibration and verification steps, medians)")
+    cal = Calibrator(model, "fp32", 8, max_context, chunk)
     decode_points = [(b, c) for b in (1, 8) for c in (100, 300, 700, 1500, 2048)]
     prompts = (64, 256, 1000)
-    docs, measured = [], {}
+    measured: dict[tuple, list[float]] = {}
     start = time.perf_counter()
+    for point in cal.points():  # warm-up
+        cal.run(cal.batch(point.phase, point.batch, point.tokens))
     for _ in range(args.rounds):
-        docs.append(calibrate(model, "fp32", 8, max_context, chunk, repeats=max(args.steps // 4, 3)))
+        for point in cal.points():
+            cal.sample(point)
         for bucket, context in decode_points:
-            t = median_step(executor, decode_batch(bucket, context), max(args.steps // 4, 3))
-            measured.setdefault(("decode", bucket, context), []).append(t)
+            measured.setdefault(("decode", bucket, context), []).append(cal.run(decode_batch(bucket, context)))
         for prompt in prompts:
-            measured.setdefault(("prefill", 1, prompt), []).append(measure_prefill(executor, prompt, chunk, 3))
+            measured.setdefault(("prefill", 1, prompt), []).append(prefill_time(cal.executor, prompt, chunk))
+    doc = cal.document()
+    cal.close()
     print(f"calibration and measurement took {time.perf_counter() - start:.0f} s")
-    cal = Calibration.from_json(merge(docs))
+    calibration = Calibration.from_json(doc)
     options = CompileOptions(dtype="fp32", max_context=max_context, prefill_chunk=chunk)
-    program = scheduler.compile(model, scheduler.parse_pool("cpu:1"), options, cal)
-    timeline = plan(model, scheduler.parse_pool("cpu:1"), options, cal)
+    program = scheduler.compile(model, scheduler.parse_pool("cpu:1"), options, calibration)
+    timeline = plan(model, scheduler.parse_pool("cpu:1"), options, calibration)
     (stage,) = timeline.stages
     print(f"{'phase':<8} {'batch':>5} {'context':>7} {'predicted ms':>12} {'measured ms':>11} {'predicted/measured':>18}")
     errors = []
@@ -101,18 +116,14 @@ def predictions(args) -> None:
     worst = max(abs(e - 1) for e in errors)
     print(f"worst |predicted/measured - 1| = {worst:.3f} (goal <= 0.05); "
           f"program decode tick at batch 1 = {program.schedule('decode', 1)['step_s'] * 1e3:.3f} ms")
-    executor.close()
 
 
-def measure_prefill(executor, prompt: int, chunk: int, repeats: int) -> float:
-    def run() -> float:
-        start = time.perf_counter()
-        for k in range(math.ceil(prompt / chunk)):
-            n = min(chunk, prompt - k * chunk)
-            executor.step(StepBatch("prefill", 1, chunk, (0,), ((5,) * n,), (k * chunk,), (GREEDY,)))
-        return time.perf_counter() - start
-    run()
-    return statistics.median(run() for _ in range(repeats))
+def prefill_time(executor, prompt: int, chunk: int) -> float:
+    total = 0.0
+    for k in range(math.ceil(prompt / chunk)):
+        n = min(chunk, prompt - k * chunk)
+        total += executor.step(StepBatch("prefill", 1, chunk, (0,), ((5,) * n,), (k * chunk,), (GREEDY,))).step_time_s
+    return total
 
 
 def ray_vs_local(args) -> None:
@@ -143,11 +154,10 @@ def ray_vs_local(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="calibrate-then-measure rounds (medians)")
+    parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
-    bandwidth = measure_memory_bandwidth()
-    roofline(args, bandwidth)
+    roofline(args)
     predictions(args)
     if not args.skip_ray:
         ray_vs_local(args)

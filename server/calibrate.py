@@ -88,78 +88,101 @@ def key_buckets(max_context: int) -> list[int]:
     return out + [max_context]
 
 
+@dataclass(frozen=True)
+class Point:
+    """One calibrated step: `tokens` is the attended keys for decode (the step runs at
+    context = tokens), the chunk length for prefill (a chunk at position 0)."""
+
+    phase: str
+    batch: int
+    tokens: int
+
+
+class Calibrator:
+    """Owns a one-stage executor with timing hooks; `sample` measures one step of a point.
+    Points can be sampled round-robin, interleaved with other measurements, so that all
+    see the same drift of a shared host (bench/decode.py does that)."""
+
+    def __init__(self, model: scheduler.ModelSpec, dtype: str = "fp32", max_slots: int = 8,
+                 max_context: int = 2048, prefill_chunk: int = 256, seed: int = 0):
+        self.model, self.dtype, self.max_slots, self.max_context = model, dtype, max_slots, max_context
+        self.options = scheduler.CompileOptions(dtype=dtype, max_slots=max_slots, max_context=max_context,
+                                                prefill_chunk=min(prefill_chunk, max_context),
+                                                prompt_len=min(128, max_context - 1))
+        plan = RuntimePlan(model, dtype, max_slots, max_context, (StageSpec(0, 0, model.num_layers + 2, "cpu"),),
+                           seed=seed)
+        self.executor = LocalExecutor(plan)
+        self.timer = _Timer()
+        self._handles = self.timer.attach(self.executor.runners[0].model)
+        self.samples: dict[Point, list[tuple[float, float, float]]] = {}
+
+    def points(self) -> list[Point]:
+        decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
+        return decode + [Point("prefill", 1, self.options.prefill_chunk)]
+
+    def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
+        """All rows real, each ending at `context` (decode: one new token; prefill: a chunk)."""
+        n = self.options.prefill_chunk if phase == "prefill" else 1
+        rows = range(bucket)
+        return StepBatch(phase, bucket, n, tuple(rows), tuple((1,) * n for _ in rows),
+                         tuple(context - n for _ in rows), tuple(GREEDY for _ in rows))
+
+    def sample(self, point: Point) -> float:
+        self.timer.embed_s = self.timer.blocks_s = 0.0
+        step = self.executor.step(self.batch(point.phase, point.batch, point.tokens)).step_time_s
+        self.samples.setdefault(point, []).append(
+            (step, self.timer.embed_s, self.timer.blocks_s / self.model.num_layers))
+        return step
+
+    def run(self, batch: StepBatch) -> float:
+        """A step that is not recorded (for measuring against predictions)."""
+        return self.executor.step(batch).step_time_s
+
+    def document(self) -> dict:
+        entries = []
+        for point, rows in self.samples.items():
+            step, embed, block = (statistics.median(col) for col in zip(*rows))
+            head = max(step - embed - block * self.model.num_layers, 0.0)  # norm, LM head, sampling, glue
+            for kind, seconds in (("embed", embed), ("block", block), ("head", head)):
+                entries.append({"layer": kind, "phase": point.phase, "batch": point.batch, "tokens": point.tokens,
+                                "seconds": seconds})
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        measured = {"mem_bw_bytes_per_s": measure_memory_bandwidth(), self.dtype: measure_matmul_flops(torch_dtype)}
+        return {
+            "device": "cpu",
+            "model": self.model.name,
+            "model_fingerprint": fingerprint(self.model.to_dict()),
+            "dtype": self.dtype,
+            "max_slots": self.max_slots,
+            "max_context": self.max_context,
+            "key_bucket_min": MIN_KEY_BUCKET,
+            "source": f"lockstep calibrate on {platform.node()} ({platform.processor() or platform.machine()}), "
+                      f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+            "measured": measured,
+            "entries": entries,
+        }
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.executor.close()
+
+
 def calibrate(model: scheduler.ModelSpec, dtype: str = "fp32", max_slots: int = 8, max_context: int = 2048,
               prefill_chunk: int = 256, repeats: int = 10, seed: int = 0, progress=None) -> dict:
-    """Measures on the host CPU; returns the calibration JSON document."""
-    options = scheduler.CompileOptions(dtype=dtype, max_slots=max_slots, max_context=max_context,
-                                       prefill_chunk=min(prefill_chunk, max_context),
-                                       prompt_len=min(128, max_context - 1))
-    plan = RuntimePlan(model, dtype, max_slots, max_context,
-                       (StageSpec(0, 0, model.num_layers + 2, "cpu"),), seed=seed)
-    executor = LocalExecutor(plan)
-    stage = executor.runners[0].model
-    timer = _Timer()
-    handles = timer.attach(stage)
-    entries = []
-
-    def measure(phase: str, bucket: int, chunk: int, context: int, tokens_key: int):
-        rows = range(bucket)
-        n = chunk if phase == "prefill" else 1
-        position = context - n
-        batch = StepBatch(phase, bucket, chunk, tuple(rows), tuple((1,) * n for _ in rows),
-                          tuple(position for _ in rows), tuple(GREEDY for _ in rows))
-        for _ in range(2):
-            executor.step(batch)
-        steps, embeds, blocks = [], [], []
-        for _ in range(repeats):
-            timer.embed_s = timer.blocks_s = 0.0
-            steps.append(executor.step(batch).step_time_s)
-            embeds.append(timer.embed_s)
-            blocks.append(timer.blocks_s / model.num_layers)
-        step, embed, block = statistics.median(steps), statistics.median(embeds), statistics.median(blocks)
-        head = max(step - embed - block * model.num_layers, 0.0)
-        for kind, seconds in (("embed", embed), ("block", block), ("head", head)):
-            entries.append({"layer": kind, "phase": phase, "batch": bucket, "tokens": tokens_key, "seconds": seconds})
-        if progress:
-            progress(f"{phase:<7} batch {bucket:>3} tokens {tokens_key:>5}: step {step * 1e3:8.3f} ms")
-
+    """Measures on the host CPU, point by point (2 warm-up steps, then `repeats`); returns
+    the calibration JSON document."""
+    cal = Calibrator(model, dtype, max_slots, max_context, prefill_chunk, seed)
     try:
-        for bucket in options.buckets:
-            for keys in key_buckets(max_context):
-                measure("decode", bucket, 1, keys, keys)
-        measure("prefill", 1, options.prefill_chunk, options.prefill_chunk, options.prefill_chunk)
+        for point in cal.points():
+            for _ in range(2):
+                cal.run(cal.batch(point.phase, point.batch, point.tokens))
+            steps = [cal.sample(point) for _ in range(repeats)]
+            if progress:
+                progress(f"{point.phase:<7} batch {point.batch:>3} tokens {point.tokens:>5}: "
+                         f"step {statistics.median(steps) * 1e3:8.3f} ms")
+        return cal.document()
     finally:
-        for handle in handles:
-            handle.remove()
-        executor.close()
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    measured = {"mem_bw_bytes_per_s": measure_memory_bandwidth(), dtype: measure_matmul_flops(torch_dtype)}
-    return {
-        "device": "cpu",
-        "model": model.name,
-        "model_fingerprint": fingerprint(model.to_dict()),
-        "dtype": dtype,
-        "max_slots": max_slots,
-        "max_context": max_context,
-        "key_bucket_min": MIN_KEY_BUCKET,
-        "source": f"lockstep calibrate on {platform.node()} ({platform.processor() or platform.machine()}), "
-                  f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                  f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-        "measured": measured,
-        "entries": entries,
-    }
+        cal.close()
 
-
-def merge(docs: list[dict]) -> dict:
-    """Several calibration runs of the same model as one: the median of each entry, and
-    of each measured device figure. On a shared, noisy host, rounds spread over time
-    (interleaved with whatever else is measured) track its drift better than one run."""
-    by_key: dict[tuple, list[float]] = {}
-    for doc in docs:
-        for e in doc["entries"]:
-            by_key.setdefault((e["layer"], e["phase"], e["batch"], e["tokens"]), []).append(e["seconds"])
-    entries = [{"layer": k[0], "phase": k[1], "batch": k[2], "tokens": k[3], "seconds": statistics.median(v)}
-               for k, v in by_key.items()]
-    measured = {key: statistics.median(doc["measured"][key] for doc in docs) for key in docs[0]["measured"]}
-    return {**docs[0], "entries": entries, "measured": measured,
-            "source": f"median of {len(docs)} runs; first: {docs[0]['source']}"}

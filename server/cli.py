@@ -141,12 +141,26 @@ def _run_serve(args) -> int:
     return serve(args)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="start lockstep serve, stream real requests, print latencies vs predictions")
+    p.add_argument("serve_args", nargs=argparse.REMAINDER,
+                   help="arguments for lockstep serve (default: --model small --pool cpu)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from client.demo import main as demo
+
+    return demo([a for a in args.serve_args if a != "--"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lockstep", description="Low-latency LLM serving with compile-time scheduling.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compile(sub)
     _add_calibrate(sub)
     _add_serve(sub)
+    _add_demo(sub)
     return parser
 
 

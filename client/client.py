@@ -1,0 +1,155 @@
+"""A small synchronous client for the Lockstep gRPC API.
+
+Tokens come back with their receive time (perf_counter seconds), and gRPC statuses come
+back as typed exceptions (`InvalidArgument`, `OutOfRange`, `ResourceExhausted`, ...).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+
+
+class LockstepError(Exception):
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str):
+        super().__init__(f"{self.code.name}: {details}")
+        self.details = details
+
+
+class InvalidArgument(LockstepError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class OutOfRange(LockstepError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhausted(LockstepError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(LockstepError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(LockstepError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(LockstepError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_ERRORS = {cls.code: cls for cls in (InvalidArgument, OutOfRange, ResourceExhausted, DeadlineExceeded,
+                                     Unavailable, Cancelled)}
+
+
+def error_from(exc: grpc.RpcError) -> LockstepError:
+    cls = _ERRORS.get(exc.code(), LockstepError)
+    err = cls(exc.details() or "")
+    if cls is LockstepError:
+        err.code = exc.code()
+    return err
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    id: int
+    text: str
+    index: int
+    recv_s: float  # perf_counter when the message arrived
+    tick: int
+
+
+@dataclass
+class Generation:
+    request_id: str
+    start_s: float  # perf_counter when the call was made
+    predicted_ttft_s: float  # from the admission metadata
+    predicted_e2e_s: float
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finished: pb.Finished | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.tokens[0].recv_s - self.start_s
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Gaps between consecutive tokens as the client saw them."""
+        return [b.recv_s - a.recv_s for a, b in zip(self.tokens, self.tokens[1:])]
+
+    @property
+    def tpot_s(self) -> float:
+        gaps = self.itl_s
+        return statistics.fmean(gaps) if gaps else 0.0
+
+
+def build_request(prompt: str | list[int], max_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 0.0, seed: int = 0, stop=(), stop_token_ids=(), request_id: str = "",
+                  model: str = "") -> pb.GenerateRequest:
+    req = pb.GenerateRequest(max_tokens=max_tokens, request_id=request_id, model=model,
+                             sampling=pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                             stop=list(stop), stop_token_ids=list(stop_token_ids))
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+class LockstepClient:
+    def __init__(self, target: str):
+        self.target = target
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.LockstepStub(self.channel)
+
+    def generate(self, prompt: str | list[int], max_tokens: int, timeout: float | None = None,
+                 **kwargs) -> Generation:
+        """Streams one generation to the end and returns it, with receive times."""
+        start = time.perf_counter()
+        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout)
+        try:
+            meta = dict(call.initial_metadata())
+            gen = Generation(meta.get("lockstep-request-id", ""), start,
+                             float(meta.get("lockstep-predicted-ttft-s", "nan")),
+                             float(meta.get("lockstep-predicted-e2e-s", "nan")))
+            for msg in call:
+                if msg.WhichOneof("kind") == "token":
+                    t = msg.token
+                    gen.tokens.append(TokenEvent(t.id, t.text, t.index, time.perf_counter(), t.tick))
+                else:
+                    gen.finished = msg.finished
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        return gen
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    def status(self) -> pb.ServerStatus:
+        return self.stub.GetServerStatus(pb.GetServerStatusRequest())
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "LockstepClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,90 @@
+"""`lockstep demo`: start `lockstep serve` (a real process, real ports), stream a few
+real requests through the client, print each one's token latencies against the
+server's predictions, then SIGTERM the server and wait for its clean exit."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+from client.client import LockstepClient
+
+PROMPTS = [
+    "The lockstep engine decides at compile time",
+    "Static shapes and a fixed cadence mean",
+    "Every token leaves on a tick boundary, so",
+    "Predict first, then measure:",
+]
+
+
+def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--metrics-port", "0", *args]
+    print("$ lockstep " + " ".join(cmd[3:]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        print(line.rstrip(), flush=True)
+        if line.startswith("lockstep serve: ready"):
+            return proc, dict(part.split("=", 1) for part in line.split()[3:])
+    raise SystemExit(f"lockstep demo: the server exited with code {proc.wait()} before it was ready")
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:8.2f}"
+
+
+def _report(name: str, gen) -> str:
+    gaps = sorted(gen.itl_s)
+    p50 = statistics.median(gaps) if gaps else 0.0
+    p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else 0.0
+    f = gen.finished
+    return (f"{name:<10} {f.prompt_tokens:>6} {f.completion_tokens:>6} {_ms(gen.predicted_ttft_s)} {_ms(gen.ttft_s)} "
+            f"{_ms(f.predicted_tpot_s)} {_ms(gen.tpot_s)} {_ms(p50)} {_ms(p99)}  {f.finish_reason}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    server_args = argv if argv else ["--model", "small", "--pool", "cpu"]
+    proc, ready = _start_server(server_args)
+    try:
+        with LockstepClient(ready["grpc"]) as client:
+            client.wait_ready()
+            info = client.model_info()
+            print(f"\nserving {info.model} on {info.pool}, plan {info.plan_hash[:16]}, buckets {list(info.buckets)}, "
+                  f"tick at batch 1 = {info.predictions[0].tpot_s * 1e3:.2f} ms (predicted)\n")
+            header = (f"{'request':<10} {'prompt':>6} {'tokens':>6} {'TTFT pred':>8} {'TTFT meas':>8} "
+                      f"{'TPOT pred':>8} {'TPOT meas':>8} {'ITL p50':>8} {'ITL p99':>8}  finish  (ms)")
+            print(header)
+            solo = client.generate(PROMPTS[0], 32, seed=1)
+            print(_report("alone", solo))
+            again = client.generate(PROMPTS[0], 32, seed=1)
+            print(_report("again", again))
+            with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                gens = list(pool.map(lambda p: client.generate(p, 32, temperature=0.8, top_p=0.95, seed=7), PROMPTS))
+            for i, gen in enumerate(gens):
+                print(_report(f"batch {i}", gen))
+            same = [t.id for t in solo.tokens] == [t.id for t in again.tokens]
+            print(f"\nsame prompt and seed, same tokens: {same}")
+            print(f"text of the first request: {solo.text!r}")
+            status = client.status()
+            print(f"server: {status.ticks} ticks, {status.overruns} overruns")
+        metrics = urllib.request.urlopen(ready["metrics"], timeout=5).read().decode()
+        lines = [line for line in metrics.splitlines() if line.startswith(("lockstep_tick_overruns_total",
+                                                                           "lockstep_generation_tokens_total"))]
+        print("metrics: " + "; ".join(lines))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        for line in proc.stdout:
+            print(line.rstrip(), flush=True)
+        code = proc.wait(timeout=60)
+        print(f"server exited with code {code} in {time.monotonic() - start:.1f} s after SIGTERM")
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
