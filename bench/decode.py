@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 
@@ -49,10 +50,10 @@ def one_stage_plan(model, dtype: str, slots: int, max_context: int, stages: int 
 
 
 def roofline(args) -> None:
-    """Memory read bandwidth and decode steps sampled alternately, so both see the same
-    moment of this shared machine; ratio of medians."""
+    """Memory read bandwidth measured right before and after each set of decode steps (not
+    between steps: a 256 MB sweep would evict what the step keeps in cache)."""
     print(f"\n## Bare decode step vs memory roofline ({torch.get_num_threads()} threads, context 128; "
-          f"bandwidth = reads of a 256 MB tensor, sampled alternately with the steps)")
+          f"bandwidth = reads of a 256 MB tensor, measured just before and after the steps)")
     print(f"{'model':<6} {'batch':>5} {'weights MB':>10} {'read GB/s':>9} {'roofline ms':>11} {'measured ms':>11} "
           f"{'roofline/measured':>17}")
     for name in ("tiny", "small"):
@@ -61,12 +62,9 @@ def roofline(args) -> None:
         weight_bytes = model.num_params * 4
         for bucket in (1, 8):
             batch = decode_batch(bucket, 128)
-            median_step(executor, batch, 3)
-            steps, bandwidths = [], []
-            for _ in range(args.steps):
-                bandwidths.append(measure_memory_bandwidth(repeats=1))
-                steps.append(executor.step(batch).step_time_s)
-            measured, bandwidth = statistics.median(steps), statistics.median(bandwidths)
+            before = measure_memory_bandwidth(repeats=5)
+            measured = median_step(executor, batch, args.steps)
+            bandwidth = (before + measure_memory_bandwidth(repeats=5)) / 2
             ideal = weight_bytes / bandwidth
             print(f"{name:<6} {bucket:>5} {weight_bytes / 1e6:>10.1f} {bandwidth / 1e9:>9.1f} {ideal * 1e3:>11.3f} "
                   f"{measured * 1e3:>11.3f} {ideal / measured:>17.2f}")
@@ -80,7 +78,7 @@ def predictions(args) -> None:
     name, max_context, chunk = "small", 2048, 256
     model = scheduler.get_model(name)
     print(f"\n## Calibrated predictions ({name} fp32, cpu:1, max context {max_context}, prefill chunk {chunk}; "
-          f"{args.rounds} round-robin rounds of calibration and verification steps, medians)")
+          f"{args.rounds} rounds of calibration and verification steps in shuffled order, medians)")
     cal = Calibrator(model, "fp32", 8, max_context, chunk)
     decode_points = [(b, c) for b in (1, 8) for c in (100, 300, 700, 1500, 2048)]
     prompts = (64, 256, 1000)
@@ -88,13 +86,17 @@ def predictions(args) -> None:
     start = time.perf_counter()
     for point in cal.points():  # warm-up
         cal.run(cal.batch(point.phase, point.batch, point.tokens))
-    for _ in range(args.rounds):
-        for point in cal.points():
-            cal.sample(point)
-        for bucket, context in decode_points:
-            measured.setdefault(("decode", bucket, context), []).append(cal.run(decode_batch(bucket, context)))
-        for prompt in prompts:
-            measured.setdefault(("prefill", 1, prompt), []).append(prefill_time(cal.executor, prompt, chunk))
+    tasks = [("calibrate", p) for p in cal.points()] + [("decode", p) for p in decode_points] + \
+        [("prefill", p) for p in prompts]
+    for r in range(args.rounds):
+        # A fresh seeded order each round: no point always follows the heavy prefill steps.
+        for kind, what in random.Random(r).sample(tasks, len(tasks)):
+            if kind == "calibrate":
+                cal.sample(what)
+            elif kind == "decode":
+                measured.setdefault(("decode", *what), []).append(cal.run(decode_batch(*what)))
+            else:
+                measured.setdefault(("prefill", 1, what), []).append(prefill_time(cal.executor, what, chunk))
     doc = cal.document()
     cal.close()
     print(f"calibration and measurement took {time.perf_counter() - start:.0f} s")
@@ -105,7 +107,7 @@ def predictions(args) -> None:
     (stage,) = timeline.stages
     print(f"{'phase':<8} {'batch':>5} {'context':>7} {'predicted ms':>12} {'measured ms':>11} {'predicted/measured':>18}")
     errors = []
-    for (phase, bucket, tokens), times in measured.items():
+    for (phase, bucket, tokens), times in sorted(measured.items()):
         if phase == "decode":
             predicted = timeline.stage_time(stage, bucket, 1, tokens - 1) + timeline.feedback_time(bucket)
         else:

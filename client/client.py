@@ -67,6 +67,7 @@ class TokenEvent:
     index: int
     recv_s: float  # perf_counter when the message arrived
     tick: int
+    sent_unix_s: float  # the server's clock when it sent the token
 
 
 @dataclass
@@ -129,7 +130,7 @@ class LockstepClient:
             for msg in call:
                 if msg.WhichOneof("kind") == "token":
                     t = msg.token
-                    gen.tokens.append(TokenEvent(t.id, t.text, t.index, time.perf_counter(), t.tick))
+                    gen.tokens.append(TokenEvent(t.id, t.text, t.index, time.perf_counter(), t.tick, t.sent_unix_s))
                 else:
                     gen.finished = msg.finished
         except grpc.RpcError as exc:

@@ -1,8 +1,9 @@
 """The lockstep engine: one thread that owns the program and the executor.
 
 Each tick: drop cancelled requests, admit waiting ones into free KV slots, pick the
-tick's work, run one step, hand out the sampled tokens, retire finished sequences, and
-(in deterministic mode) wait out the tick so tokens leave on a fixed cadence.
+tick's work, run one step, (in deterministic mode) wait out the tick, then hand out the
+sampled tokens and retire finished sequences: tokens leave on tick boundaries, so their
+cadence does not carry the step's jitter.
 
 Tick policy (static shapes): a tick is either
 - a decode step of every running sequence, padded to the smallest compiled bucket that
@@ -16,10 +17,12 @@ an overrun: counted and exported, never hidden.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +37,9 @@ class EngineConfig:
     time_scale: float = 1.0  # program seconds -> wall seconds (simulated pools run slower)
     guard_band_s: float = 0.0005  # added to every paced tick, seconds
     max_queue: int = 64  # waiting requests beyond this are refused at once
+    # And this fraction of the predicted step: the margin that absorbs the host's jitter
+    # (gRPC and the client share its cores), so steps finish inside their tick.
+    guard_band_frac: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -94,15 +100,19 @@ class Engine:
         self.accepting = True
         self.ticks = 0
         self.overruns = 0
-        self._thread = threading.Thread(target=self._loop, name="lockstep-engine", daemon=True)
+        self._done: concurrent.futures.Future | None = None
 
     # -- client side (any thread) --------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, thread: concurrent.futures.Executor | None = None) -> None:
+        """Runs the loop on `thread` (a one-worker executor that owns every torch op of
+        this process; see app.LockstepServer), or on a new thread."""
+        thread = thread or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
+        self._done = thread.submit(self._loop)
 
     def tick_s(self, phase: str, batch: int) -> float:
         """Wall seconds a paced tick lasts."""
-        return self.step_s[(phase, batch)] * self.config.time_scale + self.config.guard_band_s
+        step = self.step_s[(phase, batch)] * self.config.time_scale
+        return step * (1 + self.config.guard_band_frac) + self.config.guard_band_s
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -149,7 +159,8 @@ class Engine:
         with self._lock:
             self._stop = True
             self._lock.notify()
-        self._thread.join(timeout_s)
+        if self._done is not None:
+            concurrent.futures.wait([self._done], timeout_s)
 
     def idle(self) -> bool:
         with self._lock:
@@ -157,6 +168,14 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # a dead engine must not look alive: stop admitting, say why
+            self.accepting = False
+            traceback.print_exc()
+            raise
+
+    def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._stop and not self._waiting and not self._running:
@@ -204,8 +223,14 @@ class Engine:
             batch = StepBatch("decode", bucket, 1, tuple(r.slot for r in rows),
                               tuple((r.out[-1],) for r in rows), positions, tuple(r.sampling for r in rows))
         result = self.executor.step(batch)
+        measured = time.perf_counter() - start
+        tick = self.tick_s(phase, batch.bucket)
+        overrun = self.config.deterministic and measured > tick
+        if self.config.deterministic and not overrun:
+            _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
         now = time.perf_counter()
         self.ticks += 1
+        self.overruns += overrun
         self._last_phase = phase
         if phase == "prefill":
             r.prefilled += len(tokens)
@@ -214,17 +239,11 @@ class Engine:
         else:
             for r, token in zip(rows, result.token_ids):
                 self._emit(r, token, now)
-        tick = self.tick_s(phase, batch.bucket)
-        measured = now - start
-        overrun = self.config.deterministic and measured > tick
-        self.overruns += overrun
         if self.metrics is not None:
             predicted = self.step_s[(phase, batch.bucket)] * self.config.time_scale
             self.metrics.observe_tick(phase, len(batch.slot_ids), measured, predicted, overrun)
             with self._lock:
                 self.metrics.set_queue(len(self._running), len(self._waiting), self.max_slots - len(self._free_slots))
-        if self.config.deterministic and not overrun:
-            _sleep_until(start + tick)
 
     def _emit(self, r: Request, token: int, now: float) -> None:
         gap = None if r.last_token_s is None else now - r.last_token_s

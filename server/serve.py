@@ -4,9 +4,9 @@ print one ready line, run until SIGTERM / SIGINT (or --duration-s), shut down cl
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -29,12 +29,15 @@ def _calibration(args, model, pool) -> scheduler.Calibration | None:
     key = f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-{args.prefill_chunk}"
     path = CACHE_DIR / f"calib-{key}.json"
     if not path.exists():
-        from server.calibrate import calibrate
-
+        # In a process of its own: this process must not run torch on a second thread
+        # (see app.LockstepServer.start), and a calibration is a clean measurement.
         print(f"lockstep serve: calibrating {model.name} on this host (once; cached in {path})", file=sys.stderr)
-        data = calibrate(model, args.dtype, args.max_slots, args.max_context, args.prefill_chunk, repeats=3)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp = path.with_suffix(".tmp")
+        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
+                        "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
+                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp)],
+                       check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        tmp.replace(path)
     return scheduler.Calibration.load(path)
 
 
@@ -49,8 +52,8 @@ def _validate(args) -> None:
     for name in ("max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.time_scale < 0 or args.guard_band_ms < 0 or args.grace_s < 0 or args.duration_s < 0:
-        raise SpecError("--time-scale, --guard-band-ms, --grace-s and --duration-s must be >= 0")
+    if min(args.time_scale, args.guard_band_ms, args.guard_band_pct, args.grace_s, args.duration_s) < 0:
+        raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.dtype not in ("fp32", "bf16", "fp16"):
         raise SpecError(f"serve runs fp32, bf16 or fp16 weights, not {args.dtype!r}")
 
@@ -67,7 +70,8 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     program = scheduler.compile(model, pool, options, _calibration(args, model, pool))
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,
-                         guard_band_s=args.guard_band_ms / 1e3, host=args.host, port=args.port,
+                         guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=args.guard_band_pct / 100,
+                         host=args.host, port=args.port,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens)
     return config, program
 
@@ -81,11 +85,15 @@ def _ready_line(info: dict) -> str:
 def serve(args) -> int:
     config, program = build_config(args)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if args.no_ray:
+        _on_signals(stop)
         return asyncio.run(_serve_here(config, args, stop))
     return _serve_in_ray(config, program, args, stop)
+
+
+def _on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 async def _serve_here(config: ServeConfig, args, stop: threading.Event) -> int:
@@ -111,6 +119,7 @@ def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: t
                 if name not in ("cpu", "h100", "h200", "a100"):
                     chips[name] = chips.get(name, 0) + group["count"]
             ray.init(num_cpus=os.cpu_count(), resources=chips or None, include_dashboard=False, log_to_driver=False)
+    _on_signals(stop)  # after ray.init, which installs handlers of its own that end the driver
     gpus = len({s["devices"][0] for s in program.data["stages"] if s["device"] in ("h100", "h200", "a100")})
     options = {"num_cpus": 1, "max_concurrency": 1000}
     if gpus and config.executor == "local":
