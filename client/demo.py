@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(_report(f"batch {i}", gen))
             same = [t.id for t in solo.tokens] == [t.id for t in again.tokens]
             print(f"\nsame prompt and seed, same tokens: {same}")
-            print(f"text of the first request: {solo.text!r}")
+            print(f"first request's tokens: {[t.id for t in solo.tokens][:12]} ... text {solo.text!r} "
+                  f"(random weights; the byte-level fallback tokenizer prints ids < 256 only)")
             status = client.status()
             print(f"server: {status.ticks} ticks, {status.overruns} overruns")
         metrics = urllib.request.urlopen(ready["metrics"], timeout=5).read().decode()

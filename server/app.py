@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -43,22 +45,24 @@ class ServeConfig:
     deterministic: bool = True
     time_scale: float = 0.0  # 0: 1 on real devices, measured on simulated ones
     guard_band_s: float = 0.0005
-    guard_band_frac: float = 0.10
+    guard_band_frac: float = 0.20
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int = 0
     max_queue: int = 64
     max_tokens: int = 1024
+    torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
 
 
 def is_simulated(program: dict) -> bool:
     return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
 
 
-def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 3) -> float:
-    """Runs every compiled step on the host (which also warms it up) and returns the
-    smallest factor by which the simulated step times can be slowed so the host keeps
-    up: max over steps of measured / simulated, plus 10%."""
+def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 3,
+                       margin: float = 1.1) -> float:
+    """Runs every given step on the host (which also warms it up) and returns the
+    smallest factor by which the program's step times must be slowed so the host keeps
+    up: max over steps of measured / predicted, times `margin`."""
     worst = 0.0
     for (phase, batch), simulated_s in sorted(engine_step_s.items()):
         n = chunk if phase == "prefill" else 1
@@ -67,7 +71,7 @@ def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: i
                          tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
         worst = max(worst, measured / simulated_s)
-    return worst * 1.1
+    return worst * margin
 
 
 class LockstepServer:
@@ -94,17 +98,25 @@ class LockstepServer:
         # (28.8 -> 37.9 ms for `small`), as each thread gets its own OpenMP team and the
         # two teams fight over 2 cores; with one torch thread it costs nothing.
         loop = asyncio.get_running_loop()
+        # Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 here): a local executor owns
+        # the host's cores, so it takes them back (prefill of `small` ran 2x slower).
+        threads = cfg.torch_threads or os.cpu_count() or 1
+        await loop.run_in_executor(self.device_thread, torch.set_num_threads, threads)
         self.executor = await loop.run_in_executor(self.device_thread, make_executor, plan, cfg.executor)
         step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
         opts = program["options"]
         if is_simulated(program) and not cfg.time_scale:
             scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, step_s,
                                                opts["max_context"], program["prefill_chunk"])
-        else:  # real devices run at their own speed; a few steps warm the executor up
+        else:
+            # Real devices run at their own speed: 1, unless the host, serving, runs slower
+            # than its calibration said (measured: ~25% inside a Ray actor on a 2-core host
+            # whose cores Ray's own processes share); then ticks stretch to what it keeps
+            # up with, and the factor is reported, rather than every tick overrunning.
             decode_only = {key: s for key, s in step_s.items() if key[0] == "decode"}
-            await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, decode_only,
-                                       opts["max_context"], 1, 1)
-            scale = cfg.time_scale or 1.0
+            measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor,
+                                                  decode_only, opts["max_context"], 1, 3, 1.0)
+            scale = cfg.time_scale or max(1.0, measured)
         config = EngineConfig(cfg.deterministic, scale, cfg.guard_band_s, cfg.max_queue, cfg.guard_band_frac)
         self.engine = Engine(self.executor, program, config, self.metrics)
         spec = program["model"]["spec"]

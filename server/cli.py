@@ -123,8 +123,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
     p.add_argument("--time-scale", type=float, default=0.0, help="slowdown of simulated time (default: measured)")
     p.add_argument("--guard-band-ms", type=float, default=0.5, help="added to every paced tick (default 0.5)")
-    p.add_argument("--guard-band-pct", type=float, default=10.0,
-                   help="and this percentage of the tick's predicted step time (default 10)")
+    p.add_argument("--guard-band-pct", type=float, default=20.0,
+                   help="and this percentage of the tick's predicted step time (default 20)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: any free port)")

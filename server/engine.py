@@ -39,7 +39,7 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond this are refused at once
     # And this fraction of the predicted step: the margin that absorbs the host's jitter
     # (gRPC and the client share its cores), so steps finish inside their tick.
-    guard_band_frac: float = 0.10
+    guard_band_frac: float = 0.20
 
 
 @dataclass(frozen=True)
