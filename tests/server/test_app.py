@@ -222,3 +222,25 @@ def test_deterministic_mode_paces_ticks_and_counts_overruns():
             fast.close()
     finally:
         server.close()
+
+
+def test_simulated_pool_runs_slowed_by_a_measured_time_scale():
+    """lpu:8: the host runs the math; ticks follow the LPU's step times times the scale."""
+    lpu = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("lpu:8"), OPTIONS)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = LockstepServer(ServeConfig(lpu.to_json(), max_tokens=50))
+    try:
+        info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
+        assert info["time_scale"] > 1  # the host is slower than simulated LPUs
+        with grpc.insecure_channel(info["grpc"]) as channel:
+            stub = pb_grpc.LockstepStub(channel)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest()).time_scale == pytest.approx(info["time_scale"])
+            prompt = random_prompt(20, seed=2)
+            tokens, _ = stream(stub, request(prompt, 6))
+        assert tokens == executor_tokens(prompt, 6, SamplingParams())  # same weights, same math
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
