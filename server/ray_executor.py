@@ -95,6 +95,9 @@ class StageActor:
         """Returns once the stage is built: its scratch KV slot."""
         return self.runner.scratch_slot
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def forward(self, hop: Hop) -> Hop | tuple[list[int], tuple[float, ...]]:
         out, seconds = self.runner.run(hop.x, hop.meta)
         times = hop.stage_times_s + (seconds,)
@@ -162,6 +165,10 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
+
+    def stage_nodes(self) -> list[str]:
+        """The Ray node each stage's actor runs on."""
+        return ray.get([a.node_id.remote() for a in self._actors])
 
     def step(self, batch: StepBatch) -> StepResult:
         if self._dag is None:

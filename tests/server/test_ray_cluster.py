@@ -1,0 +1,45 @@
+"""A two-node Ray cluster on loopback (ray.cluster_utils.Cluster): each node declares one
+simulated chip, so the program's two stages land on different nodes and still stream the
+tokens the in-process executor gives."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import scheduler
+from server.executor import LocalExecutor, plan_from_program
+from server.ray_executor import RayExecutor
+from server.sampling import SamplingParams
+from tests.server.helpers import OPTIONS, random_prompt
+from tests.server.test_ray_executor import generate
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"lpu": 1}})
+    cluster.add_node(num_cpus=1, resources={"lpu": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_path):
+    pool = tmp_path / "pool.toml"  # 2 chips of 6 MB: tiny's layers need both
+    pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
+    program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), OPTIONS)
+    plan = plan_from_program(program.data)
+    assert len(plan.stages) == 2 and {s.resource for s in plan.stages} == {"lpu"}
+    rows = [(0, tuple(random_prompt(30, seed=4))), (1, tuple(random_prompt(12, seed=5)))]
+    params = [SamplingParams(temperature=0.9, seed=11), SamplingParams()]
+    expected = generate(LocalExecutor(plan), rows, params, steps=12)[0]
+    executor = RayExecutor(plan)
+    try:
+        assert len(set(executor.stage_nodes())) == 2  # one stage per node
+        assert generate(executor, rows, params, steps=12)[0] == expected
+    finally:
+        executor.close()
