@@ -143,17 +143,12 @@ def _run_serve(args) -> int:
     return serve(args)
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="start lockstep serve, stream real requests, print latencies vs predictions")
-    p.add_argument("serve_args", nargs=argparse.REMAINDER,
-                   help="arguments for lockstep serve (default: --model small --pool cpu)")
-    p.set_defaults(run=_run_demo)
-
-
-def _run_demo(args) -> int:
-    from client.demo import main as demo
-
-    return demo([a for a in args.serve_args if a != "--"])
+def _add_passthrough(sub) -> None:
+    """Listed in --help; `main` hands their arguments over before argparse sees them."""
+    sub.add_parser("demo", help="start lockstep serve, stream real requests, print latencies vs predictions "
+                                "(arguments go to lockstep serve; default: --model small --pool cpu)")
+    sub.add_parser("load", help="generate load against a server; write latency stats and plots "
+                                "(lockstep load --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,11 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_calibrate(sub)
     _add_serve(sub)
-    _add_demo(sub)
+    _add_passthrough(sub)
     return parser
 
 
+# Subcommands that take another program's flags as they are (argparse's REMAINDER
+# cannot start with an option): `lockstep load ...` and `lockstep demo [serve flags]`.
+PASSTHROUGH = {"load": "client.loadgen", "demo": "client.demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     from scheduler.errors import FitError, SpecError
 

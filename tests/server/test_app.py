@@ -46,6 +46,7 @@ class Running:
         self.call(self.server.stop(grace_s=2.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +245,4 @@ def test_simulated_pool_runs_slowed_by_a_measured_time_scale():
         asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()

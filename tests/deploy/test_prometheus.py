@@ -1,0 +1,277 @@
+"""deploy/: the Prometheus config, recording rules and Grafana dashboard against a live server.
+
+A real LockstepServer (tiny model, in this process) is scraped by a real `prometheus`
+binary every second; after a short load, every recording rule's expression and every
+dashboard panel's query is evaluated through Prometheus's HTTP API and must return at
+least one series. Every `lockstep_*` name they mention must be in the server's /metrics.
+Skipped where no `prometheus` binary is installed (Debian: apt-get install prometheus).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+RULES_YML = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lockstep.json"
+GRAFANA_DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "lockstep.yml"
+# Digits too: lockstep_e2e_request_latency_seconds. Recorded names (lockstep:...) do not match.
+METRIC_NAME = re.compile(r"\blockstep_[a-z0-9_]+")
+REQUESTS, TOKENS, CONCURRENCY = 6, 20, 3
+
+
+def rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES_YML.read_text())["groups"] for r in g["rules"]]
+
+
+def dashboard_panels() -> list[dict]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [p for p in panels if p["type"] != "row"]
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in dashboard_panels() for t in p["targets"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- Static checks: no binary needed ------------------------------------------------------
+
+
+def test_grafana_files_point_at_the_prometheus_datasource():
+    (ds,) = yaml.safe_load(GRAFANA_DATASOURCE.read_text())["datasources"]
+    assert ds["uid"] == "prometheus" and ds["type"] == "prometheus" and ds["url"] == "http://127.0.0.1:9090"
+    (provider,) = yaml.safe_load(GRAFANA_PROVIDER.read_text())["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    panels = dashboard_panels()
+    ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        assert p["type"] == "timeseries", p["title"]
+        assert p["datasource"]["uid"] == "prometheus", p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "prometheus"}, (p["title"], t["refId"])
+    titles = " ".join(p["title"].lower() for p in panels)
+    for word in ("first token", "inter-token", "per output token", "end-to-end", "throughput", "waiting",
+                 "kv", "batch", "predicted", "overruns", "reason"):
+        assert word in titles, word
+
+
+def test_rule_names_follow_the_convention():
+    names = [r["record"] for r in rules()]
+    assert len(names) == len(set(names))
+    for expected in ("lockstep:ttft_seconds:p50_1m", "lockstep:ttft_seconds:p99_1m", "lockstep:itl_seconds:p50_1m",
+                     "lockstep:itl_seconds:p99_1m", "lockstep:generation_tokens:rate1m", "lockstep:requests_waiting",
+                     "lockstep:kv_slot_utilization", "lockstep:tick_overrun_ratio:rate1m",
+                     "lockstep:step_measured_over_predicted:ratio1m"):
+        assert expected in names
+    assert all(re.fullmatch(r"lockstep(:[a-z0-9_]+){1,2}", n) for n in names), names
+
+
+# --- Against a live server and a real Prometheus ------------------------------------------
+
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="no `prometheus` binary on PATH (Debian: apt-get install --no-install-recommends prometheus)",
+)
+
+
+class Prom:
+    def __init__(self, base: str):
+        self.base = base
+
+    def get(self, path: str, **params) -> dict:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}" if params else f"{self.base}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:  # 400/422: a bad query; the body says why
+            return json.loads(err.read())
+
+    def query(self, expr: str) -> dict:
+        return self.get("/api/v1/query", query=expr)
+
+    def value(self, expr: str) -> float | None:
+        """The single sample's value, or None while there is none."""
+        try:
+            result = self.query(expr)["data"]["result"]
+        except (KeyError, OSError):
+            return None
+        return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+def wait_for(what: str, predicate, timeout_s: float, log: Path, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"prometheus exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
+        try:
+            result = predicate()
+        except (OSError, ValueError):  # not listening yet, or a half-written answer
+            result = None
+        if result:
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}; prometheus log:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """(server, Prom, /metrics text after the load): a loaded server scraped every second."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("no `prometheus` binary on PATH (Debian: apt-get install --no-install-recommends prometheus)")
+    from tests.server.test_app import Running, request, stream
+    from tests.server.helpers import random_prompt
+
+    # Not tmp_path_factory: a concurrent pytest run prunes old pytest-N dirs, TSDB included.
+    tmpdir = tempfile.TemporaryDirectory(prefix="lockstep-prometheus-")
+    tmp = Path(tmpdir.name)
+    server = Running(max_queue=8, max_tokens=200, deterministic=False)
+    proc = None
+    log = tmp / "prometheus.log"
+    try:
+        target = urllib.parse.urlsplit(server.info["metrics"]).netloc  # "127.0.0.1:PORT"
+        config = yaml.safe_load(PROMETHEUS_YML.read_text())
+        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        (job,) = config["scrape_configs"]
+        assert job["job_name"] == "lockstep"
+        job["static_configs"] = [{"targets": [target]}]
+        config["rule_files"] = [str(RULES_YML)]  # the relative rules.yml, made absolute
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+
+        port = free_port()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        prom = Prom(f"http://127.0.0.1:{port}")
+        # A scrape before the load, so rate() sees the counters rise.
+        wait_for("up == 1", lambda: prom.value('up{job="lockstep"}') == 1, 30, log, proc)
+
+        prompts = [random_prompt(8 + 5 * i, seed=i) for i in range(REQUESTS)]
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            results = list(pool.map(lambda p: stream(server.stub, request(p, TOKENS), timeout=30), prompts))
+        assert all(len(tokens) == TOKENS and fin.finish_reason == "length" for tokens, fin in results)
+        with urllib.request.urlopen(server.info["metrics"], timeout=5) as resp:
+            exposition = resp.read().decode()
+        total = REQUESTS * TOKENS
+
+        # Two scrapes after the load: the first to see the final count, then one more.
+        seen_at = wait_for(
+            "a scrape with every generated token",
+            lambda: (prom.value("lockstep_generation_tokens_total") == total
+                     and prom.value("timestamp(lockstep_generation_tokens_total)")),
+            30, log, proc,
+        )  # fmt: skip
+        wait_for("a second scrape after the load",
+                 lambda: (prom.value("timestamp(lockstep_generation_tokens_total)") or 0) > seen_at, 10, log, proc)
+        yield server, prom, exposition, log
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        server.close()
+        tmpdir.cleanup()
+
+
+def assert_query_has_series(prom: Prom, name: str, expr: str):
+    answer = prom.query(expr)
+    assert answer.get("status") == "success", f"{name}: {expr}\n{answer.get('error')}"
+    result = answer["data"]["result"]
+    assert answer["data"]["resultType"] == "vector" and result, f"{name}: no series for {expr}"
+    for series in result:
+        value = float(series["value"][1])
+        assert math.isfinite(value), f"{name}: {series['metric']} = {value} for {expr}"
+
+
+@needs_prometheus
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", rules(), ids=lambda r: r["record"])
+def test_every_recording_rule_returns_series(stack, rule):
+    _, prom, _, _ = stack
+    assert_query_has_series(prom, rule["record"], rule["expr"])
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_prometheus_loaded_and_evaluates_every_rule(stack):
+    _, prom, _, log = stack
+    expected = {r["record"] for r in rules()}
+
+    def recorded():
+        groups = prom.get("/api/v1/rules")["data"]["groups"]
+        loaded = {r["name"]: r for g in groups for r in g["rules"]}
+        if set(loaded) != expected or any(r.get("lastEvaluation", "").startswith("0001") for r in loaded.values()):
+            return None
+        return loaded
+
+    loaded = wait_for("every rule evaluated once", recorded, 10, log)
+    bad = {name: r.get("lastError") for name, r in loaded.items() if r["health"] != "ok"}
+    assert not bad
+    for name in expected:  # the recorded series themselves, not only the expressions
+        wait_for(f"series {name}", lambda name=name: prom.query(name)["data"]["result"], 10, log)
+
+
+@needs_prometheus
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expr", panel_queries(), ids=[n for n, _ in panel_queries()])
+def test_every_dashboard_query_returns_series(stack, name, expr):
+    _, prom, _, _ = stack
+    assert_query_has_series(prom, name, expr)
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_queries_name_only_metrics_the_server_exports(stack):
+    _, _, exposition, _ = stack
+    exported = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()
+                if line and not line.startswith("#")}
+    assert "lockstep_generation_tokens_total" in exported and "lockstep_ticks_total" in exported
+    sources = [(r["record"], r["expr"]) for r in rules()] + panel_queries()
+    missing = {(where, name) for where, expr in sources for name in METRIC_NAME.findall(expr)
+               if name not in exported}
+    assert not missing, f"not in the server's /metrics: {sorted(missing)}"
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_the_load_shows_up_in_the_rules(stack):
+    """Values that follow from the load: tokens flowed, no overruns, both phases timed."""
+    _, prom, _, _ = stack
+    expr = {r["record"]: r["expr"] for r in rules()}
+    assert prom.value(expr["lockstep:generation_tokens:rate1m"]) > 0
+    assert 0 < prom.value(expr["lockstep:ttft_seconds:p50_1m"]) < 30
+    assert 0 <= prom.value(expr["lockstep:kv_slot_utilization"]) <= 1
+    for record, check in (("lockstep:tick_overrun_ratio:rate1m", lambda v: v == 0),  # throughput mode: no slot
+                          ("lockstep:step_measured_over_predicted:ratio1m", lambda v: v > 0)):
+        result = prom.query(expr[record])["data"]["result"]
+        assert {s["metric"]["phase"] for s in result} == {"prefill", "decode"}, record
+        assert all(check(float(s["value"][1])) for s in result), (record, result)
