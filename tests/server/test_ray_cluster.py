@@ -43,3 +43,40 @@ def test_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_path):
         assert generate(executor, rows, params, steps=12)[0] == expected
     finally:
         executor.close()
+
+
+@pytest.mark.slow
+def test_lockstep_serves_over_grpc_from_stages_on_two_nodes(two_nodes, tmp_path):
+    """The whole server (engine + gRPC) with `--executor ray` on the two-node cluster."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from protos.lockstep.v1 import lockstep_pb2 as pb
+    from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+    from server.app import LockstepServer, ServeConfig
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
+    program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), OPTIONS)
+    prompt = random_prompt(25, seed=8)
+    expected = generate(LocalExecutor(plan_from_program(program.data)), [(0, tuple(prompt))], [SamplingParams()],
+                        steps=9)[0][0]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = LockstepServer(ServeConfig(program.to_json(), executor="ray", deterministic=False, max_tokens=50))
+    try:
+        info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
+        assert len(set(server.executor.stage_nodes())) == 2
+        with grpc.insecure_channel(info["grpc"]) as channel:
+            stub = pb_grpc.LockstepStub(channel)
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=10)
+            tokens = [m.token.id for m in stub.Generate(req, timeout=60) if m.WhichOneof("kind") == "token"]
+        assert tokens == expected
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
