@@ -58,19 +58,23 @@ def is_simulated(program: dict) -> bool:
     return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
 
 
-def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 3,
-                       margin: float = 1.1) -> float:
-    """Runs every given step on the host (which also warms it up) and returns the
-    smallest factor by which the program's step times must be slowed so the host keeps
-    up: max over steps of measured / predicted, times `margin`."""
+def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 5,
+                       margin: float = 1.1, warmup: int = 8) -> float:
+    """Runs every given step on the host and returns the smallest factor by which the
+    program's step times must be slowed so the host keeps up: max over steps of
+    measured / predicted (median of `repeats`), times `margin`. Each step shape first runs
+    `warmup` times untimed: a fresh executor's first steps of a shape take 100x longer
+    (measured: 250 ms, then 3 ms, for `tiny`: oneDNN primitives, first touches)."""
     worst = 0.0
-    for (phase, batch), simulated_s in sorted(engine_step_s.items()):
+    for (phase, batch), predicted_s in sorted(engine_step_s.items()):
         n = chunk if phase == "prefill" else 1
         rows = range(batch)
         step = StepBatch(phase, batch, n, tuple(rows), tuple((0,) * n for _ in rows),
                          tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
+        for _ in range(warmup):
+            executor.step(step)
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
-        worst = max(worst, measured / simulated_s)
+        worst = max(worst, measured / predicted_s)
     return worst * margin
 
 
@@ -115,7 +119,7 @@ class LockstepServer:
             # up with, and the factor is reported, rather than every tick overrunning.
             decode_only = {key: s for key, s in step_s.items() if key[0] == "decode"}
             measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor,
-                                                  decode_only, opts["max_context"], 1, 3, 1.0)
+                                                  decode_only, opts["max_context"], 1, 5, 1.0)
             scale = cfg.time_scale or max(1.0, measured)
         config = EngineConfig(cfg.deterministic, scale, cfg.guard_band_s, cfg.max_queue, cfg.guard_band_frac)
         self.engine = Engine(self.executor, program, config, self.metrics)
