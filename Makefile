@@ -20,7 +20,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	@$(PY) -m pip install -c constraints.txt -e '.[test,bench]' > $(VENV)/setup-bench.log 2>&1 \
+		|| { tail -n 40 $(VENV)/setup-bench.log; exit 1; }
+	touch $(BENCH_STAMP)
+
+# The quick one; the others (bench/decode.py, serve_overhead.py, compare.py) take minutes.
+bench: $(BENCH_STAMP)
 	$(PY) bench/compile_scale.py
 
 # Regenerate the gRPC stubs beside protos/**/*.proto (commit them; a test checks).
