@@ -17,7 +17,6 @@ def live():
     server = Running(max_queue=4, max_tokens=64, deterministic=False)
     yield server
     server.close()
-    server.loop.close()  # Running.close stops its loop but leaves it open (a ResourceWarning)
 
 
 PROMPT = [5, 17, 99, 3, 42, 7, 11]

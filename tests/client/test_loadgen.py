@@ -91,7 +91,6 @@ def live():
     server = Running(max_queue=16, max_tokens=24, deterministic=False)
     yield server
     server.close()
-    server.loop.close()  # Running.close stops its loop but leaves it open (a ResourceWarning)
 
 
 def load(live, out, *extra):
