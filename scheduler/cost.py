@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.devices import DeviceSpec, Pool
-from scheduler.errors import SpecError
+from scheduler.errors import SpecError, read_file
 from scheduler.ir import KINDS, Layer, ModelIR, Work
 
 PHASES = ("prefill", "decode")
@@ -74,13 +74,7 @@ class Calibration:
 
     @staticmethod
     def load(path: str | Path) -> "Calibration":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SpecError(f"calibration file {str(path)!r} does not exist") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SpecError(f"calibration file {str(path)!r} is not readable JSON: {exc}") from None
-        return Calibration.from_json(data)
+        return Calibration.from_json(read_file(path, "calibration file", json.loads, "readable JSON"))
 
     def to_json(self) -> dict:
         entries = [{"layer": k, "phase": p, "batch": b, "tokens": t, "seconds": s}

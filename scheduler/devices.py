@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler.errors import SpecError
+from scheduler.errors import SpecError, read_file
 
 TOPOLOGIES = ("chain", "ring", "full")
 GB = 1e9
@@ -230,12 +230,7 @@ def load_pool(path: str | Path) -> Pool:
         memory_bytes = 40e9        # any DeviceSpec field overrides the preset
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"pool file {str(path)!r} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError(f"pool file {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_file(path, "pool file", tomllib.loads, "valid TOML")
     entries = data.get("devices")
     if not isinstance(entries, list) or not entries:
         raise SpecError(f"pool file {str(path)!r}: needs at least one [[devices]] table")

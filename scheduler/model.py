@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.errors import SpecError
+from scheduler.errors import SpecError, read_file
 
 # Bytes per element of each weight dtype.
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -160,12 +160,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"model config {str(path)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecError(f"model config {str(path)!r} is not readable JSON: {exc}") from None
+    cfg = read_file(path, "model config", json.loads, "readable JSON")
     if not isinstance(cfg, dict):
         raise SpecError(f"model config {str(path)!r} is not a JSON object")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
