@@ -62,6 +62,12 @@ class ModelIR:
         return sum(layer.param_bytes for layer in self.layers)
 
     @property
+    def handoff_bytes_per_token(self) -> float:
+        """Activation bytes one token hands from a stage to the next (every layer hands on
+        its [h] hidden state in the activation dtype)."""
+        return self.layers[0].act_bytes_per_token
+
+    @property
     def kv_bytes_per_token(self) -> float:
         return sum(layer.kv_bytes_per_token for layer in self.layers)
 

@@ -31,7 +31,6 @@ import numpy as np
 
 from scheduler.cost import CostModel
 from scheduler.errors import FitError, SpecError
-from scheduler.model import DTYPE_BYTES
 
 OBJECTIVES = ("latency", "throughput")
 REL_TIE = 1e-9
@@ -121,7 +120,7 @@ def build_table(cost: CostModel, batch: int, context: int, max_slots: int, max_c
                     per_kind[layer.kind] = (t, m)
                 times.append(per_kind[layer.kind][0])
                 mems.append(per_kind[layer.kind][1])
-            xfer = cost.transfer_time(batch * ir.model.hidden_size * _act_bytes(ir), dev, hops=1)
+            xfer = cost.transfer_time(batch * ir.handoff_bytes_per_token, dev, hops=1)
             options.append(Option(gi, tp, np.array(times), np.array(mems),
                                   ir.workspace_bytes(tp, step_tokens), dev.usable_memory_bytes, xfer))
     ids_bytes = batch * 4  # int32 token ids
@@ -135,10 +134,6 @@ def build_table(cost: CostModel, batch: int, context: int, max_slots: int, max_c
         feedback.append(tuple(row))
     names = tuple(g.device.name for g in pool.groups)
     return StageTable(len(ir.layers), groups, names, tuple(options), tuple(feedback))
-
-
-def _act_bytes(ir) -> int:
-    return DTYPE_BYTES[ir.act_dtype]
 
 
 def place(table: StageTable, objective: str) -> Placement:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from scheduler.cost import CostModel
 from scheduler.errors import SpecError
-from scheduler.model import DTYPE_BYTES
 from scheduler.placement import Placement, Stage
 
 SCHEMA_VERSION = 1
@@ -83,7 +82,6 @@ class Timeline:
         self.pool = cost.pool
         self.placement = placement
         self.stages = placement.stages
-        self.act_bytes = DTYPE_BYTES[self.ir.act_dtype]
 
     def _device(self, stage: Stage):
         return self.pool.device_at(stage.device_start)
@@ -91,7 +89,7 @@ class Timeline:
     def _incoming(self, stage: Stage, tokens: int) -> float:
         if stage.index == 0:
             return 0.0
-        nbytes = tokens * self.ir.model.hidden_size * self.act_bytes
+        nbytes = tokens * self.ir.handoff_bytes_per_token
         return self.cost.transfer_time(nbytes, self._device(stage), hops=1)
 
     def stage_time(self, stage: Stage, batch: int, new: int, past: int) -> float:
@@ -116,7 +114,7 @@ class Timeline:
             if stage.index:
                 prev = self.stages[stage.index - 1]
                 end = clock + self._incoming(stage, batch * new)
-                transfers.append(_transfer(prev, stage, 1, batch * new * self.ir.model.hidden_size * self.act_bytes,
+                transfers.append(_transfer(prev, stage, 1, batch * new * self.ir.handoff_bytes_per_token,
                                            clock, end))
                 clock = end
             ops = []
