@@ -43,13 +43,13 @@ class ServeConfig:
     seed: int = 0
     checkpoint: str = ""
     deterministic: bool = True
-    time_scale: float = 0.0  # 0: 1 on real devices, measured on simulated ones
-    guard_band_s: float = 0.0005
-    guard_band_frac: float = 0.20
+    time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
+    guard_band_s: float = EngineConfig.guard_band_s
+    guard_band_frac: float = EngineConfig.guard_band_frac
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int = 0
-    max_queue: int = 64
+    max_queue: int = EngineConfig.max_queue
     max_tokens: int = 1024
     torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
 
@@ -121,7 +121,8 @@ class LockstepServer:
             measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor,
                                                   decode_only, opts["max_context"], 1, 5, 1.0)
             scale = cfg.time_scale or max(1.0, measured)
-        config = EngineConfig(cfg.deterministic, scale, cfg.guard_band_s, cfg.max_queue, cfg.guard_band_frac)
+        config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
+                              max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac)
         self.engine = Engine(self.executor, program, config, self.metrics)
         spec = program["model"]["spec"]
         tokenizer = load_tokenizer(cfg.checkpoint or None, spec["vocab_size"])
