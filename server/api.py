@@ -122,7 +122,11 @@ class LockstepService(pb_grpc.LockstepServicer):
             yield message
 
     async def _stream(self, r: Request, queue: asyncio.Queue, stops: list[str]):
-        decoder, text, stopped, finished = IncrementalDecoder(self.tokenizer), "", False, False
+        decoder, stopped, finished = IncrementalDecoder(self.tokenizer), False, False
+        # Stop strings are searched in the text's last (longest stop - 1) chars plus the new
+        # delta, not in the whole text again for every token.
+        keep, tail = max((len(s) for s in stops), default=1) - 1, ""
+        index = 0  # counted here: r.out belongs to the engine thread and may be ahead
         try:
             while True:
                 item, tick = await queue.get()
@@ -135,12 +139,15 @@ class LockstepService(pb_grpc.LockstepServicer):
                 if stopped:
                     continue  # tokens sampled in the tick before the engine saw the cancel
                 delta = decoder.step(item)
-                text += delta
-                yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=len(r.out) - 1,
+                yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=index,
                                                          sent_unix_s=time.time(), tick=tick))
-                if stops and any(s in text for s in stops):
-                    stopped = r.cancelled = True
-                    self.engine.wake()
+                index += 1
+                if stops:
+                    tail += delta
+                    if any(s in tail for s in stops):
+                        stopped = r.cancelled = True
+                        self.engine.wake()
+                    tail = tail[len(tail) - keep:] if keep else ""
         finally:
             if not finished:  # the client cancelled or went away: free the slot next tick
                 r.cancelled = True
