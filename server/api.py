@@ -1,179 +1,263 @@
 """The gRPC service (grpc.aio): validates requests, admits them by prediction, streams
-tokens from the engine, and turns every refusal into a status whose message names the
-field or the predicted time.
+tokens from the engine, and ends every admitted request with exactly one `Outcome`.
+
+The outcome record is made in one place (`_stream`'s `finally`) and feeds both the
+stream's last message (a `Finished`, or the error status) and the metrics, so a
+request is counted once, by the reason it really ended (see docs/security.md):
+
+  reason        code                 when
+  length        OK                   max_tokens (or the context) reached
+  stop          OK                   a stop token or stop string
+  cancelled     CANCELLED            the client cancelled; UNAVAILABLE: the server drained it
+  disconnected  CANCELLED            the client's connection went away
+  deadline      DEADLINE_EXCEEDED    the client's deadline passed mid-stream
+  error         INTERNAL             its step failed; UNAVAILABLE: the engine died
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-from server.engine import Engine, Finished, Request, new_request_id
-from server.sampling import SamplingParams
+from server.engine import Engine, EngineDown, Finished, Request, new_request_id
+from server.peers import SETTLE_S, connection_open
 from server.tokenizer import IncrementalDecoder
+from server.validate import BadRequest, Limits, Parsed, parse_request, quote
 
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 64
-MAX_REQUEST_ID_CHARS = 128
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Lockstep"].full_name
+_OK, _CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
+# Engine reasons -> (outcome reason, code).
+_ENGINE_ENDINGS = {
+    "length": ("length", _OK),
+    "stop": ("stop", _OK),
+    "cancelled": ("cancelled", _CANCELLED),
+    "error": ("error", grpc.StatusCode.INTERNAL),
+    "unavailable": ("error", grpc.StatusCode.UNAVAILABLE),
+    "shutdown": ("cancelled", grpc.StatusCode.UNAVAILABLE),
+}
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_tokens: int  # per request
-    max_prompt_tokens: int
-    vocab_size: int
-    max_context: int
+class Malformed:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    error: str
 
 
-class BadRequest(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
+def _lenient(message_cls):
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, ValueError, TypeError) as exc:  # garbage, truncated, invalid UTF-8
+            return Malformed(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    return deserialize
 
 
-def _sampling(msg: pb.SamplingParams, vocab: int) -> SamplingParams:
-    t, top_p = msg.temperature, msg.top_p or 1.0
-    if not (math.isfinite(t) and 0.0 <= t <= 100.0):
-        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.temperature must be in [0, 100], got {t}")
-    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.top_p must be in (0, 1] (0 = unset), got {top_p}")
-    if msg.top_k > vocab:
-        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.top_k must be <= the vocabulary ({vocab}), got {msg.top_k}")
-    if msg.seed >= 2**63:
-        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.seed must be < 2^63, got {msg.seed}")
-    return SamplingParams(temperature=float(t), top_k=int(msg.top_k), top_p=float(top_p), seed=int(msg.seed))
+@dataclass(frozen=True)
+class Outcome:
+    """How one admitted request ended: the one record behind its last message and metrics."""
+
+    reason: str  # length | stop | cancelled | disconnected | deadline | error
+    code: grpc.StatusCode
+    message: str
+    completion_tokens: int  # tokens the client was sent
+    ttft_s: float | None  # arrival -> first token sent (engine clock), seconds
+    tpot_s: float | None  # mean gap between tokens sent after the first, seconds
+    e2e_s: float  # arrival -> last token (or the end), seconds
+    queue_s: float | None  # arrival -> admission into a slot, seconds
 
 
-def parse_request(req: pb.GenerateRequest, limits: Limits, tokenizer, model: str) -> tuple[list[int], SamplingParams]:
-    """Checks every field; returns (prompt ids, sampling). Raises BadRequest."""
-    invalid, out_of_range = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
-    if req.model and req.model != model:
-        raise BadRequest(invalid, f"model: {req.model!r} is not served here (this server serves {model!r})")
-    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
-        raise BadRequest(invalid, f"request_id: at most {MAX_REQUEST_ID_CHARS} characters")
-    kind = req.WhichOneof("prompt")
-    ids = tokenizer.encode(req.text) if kind == "text" else list(req.token_ids.ids) if kind == "token_ids" else []
-    if not ids:
-        raise BadRequest(invalid, "prompt: empty (give text or token_ids)")
-    bad = next((i for i in ids if i >= limits.vocab_size), None)
-    if bad is not None:
-        raise BadRequest(invalid, f"prompt.token_ids: id {bad} is outside the vocabulary of {limits.vocab_size}")
-    if len(ids) > limits.max_prompt_tokens:
-        raise BadRequest(out_of_range, f"prompt: {len(ids)} tokens; at most {limits.max_prompt_tokens} fit the context")
-    if req.max_tokens < 1:
-        raise BadRequest(invalid, "max_tokens: must be >= 1")
-    if req.max_tokens > limits.max_tokens:
-        raise BadRequest(out_of_range, f"max_tokens: {req.max_tokens} exceeds the limit of {limits.max_tokens}")
-    if len(ids) + req.max_tokens > limits.max_context:
-        raise BadRequest(out_of_range, f"max_tokens: prompt {len(ids)} + max_tokens {req.max_tokens} exceeds "
-                                       f"the context of {limits.max_context}")
-    if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in req.stop):
-        raise BadRequest(invalid, f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
-    bad = next((i for i in req.stop_token_ids if i >= limits.vocab_size), None)
-    if bad is not None:
-        raise BadRequest(invalid, f"stop_token_ids: id {bad} is outside the vocabulary of {limits.vocab_size}")
-    return ids, _sampling(req.sampling, limits.vocab_size)
+class _Sent:
+    """Tokens handed to the client, on the engine's clock (perf_counter seconds)."""
+
+    def __init__(self):
+        self.n, self.first_s, self.last_s = 0, None, None
+
+    def add(self, t: float) -> float | None:
+        """Returns the gap to the previous token (None for the first)."""
+        gap = None if self.last_s is None else t - self.last_s
+        self.first_s = self.first_s if self.first_s is not None else t
+        self.last_s, self.n = t, self.n + 1
+        return gap
 
 
-class LockstepService(pb_grpc.LockstepServicer):
+DEADLINE_SLACK_S = 0.05  # a cut this close to the deadline is the deadline (client and server timers race)
+
+
+def _client_ending(context) -> tuple[str, grpc.StatusCode]:
+    """Why a stream the server did not end was cut: the deadline, else the client
+    (cancelled or disconnected: told apart later, see server/peers.py)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < DEADLINE_SLACK_S:
+        return "deadline", grpc.StatusCode.DEADLINE_EXCEEDED
+    return "cancelled", _CANCELLED
+
+
+class LockstepService:
     def __init__(self, engine: Engine, info: pb.ModelInfo, tokenizer, limits: Limits, metrics=None):
         self.engine, self.info, self.tokenizer, self.limits, self.metrics = engine, info, tokenizer, limits, metrics
         self.started = time.monotonic()
+
+    def add_to_server(self, server) -> None:
+        """Registers the three RPCs with request deserializers that turn malformed bytes
+        into INVALID_ARGUMENT (the generated stubs' deserializer raises, which grpc
+        answers with UNKNOWN and the exception's name)."""
+        out = {"Generate": pb.GenerateResponse, "GetModelInfo": pb.ModelInfo, "GetServerStatus": pb.ServerStatus}
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, _lenient(pb.GenerateRequest), out["Generate"].SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, _lenient(pb.GetModelInfoRequest), out["GetModelInfo"].SerializeToString),
+            "GetServerStatus": grpc.unary_unary_rpc_method_handler(
+                self.GetServerStatus, _lenient(pb.GetServerStatusRequest), out["GetServerStatus"].SerializeToString),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     async def _refuse(self, context, code: grpc.StatusCode, message: str):
         if self.metrics is not None:
             self.metrics.request_rejected(code.name)
         await context.abort(code, message)
 
-    async def Generate(self, request, context):
+    async def _admit(self, request, context) -> tuple[Parsed, Request, asyncio.Queue]:
+        """Every check, then the queue; refuses (aborts) with nothing queued on any failure."""
+        if isinstance(request, Malformed):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid "
+                                                                          f"GenerateRequest ({request.error})")
         try:
-            ids, sampling = parse_request(request, self.limits, self.tokenizer, self.info.model)
+            parsed = parse_request(request, self.limits, self.tokenizer, self.info.model)
         except BadRequest as exc:
             await self._refuse(context, exc.code, str(exc))
+        if not self.engine.up:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
         if not self.engine.accepting:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
-        ttft, e2e = self.engine.predict(len(ids), request.max_tokens)
+        ttft, e2e = self.engine.predict(len(parsed.prompt), parsed.max_tokens)
         remaining = context.time_remaining()
         if remaining is not None and e2e > remaining:
             await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past the "
                                f"deadline of {remaining:.3f} s")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        r = Request(request.request_id or new_request_id(), ids, request.max_tokens, sampling,
-                    frozenset(request.stop_token_ids), lambda item, tick: loop.call_soon_threadsafe(
-                        queue.put_nowait, (item, tick)), predicted_ttft_s=ttft, predicted_e2e_s=e2e)
+        r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
+                    parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                    predicted_ttft_s=ttft, predicted_e2e_s=e2e)
         try:
             self.engine.submit(r)
         except OverflowError as exc:
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{exc}; a request now would get its first token in {ttft:.3f} s")
+        except EngineDown as exc:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        return parsed, r, queue
+
+    async def Generate(self, request, context):
+        parsed, r, queue = await self._admit(request, context)
         if self.metrics is not None:
-            self.metrics.request_admitted(len(ids))
-        await context.send_initial_metadata((("lockstep-request-id", r.request_id),
-                                             ("lockstep-predicted-ttft-s", f"{ttft:.6f}"),
-                                             ("lockstep-predicted-e2e-s", f"{e2e:.6f}")))
-        async for message in self._stream(r, queue, list(request.stop)):
+            self.metrics.request_admitted(len(parsed.prompt))
+        async for message in self._stream(r, parsed.stop, queue, context):
             yield message
 
-    async def _stream(self, r: Request, queue: asyncio.Queue, stops: list[str]):
-        decoder, stopped, finished = IncrementalDecoder(self.tokenizer), False, False
+    async def _stream(self, r: Request, stops: tuple[str, ...], queue: asyncio.Queue, context):
+        decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer), _Sent(), None, False
+        peer, cut = context.peer(), False
         # Stop strings are searched in the text's last (longest stop - 1) chars plus the new
         # delta, not in the whole text again for every token.
         keep, tail = max((len(s) for s in stops), default=1) - 1, ""
-        index = 0  # counted here: r.out belongs to the engine thread and may be ahead
         try:
-            while True:
-                item, tick = await queue.get()
+            await context.send_initial_metadata((("lockstep-request-id", r.request_id),
+                                                 ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
+                                                 ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}")))
+            while outcome is None:
+                item, tick, t = await queue.get()
                 if isinstance(item, Finished):
-                    finished = True
-                    reason = "stop" if stopped else item.reason
-                    self._record(r, item, reason)
-                    yield pb.GenerateResponse(finished=self._finished(r, item, reason))
-                    return
-                if stopped:
-                    continue  # tokens sampled in the tick before the engine saw the cancel
+                    ended_by_engine = True
+                    reason, code = _ENGINE_ENDINGS[item.reason]
+                    outcome = self._outcome(r, sent, reason, code, item.message, t)
+                    break
+                gap = sent.add(t)
                 delta = decoder.step(item)
-                yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=index,
+                yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=sent.n - 1,
                                                          sent_unix_s=time.time(), tick=tick))
-                index += 1
+                if self.metrics is not None:
+                    self.metrics.token_emitted(gap)
                 if stops:
                     tail += delta
                     if any(s in tail for s in stops):
-                        stopped = r.cancelled = True
-                        self.engine.wake()
+                        outcome = self._outcome(r, sent, "stop", _OK, "", t)
                     tail = tail[len(tail) - keep:] if keep else ""
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome is None:
+                reason, code = _client_ending(context)
+                outcome, cut = self._outcome(r, sent, reason, code, "", None), reason == "cancelled"
+            raise
+        except BaseException as exc:
+            if outcome is None:
+                outcome = self._outcome(r, sent, "error", grpc.StatusCode.INTERNAL,
+                                        f"request {r.request_id!r}: {type(exc).__name__}", None)
+            raise
         finally:
-            if not finished:  # the client cancelled or went away: free the slot next tick
+            if not ended_by_engine:  # stop string, or the client went away: free the slot next tick
                 r.cancelled = True
                 self.engine.wake()
+            if cut:  # cancelled or disconnected: the transport tells once it has settled
+                asyncio.get_running_loop().call_later(SETTLE_S, self._record_cut, r, outcome, peer)
+            elif outcome is not None:
+                self._record(r, outcome)
+        if outcome.code == _OK:
+            yield pb.GenerateResponse(finished=self._finished(r, outcome, decoder.flush()))
+        else:
+            await context.abort(outcome.code, outcome.message or f"request {r.request_id!r}: {outcome.reason}")
 
-    def _record(self, r: Request, done: Finished, reason: str) -> None:
+    def _outcome(self, r: Request, sent: _Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
+        end_s = end_s if end_s is not None else time.perf_counter()
+        if sent.last_s is not None and reason in ("length", "stop"):
+            end_s = sent.last_s  # e2e ends with the last token sent
+        tpot = (sent.last_s - sent.first_s) / (sent.n - 1) if sent.n > 1 else None
+        admitted = r.admitted_s  # set by the engine thread before any token; None if never admitted
+        return Outcome(reason, code, message, sent.n,
+                       None if sent.first_s is None else sent.first_s - r.arrival_s, tpot, end_s - r.arrival_s,
+                       None if admitted is None else admitted - r.arrival_s)
+
+    def _record_cut(self, r: Request, o: Outcome, peer: str) -> None:
+        if connection_open(peer) is False:
+            o = replace(o, reason="disconnected")
+        self._record(r, o)
+
+    def _record(self, r: Request, o: Outcome) -> None:
         if self.metrics is None:
             return
-        code = "CANCELLED" if reason == "cancelled" else "OK"
-        self.metrics.request_finished(reason, code, done.ttft_s, done.tpot_s, done.e2e_s, done.queue_s,
-                                      r.predicted_ttft_s, self.engine.tick_s("decode", 1), done.completion_tokens)
+        self.metrics.request_finished(o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
+                                      r.predicted_ttft_s, self.engine.tick_s("decode", 1), o.completion_tokens)
 
-    def _finished(self, r: Request, done: Finished, reason: str) -> pb.Finished:
+    def _finished(self, r: Request, o: Outcome, text: str) -> pb.Finished:
         batch = self.engine.bucket_for(max(1, self.engine.status()["running"]))
-        return pb.Finished(finish_reason=reason, prompt_tokens=done.prompt_tokens,
-                           completion_tokens=done.completion_tokens, request_id=r.request_id,
-                           predicted_ttft_s=r.predicted_ttft_s, measured_ttft_s=done.ttft_s or 0.0,
-                           predicted_tpot_s=self.engine.tick_s("decode", batch), measured_tpot_s=done.tpot_s or 0.0,
-                           queue_s=done.queue_s or 0.0, e2e_s=done.e2e_s, predicted_e2e_s=r.predicted_e2e_s)
+        return pb.Finished(finish_reason=o.reason, prompt_tokens=len(r.prompt), completion_tokens=o.completion_tokens,
+                           request_id=r.request_id, predicted_ttft_s=r.predicted_ttft_s,
+                           measured_ttft_s=o.ttft_s or 0.0, predicted_tpot_s=self.engine.tick_s("decode", batch),
+                           measured_tpot_s=o.tpot_s or 0.0, queue_s=o.queue_s or 0.0, e2e_s=o.e2e_s,
+                           predicted_e2e_s=r.predicted_e2e_s, text=text)
 
     async def GetModelInfo(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not valid ({request.error})")
         return self.info
 
     async def GetServerStatus(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not valid ({request.error})")
         s = self.engine.status()
         return pb.ServerStatus(queue_length=s["queue_length"], slots_in_use=s["slots_in_use"],
                                max_slots=s["max_slots"], running=s["running"], ticks=s["ticks"],
                                overruns=s["overruns"], accepting=s["accepting"],
-                               uptime_s=time.monotonic() - self.started)
+                               uptime_s=time.monotonic() - self.started, max_queue=s["max_queue"],
+                               engine_up=s["engine_up"])
+
+
+__all__ = ["Limits", "LockstepService", "Outcome", "SERVICE_NAME", "quote"]

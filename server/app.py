@@ -22,18 +22,21 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from scheduler.program import Program
-from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-from server.api import Limits, LockstepService
+from server.api import SERVICE_NAME, LockstepService
+from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import GPU_DEVICES, make_executor, plan_from_program
 from server.metrics import Metrics
 from server.sampling import GREEDY
 from server.step import StepBatch
 from server.tokenizer import load_tokenizer
+from server.validate import Limits
 
 SWITCH_INTERVAL_S = 0.0002
 MAX_MESSAGE_BYTES = 1 << 20  # a request is a prompt: 1 MiB is ~250k tokens of text
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Lockstep"].full_name
+# Of the shutdown grace period, what is kept for tearing down (engine, gRPC, executor)
+# after draining, so the process exits within the grace period, not after it.
+TEARDOWN_RESERVE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,12 @@ class ServeConfig:
     guard_band_frac: float = EngineConfig.guard_band_frac
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_host: str = ""  # "" : the same as host
     metrics_port: int = 0
+    tls_cert: str = ""  # PEM files: serve gRPC over TLS when both are set
+    tls_key: str = ""
+    auth_token_file: str = ""  # require `authorization: Bearer <token>` on every RPC but health
+    reflection: bool = True
     max_queue: int = EngineConfig.max_queue
     max_tokens: int = 1024
     torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
@@ -87,6 +95,7 @@ class LockstepServer:
         self.engine = None
         self.executor = None
         self.health = health.aio.HealthServicer()
+        self.failed: asyncio.Event | None = None  # set when the engine loop dies
         self.device_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
 
     async def start(self) -> dict:
@@ -124,33 +133,61 @@ class LockstepServer:
         config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                               max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac)
         self.engine = Engine(self.executor, program, config, self.metrics)
+        self.failed = asyncio.Event()
+        self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
         spec = program["model"]["spec"]
         tokenizer = load_tokenizer(cfg.checkpoint or None, spec["vocab_size"])
         limits = Limits(cfg.max_tokens, opts["max_context"] - 1, spec["vocab_size"], opts["max_context"])
         info = self._model_info(scale, limits)
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        pb_grpc.add_LockstepServicer_to_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics),
-                                               self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.server)
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self.server, port = self._grpc_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
                               executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
         self.metrics.set_time_scale(scale)
         self.metrics.set_slots_total(opts["max_slots"])
         self.metrics.set_accepting(True)
-        metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        self.metrics.set_engine_up(True)
+        metrics_host = cfg.metrics_host or cfg.host
+        metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
         self.engine.start(self.device_thread)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return {"grpc": f"{cfg.host}:{port}", "metrics": f"http://{cfg.host}:{metrics_port}/metrics",
+        return {"grpc": f"{cfg.host}:{port}", "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "mode": "deterministic" if cfg.deterministic else "throughput"}
+                "mode": "deterministic" if cfg.deterministic else "throughput", "pid": os.getpid(),
+                "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file)}
+
+    def _grpc_server(self, service: LockstepService) -> tuple[grpc.aio.Server, int]:
+        """The gRPC server with its services, TLS and auth as configured; bound, not started."""
+        cfg = self.config
+        interceptors = []
+        if cfg.auth_token_file:
+            token = read_secret(cfg.auth_token_file, "--auth-token-file")
+            interceptors.append(BearerAuth(token, lambda: self.metrics.request_rejected("UNAUTHENTICATED")))
+        server = grpc.aio.server(interceptors=interceptors,
+                                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        service.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert or cfg.tls_key:
+            port = server.add_secure_port(address, tls_credentials(cfg.tls_cert, cfg.tls_key))
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return server, port
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """On the event loop: a dead engine must not look alive. Health turns NOT_SERVING,
+        lockstep_engine_up 0, and `failed` tells `lockstep serve` to exit non-zero."""
+        self.metrics.set_engine_up(False)
+        self.metrics.set_accepting(False)
+        for name in ("", SERVICE_NAME):
+            asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.failed.set()
 
     def _model_info(self, scale: float, limits: Limits) -> pb.ModelInfo:
         p, cfg = self.program, self.config
@@ -163,21 +200,26 @@ class LockstepServer:
                             dtype=p["model"]["weight_dtype"], time_scale=scale, deterministic=cfg.deterministic,
                             guard_band_s=cfg.guard_band_s, predictions=preds, vocab_size=limits.vocab_size,
                             executor=cfg.executor, max_prompt_tokens=limits.max_prompt_tokens,
-                            max_tokens_limit=limits.max_tokens)
+                            max_tokens_limit=limits.max_tokens, max_queue=cfg.max_queue,
+                            max_message_bytes=MAX_MESSAGE_BYTES)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stops admission, lets in-flight streams finish within `grace_s`, then exits."""
+        """Stops admission, lets in-flight streams finish, and returns within `grace_s`
+        (plus one tick at most): streams still running when the drain time is up end with
+        UNAVAILABLE ("server is shutting down"), counted as cancelled."""
+        deadline = time.monotonic() + grace_s
+        drain_until = deadline - min(TEARDOWN_RESERVE_S, grace_s / 2)
         if self.engine is not None:
             self.engine.accepting = False
             self.metrics.set_accepting(False)
             await self.health.enter_graceful_shutdown()
-            deadline = time.monotonic() + grace_s
-            while not self.engine.idle() and time.monotonic() < deadline:
+            while not self.engine.idle() and time.monotonic() < drain_until:
                 await asyncio.sleep(0.01)
+            # Ends what is left with "shutdown" (after the tick in flight) before the
+            # transport closes, so those clients get UNAVAILABLE with a reason.
+            await asyncio.to_thread(self.engine.stop, max(0.1, deadline - time.monotonic()))
         if self.server is not None:
-            await self.server.stop(grace=max(0.0, min(grace_s, 1.0)))
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
+            await self.server.stop(grace=max(0.05, min(0.5, deadline - time.monotonic())))
         if self.executor is not None:
             self.executor.close()
         self.device_thread.shutdown(wait=False)
@@ -200,3 +242,8 @@ class EngineActor:
 
     async def status(self) -> dict:
         return self.server.engine.status() if self.server and self.server.engine else {}
+
+    async def wait_failed(self) -> str:
+        """Returns (with the reason) once the engine loop has died; the driver exits non-zero."""
+        await self.server.failed.wait()
+        return repr(self.server.engine.failure)[:300]

@@ -107,7 +107,11 @@ def _run_calibrate(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="compile, then serve the program over gRPC with Prometheus metrics")
+    p = sub.add_parser("serve", help="compile, then serve the program over gRPC with Prometheus metrics",
+                       description="Fixed limits: requests of at most 1 MiB; prompts of at most max-context - 1 "
+                                   "tokens (longer text is refused before it is tokenized); request_id of at most "
+                                   "128 printable ASCII characters; at most 8 stop strings of 1..64 characters. "
+                                   "Exits 0 after SIGTERM/SIGINT within --grace-s, 1 if the engine dies.")
     p.add_argument("--model", required=True, help="preset name or path to a HF config.json (or checkpoint folder)")
     p.add_argument("--pool", default="cpu", help="device pool (default cpu: this host)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
@@ -125,14 +129,25 @@ def _add_serve(sub) -> None:
     p.add_argument("--guard-band-ms", type=float, default=0.5, help="added to every paced tick (default 0.5)")
     p.add_argument("--guard-band-pct", type=float, default=20.0,
                    help="and this percentage of the tick's predicted step time (default 20)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-host", default="", help="address of the Prometheus endpoint (default: --host); "
+                                                      "it answers GET /metrics only")
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0: any free port)")
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
-    p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    p.add_argument("--auth-token-file", default="", help="file holding a token: every RPC but health must send "
+                                                         "'authorization: Bearer <token>' (else UNAUTHENTICATED)")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve gRPC server reflection")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a KV slot; one more gets RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default "
+                                                               "1024; prompt + max_tokens must fit --max-context)")
+    p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one "
+                                                     "(a local one listens on 127.0.0.1 only, no dashboard)")
     p.add_argument("--no-ray", action="store_true", help="run the engine in this process, without Ray")
-    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, time in-flight streams get to finish")
+    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, in-flight streams get this long to "
+                   "finish (the rest get UNAVAILABLE) and the process exits 0 within it (default 10)")
     p.add_argument("--duration-s", type=float, default=0.0, help="stop by itself after this long (0: run until signalled)")
     p.set_defaults(run=_run_serve)
 

@@ -13,6 +13,12 @@ When both are pending they alternate, so running streams keep their cadence whil
 prompts go in. In deterministic mode a tick lasts the program's step time for its
 phase and bucket, times `time_scale`, plus the guard band; a step that runs longer is
 an overrun: counted and exported, never hidden.
+
+Failures (docs/security.md): a step that raises is retried row by row, so the row at
+fault ends with reason "error" and the others keep their tokens; an `ExecutorFailed`
+(the executor itself is broken) or any error outside a step ends the loop: every
+waiting and running request ends with reason "unavailable", `submit` refuses from then
+on, and `on_death` tells the server, which reports it and exits non-zero.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from server.sampling import SamplingParams
-from server.step import StepBatch
+from server.step import ExecutorFailed, StepBatch
 
 
 @dataclass(frozen=True)
@@ -44,19 +50,23 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # length | stop | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float | None  # measured, from arrival
-    tpot_s: float | None  # measured mean gap after the first token
-    queue_s: float | None  # arrival -> admission into a slot
-    e2e_s: float
+    """The engine's last word on a request (the client side builds the outcome from it)."""
+
+    # length | stop | cancelled | error (this row failed) | unavailable (the engine died)
+    # | shutdown (the engine was stopped with the request still in it)
+    reason: str
+    message: str = ""  # for error / unavailable: what happened
+
+
+class EngineDown(RuntimeError):
+    """`submit` after the engine loop ended."""
 
 
 @dataclass(eq=False)
 class Request:
-    """One generation. `emit` is called from the engine thread with (token_id, tick) for
-    each token and a `Finished` at the end; it must be cheap and thread-safe."""
+    """One generation. `emit` is called from the engine thread with (token_id, tick,
+    perf_counter seconds) for each token and (Finished, tick, seconds) once at the end;
+    it must be cheap and thread-safe."""
 
     request_id: str
     prompt: list[int]
@@ -101,6 +111,8 @@ class Engine:
         self.ticks = 0
         self.overruns = 0
         self._done: concurrent.futures.Future | None = None
+        self.failure: BaseException | None = None  # why the loop ended, if it died
+        self.on_death: Callable[[BaseException], None] | None = None  # called once, from the engine thread
 
     # -- client side (any thread) --------------------------------------------------
     def start(self, thread: concurrent.futures.Executor | None = None) -> None:
@@ -137,9 +149,16 @@ class Engine:
         ttft = wait_slot + (chunks_ahead + own) * (prefill + interleave)
         return ttft, ttft + (max_tokens - 1) * decode
 
+    @property
+    def up(self) -> bool:
+        return self.failure is None
+
     def submit(self, request: Request) -> None:
-        """Queues a request (the caller validated it). Raises OverflowError past max_queue."""
+        """Queues a request (the caller validated it). Raises OverflowError past max_queue
+        and EngineDown once the loop has died."""
         with self._lock:
+            if self.failure is not None:
+                raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
             if len(self._waiting) >= self.config.max_queue:
                 raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
             self._waiting.append(request)
@@ -149,7 +168,8 @@ class Engine:
         with self._lock:
             return {"queue_length": len(self._waiting), "running": len(self._running),
                     "slots_in_use": self.max_slots - len(self._free_slots), "max_slots": self.max_slots,
-                    "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting}
+                    "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting,
+                    "max_queue": self.config.max_queue, "engine_up": self.up}
 
     def wake(self) -> None:
         with self._lock:
@@ -170,10 +190,21 @@ class Engine:
     def _loop(self) -> None:
         try:
             self._run()
-        except BaseException:  # a dead engine must not look alive: stop admitting, say why
-            self.accepting = False
-            traceback.print_exc()
+        except BaseException as exc:  # a dead engine must not look alive: stop admitting, say why
+            self._die(exc)
             raise
+
+    def _die(self, exc: BaseException) -> None:
+        traceback.print_exc()
+        with self._lock:
+            self.failure, self.accepting = exc, False
+            ended = list(self._waiting) + self._running
+            self._waiting.clear()
+        message = f"engine stopped: {type(exc).__name__}: {exc}"[:300]
+        for r in ended:
+            self._finish(r, "unavailable", message)
+        if self.on_death is not None:
+            self.on_death(exc)
 
     def _run(self) -> None:
         while True:
@@ -181,6 +212,10 @@ class Engine:
                 while not self._stop and not self._waiting and not self._running:
                     self._lock.wait()
                 if self._stop:
+                    ended = list(self._waiting) + self._running
+                    self._waiting.clear()
+                    for r in ended:
+                        self._finish(r, "shutdown", "server is shutting down")
                     break
                 self._retire_cancelled()
                 self._admit()
@@ -211,20 +246,48 @@ class Engine:
             return "decode", decoding
         return None
 
-    def _tick(self, phase: str, rows: list[Request]) -> None:
-        start = time.perf_counter()
+    def _batch(self, phase: str, rows: list[Request]) -> StepBatch:
         if phase == "prefill":
             (r,) = rows
             tokens = r.prompt[r.prefilled:r.prefilled + self.chunk]
-            batch = StepBatch("prefill", 1, self.chunk, (r.slot,), (tuple(tokens),), (r.prefilled,), (r.sampling,))
-        else:
-            bucket = self.bucket_for(len(rows))
-            positions = tuple(len(r.prompt) + len(r.out) - 1 for r in rows)
-            batch = StepBatch("decode", bucket, 1, tuple(r.slot for r in rows),
-                              tuple((r.out[-1],) for r in rows), positions, tuple(r.sampling for r in rows))
-        result = self.executor.step(batch)
+            return StepBatch("prefill", 1, self.chunk, (r.slot,), (tuple(tokens),), (r.prefilled,), (r.sampling,))
+        positions = tuple(len(r.prompt) + len(r.out) - 1 for r in rows)
+        return StepBatch("decode", self.bucket_for(len(rows)), 1, tuple(r.slot for r in rows),
+                         tuple((r.out[-1],) for r in rows), positions, tuple(r.sampling for r in rows))
+
+    def _step(self, phase: str, rows: list[Request]) -> list[tuple[Request, int]]:
+        """Runs the step; returns (row, sampled id) for the rows that succeeded. A step that
+        raises is run again row by row (rows are independent and rewriting a KV position
+        writes the same values, so the survivors' tokens are those of the batched step);
+        a row that fails alone ends with reason "error"."""
+        try:
+            return list(zip(rows, self.executor.step(self._batch(phase, rows)).token_ids))
+        except ExecutorFailed:
+            raise
+        except Exception as exc:
+            if len(rows) == 1:
+                self._fail_row(rows[0], exc)
+                return []
+        done = []
+        for r in rows:
+            try:
+                done.append((r, self.executor.step(self._batch(phase, [r])).token_ids[0]))
+            except ExecutorFailed:
+                raise
+            except Exception as exc:
+                self._fail_row(r, exc)
+        return done
+
+    def _fail_row(self, r: Request, exc: Exception) -> None:
+        traceback.print_exception(exc)
+        self._finish(r, "error", f"request {r.request_id!r} failed in its step: {type(exc).__name__}: {exc}"[:300])
+
+    def _tick(self, phase: str, rows: list[Request]) -> None:
+        start = time.perf_counter()
+        bucket = 1 if phase == "prefill" else self.bucket_for(len(rows))
+        results = self._step(phase, rows)
         measured = time.perf_counter() - start
-        tick = self.tick_s(phase, batch.bucket)
+        tick = self.tick_s(phase, bucket)
         overrun = self.config.deterministic and measured > tick
         if self.config.deterministic and not overrun:
             _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
@@ -232,45 +295,36 @@ class Engine:
         self.ticks += 1
         self.overruns += overrun
         self._last_phase = phase
-        if phase == "prefill":
-            r.prefilled += len(tokens)
-            if r.decoding:
-                self._emit(r, result.token_ids[0], now)
-        else:
-            for r, token in zip(rows, result.token_ids):
-                self._emit(r, token, now)
+        for r, token in results:
+            if phase == "prefill":
+                r.prefilled = min(len(r.prompt), r.prefilled + self.chunk)
+                if not r.decoding:
+                    continue
+            self._emit(r, token, now)
         if self.metrics is not None:
-            predicted = self.step_s[(phase, batch.bucket)] * self.config.time_scale
-            self.metrics.observe_tick(phase, len(batch.slot_ids), measured, predicted, overrun)
+            predicted = self.step_s[(phase, bucket)] * self.config.time_scale
+            self.metrics.observe_tick(phase, len(rows), measured, predicted, overrun)
             with self._lock:
                 self.metrics.set_queue(len(self._running), len(self._waiting), self.max_slots - len(self._free_slots))
 
     def _emit(self, r: Request, token: int, now: float) -> None:
-        gap = None if r.last_token_s is None else now - r.last_token_s
         if r.first_token_s is None:
             r.first_token_s = now
         r.last_token_s = now
         r.out.append(token)
-        r.emit(token, self.ticks)
-        if self.metrics is not None:
-            self.metrics.token_emitted(gap)
+        r.emit(token, self.ticks, now)
         if token in r.stop_ids:
             self._finish(r, "stop")
         elif len(r.out) >= r.max_tokens or len(r.prompt) + len(r.out) >= self.max_context:
             self._finish(r, "length")
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, message: str = "") -> None:
         with self._lock:  # an RLock: _retire_cancelled already holds it
             if r in self._running:
                 self._running.remove(r)
                 self._free_slots.append(r.slot)
                 self._free_slots.sort()  # lowest free slot first: deterministic placement
-        now = time.perf_counter()
-        n = len(r.out)
-        tpot = (r.last_token_s - r.first_token_s) / (n - 1) if n > 1 else None
-        r.emit(Finished(reason, len(r.prompt), n,
-                        None if r.first_token_s is None else r.first_token_s - r.arrival_s, tpot,
-                        None if r.admitted_s is None else r.admitted_s - r.arrival_s, now - r.arrival_s), self.ticks)
+        r.emit(Finished(reason, message), self.ticks, time.perf_counter())
 
 
 def _sleep_until(deadline: float) -> None:

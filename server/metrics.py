@@ -32,7 +32,8 @@ RATIO_BUCKETS = (
 )  # fmt: skip
 
 PHASES = ("prefill", "decode")  # same as server.step.PHASES (not imported: that pulls in torch)
-FINISH_REASONS = ("length", "stop", "cancelled", "error", "rejected")
+# How admitted requests end (server.api.Outcome), and "rejected": refused at arrival.
+FINISH_REASONS = ("length", "stop", "cancelled", "disconnected", "deadline", "error", "rejected")
 # grpc.StatusCode names, listed here so label values stay a closed set without importing grpc.
 GRPC_CODES = frozenset((
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -43,15 +44,60 @@ GRPC_CODES = frozenset((
 INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
 MODES = ("deterministic", "throughput")
 _POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds close()'s wait
+# The endpoint's bounds: a scrape is one short request, so a handful of connections at
+# once is plenty; more are closed at once, and an idle one is dropped after the timeout.
+MAX_CONNECTIONS = 8
+READ_TIMEOUT_S = 5.0
+METRICS_PATH = "/metrics"
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_S  # socket timeout: a client that sends nothing is dropped
+
     def log_message(self, format, *args):  # a scrape every few seconds is not worth a log line
         pass
 
 
+def _only_metrics(app):
+    """The WSGI app on METRICS_PATH; 404 on any other path, 405 for methods but GET/HEAD."""
+
+    def wsgi(environ, start_response):
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: only /metrics is served here\n"]
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
+            return [b"method not allowed\n"]
+        return app(environ, start_response)
+
+    return wsgi
+
+
 class _Server(ThreadingMixIn, WSGIServer):
+    """prometheus-client's WSGI app on a thread-per-connection server with a bound: at
+    most MAX_CONNECTIONS threads; a connection over it is closed unanswered."""
+
     daemon_threads = True  # a hung scrape never keeps the process alive
+
+    def server_activate(self):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -119,6 +165,7 @@ class Metrics:
         self._slots_total = Gauge("lockstep_kv_slots_total", "KV slots preallocated", registry=r)
         self._time_scale = Gauge("lockstep_time_scale", "Simulated-time slowdown factor (1: real time)", registry=r)
         self._accepting = Gauge("lockstep_accepting_requests", "1 while admitting requests, else 0", registry=r)
+        self._engine_up = Gauge("lockstep_engine_up", "1 while the engine loop runs; 0 once it died", registry=r)
 
         # Totals.
         self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", registry=r)
@@ -144,7 +191,7 @@ class Metrics:
             raise RuntimeError(f"metrics already served on port {self._httpd.server_port}")
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = _Server6 if family == socket.AF_INET6 else _Server
-        httpd = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        httpd = make_server(host, port, _only_metrics(make_wsgi_app(self.registry)), server_class, _QuietHandler)
         thread = threading.Thread(
             target=httpd.serve_forever, args=(_POLL_INTERVAL_S,), name="lockstep-metrics", daemon=True
         )
@@ -189,6 +236,9 @@ class Metrics:
 
     def set_accepting(self, accepting: bool) -> None:
         self._accepting.set(1 if accepting else 0)
+
+    def set_engine_up(self, up: bool) -> None:
+        self._engine_up.set(1 if up else 0)
 
     # --- Step loop -------------------------------------------------------------------------
 

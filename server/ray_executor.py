@@ -26,7 +26,7 @@ from ray.dag import InputNode
 
 from server.executor import RuntimePlan, StageRunner, StageSpec
 from server.sampling import SamplingParams, sample
-from server.step import StepBatch, StepResult, StepTensors, tensorize
+from server.step import ExecutorFailed, StepBatch, StepResult, StepTensors, tensorize
 
 # Ray's CPU count is a scheduling token, not a pin: a small share lets a 2-core host
 # hold several stage actors. What really bounds CPU use is `threads_per_actor`.
@@ -176,7 +176,12 @@ class RayExecutor:
         start = time.perf_counter()
         meta = tensorize(batch, self.scratch_slot, self.plan.max_context)
         hop = Hop(meta, meta.tokens, (), batch.sampling, tuple(batch.sample_positions()))
-        ids, times = ray.get(self._dag.execute(hop), timeout=self.step_timeout_s)
+        try:
+            ids, times = ray.get(self._dag.execute(hop), timeout=self.step_timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # a stage raised: the batch's fault, the graph lives
+            raise exc.as_instanceof_cause() from None
+        except ray.exceptions.RayError as exc:  # an actor died, a channel broke, a step timed out
+            raise ExecutorFailed(f"Ray executor failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return StepResult(tuple(ids), tuple(times), time.perf_counter() - start)
 
     def close(self) -> None:

@@ -8,9 +8,16 @@ whatever else shares the batch and however many steps ran before.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import torch
+
+# The smallest temperature served (as a float32, the wire type, so a client's 0.01 is
+# in range). Below it logits / temperature overflows fp32 for ordinary logits (a denormal
+# temperature gave inf - inf = NaN in the softmax); vLLM clamps to the same 0.01.
+MIN_TEMPERATURE = struct.unpack("f", struct.pack("f", 0.01))[0]
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass(frozen=True)
@@ -21,8 +28,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or in [0.01, {MAX_TEMPERATURE:g}], "
+                             f"got {self.temperature!r}")
         # bool is an int subclass: top_k=True would silently mean greedy.
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")

@@ -1,5 +1,10 @@
 """`lockstep serve`: calibrate (or load a calibration), compile, start the engine actor,
-print one ready line, run until SIGTERM / SIGINT (or --duration-s), shut down cleanly."""
+print one ready line, run until SIGTERM / SIGINT (or --duration-s), shut down cleanly.
+
+Exit codes: 0 after a signal or --duration-s (within --grace-s); 1 when the engine died
+(its loop, or in Ray mode its actor's process): the server does not try to limp on, so
+a supervisor (systemd, Kubernetes, a Ray job) restarts it. See docs/security.md.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import scheduler
 from scheduler.errors import SpecError
 from scheduler.program import fingerprint
 from server.app import EngineActor, LockstepServer, ServeConfig
+from server.auth import read_secret
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
+EXIT_ENGINE_DIED = 1
+# Ray's own teardown (kill the actor, ray.shutdown) measured 1.1-1.3 s here: kept out of
+# the grace period the engine actor drains for, so the driver exits within --grace-s.
+RAY_TEARDOWN_S = 1.5
+WATCH_INTERVAL_S = 0.2  # how often the driver checks for a signal or a dead engine
 
 
 def _calibration(args, model, pool) -> scheduler.Calibration | None:
@@ -49,6 +61,15 @@ def _validate(args) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(args, name) <= 65535:
             raise SpecError(f"--{name.replace('_', '-')} must be in 0..65535, got {getattr(args, name)}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SpecError("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--auth-token-file", args.auth_token_file)):
+        if path:
+            try:
+                read_secret(path, flag)
+            except ValueError as exc:
+                raise SpecError(str(exc)) from None
     for name in ("max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -71,15 +92,18 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=args.guard_band_pct / 100,
-                         host=args.host, port=args.port,
-                         metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens)
+                         host=args.host, port=args.port, metrics_host=args.metrics_host,
+                         metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
+                         reflection=not args.no_reflection)
     return config, program
 
 
 def _ready_line(info: dict) -> str:
     return (f"lockstep serve: ready grpc={info['grpc']} metrics={info['metrics']} model={info['model']} "
             f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
-            f"time_scale={info['time_scale']:.3f}")
+            f"time_scale={info['time_scale']:.3f} tls={'on' if info['tls'] else 'off'} "
+            f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}")
 
 
 def serve(args) -> int:
@@ -96,16 +120,34 @@ def _on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _until(stop: threading.Event, duration_s: float, failed=lambda: False) -> bool:
+    """Waits for a signal, the duration, or `failed()`; returns whether the engine failed."""
+    end = time.monotonic() + duration_s if duration_s else float("inf")
+    while not stop.is_set() and time.monotonic() < end:
+        if failed():
+            return True
+        stop.wait(min(WATCH_INTERVAL_S, max(0.0, end - time.monotonic())))
+    return failed()
+
+
 async def _serve_here(config: ServeConfig, args, stop: threading.Event) -> int:
     server = LockstepServer(config)
     print(_ready_line(await server.start()), flush=True)
-    await asyncio.to_thread(stop.wait, args.duration_s or None)
-    await server.stop(args.grace_s)
+    died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
+    await server.stop(0.5 if died else args.grace_s)
+    if died:
+        print(f"lockstep serve: engine died ({server.engine.failure!r}); exiting", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_DIED
     print("lockstep serve: stopped", flush=True)
     return 0
 
 
 def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
+    if not args.ray_address:
+        # A local Ray binds every service (GCS, raylet, workers, agents) to 127.0.0.1 only
+        # when this is 0; read when ray is imported. Ray's default is all interfaces,
+        # unauthenticated. To serve from a cluster, start it yourself and pass --ray-address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     started_ray = not ray.is_initialized()
@@ -128,8 +170,19 @@ def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: t
     try:
         info = ray.get(actor.start.remote(config))
         print(_ready_line(info), flush=True)
-        stop.wait(args.duration_s or None)
-        ray.get(actor.stop.remote(args.grace_s))
+        watch = actor.wait_failed.remote()  # returns if the engine dies; raises if the actor does
+
+        def failed() -> bool:
+            return bool(ray.wait([watch], timeout=0)[0])
+
+        if _until(stop, args.duration_s, failed):
+            try:
+                why = ray.get(watch)
+            except ray.exceptions.RayError as exc:  # the actor's process died (killed, OOM)
+                why = f"engine actor died: {type(exc).__name__}"
+            print(f"lockstep serve: engine died ({why}); exiting", file=sys.stderr, flush=True)
+            return EXIT_ENGINE_DIED
+        ray.get(actor.stop.remote(max(0.5, args.grace_s - RAY_TEARDOWN_S)))
         print("lockstep serve: stopped", flush=True)
     finally:
         ray.kill(actor)

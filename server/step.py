@@ -15,6 +15,12 @@ from server.model import ROW_MULTIPLE
 from server.sampling import SamplingParams
 
 PHASES = ("prefill", "decode")
+
+
+class ExecutorFailed(RuntimeError):
+    """The executor itself is broken (a stage actor died, a device failed, a step timed
+    out), not one row of the batch: the engine cannot go on and stops. Any other
+    exception from `step` is taken as one row's fault and isolated (see engine._tick)."""
 MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
 
 

@@ -19,6 +19,8 @@ REPLACEMENT = "\ufffd"  # what decoding yields for an incomplete (or invalid) UT
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255."""
 
+    max_token_bytes = 1  # of text one token covers (bounds a prompt's tokens before encoding)
+
     def __init__(self, vocab_size: int):
         if vocab_size < BYTE_VOCAB:
             raise ValueError(f"the byte-level tokenizer needs vocab_size >= {BYTE_VOCAB}, got {vocab_size} "
@@ -43,6 +45,9 @@ class HFTokenizer:
         if size > vocab_size:
             raise ValueError(f"{str(path)!r} has {size} tokens, more than the model's vocab_size {vocab_size}")
         self.vocab_size = vocab_size
+        # The longest token's UTF-8 length: at least the text bytes any one token covers
+        # (a byte-level BPE token's k characters stand for k bytes; "<0xE2>" for one).
+        self.max_token_bytes = max(len(t.encode("utf-8")) for t in self.tokenizer.get_vocab(True))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

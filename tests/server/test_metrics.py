@@ -37,7 +37,7 @@ FAMILIES = {name: "histogram" for name in HISTOGRAMS} | {
     for name in (
         "lockstep_step_predicted_last_seconds", "lockstep_step_measured_last_seconds",
         "lockstep_requests_running", "lockstep_requests_waiting", "lockstep_kv_slots_used",
-        "lockstep_kv_slots_total", "lockstep_time_scale", "lockstep_accepting_requests",
+        "lockstep_kv_slots_total", "lockstep_time_scale", "lockstep_accepting_requests", "lockstep_engine_up",
         "lockstep_server_info",
     )
 }  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.sampling import GREEDY, SamplingParams, sample, sample_row
+from server.sampling import GREEDY, MIN_TEMPERATURE, SamplingParams, sample, sample_row
 
 V = 50
 
@@ -63,11 +63,20 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_low_temperature_approaches_greedy():
     x = logits(6)[0]
-    assert set(draws(x, SamplingParams(temperature=1e-3, seed=9))) == {int(torch.argmax(x))}
+    assert set(draws(x, SamplingParams(temperature=0.01, seed=9))) == {int(torch.argmax(x))}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e30])
+def test_the_smallest_temperature_samples_finite_probabilities(scale):
+    """At MIN_TEMPERATURE even huge logits give a valid draw (a denormal temperature gave
+    NaN probabilities and killed the engine)."""
+    x = logits(6)[0] * scale
+    assert draws(x, SamplingParams(temperature=MIN_TEMPERATURE, seed=1), n=5) == [int(torch.argmax(x))] * 5
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", float("nan")), ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", 1e-45), ("temperature", 5e-3),
+    ("temperature", float("inf")), ("temperature", 100.5), ("top_k", -1), ("top_k", 2.5), ("top_k", True),
     ("top_p", 0.0), ("top_p", 1.5), ("seed", -1), ("seed", 2**63),
 ])
 def test_bad_params_name_the_field(field, value):

@@ -67,7 +67,7 @@ class Token(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., index: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., tick: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "predicted_ttft_s", "measured_ttft_s", "predicted_tpot_s", "measured_tpot_s", "request_id", "queue_s", "e2e_s", "predicted_e2e_s")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "predicted_ttft_s", "measured_ttft_s", "predicted_tpot_s", "measured_tpot_s", "request_id", "queue_s", "e2e_s", "predicted_e2e_s", "text")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Finished(_message.Message):
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_E2E_S_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -90,7 +91,8 @@ class Finished(_message.Message):
     queue_s: float
     e2e_s: float
     predicted_e2e_s: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., predicted_ttft_s: _Optional[float] = ..., measured_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., measured_tpot_s: _Optional[float] = ..., request_id: _Optional[str] = ..., queue_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., predicted_e2e_s: _Optional[float] = ...) -> None: ...
+    text: str
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., predicted_ttft_s: _Optional[float] = ..., measured_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., measured_tpot_s: _Optional[float] = ..., request_id: _Optional[str] = ..., queue_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., predicted_e2e_s: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -115,7 +117,7 @@ class Prediction(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., prompt_len: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "plan_hash", "pool", "buckets", "max_slots", "max_context", "prefill_chunk", "dtype", "time_scale", "deterministic", "guard_band_s", "predictions", "vocab_size", "executor", "max_prompt_tokens", "max_tokens_limit")
+    __slots__ = ("model", "plan_hash", "pool", "buckets", "max_slots", "max_context", "prefill_chunk", "dtype", "time_scale", "deterministic", "guard_band_s", "predictions", "vocab_size", "executor", "max_prompt_tokens", "max_tokens_limit", "max_queue", "max_message_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,8 @@ class ModelInfo(_message.Message):
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     plan_hash: str
     pool: str
@@ -148,10 +152,12 @@ class ModelInfo(_message.Message):
     executor: str
     max_prompt_tokens: int
     max_tokens_limit: int
-    def __init__(self, model: _Optional[str] = ..., plan_hash: _Optional[str] = ..., pool: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., max_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., dtype: _Optional[str] = ..., time_scale: _Optional[float] = ..., deterministic: _Optional[bool] = ..., guard_band_s: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., executor: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
+    max_queue: int
+    max_message_bytes: int
+    def __init__(self, model: _Optional[str] = ..., plan_hash: _Optional[str] = ..., pool: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., max_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., dtype: _Optional[str] = ..., time_scale: _Optional[float] = ..., deterministic: _Optional[bool] = ..., guard_band_s: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., executor: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("queue_length", "slots_in_use", "max_slots", "running", "ticks", "overruns", "accepting", "uptime_s")
+    __slots__ = ("queue_length", "slots_in_use", "max_slots", "running", "ticks", "overruns", "accepting", "uptime_s", "max_queue", "engine_up")
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +166,8 @@ class ServerStatus(_message.Message):
     OVERRUNS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_UP_FIELD_NUMBER: _ClassVar[int]
     queue_length: int
     slots_in_use: int
     max_slots: int
@@ -168,4 +176,6 @@ class ServerStatus(_message.Message):
     overruns: int
     accepting: bool
     uptime_s: float
-    def __init__(self, queue_length: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., max_slots: _Optional[int] = ..., running: _Optional[int] = ..., ticks: _Optional[int] = ..., overruns: _Optional[int] = ..., accepting: _Optional[bool] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    max_queue: int
+    engine_up: bool
+    def __init__(self, queue_length: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., max_slots: _Optional[int] = ..., running: _Optional[int] = ..., ticks: _Optional[int] = ..., overruns: _Optional[int] = ..., accepting: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., engine_up: _Optional[bool] = ...) -> None: ...
