@@ -78,6 +78,7 @@ class _Server(ThreadingMixIn, WSGIServer):
     most MAX_CONNECTIONS threads; a connection over it is closed unanswered."""
 
     daemon_threads = True  # a hung scrape never keeps the process alive
+    request_queue_size = 64  # listen backlog: a burst of connections is accepted (and closed), not dropped
 
     def server_activate(self):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import urllib.error
 import urllib.request
 
@@ -264,3 +265,34 @@ def test_close_frees_the_port():
     with Metrics() as again:
         assert again.serve(port=port) == port
         assert key("lockstep_ticks_total", phase="decode") in scrape(port)
+
+
+@pytest.mark.parametrize("path", ["/", "/metricsx", "/favicon.ico", "/metrics/../x", "/debug"])
+def test_only_the_metrics_path_answers(served, path):
+    _, port = served
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+    assert err.value.code == 404
+
+
+def test_idle_connections_take_a_bounded_number_of_threads_and_scrapes_still_answer(served):
+    """100 clients that connect and send nothing: at most MAX_CONNECTIONS threads hold
+    them (it was one thread each, with no read timeout)."""
+    import socket
+    import threading
+
+    from server.metrics import MAX_CONNECTIONS
+
+    _, port = served
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    try:
+        time.sleep(0.3)
+        assert threading.active_count() - before <= MAX_CONNECTIONS
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scrape_families(port)  # the endpoint answers once the idle ones are gone

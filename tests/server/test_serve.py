@@ -6,24 +6,33 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 
+import grpc
 import pytest
 
-from client.client import Cancelled, LockstepClient, Unavailable
+from client.client import Cancelled, LockstepClient, Unavailable, build_request
 
 SERVE = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--pool", "cpu", "--calibration", "none",
          "--max-context", "256", "--prefill-chunk", "32", "--port", "0", "--metrics-port", "0"]
 
 
 def start(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*SERVE, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    """`lockstep serve` with `extra` flags, once ready: (process, gRPC target). The
+    process's `ready_pid` is the engine's process (the Ray actor's, in Ray mode) and
+    `stderr_text()` reads what it wrote to stderr (a file: nothing blocks on a pipe)."""
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([*SERVE, *extra], stdout=subprocess.PIPE, stderr=err, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stderr_text = lambda: (err.seek(0), err.read())[1]
     timer = threading.Timer(120, proc.kill)  # bounded: never hang the suite
     timer.start()
     for line in proc.stdout:
         if line.startswith("lockstep serve: ready"):
             timer.cancel()
+            proc.ready_pid = int(line.split("pid=")[1].split()[0])
             return proc, line.split("grpc=")[1].split()[0]
     timer.cancel()
     raise AssertionError(f"server exited with {proc.wait()} before it was ready")
@@ -75,3 +84,109 @@ def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (Ray's GCS, raylet, workers, agents), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def listening(pids: set[int]) -> list[str]:
+    """Local addresses of the TCP sockets `pids` listen on (`ss -ltnp`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
+    return [line.split()[3] for line in out.splitlines()
+            if any(f"pid={p}," in line for p in pids)]
+
+
+@pytest.mark.slow
+def test_ray_mode_listens_on_loopback_only():
+    if subprocess.run(["which", "ss"], capture_output=True).returncode:
+        pytest.skip("needs `ss` (Debian: iproute2)")
+    proc, target = start()
+    try:
+        with LockstepClient(target) as client:
+            assert len(client.generate([1, 2, 3], 4).tokens) == 4  # Ray's workers are up
+        addresses = listening(descendants(proc.pid))
+        assert len(addresses) >= 4  # gRPC, metrics, GCS, raylet at least
+        loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+        assert [a for a in addresses if not a.startswith(loopback)] == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_killing_the_engine_actor_mid_stream_gives_unavailable_and_the_server_exits_1():
+    proc, target = start("--time-scale", "20")
+    try:
+        with LockstepClient(target) as client:
+            result, started = {}, threading.Event()
+
+            def long_stream():
+                try:
+                    for _ in client.stub.Generate(build_request([4, 5], 200), timeout=60):
+                        started.set()
+                except grpc.RpcError as exc:
+                    result["error"], result["at"] = exc.code(), time.monotonic()
+
+            worker = threading.Thread(target=long_stream)
+            worker.start()
+            assert started.wait(30)
+            os.kill(proc.ready_pid, signal.SIGKILL)  # the engine actor's process (the ready line's pid)
+            killed = time.monotonic()
+            worker.join(10)
+            assert result.get("error") == grpc.StatusCode.UNAVAILABLE and result["at"] - killed < 1.0
+        assert proc.wait(timeout=10) == 1
+        assert time.monotonic() - killed < 10
+        assert "engine died" in proc.stderr_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray", [False, True])
+def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray):
+    grace_s = 3.0
+    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
+    try:
+        with LockstepClient(target) as client:
+            errors = []
+
+            def long_stream():
+                try:
+                    client.generate([4, 5], 220)  # ~3 s of ticks: still running when the grace is up
+                except Exception as exc:  # noqa: BLE001 - checked below
+                    errors.append(exc)
+
+            worker = threading.Thread(target=long_stream)
+            worker.start()
+            while client.status().running == 0:
+                time.sleep(0.01)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - sent
+            worker.join(10)
+        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM; grace {grace_s} s"
+        assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
