@@ -7,7 +7,9 @@ connections by peer address; grpcio reaches it only through its private `cygrpc`
 module, so this is best effort: if that API is missing, every cut counts as cancelled.
 
 Known limits: a client that cancels and then closes its channel at once counts as
-disconnected; a peer that vanishes silently counts as cancelled until keepalive notices.
+disconnected; a peer that vanishes silently counts as cancelled until keepalive notices;
+and a grpcio client's `channel.close()` may leave its TCP connection open (subchannels
+are shared across channels to the same target), so that counts as cancelled too.
 """
 
 from __future__ import annotations
