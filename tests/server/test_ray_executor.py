@@ -120,3 +120,23 @@ def test_close_frees_the_actors(lpu_plan, lpu_executor):
     with pytest.raises(RuntimeError, match="closed"):
         executor.step(StepBatch("decode", 1, 1, (0,), ((1,),), (0,), (GREEDY,)))
     executor.close()  # a second close is harmless
+
+
+def test_a_row_error_passes_through_and_a_dead_stage_actor_is_executor_failed():
+    """A stage that raises on the batch re-raises its own error (the engine isolates the
+    row, the graph lives on); a killed stage actor is ExecutorFailed (the engine stops)."""
+    from server.step import ExecutorFailed
+
+    executor = RayExecutor(hand_plan(), step_timeout_s=20)
+    try:
+        bad = StepBatch("decode", 1, 1, (0,), ((10**6,),), (0,), (GREEDY,))  # id past the vocabulary
+        with pytest.raises(Exception) as err:
+            executor.step(bad)
+        assert not isinstance(err.value, ExecutorFailed)
+        ok = StepBatch("decode", 1, 1, (0,), ((1,),), (0,), (GREEDY,))
+        assert len(executor.step(ok).token_ids) == 1  # still serving
+        ray.kill(executor._actors[1])
+        with pytest.raises(ExecutorFailed):
+            executor.step(ok)
+    finally:
+        executor.close()
