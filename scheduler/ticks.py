@@ -1,0 +1,167 @@
+"""The tick scheduler: which sequences advance on the next lockstep tick. Pure: no
+threads, clocks, torch or I/O, so the engine, the admission predictor and tests run the
+same object (nano-vllm's schedule / run / postprocess split).
+
+    sched.add(seq)                 # FIFO queue, bounded by max_queue
+    plan = sched.schedule()        # admits waiting seqs into free KV slots; picks the tick's work
+    ... the engine runs plan on the executor ...
+    outs = sched.update(plan, ids) # advances the rows; finished seqs free their slots
+    sched.abort(seq)               # a cancel, from any state
+
+Tick policy (static shapes): a tick is either a decode step of every decoding seq, padded
+to the smallest compiled bucket that holds them, or one prefill chunk of the oldest
+admitted seq whose prompt is not in yet. When both are pending they alternate, so
+running streams keep a cadence while new prompts go in.
+
+Invariants: a seq is in exactly one of waiting, running (holding `slot`), or finished;
+free slots + running slots = all slots; every decoding seq gets exactly one token per
+decode tick; orderings are total (FIFO by `seq_id`, lowest free slot first), so the same
+arrivals give the same ticks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(eq=False)
+class Seq:
+    """One request as the scheduler sees it (token contents stay with the engine)."""
+
+    seq_id: int  # arrival order: the FIFO tie-break
+    prompt_len: int
+    max_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the KV cache
+    generated: int = 0  # tokens sampled
+    finish_reason: str | None = None  # length | stop | aborted
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.prompt_len
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    phase: str  # prefill | decode
+    bucket: int  # compiled batch size the step is padded to
+    rows: tuple[Seq, ...]  # decode: every decoding seq; prefill: the one seq
+    start: int = 0  # prefill: the slice's first prompt position
+    length: int = 1  # prefill: the slice's tokens (<= chunk); decode: 1
+
+
+@dataclass(frozen=True)
+class Output:
+    seq: Seq
+    token: int | None  # None: a prefill slice that did not finish the prompt
+    finish_reason: str | None
+
+
+@dataclass
+class TickScheduler:
+    max_slots: int
+    max_context: int
+    chunk: int  # prompt tokens per prefill tick
+    buckets: tuple[int, ...]  # compiled decode batch sizes, ascending
+    max_queue: int = 64
+    waiting: deque[Seq] = field(default_factory=deque)
+    running: list[Seq] = field(default_factory=list)  # in admission order
+    free_slots: list[int] = field(default_factory=list)
+    last_phase: str = DECODE
+
+    def __post_init__(self):
+        if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
+            raise ValueError(f"buckets must ascend to at least max_slots={self.max_slots}, got {self.buckets}")
+        if min(self.max_slots, self.max_context, self.chunk) < 1 or self.max_queue < 0:
+            raise ValueError("max_slots, max_context and chunk must be >= 1 and max_queue >= 0")
+        if not self.free_slots and not self.running:
+            self.free_slots = list(range(self.max_slots))
+
+    # -- requests ---------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queues `seq`; OverflowError when max_queue seqs already wait."""
+        if len(self.waiting) >= self.max_queue:
+            raise OverflowError(f"queue full ({self.max_queue} waiting)")
+        self.waiting.append(seq)
+
+    def abort(self, seq: Seq) -> bool:
+        """Removes `seq` wherever it is (freeing its slot); False if it already ended."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self._release(seq)
+        else:
+            return False
+        seq.finish_reason = seq.finish_reason or "aborted"
+        return True
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def clone(self) -> TickScheduler:
+        """An independent copy (seqs copied too) for running forward without side effects."""
+        return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue,
+                             deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
+                             list(self.free_slots), self.last_phase)
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    # -- ticks ------------------------------------------------------------------------
+    def schedule(self) -> TickPlan | None:
+        """Admits waiting seqs into free slots (FIFO, lowest slot first), then returns the
+        tick's work, or None when nothing runs."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop(0)
+            self.running.append(seq)
+        prefilling = [s for s in self.running if not s.decoding]
+        decoding = [s for s in self.running if s.decoding]
+        if prefilling and (not decoding or self.last_phase == DECODE):
+            seq = prefilling[0]
+            n = min(self.chunk, seq.prompt_len - seq.prefilled)
+            return TickPlan(PREFILL, 1, (seq,), seq.prefilled, n)
+        if decoding:
+            return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding))
+        return None
+
+    def update(self, plan: TickPlan, tokens: dict[int, int] | None = None) -> list[Output]:
+        """Advances the plan's rows by what the step did. `tokens`: seq_id -> sampled id
+        for the rows that sampled (None: all did, ids unknown, as in a simulation). A row
+        missing from `tokens` failed and must be aborted by the caller."""
+        self.last_phase = plan.phase
+        outs = []
+        for seq in plan.rows:
+            if seq not in self.running:
+                continue  # aborted during the step
+            if tokens is not None and seq.seq_id not in tokens:
+                continue
+            if plan.phase == PREFILL:
+                seq.prefilled += plan.length
+                if not seq.decoding:
+                    outs.append(Output(seq, None, None))
+                    continue
+            token = None if tokens is None else tokens[seq.seq_id]
+            seq.generated += 1
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self._release(seq)
+            outs.append(Output(seq, token, reason))
+        return outs
+
+    def _finish_reason(self, seq: Seq, token: int | None) -> str | None:
+        if token is not None and token in seq.stop_ids:
+            return "stop"
+        if seq.generated >= seq.max_tokens or seq.prompt_len + seq.generated >= self.max_context:
+            return "length"
+        return None
+
+    def _release(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        self.free_slots.sort()  # lowest free slot first: deterministic placement

@@ -1,0 +1,146 @@
+"""The tick scheduler on hand-built arrivals and results (no model, no clock): who runs on
+each tick, one token per decode tick for every decoding stream, slots and queues that
+balance after aborts in every state, the same ticks for the same arrivals."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.ticks import DECODE, PREFILL, Seq, TickScheduler
+
+
+def make(max_slots=4, chunk=8, max_queue=16, max_context=64) -> TickScheduler:
+    return TickScheduler(max_slots=max_slots, max_context=max_context, chunk=chunk, buckets=(1, 2, 4),
+                         max_queue=max_queue)
+
+
+def step(sched: TickScheduler, token: int = 7):
+    """One tick with every row sampling `token`; returns (plan, outputs)."""
+    plan = sched.schedule()
+    return plan, sched.update(plan, {s.seq_id: token for s in plan.rows})
+
+
+def test_a_prompt_goes_in_by_chunks_then_decodes_to_max_tokens():
+    sched = make()
+    seq = Seq(0, prompt_len=20, max_tokens=3)
+    sched.add(seq)
+    phases = []
+    while not sched.idle():
+        plan, outs = step(sched)
+        phases.append((plan.phase, plan.start, plan.length, [o.token for o in outs]))
+    assert phases == [(PREFILL, 0, 8, [None]), (PREFILL, 8, 8, [None]), (PREFILL, 16, 4, [7]),
+                      (DECODE, 0, 1, [7]), (DECODE, 0, 1, [7])]
+    assert seq.finish_reason == "length" and seq.generated == 3 and sched.free_slots == [0, 1, 2, 3]
+
+
+def test_prefill_and_decode_alternate_and_every_decoding_stream_gets_one_token_per_decode_tick():
+    sched = make()
+    for i in range(4):
+        sched.add(Seq(i, prompt_len=8 * (i + 1), max_tokens=30))
+    before = {}
+    for _ in range(40):
+        counts = {s.seq_id: s.generated for s in sched.running}
+        decoding = {s.seq_id for s in sched.running if s.decoding}
+        plan, _ = step(sched)
+        if plan.phase == DECODE:
+            assert {s.seq_id for s in plan.rows} == decoding
+            assert all(s.generated == counts[s.seq_id] + 1 for s in plan.rows)
+            assert plan.bucket == min(b for b in (1, 2, 4) if b >= len(plan.rows))
+        elif decoding:  # a prefill tick while streams decode: the next tick is theirs
+            assert before.get("phase") != PREFILL
+        before["phase"] = plan.phase
+
+
+def test_admission_is_fifo_into_the_lowest_free_slot():
+    sched = make(max_slots=2)
+    seqs = [Seq(i, 4, 2) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    sched.schedule()
+    assert [(s.seq_id, s.slot) for s in sched.running] == [(0, 0), (1, 1)]
+    sched.abort(seqs[0])
+    sched.schedule()
+    assert [(s.seq_id, s.slot) for s in sched.running] == [(1, 1), (2, 0)]
+
+
+def test_a_full_queue_refuses():
+    sched = make(max_queue=2)
+    sched.add(Seq(0, 4, 2))
+    sched.add(Seq(1, 4, 2))
+    with pytest.raises(OverflowError, match="queue full"):
+        sched.add(Seq(2, 4, 2))
+
+
+def test_a_stop_token_ends_the_sequence_and_frees_its_slot():
+    sched = make()
+    seq = Seq(0, 4, 10, stop_ids=frozenset({5}))
+    sched.add(seq)
+    step(sched, token=1)  # prefill: first token 1
+    _, outs = step(sched, token=5)
+    assert outs[0].finish_reason == "stop" and sched.idle() and len(sched.free_slots) == 4
+
+
+def test_the_context_bounds_generation():
+    sched = make(max_context=10)
+    seq = Seq(0, 8, 100)
+    sched.add(seq)
+    while not sched.idle():
+        step(sched)
+    assert seq.generated == 2 and seq.finish_reason == "length"
+
+
+def test_a_row_missing_from_the_results_is_left_for_the_caller_to_abort():
+    sched = make()
+    a, b = Seq(0, 4, 5), Seq(1, 4, 5)
+    sched.add(a)
+    sched.add(b)
+    while not (a.decoding and b.decoding):
+        step(sched)
+    plan = sched.schedule()
+    assert plan.phase == DECODE and plan.rows == (a, b)
+    b_before = b.generated
+    outs = sched.update(plan, {a.seq_id: 3})
+    assert [o.seq for o in outs] == [a] and b.generated == b_before
+    assert sched.abort(b) and b.finish_reason == "aborted" and not sched.abort(b)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slots_and_queues_balance_after_aborts_at_every_phase(seed):
+    rng = random.Random(seed)
+    sched = make(max_slots=4, max_queue=8)
+    live, next_id = [], 0
+    for _ in range(300):
+        if rng.random() < 0.3 and len(sched.waiting) < 8:
+            seq = Seq(next_id, rng.randint(1, 30), rng.randint(1, 12))
+            sched.add(seq)
+            live.append(seq)
+            next_id += 1
+        if live and rng.random() < 0.15:
+            sched.abort(rng.choice(live))
+        if not sched.idle():
+            step(sched, token=rng.randint(0, 9))
+        live = [s for s in live if s.finish_reason is None]
+        held = sorted([s.slot for s in sched.running] + sched.free_slots)
+        assert held == [0, 1, 2, 3]
+        assert all(s.finish_reason is None for s in list(sched.waiting) + sched.running)
+        assert len(sched.running) <= 4 and len(sched.waiting) <= 8
+    for s in live:
+        sched.abort(s)
+    assert sched.idle() and sched.free_slots == [0, 1, 2, 3]
+
+
+def test_the_same_arrivals_give_the_same_ticks():
+    def run() -> list[tuple]:
+        sched = make()
+        rng = random.Random(3)
+        ticks = []
+        for i in range(30):
+            sched.add(Seq(i, rng.randint(1, 40), rng.randint(1, 20))) if len(sched.waiting) < 16 else None
+            if not sched.idle():
+                plan, _ = step(sched)
+                ticks.append((plan.phase, plan.bucket, tuple((s.seq_id, s.slot) for s in plan.rows), plan.start))
+        return ticks
+
+    assert run() == run()
