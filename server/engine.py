@@ -1,18 +1,15 @@
-"""The lockstep engine: one thread that owns the program and the executor.
+"""The lockstep engine: a thin loop, on one thread, around the tick scheduler
+(scheduler/ticks.py) and the executor.
 
-Each tick: drop cancelled requests, admit waiting ones into free KV slots, pick the
-tick's work, run one step, (in deterministic mode) wait out the tick, then hand out the
-sampled tokens and retire finished sequences: tokens leave on tick boundaries, so their
-cadence does not carry the step's jitter.
+Each tick: retire cancelled requests, `schedule()` (admit into free KV slots, pick the
+tick's work), run the step, (in deterministic mode) wait out the tick, then `update()`
+and hand out the sampled tokens: tokens leave on tick boundaries, so their cadence does
+not carry the step's jitter. In deterministic mode a tick lasts the program's step time
+for its phase and bucket, times `time_scale`, plus the guard band; a step that runs
+longer is an overrun: counted and exported, never hidden.
 
-Tick policy (static shapes): a tick is either
-- a decode step of every running sequence, padded to the smallest compiled bucket that
-  holds them, or
-- one prefill chunk of the oldest admitted sequence whose prompt is not in yet.
-When both are pending they alternate, so running streams keep their cadence while new
-prompts go in. In deterministic mode a tick lasts the program's step time for its
-phase and bucket, times `time_scale`, plus the guard band; a step that runs longer is
-an overrun: counted and exported, never hidden.
+Admission predictions are the same scheduler run forward over the same tick times
+(scheduler/simulate.py), so the promise and the pacing come from one model.
 
 Failures (docs/security.md): a step that raises is retried row by row, so the row at
 fault ends with reason "error" and the others keep their tokens; an `ExecutorFailed`
@@ -25,14 +22,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import math
 import threading
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from scheduler.simulate import predict_arrival
+from scheduler.ticks import PREFILL, Seq, TickPlan, TickScheduler
 from server.sampling import SamplingParams
 from server.step import ExecutorFailed, StepBatch
 
@@ -55,7 +52,7 @@ class Finished:
     # length | stop | cancelled | error (this row failed) | unavailable (the engine died)
     # | shutdown (the engine was stopped with the request still in it)
     reason: str
-    message: str = ""  # for error / unavailable: what happened
+    message: str = ""
 
 
 class EngineDown(RuntimeError):
@@ -79,16 +76,11 @@ class Request:
     predicted_e2e_s: float = 0.0
     cancelled: bool = False  # set by the client side; the engine retires it next tick
     # Engine state.
-    slot: int = -1
-    prefilled: int = 0
+    seq: Seq | None = None  # the scheduler's view, from submit on
     out: list[int] = field(default_factory=list)
     admitted_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt)
 
 
 class Engine:
@@ -98,15 +90,13 @@ class Engine:
         self.metrics = metrics
         opts = program["options"]
         self.max_slots, self.max_context = opts["max_slots"], opts["max_context"]
-        self.chunk = program["prefill_chunk"]
-        self.buckets = list(program["buckets"])
         self.step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
-        self._lock = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # admitted, in slots
-        self._free_slots = list(range(self.max_slots))
+        self.sched = TickScheduler(self.max_slots, self.max_context, program["prefill_chunk"],
+                                   tuple(program["buckets"]), config.max_queue)
+        self._lock = threading.Condition()  # guards sched and _requests (an RLock inside)
+        self._requests: dict[int, Request] = {}  # seq_id -> request, waiting or running
+        self._ids = itertools.count()
         self._stop = False
-        self._last_phase = "decode"
         self.accepting = True
         self.ticks = 0
         self.overruns = 0
@@ -127,27 +117,15 @@ class Engine:
         return step * (1 + self.config.guard_band_frac) + self.config.guard_band_s
 
     def bucket_for(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+        return self.sched.bucket_for(n)
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
-        """(TTFT, end-to-end) in seconds for a request arriving now, from the program and
-        the queue: the static schedule makes this arithmetic, not a guess."""
+        """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
+        current state run forward over the paced tick times (the tick in flight counts
+        whole, so the promise errs late by at most one tick)."""
         with self._lock:
-            ahead = [r for r in self._running if not r.decoding] + list(self._waiting)
-            decoding = sum(r.decoding for r in self._running)
-            remaining = sorted(r.max_tokens - len(r.out) for r in self._running if r.decoding)
-            free = len(self._free_slots) - len(self._waiting)
-        chunks_ahead = sum(math.ceil((len(r.prompt) - r.prefilled) / self.chunk) for r in ahead)
-        own = math.ceil(prompt_len / self.chunk)
-        batch = self.bucket_for(min(decoding + len(ahead) + 1, self.max_slots))
-        decode = self.tick_s("decode", batch)
-        prefill = self.tick_s("prefill", 1)
-        wait_slot = 0.0
-        if free <= 0 and remaining:  # wait for the (1 - free)-th earliest finish
-            wait_slot = remaining[min(-free, len(remaining) - 1)] * (decode + prefill)
-        interleave = decode if decoding else 0.0  # a decode tick between prefill chunks
-        ttft = wait_slot + (chunks_ahead + own) * (prefill + interleave)
-        return ttft, ttft + (max_tokens - 1) * decode
+            snapshot = self.sched.clone()
+        return predict_arrival(snapshot, prompt_len, max_tokens, self.tick_s)
 
     @property
     def up(self) -> bool:
@@ -159,15 +137,16 @@ class Engine:
         with self._lock:
             if self.failure is not None:
                 raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
-            if len(self._waiting) >= self.config.max_queue:
-                raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
-            self._waiting.append(request)
+            seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids)
+            self.sched.add(seq)  # OverflowError when the queue is full
+            request.seq = seq
+            self._requests[seq.seq_id] = request
             self._lock.notify()
 
     def status(self) -> dict:
         with self._lock:
-            return {"queue_length": len(self._waiting), "running": len(self._running),
-                    "slots_in_use": self.max_slots - len(self._free_slots), "max_slots": self.max_slots,
+            return {"queue_length": len(self.sched.waiting), "running": len(self.sched.running),
+                    "slots_in_use": self.max_slots - len(self.sched.free_slots), "max_slots": self.max_slots,
                     "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting,
                     "max_queue": self.config.max_queue, "engine_up": self.up}
 
@@ -184,7 +163,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting and not self._running
+            return self.sched.idle()
 
     # -- engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -198,114 +177,100 @@ class Engine:
         traceback.print_exc()
         with self._lock:
             self.failure, self.accepting = exc, False
-            ended = list(self._waiting) + self._running
-            self._waiting.clear()
-        message = f"engine stopped: {type(exc).__name__}: {exc}"[:300]
-        for r in ended:
-            self._finish(r, "unavailable", message)
+        self._end_all("unavailable", f"engine stopped: {type(exc).__name__}: {exc}"[:300])
         if self.on_death is not None:
             self.on_death(exc)
+
+    def _end_all(self, reason: str, message: str) -> None:
+        with self._lock:
+            for r in list(self._requests.values()):
+                self.sched.abort(r.seq)
+                self._finish(r, reason, message)
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and self.sched.idle():
                     self._lock.wait()
                 if self._stop:
-                    ended = list(self._waiting) + self._running
-                    self._waiting.clear()
-                    for r in ended:
-                        self._finish(r, "shutdown", "server is shutting down")
                     break
-                self._retire_cancelled()
-                self._admit()
-                work = self._pick()
-            if work is not None:
-                self._tick(*work)
+                for r in [r for r in self._requests.values() if r.cancelled]:
+                    self.sched.abort(r.seq)
+                    self._finish(r, "cancelled")
+                plan = self.sched.schedule()
+                now = time.perf_counter()
+                for seq in self.sched.running:
+                    r = self._requests[seq.seq_id]
+                    r.admitted_s = r.admitted_s or now
+            if plan is not None:
+                self._tick(plan)
+        self._end_all("shutdown", "server is shutting down")
 
-    def _retire_cancelled(self) -> None:
-        for r in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(r)
-            self._finish(r, "cancelled")
-        for r in [r for r in self._running if r.cancelled]:
-            self._finish(r, "cancelled")
+    def _batch(self, plan: TickPlan, rows: tuple[Seq, ...]) -> StepBatch:
+        reqs = [self._requests[s.seq_id] for s in rows]
+        if plan.phase == PREFILL:
+            (r,) = reqs
+            tokens = tuple(r.prompt[plan.start:plan.start + plan.length])
+            return StepBatch(PREFILL, 1, self.sched.chunk, (r.seq.slot,), (tokens,), (plan.start,), (r.sampling,))
+        return StepBatch(plan.phase, self.sched.bucket_for(len(rows)), 1, tuple(s.slot for s in rows),
+                         tuple((r.out[-1],) for r in reqs), tuple(len(r.prompt) + len(r.out) - 1 for r in reqs),
+                         tuple(r.sampling for r in reqs))
 
-    def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            r = self._waiting.popleft()
-            r.slot = self._free_slots.pop(0)
-            r.admitted_s = time.perf_counter()
-            self._running.append(r)
-
-    def _pick(self):
-        prefilling = [r for r in self._running if not r.decoding]
-        decoding = [r for r in self._running if r.decoding]
-        if prefilling and (not decoding or self._last_phase == "decode"):
-            return "prefill", [prefilling[0]]
-        if decoding:
-            return "decode", decoding
-        return None
-
-    def _batch(self, phase: str, rows: list[Request]) -> StepBatch:
-        if phase == "prefill":
-            (r,) = rows
-            tokens = r.prompt[r.prefilled:r.prefilled + self.chunk]
-            return StepBatch("prefill", 1, self.chunk, (r.slot,), (tuple(tokens),), (r.prefilled,), (r.sampling,))
-        positions = tuple(len(r.prompt) + len(r.out) - 1 for r in rows)
-        return StepBatch("decode", self.bucket_for(len(rows)), 1, tuple(r.slot for r in rows),
-                         tuple((r.out[-1],) for r in rows), positions, tuple(r.sampling for r in rows))
-
-    def _step(self, phase: str, rows: list[Request]) -> list[tuple[Request, int]]:
-        """Runs the step; returns (row, sampled id) for the rows that succeeded. A step that
-        raises is run again row by row (rows are independent and rewriting a KV position
-        writes the same values, so the survivors' tokens are those of the batched step);
-        a row that fails alone ends with reason "error"."""
+    def _step(self, plan: TickPlan) -> dict[int, int]:
+        """Runs the plan; returns seq_id -> sampled id for the rows that succeeded. A step
+        that raises is run again row by row (rows are independent and rewriting a KV
+        position writes the same values, so the survivors' tokens are those of the
+        batched step); a row that fails alone ends with reason "error"."""
         try:
-            return list(zip(rows, self.executor.step(self._batch(phase, rows)).token_ids))
+            ids = self.executor.step(self._batch(plan, plan.rows)).token_ids
+            return {s.seq_id: t for s, t in zip(plan.rows, ids)}
         except ExecutorFailed:
             raise
         except Exception as exc:
-            if len(rows) == 1:
-                self._fail_row(rows[0], exc)
-                return []
-        done = []
-        for r in rows:
+            if len(plan.rows) == 1:
+                self._fail_row(plan.rows[0], exc)
+                return {}
+        done = {}
+        for seq in plan.rows:
             try:
-                done.append((r, self.executor.step(self._batch(phase, [r])).token_ids[0]))
+                done[seq.seq_id] = self.executor.step(self._batch(plan, (seq,))).token_ids[0]
             except ExecutorFailed:
                 raise
             except Exception as exc:
-                self._fail_row(r, exc)
+                self._fail_row(seq, exc)
         return done
 
-    def _fail_row(self, r: Request, exc: Exception) -> None:
+    def _fail_row(self, seq: Seq, exc: Exception) -> None:
         traceback.print_exception(exc)
-        self._finish(r, "error", f"request {r.request_id!r} failed in its step: {type(exc).__name__}: {exc}"[:300])
+        with self._lock:
+            r = self._requests[seq.seq_id]
+            self.sched.abort(seq)
+            self._finish(r, "error", f"request {r.request_id!r} failed in its step: {type(exc).__name__}: {exc}"[:300])
 
-    def _tick(self, phase: str, rows: list[Request]) -> None:
+    def _tick(self, plan: TickPlan) -> None:
         start = time.perf_counter()
-        bucket = 1 if phase == "prefill" else self.bucket_for(len(rows))
-        results = self._step(phase, rows)
+        tokens = self._step(plan)
         measured = time.perf_counter() - start
-        tick = self.tick_s(phase, bucket)
+        tick = self.tick_s(plan.phase, plan.bucket)
         overrun = self.config.deterministic and measured > tick
         if self.config.deterministic and not overrun:
             _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
         now = time.perf_counter()
         self.ticks += 1
         self.overruns += overrun
-        self._last_phase = phase
-        for r, token in results:
-            if phase == "prefill":
-                r.prefilled = min(len(r.prompt), r.prefilled + self.chunk)
-                if not r.decoding:
-                    continue
-            self._emit(r, token, now)
+        with self._lock:
+            for out in self.sched.update(plan, tokens):
+                r = self._requests[out.seq.seq_id]
+                if out.token is not None:
+                    self._emit(r, out.token, now)
+                if out.finish_reason is not None:
+                    self._finish(r, out.finish_reason)
+            if self.metrics is not None:
+                self.metrics.set_queue(len(self.sched.running), len(self.sched.waiting),
+                                       self.max_slots - len(self.sched.free_slots))
         if self.metrics is not None:
-            predicted = self.step_s[(phase, bucket)] * self.config.time_scale
-            self.metrics.observe_tick(phase, len(rows), measured, predicted, overrun)
-            with self._lock:
-                self.metrics.set_queue(len(self._running), len(self._waiting), self.max_slots - len(self._free_slots))
+            predicted = self.step_s[(plan.phase, plan.bucket)] * self.config.time_scale
+            self.metrics.observe_tick(plan.phase, len(plan.rows), measured, predicted, overrun)
 
     def _emit(self, r: Request, token: int, now: float) -> None:
         if r.first_token_s is None:
@@ -313,18 +278,11 @@ class Engine:
         r.last_token_s = now
         r.out.append(token)
         r.emit(token, self.ticks, now)
-        if token in r.stop_ids:
-            self._finish(r, "stop")
-        elif len(r.out) >= r.max_tokens or len(r.prompt) + len(r.out) >= self.max_context:
-            self._finish(r, "length")
 
     def _finish(self, r: Request, reason: str, message: str = "") -> None:
-        with self._lock:  # an RLock: _retire_cancelled already holds it
-            if r in self._running:
-                self._running.remove(r)
-                self._free_slots.append(r.slot)
-                self._free_slots.sort()  # lowest free slot first: deterministic placement
-        r.emit(Finished(reason, message), self.ticks, time.perf_counter())
+        """Under the lock, once per request: it leaves the engine with its last word."""
+        if self._requests.pop(r.seq.seq_id, None) is not None:
+            r.emit(Finished(reason, message), self.ticks, time.perf_counter())
 
 
 def _sleep_until(deadline: float) -> None:
