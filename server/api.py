@@ -138,6 +138,9 @@ class LockstepService:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
         if not self.engine.accepting:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
+        full = self.engine.queue_full()
+        if full is not None:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, full)
         ttft, e2e = self.engine.predict(len(parsed.prompt), parsed.max_tokens)
         remaining = context.time_remaining()
         if remaining is not None and e2e > remaining:
