@@ -79,6 +79,10 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--dtype", "int8"], "serve runs fp32, bf16 or fp16"),
     (["--calibration", "/nonexistent.json"], "does not exist"),
+    (["--tls-cert", "/etc/hostname"], "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert '/nonexistent.pem' is not"),
+    (["--auth-token-file", "/nonexistent"], "--auth-token-file '/nonexistent' is not a readable file"),
+    (["--auth-token-file", "/etc/os-release"], "must hold one token"),  # spaces, several lines
 ])
 def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
