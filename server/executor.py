@@ -107,7 +107,7 @@ class StageRunner:
             torch.cuda.synchronize(self.device)
 
     def run(self, x: torch.Tensor, meta: StepTensors) -> tuple[torch.Tensor, float]:
-        """x: token ids [R, T] or hidden [R, T, h]. Returns (output, seconds on this stage)."""
+        """x: token ids [N] or hidden [N, h] (rows packed; see step.StepTensors). Returns (output, seconds on this stage)."""
         start = time.perf_counter()
         meta = meta.to(self.device)
         out = self.model(x.to(self.device, non_blocking=True), meta.positions, meta.write_slots,

@@ -75,10 +75,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(spec: ModelSpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [B, T] int64 -> cos, sin: [B, 1, T, D] (the non-interleaved "rotate half" form)."""
+    """positions: [N] int64 -> cos, sin: [N, 1, D] (the non-interleaved "rotate half" form)."""
     d = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
-    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    freqs = positions[..., None].float() * inv_freq  # [N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -121,24 +121,25 @@ class Attention(nn.Module):
         self.o_proj = Linear(spec.num_heads * d, h, bias=False)
 
     def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, attend):
-        """x: [B, T, h]; cache_k/v: [S, Hkv, C, D] for this layer; write_slots/write_pos: [B, T];
-        attend: (slot, keys) of each real row; later rows are padding and get zeros."""
+        """x: [N, h] (rows' tokens packed); cache_k/v: [S, Hkv, C, D] for this layer;
+        write_slots/write_pos: [N]; attend: (slot, keys, first token, tokens) of each real
+        row; tokens after the last row are padding and get zeros."""
         s = self.spec
-        b, t, _ = x.shape
-        flat = x.reshape(b * t, -1)
-        q = self.q_proj(flat).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(flat).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(flat).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, s.num_heads, s.head_dim)  # [N, H, D]
+        k = self.k_proj(x).view(n, s.num_kv_heads, s.head_dim)  # [N, Hkv, D]
+        v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        # Write the new keys/values at (slot, position) per token: [B, T, Hkv, D].
-        cache_k[write_slots, :, write_pos] = k.transpose(1, 2).to(cache_k.dtype)
-        cache_v[write_slots, :, write_pos] = v.transpose(1, 2).to(cache_v.dtype)
+        # Write the new keys/values at (slot, position) per token: [N, Hkv, D].
+        cache_k[write_slots, :, write_pos] = k.to(cache_k.dtype)
+        cache_v[write_slots, :, write_pos] = v.to(cache_v.dtype)
         out = torch.zeros_like(q)
-        for r, (slot, length) in enumerate(attend):
-            out[r] = _attend_row(q[r], cache_k[slot, :, :length], cache_v[slot, :, :length], write_pos[r])
-        out = out.transpose(1, 2).reshape(b * t, s.num_heads * s.head_dim)
-        return self.o_proj(out).view(b, t, -1)
+        for slot, keys, at, t in attend:
+            rows = slice(at, at + t)
+            out[rows] = _attend_row(q[rows].transpose(0, 1), cache_k[slot, :, :keys], cache_v[slot, :, :keys],
+                                    write_pos[rows]).transpose(0, 1)
+        return self.o_proj(out.view(n, s.num_heads * s.head_dim))
 
 
 class MLP(nn.Module):
@@ -197,12 +198,10 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.hidden_size, spec.intermediate_size)
 
-    def forward(self, x, rope, cache_k, cache_v, write, attend):
+    def forward(self, x, rope, cache_k, cache_v, write, attend):  # x: [N, h]
         x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, attend)
-        b, t, h = x.shape
-        flat = self.post_attention_layernorm(x).reshape(b * t, h)
-        ffn = self.block_sparse_moe(flat) if hasattr(self, "block_sparse_moe") else self.mlp(flat)
-        return x + ffn.view(b, t, h)
+        normed = self.post_attention_layernorm(x)
+        return x + (self.block_sparse_moe(normed) if hasattr(self, "block_sparse_moe") else self.mlp(normed))
 
 
 class _Inner(nn.Module):  # the `model.` prefix of transformers' names
@@ -251,9 +250,9 @@ class StageModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x, positions, write_slots, attend, last_index):
-        """x: token ids [B, T] or hidden [B, T, h]; positions, write_slots: [B, T] int64;
-        attend: (slot, keys attended) per real row, the rest are padding; last_index: [B],
-        the column of each row's last real token. Returns hidden [B, T, h] or logits [B, V] fp32."""
+        """x: token ids [N] or hidden [N, h], rows' tokens packed; positions, write_slots:
+        [N] int64; attend: (slot, keys attended, first token, tokens) per real row;
+        last_index: [R], each row's last token. Returns hidden [N, h] or logits [R, V] fp32."""
         if self.has_embed:
             x = self.model.embed_tokens(x)
         if self.block_ids:
@@ -263,5 +262,4 @@ class StageModel(nn.Module):
                                               (write_slots, positions), attend)
         if not self.has_head:
             return x
-        last = x[torch.arange(x.shape[0], device=x.device), last_index]  # [B, h]
-        return self.lm_head(self.model.norm(last)).float()
+        return self.lm_head(self.model.norm(x[last_index])).float()  # [R, V]

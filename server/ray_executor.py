@@ -39,7 +39,7 @@ class Hop:
     """What one stage hands the next (and the driver hands the first), host tensors only."""
 
     meta: StepTensors  # the step's static-shape inputs
-    x: torch.Tensor  # token ids [R, T] into the first stage; hidden [R, T, h] between stages
+    x: torch.Tensor  # token ids [N] into the first stage; hidden [N, h] between stages
     stage_times_s: tuple[float, ...]  # measured so far, one per stage
     sampling: tuple[SamplingParams, ...]  # one per real row, for the last stage
     sample_positions: tuple[int, ...]

@@ -24,6 +24,9 @@ from server.app import EngineActor, LockstepServer, ServeConfig
 from server.auth import read_secret
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
+# Part of the cached calibration's name: bump it when the runtime's step costs change, so
+# a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster).
+RUNTIME_COST_VERSION = 2
 EXIT_ENGINE_DIED = 1
 # Ray's own teardown (kill the actor, ray.shutdown) measured 1.1-1.3 s here: kept out of
 # the grace period the engine actor drains for, so the driver exits within --grace-s.
@@ -38,7 +41,8 @@ def _calibration(args, model, pool) -> scheduler.Calibration | None:
         return scheduler.Calibration.load(args.calibration)
     if not any(g.device.name == "cpu" for g in pool.groups):
         return None  # simulated or GPU pools use the device presets
-    key = f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-{args.prefill_chunk}"
+    key = (f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-"
+           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}")
     path = CACHE_DIR / f"calib-{key}.json"
     if not path.exists():
         # In a process of its own: this process must not run torch on a second thread

@@ -49,8 +49,16 @@ class StepBatch:
 
     @property
     def rows(self) -> int:
-        """Physical rows: the bucket rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
-        return -(-self.bucket // ROW_MULTIPLE) * ROW_MULTIPLE
+        """Logit rows: the bucket rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
+        return _round_up(self.bucket)
+
+    @property
+    def tokens(self) -> int:
+        """Token rows of the step's static shape: bucket x chunk, rounded up to the row
+        multiple. Rows' tokens are packed one after another (no per-row padding to the
+        chunk: a prefill chunk of 64 runs 64 token rows, not the 4 x 64 of a [4, 64]
+        batch), the rest is padding that writes to the scratch slot."""
+        return _round_up(self.bucket * self.chunk)
 
     def sample_positions(self) -> list[int]:
         """Position of the token each row samples next."""
@@ -64,17 +72,24 @@ class StepResult:
     step_time_s: float  # the whole step as the executor saw it, seconds
 
 
+def _round_up(n: int) -> int:
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
 @dataclass
 class StepTensors:
-    """StepBatch as static-shape tensors (on the host; each stage moves them to its device)."""
+    """StepBatch as static-shape tensors, tokens packed row after row (varlen, as
+    FlashAttention's varlen API lays them out); on the host, each stage moves them to its
+    device. N = StepBatch.tokens, R = StepBatch.rows."""
 
-    tokens: torch.Tensor  # [R, T] int64
-    positions: torch.Tensor  # [R, T] int64
-    write_slots: torch.Tensor  # [R, T] int64: padding goes to the scratch slot
-    last_index: torch.Tensor  # [R] int64: column of each row's last real token
-    # (slot, keys attended) per real row: keys is a power of two >= the row's context
-    # (>= MIN_KEY_BUCKET, <= max_context), so a row's work depends on itself alone.
-    attend: tuple[tuple[int, int], ...]
+    tokens: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    write_slots: torch.Tensor  # [N] int64: padding goes to the scratch slot
+    last_index: torch.Tensor  # [R] int64: index in [0, N) of each row's last real token (padding rows: N - 1)
+    # (slot, keys attended, first token index, tokens) per real row: keys is a power of
+    # two >= the row's context (>= MIN_KEY_BUCKET, <= max_context), so a row's work
+    # depends on itself alone.
+    attend: tuple[tuple[int, int, int, int], ...]
 
     def to(self, device) -> "StepTensors":
         if self.tokens.device == torch.device(device):
@@ -85,12 +100,12 @@ class StepTensors:
 
 
 def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTensors:
-    rows, t = batch.rows, batch.chunk
-    tokens = torch.zeros(rows, t, dtype=torch.int64)
-    positions = torch.zeros(rows, t, dtype=torch.int64)
-    write_slots = torch.full((rows, t), scratch_slot, dtype=torch.int64)
-    last_index = torch.zeros(rows, dtype=torch.int64)
-    attend = []
+    n_tokens = batch.tokens
+    tokens = torch.zeros(n_tokens, dtype=torch.int64)
+    positions = torch.zeros(n_tokens, dtype=torch.int64)
+    write_slots = torch.full((n_tokens,), scratch_slot, dtype=torch.int64)
+    last_index = torch.full((batch.rows,), n_tokens - 1, dtype=torch.int64)
+    attend, at = [], 0
     for r, (slot, toks, pos) in enumerate(zip(batch.slot_ids, batch.token_ids, batch.positions)):
         n = len(toks)
         # Checked here, not by indexing: slot -1 would silently use the scratch slot and
@@ -99,11 +114,12 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
             raise ValueError(f"row {r}: slot {slot} outside the KV slots 0..{scratch_slot - 1}")
         if pos < 0 or pos + n > max_context:
             raise ValueError(f"row {r}: positions {pos}..{pos + n - 1} outside the context of {max_context}")
-        tokens[r, :n] = torch.tensor(toks, dtype=torch.int64)
-        positions[r, :n] = torch.arange(pos, pos + n)
-        write_slots[r, :n] = slot
-        last_index[r] = n - 1
-        attend.append((slot, key_bucket(pos + n, max_context)))
+        tokens[at:at + n] = torch.tensor(toks, dtype=torch.int64)
+        positions[at:at + n] = torch.arange(pos, pos + n)
+        write_slots[at:at + n] = slot
+        last_index[r] = at + n - 1
+        attend.append((slot, key_bucket(pos + n, max_context), at, n))
+        at += n
     return StepTensors(tokens, positions, write_slots, last_index, tuple(attend))
 
 

@@ -89,9 +89,9 @@ def test_prepacked_linears_match_plain_ones():
     init_random(packed, seed=3)
     if not packed.pack_linears():
         pytest.skip("this torch build has no oneDNN weight packing")
-    tokens = torch.tensor([[5, 9, 11, 2]] * 4)
-    positions = torch.arange(4).repeat(4, 1)
-    slots = torch.tensor([[0] * 4, [1] * 4, [2] * 4, [2] * 4])
-    args = (tokens, positions, slots, ((0, 64), (1, 64)), torch.full((4,), 3))
+    tokens = torch.tensor([5, 9, 11, 2] * 4)  # two rows of 4 tokens, then 8 padding tokens
+    positions = torch.arange(4).repeat(4)
+    slots = torch.tensor([0] * 4 + [1] * 4 + [2] * 8)
+    args = (tokens, positions, slots, ((0, 64, 0, 4), (1, 64, 4, 4)), torch.tensor([3, 7, 15, 15]))
     torch.testing.assert_close(packed(*args), plain(*args), atol=1e-5, rtol=1e-5)
     assert packed.lm_head.weight.numel() == 0  # the packed copy replaced the weight

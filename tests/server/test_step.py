@@ -44,14 +44,20 @@ def test_positions_past_the_context_are_refused(positions, message):
         tensorize(batch(positions=positions), SCRATCH, 64)
 
 
-def test_padding_goes_to_the_scratch_slot():
+def test_rows_are_packed_and_padding_goes_to_the_scratch_slot():
     t = tensorize(batch(phase="prefill", bucket=2, chunk=4, tokens=((1, 2, 3), (4,)), positions=(10, 0)), SCRATCH, 256)
-    assert t.tokens.shape == (4, 4)  # bucket 2 runs as 4 rows (model.ROW_MULTIPLE)
-    assert t.tokens.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0] * 4, [0] * 4]
-    assert t.positions[0].tolist() == [10, 11, 12, 0]
-    assert t.write_slots.tolist() == [[0, 0, 0, SCRATCH], [1] + [SCRATCH] * 3, [SCRATCH] * 4, [SCRATCH] * 4]
-    assert t.attend == ((0, 128), (1, 128))  # padding rows attend nothing
-    assert t.last_index.tolist() == [2, 0, 0, 0]
+    assert t.tokens.shape == (8,)  # bucket 2 x chunk 4 token rows (a multiple of model.ROW_MULTIPLE)
+    assert t.tokens.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]
+    assert t.positions.tolist() == [10, 11, 12, 0, 0, 0, 0, 0]
+    assert t.write_slots.tolist() == [0, 0, 0, 1] + [SCRATCH] * 4
+    assert t.attend == ((0, 128, 0, 3), (1, 128, 3, 1))  # (slot, keys, first token, tokens); padding attends nothing
+    assert t.last_index.tolist() == [2, 3, 7, 7]  # logit rows: bucket 2 runs as 4
+
+
+@pytest.mark.parametrize("bucket, chunk, tokens", [(1, 64, 64), (1, 1, 4), (3, 1, 4), (8, 1, 8), (1, 30, 32)])
+def test_a_prefill_chunk_runs_chunk_token_rows_not_four_times_as_many(bucket, chunk, tokens):
+    phase = "prefill" if chunk > 1 else "decode"
+    assert batch(phase=phase, bucket=bucket, chunk=chunk, slots=(0,), tokens=((1,),), positions=(0,)).tokens == tokens
 
 
 @pytest.mark.parametrize("bucket, rows", [(1, 4), (2, 4), (4, 4), (5, 8), (8, 8)])
@@ -64,12 +70,12 @@ def test_rows_are_a_multiple_of_four(bucket, rows):
 ])
 def test_keys_are_bucketed_to_powers_of_two(longest, max_context, key_len):
     t = tensorize(batch(slots=(0,), tokens=((1,),), positions=(longest - 1,)), SCRATCH, max_context)
-    assert t.attend == ((0, key_len),)
+    assert t.attend == ((0, key_len, 0, 1),)
 
 
 def test_each_row_attends_its_own_key_bucket():
     t = tensorize(batch(slots=(0, 1), tokens=((1,), (2,)), positions=(10, 300)), SCRATCH, 1024)
-    assert t.attend == ((0, 128), (1, 512))
+    assert t.attend == ((0, 128, 0, 1), (1, 512, 1, 1))
 
 
 def test_sample_positions():
