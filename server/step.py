@@ -14,7 +14,7 @@ import torch
 from server.model import ROW_MULTIPLE
 from server.sampling import SamplingParams
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "mixed")
 
 
 class ExecutorFailed(RuntimeError):
@@ -26,9 +26,14 @@ MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to power
 
 @dataclass(frozen=True)
 class StepBatch:
-    phase: str  # prefill | decode
-    bucket: int  # compiled batch size this step is padded to
-    chunk: int  # static tokens per row: 1 for decode, the program's prefill chunk for prefill
+    """One step. prefill: `bucket` rows of <= `chunk` prompt tokens; decode: `bucket` rows
+    of one token; mixed: up to `bucket` decoding rows of one token, then one row with a
+    prompt slice of <= `chunk` tokens (stall-free batching: running streams advance while
+    a prompt goes in)."""
+
+    phase: str  # prefill | decode | mixed
+    bucket: int  # compiled batch size this step is padded to (mixed: its decode rows)
+    chunk: int  # static tokens per row: 1 for decode, the prefill chunk, or mixed's prompt slice
     slot_ids: tuple[int, ...]  # KV slot of each real row
     token_ids: tuple[tuple[int, ...], ...]  # each row's new tokens (1 for decode, <= chunk for prefill)
     positions: tuple[int, ...]  # position of each row's first new token
@@ -38,19 +43,23 @@ class StepBatch:
         n = len(self.slot_ids)
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
-        if not 0 < n <= self.bucket:
+        mixed = self.phase == "mixed"
+        if not 0 < n <= self.bucket + mixed:
             raise ValueError(f"{n} rows do not fit bucket {self.bucket}")
         if not len(self.token_ids) == len(self.positions) == len(self.sampling) == n:
             raise ValueError("slot_ids, token_ids, positions and sampling must have one entry per row")
         if any(not 0 < len(t) <= self.chunk for t in self.token_ids):
             raise ValueError(f"each row needs 1..{self.chunk} tokens")
+        if mixed and (n < 2 or any(len(t) != 1 for t in self.token_ids[:-1])):
+            raise ValueError("a mixed step is one-token decode rows, then one prompt slice")
         if len(set(self.slot_ids)) != n:
             raise ValueError(f"slot ids repeat: {self.slot_ids}")
 
     @property
     def rows(self) -> int:
-        """Logit rows: the bucket rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
-        return _round_up(self.bucket)
+        """Logit rows: the bucket (mixed: and the slice's row) rounded up to the matmul row
+        multiple (see model.ROW_MULTIPLE)."""
+        return _round_up(self.bucket + (self.phase == "mixed"))
 
     @property
     def tokens(self) -> int:
@@ -58,6 +67,8 @@ class StepBatch:
         multiple. Rows' tokens are packed one after another (no per-row padding to the
         chunk: a prefill chunk of 64 runs 64 token rows, not the 4 x 64 of a [4, 64]
         batch), the rest is padding that writes to the scratch slot."""
+        if self.phase == "mixed":
+            return _round_up(self.bucket + self.chunk)
         return _round_up(self.bucket * self.chunk)
 
     def sample_positions(self) -> list[int]:

@@ -11,7 +11,7 @@ import scheduler
 from server.executor import LocalExecutor, RuntimePlan, StageSpec, make_executor, plan_from_program, torch_device_for
 from server.sampling import GREEDY, SamplingParams
 from server.step import StepBatch
-from tests.server.helpers import OPTIONS, Seq, generate, hf_plan, random_prompt, run_step
+from tests.server.helpers import OPTIONS, Seq, generate, hf_plan, random_prompt, run_step, step_logits
 
 PARAMS = {
     "greedy": GREEDY,
@@ -139,3 +139,35 @@ def test_gpu_stage_needs_cuda():
 def test_unknown_executor_kind(tiny_plan):
     with pytest.raises(ValueError, match="unknown executor 'grpc'"):
         make_executor(tiny_plan, "grpc")
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_a_mixed_step_gives_each_row_what_it_gets_alone(tiny_plan, params):
+    """Streams decode while the target's prompt goes in 16-token slices in the same steps
+    (stall-free batching): every row's logits are bitwise those of its run alone."""
+    executor = LocalExecutor(tiny_plan)
+    companions = [Seq(s, random_prompt(n, seed=s), p) for s, (n, p) in zip((1, 4, 6), COMPANIONS)]
+    for c in companions:  # prefilled, each with its first token
+        while c.done < len(c.prompt):
+            run_step(executor, [c], 1, 32)
+    target = Seq(3, TARGET_PROMPT, PARAMS[params])
+    while len(target.out) < NEW_TOKENS:
+        if target.done < len(target.prompt):  # mixed: decode rows, then the slice
+            rows = companions + [target]
+            batch = StepBatch("mixed", 4, 16, tuple(s.slot for s in rows),
+                              tuple(s.next_tokens(16) for s in rows), tuple(s.position for s in rows),
+                              tuple(s.params for s in rows))
+            logits, ids = step_logits(executor, batch)
+            for row, s in enumerate(rows):
+                s.done += len(s.next_tokens(16)) if s is target else 0
+                if s.done == len(s.prompt):
+                    s.out.append(ids[row])
+                    s.logits.append(logits[row].clone())
+        else:
+            run_step(executor, companions + [target], 4, 1)
+    alone = generate(LocalExecutor(tiny_plan), 3, TARGET_PROMPT, NEW_TOKENS, PARAMS[params], chunk=16)
+    assert target.out == alone.out
+    assert all(torch.equal(a, b) for a, b in zip(alone.logits, target.logits))
+    for c in companions:
+        ref = generate(LocalExecutor(tiny_plan), c.slot, c.prompt, len(c.out), c.params)
+        assert c.out == ref.out and all(torch.equal(a, b) for a, b in zip(ref.logits, c.logits))

@@ -82,3 +82,23 @@ def test_sample_positions():
     b = batch(phase="prefill", chunk=8, tokens=((1, 2, 3), (4,)), positions=(0, 20))
     assert b.sample_positions() == [3, 21]
     assert tensorize(b, SCRATCH, 64).to("cpu").tokens.dtype == torch.int64
+
+
+def test_a_mixed_step_packs_decode_rows_then_the_prompt_slice():
+    b = StepBatch("mixed", 2, 8, (0, 1, 5), ((7,), (8,), (1, 2, 3, 4, 5)), (20, 30, 16), (GREEDY,) * 3)
+    assert (b.tokens, b.rows) == (12, 4)  # bucket 2 + slice 8 token rows; 3 logit rows -> 4
+    t = tensorize(b, SCRATCH, 256)
+    assert t.tokens.tolist() == [7, 8, 1, 2, 3, 4, 5] + [0] * 5
+    assert t.attend == ((0, 128, 0, 1), (1, 128, 1, 1), (5, 128, 2, 5)) and t.last_index.tolist()[:3] == [0, 1, 6]
+    assert b.sample_positions() == [21, 31, 21]
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (((7,), (8,), (1, 2), (3,)), "4 rows do not fit bucket 2"),
+    (((7, 9), (1, 2)), "one-token decode rows, then one prompt slice"),
+    (((1, 2),), "one-token decode rows, then one prompt slice"),
+])
+def test_bad_mixed_steps_are_refused(tokens, message):
+    n = len(tokens)
+    with pytest.raises(ValueError, match=message):
+        StepBatch("mixed", 2, 8, tuple(range(n)), tokens, (0,) * n, (GREEDY,) * n)
