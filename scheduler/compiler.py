@@ -24,6 +24,9 @@ class CompileOptions:
     prompt_len: int = 128  # prompt length the predictions table is for
     objective: str = "latency"  # latency | throughput
     buckets: tuple[int, ...] = field(default=())  # decode batch sizes; () = powers of two + max_slots
+    # Longest a mixed step (a bucket's decode rows + a prompt slice) may take, ms; 0: each
+    # bucket's decode step x MIXED_STEP_FACTOR. The compiler picks the largest slice that fits.
+    itl_target_ms: float = 0.0
 
     def __post_init__(self):
         check_dtype(self.dtype)
@@ -31,6 +34,8 @@ class CompileOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.itl_target_ms, (int, float)) and 0 <= self.itl_target_ms < float("inf")):
+            raise SpecError(f"itl-target-ms must be a finite number >= 0, got {self.itl_target_ms!r}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
         if self.prompt_len >= self.max_context:
@@ -49,8 +54,9 @@ class CompileOptions:
 
     @property
     def step_tokens(self) -> int:
-        """Tokens in the largest step (decode at max_slots, or one prefill chunk): sizes the workspace."""
-        return max(self.max_slots, self.prefill_chunk)
+        """Tokens in the largest step (a mixed step: max_slots decode rows + a slice of at
+        most one prefill chunk): sizes the workspace."""
+        return self.max_slots + self.prefill_chunk
 
 
 def plan(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptions(),
@@ -86,6 +92,7 @@ def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptio
     chunk = min(options.prefill_chunk, options.max_context)
     schedules = [timeline.schedule("decode", b, 1, options.max_context - 1) for b in options.buckets]
     schedules.append(timeline.schedule("prefill", 1, chunk, options.max_context - chunk))
+    schedules += [_mixed_schedule(timeline, options, chunk, decode) for decode in schedules[:-1]]
     body = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": model.name, "fingerprint": fingerprint(model.to_dict()), "spec": model.to_dict(),
@@ -158,6 +165,27 @@ def _predictions(timeline: Timeline, schedules, options: CompileOptions, chunk: 
                     "tokens_per_s": b / tpot, "tokens_per_s_per_user": 1 / tpot,
                     "pipelined_tokens_per_s": m * b / interval})
     return out
+
+
+MIXED_STEP_FACTOR = 1.25  # default inter-token target: a mixed step at most 25% over its bucket's decode step
+MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (model.ROW_MULTIPLE), up to the prefill chunk
+
+
+def _mixed_schedule(timeline: Timeline, options: CompileOptions, chunk: int, decode: dict) -> dict:
+    """The bucket's mixed step with the largest prompt slice (4, 8, 16, ..., chunk) whose
+    step fits the inter-token target; the smallest slice when none does. Sized, like the
+    decode steps, for the longest context admitted."""
+    b = decode["batch"]
+    target = options.itl_target_ms / 1e3 or decode["step_s"] * MIXED_STEP_FACTOR
+    sizes = sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k <= 2 * chunk})
+    best = None
+    for p in sizes:
+        sched = timeline.schedule("mixed", b, p, options.max_context - 1)
+        if best is None or sched["step_s"] <= target:
+            best = sched
+        if sched["step_s"] > target:
+            break
+    return {**best, "itl_target_s": target}
 
 
 def _prompt_lens(options: CompileOptions) -> list[int]:

@@ -152,6 +152,18 @@ class CostModel:
         comm = sum(self.collective_time(op, n, device, tp) for op, n in work.collectives)
         return compute, comm
 
+    def mixed_layer_times(self, layer: Layer, device: DeviceSpec, tp: int, batch: int, slice_tokens: int,
+                          past_tokens: int) -> tuple[float, float]:
+        """(compute, collective) seconds of a mixed step (see ModelIR.mixed_work): the decode
+        part as `layer_times` has it (calibrated where measured), plus the analytic time the
+        slice adds on top of it."""
+        decode, _ = self.layer_times(layer, device, tp, batch, 1, past_tokens)
+        work = self.ir.mixed_work(layer, tp, batch, slice_tokens, past_tokens)
+        extra = self.compute_time(work, device) - self.compute_time(self.ir.work(layer, tp, batch, 1, past_tokens),
+                                                                    device)
+        comm = sum(self.collective_time(op, n, device, tp) for op, n in work.collectives)
+        return decode + max(0.0, extra), comm
+
     def layer_time(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
                    new_tokens: int, past_tokens: int) -> float:
         return sum(self.layer_times(layer, device, tp, batch, new_tokens, past_tokens))

@@ -120,6 +120,18 @@ class ModelIR:
             return Work(flops=flops, bytes=bytes_, ops=3, collectives=coll)
         return self._block_work(layer, tp, batch, new_tokens, past_tokens, tokens, hidden_bytes, w, a)
 
+    def mixed_work(self, layer: Layer, tp: int, batch: int, slice_tokens: int, past_tokens: int) -> Work:
+        """One device's work for a mixed step: `batch` decode rows (one token after
+        `past_tokens`) and one prompt slice of `slice_tokens` ending at the same context.
+        FLOPs and KV traffic add up; the layer's weights are read once (for a MoE block,
+        the experts the larger part touches: an approximation), and the collectives carry
+        both parts' activations."""
+        d = self.work(layer, tp, batch, 1, past_tokens)
+        p = self.work(layer, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens)
+        shared = 0.0 if layer.kind == "embed" else min(d.bytes, p.bytes, self.resident_bytes(layer, tp))
+        coll = tuple((op, nd + npre) for (op, nd), (_, npre) in zip(d.collectives, p.collectives))
+        return Work(flops=d.flops + p.flops, bytes=d.bytes + p.bytes - shared, ops=d.ops, collectives=coll)
+
     def _block_work(self, layer, tp, batch, new_tokens, past_tokens, tokens, hidden_bytes, w, a) -> Work:
         m = self.model
         q_out = m.num_heads * m.head_dim

@@ -107,22 +107,30 @@ class Timeline:
         return self.cost.transfer_time(batch * 4, self._device(last), hops)
 
     def schedule(self, phase: str, batch: int, new: int, past: int) -> dict:
+        """One step's ops and transfers. decode/prefill: `batch` rows of `new` tokens after
+        `past`; mixed: `batch` decode rows after `past` plus a prompt slice of `new` tokens."""
+        mixed = phase == "mixed"
+        tokens, rows = (batch + new, batch + 1) if mixed else (batch * new, batch)
         clock, stages_out, transfers, bottleneck = 0.0, [], [], 0.0
         for stage in self.stages:
             dev = self._device(stage)
             stage_start = clock
             if stage.index:
                 prev = self.stages[stage.index - 1]
-                end = clock + self._incoming(stage, batch * new)
-                transfers.append(_transfer(prev, stage, 1, batch * new * self.ir.handoff_bytes_per_token,
-                                           clock, end))
+                end = clock + self._incoming(stage, tokens)
+                transfers.append(_transfer(prev, stage, 1, tokens * self.ir.handoff_bytes_per_token, clock, end))
                 clock = end
             ops = []
             for layer in self.ir.layers[stage.layer_start:stage.layer_end]:
-                compute, _ = self.cost.layer_times(layer, dev, stage.tp, batch, new, past)
+                if mixed:
+                    compute, _ = self.cost.mixed_layer_times(layer, dev, stage.tp, batch, new, past)
+                    work = self.ir.mixed_work(layer, stage.tp, batch, new, past)
+                else:
+                    compute, _ = self.cost.layer_times(layer, dev, stage.tp, batch, new, past)
+                    work = self.ir.work(layer, stage.tp, batch, new, past)
                 ops.append({"op": "compute", "layer": layer.name, "start_s": clock, "end_s": clock + compute})
                 clock += compute
-                for coll, nbytes in self.ir.work(layer, stage.tp, batch, new, past).collectives:
+                for coll, nbytes in work.collectives:
                     dt = self.cost.collective_time(coll, nbytes, dev, stage.tp)
                     ops.append({"op": coll, "layer": layer.name, "bytes": nbytes, "start_s": clock, "end_s": clock + dt})
                     clock += dt
@@ -130,10 +138,10 @@ class Timeline:
             stages_out.append({"stage": stage.index, "devices": [stage.device_start, stage.device_end], "ops": ops})
         last, first = self.stages[-1], self.stages[0]
         hops = self.pool.hops(last.device_end - 1, first.device_start)
-        end = clock + self.feedback_time(batch)
+        end = clock + self.feedback_time(rows)
         if hops:
-            transfers.append(_transfer(last, first, hops, batch * 4, clock, end))
-        return {"phase": phase, "batch": batch, "new_tokens": new, "context": past + new,
+            transfers.append(_transfer(last, first, hops, rows * 4, clock, end))
+        return {"phase": phase, "batch": batch, "new_tokens": new, "context": past + (1 if mixed else new),
                 "step_s": end, "bottleneck_s": bottleneck, "stages": stages_out, "transfers": transfers}
 
     def ttft(self, prompt_len: int, chunk: int) -> float:

@@ -8,10 +8,13 @@ same object (nano-vllm's schedule / run / postprocess split).
     outs = sched.update(plan, ids) # advances the rows; finished seqs free their slots
     sched.abort(seq)               # a cancel, from any state
 
-Tick policy (static shapes): a tick is either a decode step of every decoding seq, padded
-to the smallest compiled bucket that holds them, or one prefill chunk of the oldest
-admitted seq whose prompt is not in yet. When both are pending they alternate, so
-running streams keep a cadence while new prompts go in.
+Tick policy (static shapes): with only decoding seqs, a decode step of all of them,
+padded to the smallest compiled bucket that holds them; with only prompts to fill, one
+prefill chunk of the oldest; with both, a mixed step: every decoding seq plus a slice of
+the oldest prompt, of the size the compiler chose for that bucket (`slices`), so every
+running stream gets a token on every tick while prompts go in (stall-free batching, as
+Sarathi-Serve and chunked prefill do). A program without mixed steps (`slices` empty)
+alternates prefill and decode ticks instead.
 
 Invariants: a seq is in exactly one of waiting, running (holding `slot`), or finished;
 free slots + running slots = all slots; every decoding seq gets exactly one token per
@@ -24,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 
 
 @dataclass(eq=False)
@@ -47,11 +50,15 @@ class Seq:
 
 @dataclass(frozen=True)
 class TickPlan:
-    phase: str  # prefill | decode
-    bucket: int  # compiled batch size the step is padded to
-    rows: tuple[Seq, ...]  # decode: every decoding seq; prefill: the one seq
-    start: int = 0  # prefill: the slice's first prompt position
-    length: int = 1  # prefill: the slice's tokens (<= chunk); decode: 1
+    phase: str  # prefill | decode | mixed
+    bucket: int  # compiled batch size the step is padded to (mixed: of its decode rows)
+    rows: tuple[Seq, ...]  # decode: every decoding seq; prefill: the one seq; mixed: both, the prompt last
+    start: int = 0  # prefill, mixed: the slice's first prompt position
+    length: int = 1  # prefill, mixed: the slice's tokens (<= chunk or the bucket's slice); decode: 1
+
+    def is_slice(self, i: int) -> bool:
+        """Whether row i carries prompt tokens (the others decode one token)."""
+        return self.phase == PREFILL or (self.phase == MIXED and i == len(self.rows) - 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class TickScheduler:
     chunk: int  # prompt tokens per prefill tick
     buckets: tuple[int, ...]  # compiled decode batch sizes, ascending
     max_queue: int = 64
+    slices: dict[int, int] = field(default_factory=dict)  # decode bucket -> mixed step's prompt slice
     waiting: deque[Seq] = field(default_factory=deque)
     running: list[Seq] = field(default_factory=list)  # in admission order
     free_slots: list[int] = field(default_factory=list)
@@ -76,6 +84,8 @@ class TickScheduler:
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
             raise ValueError(f"buckets must ascend to at least max_slots={self.max_slots}, got {self.buckets}")
+        if self.slices and (set(self.slices) != set(self.buckets) or min(self.slices.values()) < 1):
+            raise ValueError(f"slices must give a prompt slice >= 1 for every bucket {self.buckets}, got {self.slices}")
         if min(self.max_slots, self.max_context, self.chunk) < 1 or self.max_queue < 0:
             raise ValueError("max_slots, max_context and chunk must be >= 1 and max_queue >= 0")
         if not self.free_slots and not self.running:
@@ -104,7 +114,7 @@ class TickScheduler:
 
     def clone(self) -> TickScheduler:
         """An independent copy (seqs copied too) for running forward without side effects."""
-        return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue,
+        return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue, self.slices,
                              deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
                              list(self.free_slots), self.last_phase)
 
@@ -121,6 +131,10 @@ class TickScheduler:
             self.running.append(seq)
         prefilling = [s for s in self.running if not s.decoding]
         decoding = [s for s in self.running if s.decoding]
+        if prefilling and decoding and self.slices:
+            seq, bucket = prefilling[0], self.bucket_for(len(decoding))
+            n = min(self.slices[bucket], seq.prompt_len - seq.prefilled)
+            return TickPlan(MIXED, bucket, (*decoding, seq), seq.prefilled, n)
         if prefilling and (not decoding or self.last_phase == DECODE):
             seq = prefilling[0]
             n = min(self.chunk, seq.prompt_len - seq.prefilled)
@@ -135,12 +149,12 @@ class TickScheduler:
         missing from `tokens` failed and must be aborted by the caller."""
         self.last_phase = plan.phase
         outs = []
-        for seq in plan.rows:
+        for i, seq in enumerate(plan.rows):
             if seq not in self.running:
                 continue  # aborted during the step
             if tokens is not None and seq.seq_id not in tokens:
                 continue
-            if plan.phase == PREFILL:
+            if plan.is_slice(i):
                 seq.prefilled += plan.length
                 if not seq.decoding:
                     outs.append(Output(seq, None, None))

@@ -66,23 +66,35 @@ def is_simulated(program: dict) -> bool:
     return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
 
 
-def measure_time_scale(executor, engine_step_s: dict, max_context: int, chunk: int, repeats: int = 5,
+def _probe_step(sched: dict, max_context: int, max_slots: int) -> StepBatch:
+    """A compiled step's shape with every row real, at the longest context: decode and
+    prefill rows as compiled; a mixed step's decode rows (at most max_slots - 1: the
+    prompt holds a slot) and its slice."""
+    phase, batch, n = sched["phase"], sched["batch"], sched["new_tokens"]
+    if phase != "mixed":
+        rows = range(batch)
+        return StepBatch(phase, batch, n, tuple(rows), tuple((0,) * n for _ in rows),
+                         tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
+    rows = range(min(batch, max_slots - 1) + 1)
+    tokens = tuple((0,) for _ in rows[:-1]) + ((0,) * n,)
+    positions = tuple(max_context - 1 for _ in rows[:-1]) + (max_context - n,)
+    return StepBatch(phase, batch, n, tuple(rows), tokens, positions, tuple(GREEDY for _ in rows))
+
+
+def measure_time_scale(executor, schedules: list[dict], max_context: int, max_slots: int, repeats: int = 5,
                        margin: float = 1.1, warmup: int = 8) -> float:
-    """Runs every given step on the host and returns the smallest factor by which the
-    program's step times must be slowed so the host keeps up: max over steps of
+    """Runs every given compiled step on the host and returns the smallest factor by which
+    the program's step times must be slowed so the host keeps up: max over steps of
     measured / predicted (median of `repeats`), times `margin`. Each step shape first runs
     `warmup` times untimed: a fresh executor's first steps of a shape take 100x longer
     (measured: 250 ms, then 3 ms, for `tiny`: oneDNN primitives, first touches)."""
     worst = 0.0
-    for (phase, batch), predicted_s in sorted(engine_step_s.items()):
-        n = chunk if phase == "prefill" else 1
-        rows = range(batch)
-        step = StepBatch(phase, batch, n, tuple(rows), tuple((0,) * n for _ in rows),
-                         tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
+    for sched in schedules:
+        step = _probe_step(sched, max_context, max_slots)
         for _ in range(warmup):
             executor.step(step)
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
-        worst = max(worst, measured / predicted_s)
+        worst = max(worst, measured / sched["step_s"])
     return worst * margin
 
 
@@ -116,19 +128,18 @@ class LockstepServer:
         threads = cfg.torch_threads or os.cpu_count() or 1
         await loop.run_in_executor(self.device_thread, torch.set_num_threads, threads)
         self.executor = await loop.run_in_executor(self.device_thread, make_executor, plan, cfg.executor)
-        step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
-        opts = program["options"]
+        schedules, opts = program["schedules"], program["options"]
         if is_simulated(program) and not cfg.time_scale:
-            scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, step_s,
-                                               opts["max_context"], program["prefill_chunk"])
+            scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, schedules,
+                                               opts["max_context"], opts["max_slots"])
         else:
             # Real devices run at their own speed: 1, unless the host, serving, runs slower
             # than its calibration said (measured: ~25% inside a Ray actor on a 2-core host
             # whose cores Ray's own processes share); then ticks stretch to what it keeps
             # up with, and the factor is reported, rather than every tick overrunning.
-            decode_only = {key: s for key, s in step_s.items() if key[0] == "decode"}
+            steady = [s for s in schedules if s["phase"] != "prefill"]  # decode and mixed: the cadence
             measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor,
-                                                  decode_only, opts["max_context"], 1, 5, 1.0)
+                                                  steady, opts["max_context"], opts["max_slots"], 5, 1.0)
             scale = cfg.time_scale or max(1.0, measured)
         config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                               max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac)

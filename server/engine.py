@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.simulate import predict_arrival
-from scheduler.ticks import PREFILL, Seq, TickPlan, TickScheduler
+from scheduler.ticks import MIXED, PREFILL, Seq, TickPlan, TickScheduler
 from server.sampling import SamplingParams
 from server.step import ExecutorFailed, StepBatch
 
@@ -91,8 +91,9 @@ class Engine:
         opts = program["options"]
         self.max_slots, self.max_context = opts["max_slots"], opts["max_context"]
         self.step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
+        slices = {s["batch"]: s["new_tokens"] for s in program["schedules"] if s["phase"] == MIXED}
         self.sched = TickScheduler(self.max_slots, self.max_context, program["prefill_chunk"],
-                                   tuple(program["buckets"]), config.max_queue)
+                                   tuple(program["buckets"]), config.max_queue, slices)
         self._lock = threading.Condition()  # guards sched and _requests (an RLock inside)
         self._requests: dict[int, Request] = {}  # seq_id -> request, waiting or running
         self._ids = itertools.count()
@@ -226,8 +227,20 @@ class Engine:
             (r,) = reqs
             tokens = tuple(r.prompt[plan.start:plan.start + plan.length])
             return StepBatch(PREFILL, 1, self.sched.chunk, (r.seq.slot,), (tokens,), (plan.start,), (r.sampling,))
-        return StepBatch(plan.phase, self.sched.bucket_for(len(rows)), 1, tuple(s.slot for s in rows),
-                         tuple((r.out[-1],) for r in reqs), tuple(len(r.prompt) + len(r.out) - 1 for r in reqs),
+        sliced = plan.phase == MIXED and rows[-1] is plan.rows[-1]  # a row-by-row retry may drop the slice
+        decode = reqs[:-1] if sliced else reqs
+        tokens = [(r.out[-1],) for r in decode]
+        positions = [len(r.prompt) + len(r.out) - 1 for r in decode]
+        if sliced:
+            tokens.append(tuple(reqs[-1].prompt[plan.start:plan.start + plan.length]))
+            positions.append(plan.start)
+            if not decode:  # the slice alone: a prefill step of it
+                return StepBatch(PREFILL, 1, self.sched.chunk, (rows[-1].slot,), tuple(tokens), tuple(positions),
+                                 (reqs[-1].sampling,))
+            phase, bucket, chunk = MIXED, self.sched.bucket_for(len(decode)), self.sched.slices[plan.bucket]
+        else:
+            phase, bucket, chunk = "decode", self.sched.bucket_for(len(decode)), 1
+        return StepBatch(phase, bucket, chunk, tuple(s.slot for s in rows), tuple(tokens), tuple(positions),
                          tuple(r.sampling for r in reqs))
 
     def _step(self, plan: TickPlan) -> dict[int, int]:

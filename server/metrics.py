@@ -31,7 +31,7 @@ RATIO_BUCKETS = (
     1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 3.0, 5.0, 10.0,
 )  # fmt: skip
 
-PHASES = ("prefill", "decode")  # same as server.step.PHASES (not imported: that pulls in torch)
+PHASES = ("prefill", "decode", "mixed")  # same as server.step.PHASES (not imported: that pulls in torch)
 # How admitted requests end (server.api.Outcome), and "rejected": refused at arrival.
 FINISH_REASONS = ("length", "stop", "cancelled", "disconnected", "deadline", "error", "rejected")
 # grpc.StatusCode names, listed here so label values stay a closed set without importing grpc.

@@ -264,7 +264,7 @@ def test_queries_name_only_metrics_the_server_exports(stack):
 @needs_prometheus
 @pytest.mark.slow
 def test_the_load_shows_up_in_the_rules(stack):
-    """Values that follow from the load: tokens flowed, no overruns, both phases timed."""
+    """Values that follow from the load: tokens flowed, no overruns, every phase timed."""
     _, prom, _, _ = stack
     expr = {r["record"]: r["expr"] for r in rules()}
     assert prom.value(expr["lockstep:generation_tokens:rate1m"]) > 0
@@ -273,5 +273,6 @@ def test_the_load_shows_up_in_the_rules(stack):
     for record, check in (("lockstep:tick_overrun_ratio:rate1m", lambda v: v == 0),  # throughput mode: no slot
                           ("lockstep:step_measured_over_predicted:ratio1m", lambda v: v > 0)):
         result = prom.query(expr[record])["data"]["result"]
-        assert {s["metric"]["phase"] for s in result} == {"prefill", "decode"}, record
+        phases = {s["metric"]["phase"] for s in result}
+        assert {"prefill", "decode"} <= phases <= {"prefill", "decode", "mixed"}, record
         assert all(check(float(s["value"][1])) for s in result), (record, result)

@@ -85,13 +85,13 @@ def test_from_json_rejects_other_documents(staged_program):
         Program.from_json(json.dumps(data))
 
 
-def test_a_decode_schedule_per_bucket_and_one_prefill(program):
+def test_a_decode_and_a_mixed_schedule_per_bucket_and_one_prefill(program):
     buckets = program.data["buckets"]
     max_slots = program.data["options"]["max_slots"]
     assert buckets == sorted(set([1 << k for k in range(max_slots.bit_length()) if 1 << k <= max_slots]
                                  + [max_slots]))
     phases = [(s["phase"], s["batch"]) for s in program.data["schedules"]]
-    assert phases == [("decode", b) for b in buckets] + [("prefill", 1)]
+    assert phases == [("decode", b) for b in buckets] + [("prefill", 1)] + [("mixed", b) for b in buckets]
     for b in buckets:
         sched = program.schedule("decode", b)
         assert sched["new_tokens"] == 1 and sched["context"] == program.data["options"]["max_context"]
@@ -99,6 +99,21 @@ def test_a_decode_schedule_per_bucket_and_one_prefill(program):
     assert prefill["new_tokens"] == program.data["prefill_chunk"]
     with pytest.raises(KeyError):
         program.schedule("decode", max_slots + 1)
+    for b in buckets:  # a slice of 4, 8, 16, ... prompt tokens; within the target unless the smallest
+        mixed, decode = program.schedule("mixed", b), program.schedule("decode", b)
+        assert mixed["new_tokens"] in (4, 8, 16, 32, 64, 128, 256, prefill["new_tokens"])
+        assert mixed["step_s"] >= decode["step_s"]
+        assert mixed["step_s"] <= mixed["itl_target_s"] or mixed["new_tokens"] == 4
+
+
+def test_the_itl_target_picks_the_slice(tiny_program):
+    opts = tiny_program.data["options"]
+    model, pool = get_model(tiny_program.data["model"]["name"]), parse_pool(tiny_program.data["pool"]["description"])
+    slices = []
+    for target_ms in (1e-6, 1e6):
+        options = CompileOptions(**{**opts, "buckets": tuple(opts["buckets"]), "itl_target_ms": target_ms})
+        slices.append(compile(model, pool, options).schedule("mixed", 1)["new_tokens"])
+    assert slices == [4, tiny_program.data["prefill_chunk"]]
 
 
 def test_buckets_when_max_slots_is_not_a_power_of_two(staged_program):
@@ -157,12 +172,14 @@ def test_transfers_link_consecutive_stages(staged_program):
             assert t["end_s"] > t["start_s"]
             assert t["src_device"] == stages[t["from_stage"]]["devices"][1] - 1
             assert t["dst_device"] == stages[t["to_stage"]]["devices"][0]
-            hidden_bytes = sched["batch"] * sched["new_tokens"] * 128 * 2  # [T, h] bf16
+            tokens = sched["batch"] + sched["new_tokens"] if sched["phase"] == "mixed" else \
+                sched["batch"] * sched["new_tokens"]
+            hidden_bytes = tokens * 128 * 2  # [T, h] bf16
             assert t["bytes"] == hidden_bytes
         # The sampled ids go back to the first stage at the end of the step.
         feedback = sched["transfers"][-1]
         assert (feedback["from_stage"], feedback["to_stage"]) == (len(stages) - 1, 0)
-        assert feedback["bytes"] == sched["batch"] * 4
+        assert feedback["bytes"] == (sched["batch"] + (sched["phase"] == "mixed")) * 4  # int32 ids
         assert feedback["end_s"] == pytest.approx(sched["step_s"], **APPROX)
 
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from scheduler.simulate import NEW_ID, predict_arrival
 from scheduler.ticks import DECODE, Seq, TickScheduler
 
-TICK_S = {("prefill", 1): 0.050, (DECODE, 1): 0.010, (DECODE, 2): 0.011, (DECODE, 4): 0.013}
+TICK_S = {("prefill", 1): 0.050, (DECODE, 1): 0.010, (DECODE, 2): 0.011, (DECODE, 4): 0.013,
+          ("mixed", 1): 0.015, ("mixed", 2): 0.016, ("mixed", 4): 0.017}
 
 
 def tick_s(phase: str, bucket: int) -> float:
@@ -31,8 +32,9 @@ def tick_by_tick(sched: TickScheduler, prompt_len: int, max_tokens: int) -> tupl
     return ttft, t
 
 
-def busy(arrivals: list[tuple[int, int]], warm_ticks: int) -> TickScheduler:
-    sched = TickScheduler(max_slots=4, max_context=128, chunk=16, buckets=(1, 2, 4), max_queue=64)
+def busy(arrivals: list[tuple[int, int]], warm_ticks: int, mixed: bool = False) -> TickScheduler:
+    sched = TickScheduler(max_slots=4, max_context=128, chunk=16, buckets=(1, 2, 4), max_queue=64,
+                          slices={1: 8, 2: 8, 4: 4} if mixed else {})
     for i, (p, m) in enumerate(arrivals):
         sched.add(Seq(i, p, m))
     for _ in range(warm_ticks):
@@ -60,9 +62,9 @@ def test_a_queued_request_waits_for_a_slot():
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40)), max_size=12),
-       st.integers(0, 80), st.integers(1, 60), st.integers(1, 40))
-def test_the_jumps_give_exactly_the_tick_by_tick_answer(arrivals, warm, prompt_len, max_tokens):
-    sched = busy(arrivals, warm)
+       st.integers(0, 80), st.integers(1, 60), st.integers(1, 40), st.booleans())
+def test_the_jumps_give_exactly_the_tick_by_tick_answer(arrivals, warm, prompt_len, max_tokens, mixed):
+    sched = busy(arrivals, warm, mixed)
     got = predict_arrival(sched, prompt_len, max_tokens, tick_s)
     want = tick_by_tick(sched, prompt_len, max_tokens)
     assert abs(got[0] - want[0]) < 1e-9 and abs(got[1] - want[1]) < 1e-9

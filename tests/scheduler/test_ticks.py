@@ -8,12 +8,14 @@ import random
 
 import pytest
 
-from scheduler.ticks import DECODE, PREFILL, Seq, TickScheduler
+from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, TickScheduler
+
+SLICES = {1: 4, 2: 4, 4: 2}  # decode bucket -> prompt tokens a mixed step carries
 
 
-def make(max_slots=4, chunk=8, max_queue=16, max_context=64) -> TickScheduler:
+def make(max_slots=4, chunk=8, max_queue=16, max_context=64, slices=None) -> TickScheduler:
     return TickScheduler(max_slots=max_slots, max_context=max_context, chunk=chunk, buckets=(1, 2, 4),
-                         max_queue=max_queue)
+                         max_queue=max_queue, slices=slices or {})
 
 
 def step(sched: TickScheduler, token: int = 7):
@@ -144,3 +146,29 @@ def test_the_same_arrivals_give_the_same_ticks():
         return ticks
 
     assert run() == run()
+
+
+def test_with_mixed_steps_every_decoding_stream_gets_a_token_on_every_tick_while_prompts_go_in():
+    sched = make(slices=SLICES)
+    rng = random.Random(1)
+    for i in range(12):
+        sched.add(Seq(i, rng.randint(1, 30), rng.randint(1, 15)))
+    phases = set()
+    while not sched.idle():
+        before = {s.seq_id: s.generated for s in sched.running if s.decoding}
+        plan, outs = step(sched)
+        phases.add(plan.phase)
+        decoding_rows = [s for i, s in enumerate(plan.rows) if not plan.is_slice(i)]
+        if plan.phase == PREFILL:  # a pure prefill only when nothing decodes
+            assert not before
+        else:  # every decoding stream, each one token further
+            assert {s.seq_id for s in decoding_rows} == set(before)
+            assert all(s.generated == before[s.seq_id] + 1 for s in decoding_rows)
+        if plan.phase == MIXED:  # never past its compiled shape
+            assert len(decoding_rows) <= plan.bucket and 1 <= plan.length <= SLICES[plan.bucket]
+    assert phases == {PREFILL, DECODE, MIXED}
+
+
+def test_slices_must_cover_every_bucket():
+    with pytest.raises(ValueError, match="every bucket"):
+        make(slices={1: 4, 2: 4})

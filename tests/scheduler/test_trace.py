@@ -42,7 +42,9 @@ def test_trace_names_processes_and_threads(staged_program, tmp_path):
     processes = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
     assert sorted(processes) == list(range(1, len(schedules) + 1))
     assert processes[1].startswith("decode batch=1 ")
-    assert processes[len(schedules)].startswith("prefill batch=1 tokens=16")
+    prefill = next(i for i, s in enumerate(schedules, start=1) if s["phase"] == "prefill")
+    assert processes[prefill].startswith("prefill batch=1 tokens=16")
+    assert processes[len(schedules)].startswith("mixed batch=")
     num_stages = len(staged_program.data["stages"])
     for pid in processes:
         threads = {e["tid"]: e["args"]["name"] for e in meta if e["name"] == "thread_name" and e["pid"] == pid}
