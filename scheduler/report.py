@@ -11,7 +11,8 @@ def summary_json(program: Program) -> dict:
             "dtype": d["model"]["weight_dtype"], "objective": d["objective"]["name"],
             "devices_used": d["devices_used"], "num_devices": d["pool"]["num_devices"],
             "stages": d["stages"], "memory_plan": d["memory_plan"], "predictions": d["predictions"],
-            "ttft_by_prompt_len": d["ttft_by_prompt_len"]}
+            "ttft_by_prompt_len": d["ttft_by_prompt_len"],
+            "steps": [{k: x[k] for k in ("phase", "batch", "new_tokens", "step_s")} for x in d["schedules"]]}
 
 
 def _bytes(n: float) -> str:
@@ -64,4 +65,9 @@ def summary_text(program: Program, max_stage_rows: int = 12) -> str:
         lines.append(f"{p['batch']:>5} {p['prompt_len']:>6} {_time(p['ttft_s']):>10} {_time(p['tpot_s']):>10} "
                      f"{p['tokens_per_s']:>10.1f} {p['tokens_per_s_per_user']:>10.1f} "
                      f"{p['pipelined_tokens_per_s']:>15.1f}")
+    lines += ["", "steps (one tick each; a mixed step is the bucket's decode rows + a prompt slice)",
+              f"{'phase':<8} {'batch':>5} {'tokens':>6} {'step':>10} {'target':>10}"]
+    for x in d["schedules"]:
+        target = _time(x["itl_target_s"]) if "itl_target_s" in x else ""
+        lines.append(f"{x['phase']:<8} {x['batch']:>5} {x['new_tokens']:>6} {_time(x['step_s']):>10} {target:>10}")
     return "\n".join(lines)

@@ -91,7 +91,8 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     model = scheduler.get_model(model_arg)
     pool = scheduler.parse_pool(args.pool)
     options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
-                                       prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1))
+                                       prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
+                                       itl_target_ms=args.itl_target_ms)
     program = scheduler.compile(model, pool, options, _calibration(args, model, pool))
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,

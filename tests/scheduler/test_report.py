@@ -22,5 +22,16 @@ def test_summary_text_elides_long_stage_lists(big_program):
 def test_summary_text_lists_every_bucket(tiny_program):
     lines = summary_text(tiny_program).splitlines()
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("batch"))
-    rows = [line.split()[0] for line in lines[start + 1:]]
+    end = lines.index("", start)
+    rows = [line.split()[0] for line in lines[start + 1:end]]
     assert rows == [str(b) for b in tiny_program.data["buckets"]]
+
+
+def test_summary_text_shows_every_step_with_mixed_steps_and_their_targets(tiny_program):
+    lines = summary_text(tiny_program).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("phase"))
+    steps = [line.split() for line in lines[start + 1:]]
+    assert [(s[0], int(s[1]), int(s[2])) for s in steps] == [
+        (x["phase"], x["batch"], x["new_tokens"]) for x in tiny_program.data["schedules"]]
+    assert all(len(s) == 7 for s in steps if s[0] == "mixed")  # step and target, each "N unit"
+    assert summary_json(tiny_program)["steps"][-1]["phase"] == "mixed"
