@@ -171,15 +171,19 @@ MIXED_STEP_FACTOR = 1.25  # default inter-token target: a mixed step at most 25%
 MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (model.ROW_MULTIPLE), up to the prefill chunk
 
 
+def slice_sizes(chunk: int) -> list[int]:
+    """The prompt slices a mixed step may carry: 4, 8, 16, ... and the chunk itself."""
+    return sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k < 2 * chunk})
+
+
 def _mixed_schedule(timeline: Timeline, options: CompileOptions, chunk: int, decode: dict) -> dict:
     """The bucket's mixed step with the largest prompt slice (4, 8, 16, ..., chunk) whose
     step fits the inter-token target; the smallest slice when none does. Sized, like the
     decode steps, for the longest context admitted."""
     b = decode["batch"]
     target = options.itl_target_ms / 1e3 or decode["step_s"] * MIXED_STEP_FACTOR
-    sizes = sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k <= 2 * chunk})
     best = None
-    for p in sizes:
+    for p in slice_sizes(chunk):
         sched = timeline.schedule("mixed", b, p, options.max_context - 1)
         if best is None or sched["step_s"] <= target:
             best = sched

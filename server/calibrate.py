@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import scheduler
+from scheduler.compiler import slice_sizes
 from scheduler.program import fingerprint
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
 from server.sampling import GREEDY
@@ -91,7 +92,8 @@ def key_buckets(max_context: int) -> list[int]:
 @dataclass(frozen=True)
 class Point:
     """One calibrated step: `tokens` is the attended keys for decode (the step runs at
-    context = tokens), the chunk length for prefill (a chunk at position 0)."""
+    context = tokens), the chunk length for prefill (a chunk at position 0), the prompt
+    slice for mixed (`batch` decode rows at the smallest key bucket, the slice at 0)."""
 
     phase: str
     batch: int
@@ -118,10 +120,19 @@ class Calibrator:
 
     def points(self) -> list[Point]:
         decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
-        return decode + [Point("prefill", 1, self.options.prefill_chunk)]
+        mixed = [Point("mixed", b, p) for b in self.options.buckets for p in slice_sizes(self.options.prefill_chunk)]
+        return decode + [Point("prefill", 1, self.options.prefill_chunk)] + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
-        """All rows real, each ending at `context` (decode: one new token; prefill: a chunk)."""
+        """All rows real, each ending at `context` (decode: one new token; prefill: a chunk);
+        mixed: `bucket` decode rows (at most max_slots - 1) at the smallest key bucket and a
+        slice of `context` tokens at position 0."""
+        if phase == "mixed":
+            rows = range(min(bucket, self.max_slots - 1) + 1)
+            return StepBatch("mixed", bucket, context, tuple(rows),
+                             tuple((1,) for _ in rows[:-1]) + ((1,) * context,),
+                             tuple(min(MIN_KEY_BUCKET, self.max_context) - 1 for _ in rows[:-1]) + (0,),
+                             tuple(GREEDY for _ in rows))
         n = self.options.prefill_chunk if phase == "prefill" else 1
         rows = range(bucket)
         return StepBatch(phase, bucket, n, tuple(rows), tuple((1,) * n for _ in rows),

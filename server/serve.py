@@ -25,8 +25,9 @@ from server.auth import read_secret
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 # Part of the cached calibration's name: bump it when the runtime's step costs change, so
-# a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster).
-RUNTIME_COST_VERSION = 2
+# a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster; 3: mixed
+# steps measured).
+RUNTIME_COST_VERSION = 3
 EXIT_ENGINE_DIED = 1
 # Ray's own teardown (kill the actor, ray.shutdown) measured 1.1-1.3 s here: kept out of
 # the grace period the engine actor drains for, so the driver exits within --grace-s.
