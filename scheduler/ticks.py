@@ -1,6 +1,6 @@
 """The tick scheduler: which sequences advance on the next lockstep tick. Pure: no
 threads, clocks, torch or I/O, so the engine, the admission predictor and tests run the
-same object (nano-vllm's schedule / run / postprocess split).
+same object (nano-vllm's schedule / run / postprocess split; docs/architecture.md has the whole loop).
 
     sched.add(seq)                 # FIFO queue, bounded by max_queue
     plan = sched.schedule()        # admits waiting seqs into free KV slots; picks the tick's work

@@ -9,7 +9,8 @@ for its phase and bucket, times `time_scale`, plus the guard band; a step that r
 longer is an overrun: counted and exported, never hidden.
 
 Admission predictions are the same scheduler run forward over the same tick times
-(scheduler/simulate.py), so the promise and the pacing come from one model.
+(scheduler/simulate.py), so the promise and the pacing come from one model
+(docs/architecture.md, "The timing model").
 
 Failures (docs/security.md): a step that raises is retried row by row, so the row at
 fault ends with reason "error" and the others keep their tokens; an `ExecutorFailed`
