@@ -260,7 +260,7 @@ class LockstepService:
                                max_slots=s["max_slots"], running=s["running"], ticks=s["ticks"],
                                overruns=s["overruns"], accepting=s["accepting"],
                                uptime_s=time.monotonic() - self.started, max_queue=s["max_queue"],
-                               engine_up=s["engine_up"])
+                               engine_up=s["engine_up"], pace_factor=s["pace_factor"], repaces=s["repaces"])
 
 
 __all__ = ["Limits", "LockstepService", "Outcome", "SERVICE_NAME", "quote"]

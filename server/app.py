@@ -49,6 +49,7 @@ class ServeConfig:
     time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
     guard_band_s: float = EngineConfig.guard_band_s
     guard_band_frac: float = EngineConfig.guard_band_frac
+    adaptive_pacing: bool = EngineConfig.adaptive_pacing
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host
@@ -142,7 +143,8 @@ class LockstepServer:
                                                   steady, opts["max_context"], opts["max_slots"], 5, 1.0)
             scale = cfg.time_scale or max(1.0, measured)
         config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
-                              max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac)
+                              max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
+                              adaptive_pacing=cfg.adaptive_pacing)
         self.engine = Engine(self.executor, program, config, self.metrics)
         self.failed = asyncio.Event()
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
@@ -157,6 +159,7 @@ class LockstepServer:
         self.metrics.set_slots_total(opts["max_slots"])
         self.metrics.set_accepting(True)
         self.metrics.set_engine_up(True)
+        self.metrics.set_pace(self.engine.pacer.factor)
         metrics_host = cfg.metrics_host or cfg.host
         metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
         self.engine.start(self.device_thread)

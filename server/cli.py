@@ -133,7 +133,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
     p.add_argument("--guard-band-ms", type=float, default=0.5, help="added to every paced tick (default 0.5)")
     p.add_argument("--guard-band-pct", type=float, default=20.0,
-                   help="and this percentage of the tick's predicted step time (default 20)")
+                   help="and this percentage of the tick's predicted step time, until the measured steps "
+                        "re-pace the ticks (default 20)")
+    p.add_argument("--fixed-pacing", action="store_true",
+                   help="keep the start-up pace (time scale x guard band) instead of following the measured "
+                        "steps (their 99th percentile + 5%%, re-estimated every 32 ticks)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-host", default="", help="address of the Prometheus endpoint (default: --host); "

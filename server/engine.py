@@ -5,8 +5,9 @@ Each tick: retire cancelled requests, `schedule()` (admit into free KV slots, pi
 tick's work), run the step, (in deterministic mode) wait out the tick, then `update()`
 and hand out the sampled tokens: tokens leave on tick boundaries, so their cadence does
 not carry the step's jitter. In deterministic mode a tick lasts the program's step time
-for its phase and bucket, times `time_scale`, plus the guard band; a step that runs
-longer is an overrun: counted and exported, never hidden.
+for its phase and bucket, times the pace factor (the time scale and the guard band at
+first, then what the host's steps measure: server/pacing.py), plus a fixed guard; a step
+that runs longer is an overrun: counted and exported, never hidden.
 
 Admission predictions are the same scheduler run forward over the same tick times
 (scheduler/simulate.py), so the promise and the pacing come from one model
@@ -31,6 +32,7 @@ from typing import Callable
 
 from scheduler.simulate import predict_arrival
 from scheduler.ticks import MIXED, PREFILL, Seq, TickPlan, TickScheduler
+from server.pacing import Pacer
 from server.sampling import SamplingParams
 from server.step import ExecutorFailed, StepBatch
 
@@ -42,8 +44,10 @@ class EngineConfig:
     guard_band_s: float = 0.0005  # added to every paced tick, seconds
     max_queue: int = 64  # waiting requests beyond this are refused at once
     # And this fraction of the predicted step: the margin that absorbs the host's jitter
-    # (gRPC and the client share its cores), so steps finish inside their tick.
+    # (gRPC and the client share its cores), so steps finish inside their tick. The first
+    # ticks' margin; then the pace follows the measured steps (adaptive_pacing).
     guard_band_frac: float = 0.20
+    adaptive_pacing: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Engine:
         self._lock = threading.Condition()  # guards sched and _requests (an RLock inside)
         self._requests: dict[int, Request] = {}  # seq_id -> request, waiting or running
         self._ids = itertools.count()
+        self.pacer = Pacer(config.time_scale * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing)
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
         self._stop = False
         self.accepting = True
@@ -123,8 +128,7 @@ class Engine:
         step = self.step_s[(phase, batch)]
         if self.config.deterministic and phase in ("decode", MIXED) and (MIXED, batch) in self.step_s:
             step = max(self.step_s[("decode", batch)], self.step_s[(MIXED, batch)])
-        step *= self.config.time_scale
-        return step * (1 + self.config.guard_band_frac) + self.config.guard_band_s
+        return step * self.pacer.factor + self.config.guard_band_s
 
     def bucket_for(self, n: int) -> int:
         return self.sched.bucket_for(n)
@@ -171,7 +175,8 @@ class Engine:
             return {"queue_length": len(self.sched.waiting), "running": len(self.sched.running),
                     "slots_in_use": self.max_slots - len(self.sched.free_slots), "max_slots": self.max_slots,
                     "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting,
-                    "max_queue": self.config.max_queue, "engine_up": self.up}
+                    "max_queue": self.config.max_queue, "engine_up": self.up,
+                    "pace_factor": self.pacer.factor, "repaces": self.pacer.repaces}
 
     def wake(self) -> None:
         with self._lock:
@@ -293,6 +298,10 @@ class Engine:
         now = time.perf_counter()
         self.ticks += 1
         self.overruns += overrun
+        # Rows that failed ran again alone: such a tick says nothing about the pace.
+        if len(tokens) == len(plan.rows) and self.pacer.observe(measured, self.step_s[(plan.phase, plan.bucket)]):
+            if self.metrics is not None:
+                self.metrics.set_pace(self.pacer.factor, repaced=True)
         with self._lock:
             for out in self.sched.update(plan, tokens):
                 r = self._requests[out.seq.seq_id]

@@ -167,6 +167,10 @@ class Metrics:
         self._time_scale = Gauge("lockstep_time_scale", "Simulated-time slowdown factor (1: real time)", registry=r)
         self._accepting = Gauge("lockstep_accepting_requests", "1 while admitting requests, else 0", registry=r)
         self._engine_up = Gauge("lockstep_engine_up", "1 while the engine loop runs; 0 once it died", registry=r)
+        self._pace = Gauge("lockstep_pace_factor", "Wall seconds of a paced tick per program second of its step",
+                           registry=r)
+        self._repaces = Counter("lockstep_repaces_total", "Times the pace factor followed the measured steps",
+                                registry=r)
 
         # Totals.
         self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", registry=r)
@@ -240,6 +244,11 @@ class Metrics:
 
     def set_engine_up(self, up: bool) -> None:
         self._engine_up.set(1 if up else 0)
+
+    def set_pace(self, factor: float, repaced: bool = False) -> None:
+        self._pace.set(factor)
+        if repaced:
+            self._repaces.inc()
 
     # --- Step loop -------------------------------------------------------------------------
 

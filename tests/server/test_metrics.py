@@ -31,7 +31,7 @@ FAMILIES = {name: "histogram" for name in HISTOGRAMS} | {
     name: "counter"
     for name in (
         "lockstep_ticks", "lockstep_tick_overruns", "lockstep_prompt_tokens",
-        "lockstep_generation_tokens", "lockstep_requests_finished", "lockstep_requests_admitted",
+        "lockstep_generation_tokens", "lockstep_requests_finished", "lockstep_requests_admitted", "lockstep_repaces",
     )
 } | {
     name: "gauge"
@@ -39,6 +39,7 @@ FAMILIES = {name: "histogram" for name in HISTOGRAMS} | {
         "lockstep_step_predicted_last_seconds", "lockstep_step_measured_last_seconds",
         "lockstep_requests_running", "lockstep_requests_waiting", "lockstep_kv_slots_used",
         "lockstep_kv_slots_total", "lockstep_time_scale", "lockstep_accepting_requests", "lockstep_engine_up",
+        "lockstep_pace_factor",
         "lockstep_server_info",
     )
 }  # fmt: skip

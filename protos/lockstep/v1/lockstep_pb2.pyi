@@ -157,7 +157,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., plan_hash: _Optional[str] = ..., pool: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., max_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., dtype: _Optional[str] = ..., time_scale: _Optional[float] = ..., deterministic: _Optional[bool] = ..., guard_band_s: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., executor: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("queue_length", "slots_in_use", "max_slots", "running", "ticks", "overruns", "accepting", "uptime_s", "max_queue", "engine_up")
+    __slots__ = ("queue_length", "slots_in_use", "max_slots", "running", "ticks", "overruns", "accepting", "uptime_s", "max_queue", "engine_up", "pace_factor", "repaces")
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,8 @@ class ServerStatus(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_UP_FIELD_NUMBER: _ClassVar[int]
+    PACE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    REPACES_FIELD_NUMBER: _ClassVar[int]
     queue_length: int
     slots_in_use: int
     max_slots: int
@@ -178,4 +180,6 @@ class ServerStatus(_message.Message):
     uptime_s: float
     max_queue: int
     engine_up: bool
-    def __init__(self, queue_length: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., max_slots: _Optional[int] = ..., running: _Optional[int] = ..., ticks: _Optional[int] = ..., overruns: _Optional[int] = ..., accepting: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., engine_up: _Optional[bool] = ...) -> None: ...
+    pace_factor: float
+    repaces: int
+    def __init__(self, queue_length: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., max_slots: _Optional[int] = ..., running: _Optional[int] = ..., ticks: _Optional[int] = ..., overruns: _Optional[int] = ..., accepting: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., engine_up: _Optional[bool] = ..., pace_factor: _Optional[float] = ..., repaces: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,55 @@
+"""Drift-aware pacing: how long a paced tick lasts, from the steps the host really ran.
+
+A tick of a step the program times at `s` program seconds lasts `s x factor + guard_s`
+wall seconds. The factor starts as the measured time scale x (1 + the guard band), the
+fixed margin of the first ticks; from then on it follows this host: every `every` ticks
+it is re-estimated as the `quantile` of measured / program step time over the last
+`window` ticks, plus `margin`, and replaced when it moved by more than `tolerance`
+(a re-pace: counted and exported). So a step overruns its tick about 1 - quantile of the
+time, whether the host drifted slower (its memory bandwidth moves 25-41 GB/s here from
+minute to minute) or the start-up measurement was pessimistic; promises made after a
+re-pace use the new factor (the admission simulation reads the same ticks).
+
+Pure: no clocks or threads; the engine feeds it one (measured, program) pair per tick.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Pacer:
+    factor: float  # wall seconds of a paced tick per program second of its step
+    adaptive: bool = True
+    quantile: float = 0.99
+    margin: float = 0.05  # over the quantile
+    window: int = 256  # ticks
+    min_samples: int = 64  # before the first re-estimate
+    every: int = 32  # ticks between re-estimates
+    tolerance: float = 0.02  # relative change that triggers a re-pace
+    repaces: int = 0
+    _ratios: deque = field(default_factory=deque, repr=False)
+    _seen: int = 0
+
+    def __post_init__(self):
+        if not self.factor > 0 or not 0 < self.quantile <= 1 or self.margin < 0:
+            raise ValueError(f"factor must be > 0, quantile in (0, 1], margin >= 0; got {self}")
+        self._ratios = deque(maxlen=self.window)
+
+    def observe(self, measured_s: float, program_s: float) -> bool:
+        """One tick's step; returns whether the factor changed."""
+        if not self.adaptive or not program_s > 0:
+            return False
+        self._ratios.append(measured_s / program_s)
+        self._seen += 1
+        if len(self._ratios) < self.min_samples or self._seen % self.every:
+            return False
+        ordered = sorted(self._ratios)
+        estimate = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] * (1 + self.margin)
+        if abs(estimate / self.factor - 1) <= self.tolerance:
+            return False
+        self.factor = estimate
+        self.repaces += 1
+        return True
