@@ -159,7 +159,8 @@ class LockstepServer:
         self.metrics.set_slots_total(opts["max_slots"])
         self.metrics.set_accepting(True)
         self.metrics.set_engine_up(True)
-        self.metrics.set_pace(self.engine.pacer.factor)
+        for phase, pacer in self.engine.pacers.items():
+            self.metrics.set_pace(phase, pacer.factor)
         metrics_host = cfg.metrics_host or cfg.host
         metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
         self.engine.start(self.device_thread)

@@ -168,9 +168,9 @@ class Metrics:
         self._accepting = Gauge("lockstep_accepting_requests", "1 while admitting requests, else 0", registry=r)
         self._engine_up = Gauge("lockstep_engine_up", "1 while the engine loop runs; 0 once it died", registry=r)
         self._pace = Gauge("lockstep_pace_factor", "Wall seconds of a paced tick per program second of its step",
-                           registry=r)
-        self._repaces = Counter("lockstep_repaces_total", "Times the pace factor followed the measured steps",
-                                registry=r)
+                           ["phase"], registry=r)
+        self._repaces = Counter("lockstep_repaces_total", "Times a phase's pace factor followed the measured steps",
+                                ["phase"], registry=r)
 
         # Totals.
         self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", registry=r)
@@ -245,10 +245,12 @@ class Metrics:
     def set_engine_up(self, up: bool) -> None:
         self._engine_up.set(1 if up else 0)
 
-    def set_pace(self, factor: float, repaced: bool = False) -> None:
-        self._pace.set(factor)
+    def set_pace(self, phase: str, factor: float, repaced: bool = False) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
+        self._pace.labels(phase).set(factor)
         if repaced:
-            self._repaces.inc()
+            self._repaces.labels(phase).inc()
 
     # --- Step loop -------------------------------------------------------------------------
 

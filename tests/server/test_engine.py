@@ -24,3 +24,12 @@ def test_decode_and_mixed_ticks_of_a_bucket_share_one_cadence_when_deterministic
 
 def program_step(phase: str, bucket: int) -> float:
     return next(s["step_s"] for s in PROGRAM["schedules"] if (s["phase"], s["batch"]) == (phase, bucket))
+
+
+def test_slow_prefill_steps_do_not_slow_the_decode_cadence():
+    engine = Engine(None, PROGRAM, EngineConfig(deterministic=True))
+    before = {b: engine.tick_s("decode", b) for b in PROGRAM["buckets"]}
+    for _ in range(256):  # prefill steps 1.5x their prediction: its own pace follows
+        engine.pacers["prefill"].observe(1.5 * program_step("prefill", 1), program_step("prefill", 1))
+    assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.05)
+    assert {b: engine.tick_s("decode", b) for b in PROGRAM["buckets"]} == before
