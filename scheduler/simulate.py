@@ -14,11 +14,26 @@ chunks) events, not O(ticks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from scheduler.ticks import DECODE, Seq, TickScheduler
+from scheduler.ticks import DECODE, MIXED, Seq, TickScheduler
 
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
+
+
+def paced_tick_s(step_s: dict, phase: str, batch: int, factors: dict[str, float], guard_s: float,
+                 deterministic: bool = True) -> float:
+    """Wall seconds a tick lasts: its program step (seconds, keyed (phase, batch)) times its
+    phase's pace factor, plus a fixed guard. In deterministic mode a bucket's decode and
+    mixed ticks share one cadence, the longer of the two, so a stream's pace does not
+    change when a prompt goes in beside it. The engine paces with this; the admission
+    simulation and `lockstep simulate` read the same."""
+    paced = step_s[(phase, batch)] * factors[phase]
+    if deterministic and phase in (DECODE, MIXED) and (MIXED, batch) in step_s:
+        paced = max(step_s[(p, batch)] * factors[p] for p in (DECODE, MIXED))
+    return paced + guard_s
 
 
 def _decode_run(sched: TickScheduler) -> int:
@@ -53,3 +68,100 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
         if ttft is None and new.generated:
             ttft = t
     return ttft, t
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    prompt_len: int
+    max_tokens: int
+    arrival_s: float | None = None  # None: closed loop (starts when a client is free)
+
+
+@dataclass
+class SimResult:
+    index: int
+    arrival_s: float
+    prompt_len: int
+    status: str = "OK"  # or RESOURCE_EXHAUSTED (queue full at arrival)
+    token_s: list[float] = field(default_factory=list)  # when each token left, seconds
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_s[0] - self.arrival_s if self.token_s else None
+
+    @property
+    def itl_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_s, self.token_s[1:])]
+
+    @property
+    def e2e_s(self) -> float | None:
+        return self.token_s[-1] - self.arrival_s if self.token_s else None
+
+
+def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[str, int], float],
+                  concurrency: int = 0, jumps: bool = True) -> tuple[list[SimResult], float]:
+    """A discrete-event run of the tick scheduler: the same ticks the engine would run for
+    these arrivals, each lasting `tick_s(phase, bucket)`. Open loop (every request has an
+    arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
+    or closed loop (no arrival times: `concurrency` clients, each sending its next request
+    when the last one ends). A request arriving during a tick is admitted at the tick's
+    end, as in the engine; one that finds the queue full is refused. Returns (results by
+    index, seconds until the last token).
+
+    Stretches of identical decode ticks are taken at once up to the next arrival (`jumps`),
+    so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
+    closed = any(r.arrival_s is None for r in requests)
+    if closed and concurrency < 1:
+        raise ValueError("a closed-loop simulation needs concurrency >= 1")
+    results: dict[int, SimResult] = {}
+    upcoming = sorted((r.arrival_s, i) for i, r in enumerate(requests)) if not closed else []
+    waiting_to_send = list(range(len(requests))) if closed else []  # sent in order as clients free up
+    in_flight, t = 0, 0.0
+
+    def send_next(at: float) -> None:
+        """A client is free: send the next request; a refused one frees the client at once."""
+        nonlocal in_flight
+        while waiting_to_send:
+            i = waiting_to_send.pop(0)
+            r = requests[i]
+            results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
+            try:
+                sched.add(Seq(i, r.prompt_len, r.max_tokens))
+            except OverflowError:
+                results[i].status = "RESOURCE_EXHAUSTED"
+                continue
+            in_flight += 1
+            return
+
+    for _ in range(min(concurrency, len(requests)) if closed else 0):
+        send_next(0.0)
+    while upcoming or waiting_to_send or not sched.idle():
+        while upcoming and upcoming[0][0] <= t:
+            waiting_to_send.append(upcoming.pop(0)[1])
+        while waiting_to_send and (not concurrency or in_flight < concurrency):
+            send_next(t)
+        plan = sched.schedule()
+        if plan is None:
+            if not upcoming:
+                break  # closed loop at its end, or everything refused
+            t = max(t, upcoming[0][0])
+            continue
+        dt = tick_s(plan.phase, plan.bucket)
+        run = _decode_run(sched) if jumps and plan.phase == DECODE else 1
+        if upcoming:  # stop at the first tick boundary at or after the next arrival
+            run = min(run, max(1, math.ceil((upcoming[0][0] - t) / dt)))
+        if run > 1:
+            for seq in plan.rows:
+                seq.generated += run - 1
+                results[seq.seq_id].token_s.extend(t + k * dt for k in range(1, run))
+            t += (run - 1) * dt
+        before = {s.seq_id: s.generated for s in plan.rows}
+        t += dt
+        for out in sched.update(plan):
+            if out.seq.generated > before[out.seq.seq_id]:
+                results[out.seq.seq_id].token_s.append(t)
+            if out.finish_reason is not None:
+                in_flight -= 1
+                if closed:
+                    send_next(t)
+    return [results[i] for i in range(len(requests))], t

@@ -30,7 +30,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scheduler.simulate import predict_arrival
+from scheduler.simulate import paced_tick_s, predict_arrival
 from scheduler.ticks import MIXED, PREFILL, Seq, TickPlan, TickScheduler
 from server.pacing import Pacer
 from server.sampling import SamplingParams
@@ -129,10 +129,8 @@ class Engine:
         come at the same pace whether or not a prompt is going in beside it, so the TPOT
         promised at arrival holds under load (measured on small: ITL p99/p50 1.24 with
         each tick paced for its own step, the mixed step being 1.25x the decode step)."""
-        paced = self.step_s[(phase, batch)] * self.pacers[phase].factor
-        if self.config.deterministic and phase in ("decode", MIXED) and (MIXED, batch) in self.step_s:
-            paced = max(self.step_s[(p, batch)] * self.pacers[p].factor for p in ("decode", MIXED))
-        return paced + self.config.guard_band_s
+        factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        return paced_tick_s(self.step_s, phase, batch, factors, self.config.guard_band_s, self.config.deterministic)
 
     def bucket_for(self, n: int) -> int:
         return self.sched.bucket_for(n)
