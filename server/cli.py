@@ -173,6 +173,8 @@ def _add_passthrough(sub) -> None:
                                 "(arguments go to lockstep serve; default: --model small --pool cpu)")
     sub.add_parser("load", help="generate load against a server; write latency stats and plots "
                                 "(lockstep load --help)")
+    sub.add_parser("simulate", help="the same load tests without a server: the tick scheduler over the "
+                                    "compiled step times (lockstep simulate --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that take another program's flags as they are (argparse's REMAINDER
 # cannot start with an option): `lockstep load ...` and `lockstep demo [serve flags]`.
-PASSTHROUGH = {"load": "client.loadgen", "demo": "client.demo"}
+PASSTHROUGH = {"load": "client.loadgen", "demo": "client.demo", "simulate": "client.simulate"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,137 @@
+"""`lockstep simulate`: a load test of a compiled program without a server.
+
+Compiles the model onto the pool, then runs the engine's own tick scheduler over the
+program's paced tick times (scheduler/simulate.py) for the same loads as `lockstep load`
+(closed loop at --concurrency, or open loop at --rate with gamma arrivals, or a --sweep of
+rates), and writes the same outputs: summary.json, requests.csv, latency PNGs, and for a
+sweep sweep.json, sweep.png and a capacity table (tokens/s per user against requests/s).
+
+    lockstep simulate --model llama-2-70b --dtype int8 --pool lpu:576 --sweep 0.5,1,2,4 \\
+        --prompt-len 128 --output-len 128 --output out/sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import scheduler
+from client.loadgen import LengthDist, arrival_times, parse_slo
+from client.report import RequestRecord, plot_sweep, summarize, write_outputs
+from scheduler.errors import FitError, SpecError
+from scheduler.simulate import SimRequest, paced_tick_s, simulate_load
+from scheduler.ticks import TickScheduler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lockstep simulate", description=__doc__.splitlines()[0])
+    p.error = lambda message: p.exit(2, f"lockstep simulate: error: {message}\n")  # one line, exit 2
+    p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
+    p.add_argument("--pool", required=True, help="e.g. lpu:576, h100:8, cpu")
+    p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
+    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`")
+    p.add_argument("--max-slots", type=int, default=8)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--itl-target-ms", type=float, default=0.0, help="as for compile")
+    p.add_argument("--max-queue", type=int, default=64, help="as for serve (default 64)")
+    p.add_argument("--guard-band-pct", type=float, default=20.0, help="tick margin over the step (default 20)")
+    p.add_argument("--guard-band-ms", type=float, default=0.5, help="and this per tick (default 0.5)")
+    p.add_argument("--throughput", action="store_true", help="ticks paced per step, not one cadence per bucket")
+    p.add_argument("--concurrency", type=int, default=0, help="closed loop: clients (default 1); open loop: cap")
+    p.add_argument("--rate", type=float, default=None, help="open loop: mean arrivals per second")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, < 1 burstier")
+    p.add_argument("--sweep", default="", help="comma-separated rates: one open-loop run per rate")
+    p.add_argument("--requests", type=int, default=1000, help="requests per run (default 1000)")
+    p.add_argument("--prompt-len", type=LengthDist.parse, default=LengthDist.parse("128"))
+    p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist.parse("128"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=200ms,tpot=20ms (for goodput)")
+    p.add_argument("--output", type=Path, required=True, help="folder for the outputs")
+    return p
+
+
+def _records(results) -> list[RequestRecord]:
+    out = []
+    for r in results:
+        itl = r.itl_s
+        out.append(RequestRecord(r.index, r.arrival_s, r.status, r.prompt_len, len(r.token_s), r.ttft_s, itl,
+                                 sum(itl) / len(itl) if itl else None, r.e2e_s))
+    return out
+
+
+def run(args, program: dict, rate: float | None) -> tuple[dict, list[RequestRecord]]:
+    rng = np.random.default_rng(args.seed)
+    lengths = [(args.prompt_len.draw(rng), args.output_len.draw(rng)) for _ in range(args.requests)]
+    arrivals = arrival_times(rate, args.requests, args.burstiness, rng) if rate else [None] * args.requests
+    # A request's prompt + output must fit the context, as the server requires.
+    ctx = args.max_context
+    requests = [SimRequest(min(p, ctx - 1), max(1, min(m, ctx - min(p, ctx - 1))), None if a is None else float(a))
+                for (p, m), a in zip(lengths, arrivals)]
+    step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
+    slices = {s["batch"]: s["new_tokens"] for s in program["schedules"] if s["phase"] == "mixed"}
+    factor = 1 + args.guard_band_pct / 100
+    factors = {"prefill": factor, "decode": factor, "mixed": factor}
+
+    def tick_s(phase: str, batch: int) -> float:
+        return paced_tick_s(step_s, phase, batch, factors, args.guard_band_ms / 1e3, not args.throughput)
+
+    sched = TickScheduler(args.max_slots, ctx, program["prefill_chunk"], tuple(program["buckets"]),
+                          args.max_queue, slices)
+    results, duration = simulate_load(sched, requests, tick_s, args.concurrency or (0 if rate else 1))
+    records = _records(results)
+    return summarize(records, args.slo, duration), records
+
+
+def _line(rate, s: dict) -> str:
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
+    per_user = 1 / s["tpot_s"]["p50"] if s["tpot_s"]["p50"] else 0.0
+    return (f"{'closed loop' if rate is None else f'{rate:g} req/s':>12}: {s['ok']}/{s['requests']} OK, "
+            f"{s['requests_per_s']:.2f} req/s, {s['output_tokens_per_s']:.1f} tok/s, {per_user:.1f} tok/s/user, "
+            f"TTFT p50/p99 {ms(s['ttft_s']['p50'])}/{ms(s['ttft_s']['p99'])} ms, "
+            f"TPOT p50/p99 {ms(s['tpot_s']['p50'])}/{ms(s['tpot_s']['p99'])} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        for name in ("requests", "max_slots", "max_context", "prefill_chunk"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.concurrency < 0 or args.max_queue < 0 or not args.guard_band_pct >= 0 or not args.guard_band_ms >= 0:
+            raise ValueError("--concurrency, --max-queue and the guard bands must be >= 0")
+        rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
+        if any(r is not None and not 0 < r < float("inf") for r in rates) or not 0 < args.burstiness < float("inf"):
+            raise ValueError("rates and --burstiness must be finite and > 0")
+        options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
+                                           prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
+                                           itl_target_ms=args.itl_target_ms)
+        calibration = scheduler.Calibration.load(args.calibration) if args.calibration else None
+        program = scheduler.compile(scheduler.get_model(args.model), scheduler.parse_pool(args.pool), options,
+                                    calibration).data
+    except (ValueError, SpecError, FitError) as exc:
+        parser.error(str(exc))
+    print(f"lockstep simulate: {args.model} on {program['pool']['description']}, plan {program['plan_hash'][:16]}, "
+          f"{args.requests} requests per run", flush=True)
+    points = []
+    for rate in rates:
+        out = args.output / f"rate_{rate:g}" if args.sweep else args.output
+        summary, records = run(args, program, rate)
+        config = {k: (str(v) if isinstance(v, (LengthDist, Path)) else v) for k, v in vars(args).items()}
+        write_outputs(out, summary, records, {**config, "rate": rate, "plan_hash": program["plan_hash"]})
+        print(f"lockstep simulate: {_line(rate, summary)}", flush=True)
+        points.append({"rate": rate, **summary})
+    if args.sweep:
+        (args.output / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
+        plot_sweep(points, args.output / "sweep.png")
+    print(f"lockstep simulate: wrote {args.output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`lockstep simulate`: the load-test outputs from the tick scheduler over a compiled program."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from client.simulate import main
+
+ARGS = ["--model", "tiny", "--pool", "cpu:1", "--dtype", "fp32", "--max-context", "256", "--prefill-chunk", "32",
+        "--requests", "40", "--prompt-len", "40", "--output-len", "8", "--guard-band-pct", "0", "--guard-band-ms", "0"]
+
+
+def test_a_closed_loop_of_one_matches_the_program(tmp_path):
+    assert main([*ARGS, "--concurrency", "1", "--output", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    steps = {(s["phase"], s["batch"]): s["step_s"] for s in
+             json.loads(subprocess.run([sys.executable, "-m", "server.cli", "compile", "--model", "tiny", "--pool",
+                                        "cpu:1", "--dtype", "fp32", "--max-context", "256", "--prefill-chunk", "32",
+                                        "--json"], capture_output=True, text=True, check=True).stdout)["steps"]}
+    s = doc["summary"]
+    assert s["ok"] == 40 and s["errors"] == {}
+    # Alone: two prefill chunks (32 + 8 tokens), then one bucket-1 tick per token, at one cadence.
+    assert s["ttft_s"]["p50"] == pytest.approx(2 * steps[("prefill", 1)])
+    assert s["itl_s"]["p50"] == pytest.approx(max(steps[("decode", 1)], steps[("mixed", 1)]))
+    assert {p.name for p in tmp_path.iterdir()} >= {"summary.json", "requests.csv", "latency_cdf.png"}
+
+
+def test_a_sweep_writes_a_capacity_curve(tmp_path):
+    assert main([*ARGS, "--sweep", "1,4,1000000", "--max-queue", "2", "--output", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["rate"] for p in points] == [1, 4, 1000000]
+    assert points[0]["errors"] == {} and points[-1]["errors"].get("RESOURCE_EXHAUSTED", 0) > 0  # overload refuses
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rate", "nan"], "rates and --burstiness must be finite"),
+    (["--model", "nope"], "unknown model"),
+    (["--requests", "0"], "--requests must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
+    out = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *ARGS, *extra, "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1
