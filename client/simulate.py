@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import scheduler
-from client.loadgen import LengthDist, arrival_times, parse_slo
+from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
 from client.report import RequestRecord, plot_sweep, summarize, write_outputs
 from scheduler.errors import FitError, SpecError
 from scheduler.simulate import SimRequest, paced_tick_s, simulate_load
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
     p.add_argument("--pool", required=True, help="e.g. lpu:576, h100:8, cpu")
     p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
-    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`")
+    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`, or 'auto': the one "
+                                         "`lockstep serve` caches for these flags on this host")
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--prefill-chunk", type=int, default=256)
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard-band-pct", type=float, default=20.0, help="tick margin over the step (default 20)")
     p.add_argument("--guard-band-ms", type=float, default=0.5, help="and this per tick (default 0.5)")
     p.add_argument("--throughput", action="store_true", help="ticks paced per step, not one cadence per bucket")
+    p.add_argument("--pace", type=_pace, default=None,
+                   help="wall seconds per program second of a tick, as a server's lockstep_pace_factor: "
+                        "F, or PHASE=F,... for prefill, decode, mixed (default: 1 + the guard band)")
     p.add_argument("--concurrency", type=int, default=0, help="closed loop: clients (default 1); open loop: cap")
     p.add_argument("--rate", type=float, default=None, help="open loop: mean arrivals per second")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, < 1 burstier")
@@ -49,10 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=1000, help="requests per run (default 1000)")
     p.add_argument("--prompt-len", type=LengthDist.parse, default=LengthDist.parse("128"))
     p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist.parse("128"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="as for lockstep load: the same lengths and arrivals")
+    p.add_argument("--warmup", type=int, default=0, help="as for lockstep load (its draws come first)")
     p.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=200ms,tpot=20ms (for goodput)")
     p.add_argument("--output", type=Path, required=True, help="folder for the outputs")
     return p
+
+
+PHASES = ("prefill", "decode", "mixed")
+
+
+def _pace(text: str) -> dict[str, float]:
+    try:
+        if "=" not in text:
+            out = {p: float(text) for p in PHASES}
+        else:
+            out = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"pace must be F or PHASE=F,... , got {text!r}") from None
+    if set(out) - set(PHASES) or not all(0 < f < float("inf") for f in out.values()):
+        raise argparse.ArgumentTypeError(f"pace factors must be finite and > 0 for {', '.join(PHASES)}, got {text!r}")
+    return out
 
 
 def _records(results) -> list[RequestRecord]:
@@ -65,8 +86,13 @@ def _records(results) -> list[RequestRecord]:
 
 
 def run(args, program: dict, rate: float | None) -> tuple[dict, list[RequestRecord]]:
+    # The same draws as `lockstep load --seed S --warmup W` (its warm-up requests, then the
+    # measured ones, then the arrivals), so both see the same lengths and arrival times.
     rng = np.random.default_rng(args.seed)
-    lengths = [(args.prompt_len.draw(rng), args.output_len.draw(rng)) for _ in range(args.requests)]
+    vocab = program["model"]["spec"]["vocab_size"]
+    make_specs(args.warmup, args.prompt_len, args.output_len, vocab, rng)
+    specs = make_specs(args.requests, args.prompt_len, args.output_len, vocab, rng)
+    lengths = [(len(spec.prompt), spec.output_len) for spec in specs]
     arrivals = arrival_times(rate, args.requests, args.burstiness, rng) if rate else [None] * args.requests
     # A request's prompt + output must fit the context, as the server requires.
     ctx = args.max_context
@@ -75,7 +101,7 @@ def run(args, program: dict, rate: float | None) -> tuple[dict, list[RequestReco
     step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
     slices = {s["batch"]: s["new_tokens"] for s in program["schedules"] if s["phase"] == "mixed"}
     factor = 1 + args.guard_band_pct / 100
-    factors = {"prefill": factor, "decode": factor, "mixed": factor}
+    factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
 
     def tick_s(phase: str, batch: int) -> float:
         return paced_tick_s(step_s, phase, batch, factors, args.guard_band_ms / 1e3, not args.throughput)
@@ -111,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
                                            prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
                                            itl_target_ms=args.itl_target_ms)
-        calibration = scheduler.Calibration.load(args.calibration) if args.calibration else None
+        calibration = None
+        if args.calibration == "auto":
+            from server.serve import _calibration  # the serve path's cache (imports the runtime)
+
+            model, pool = scheduler.get_model(args.model), scheduler.parse_pool(args.pool)
+            calibration = _calibration(args, model, pool)
+        elif args.calibration:
+            calibration = scheduler.Calibration.load(args.calibration)
         program = scheduler.compile(scheduler.get_model(args.model), scheduler.parse_pool(args.pool), options,
                                     calibration).data
     except (ValueError, SpecError, FitError) as exc:

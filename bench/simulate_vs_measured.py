@@ -1,0 +1,94 @@
+"""`lockstep simulate` against `lockstep load` on the same server and load shapes: is the
+one timing model (the tick scheduler over the program's paced tick times) what the server
+really does?
+
+Starts `lockstep serve --model small --pool cpu --no-ray` (deterministic mode, this
+host's cached calibration), drives it with `lockstep load` (closed loop 1 and 8, Poisson
+2 req/s), reads the server's pace factors (`lockstep_pace_factor{phase}`) after each run,
+then runs `lockstep simulate` for the same program, load and seed with those factors, and
+prints TTFT and ITL p50/p99 side by side with simulated/measured ratios. Goal: p50 within
+10%, p99 within 20%.
+
+    .venv/bin/python bench/simulate_vs_measured.py [--requests 24] [--out out/sim-vs-load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--dtype", "fp32", "--max-slots", "8", "--max-context", "1024",
+               "--prefill-chunk", "64"]
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "bench" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pace_factors(metrics_url: str) -> str:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    factors = {s.labels["phase"]: s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.name == "lockstep_pace_factor"}
+    return ",".join(f"{k}={v:.6f}" for k, v in sorted(factors.items()))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=24)
+    p.add_argument("--prompt-len", default="32")
+    p.add_argument("--output-len", default="32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "out" / "sim-vs-load")
+    args = p.parse_args()
+    compare = _compare_module()
+    loads = [("c=1", ["--concurrency", "1"]), ("c=8", ["--concurrency", "8"]), ("2 req/s", ["--rate", "2"])]
+    cmd = [sys.executable, "-m", "server.cli", "serve", *SERVE_FLAGS, "--no-ray", "--port", "0", "--metrics-port", "0"]
+    proc, target = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
+    metrics_url = next(line for line in (args.out / "serve.log").read_text().splitlines()
+                       if "ready" in line).split("metrics=")[1].split()[0]
+    rows = []
+    try:
+        for label, extra in loads:
+            name = label.replace(" ", "_").replace("/", "per").replace("=", "")
+            common = ["--prompt-len", args.prompt_len, "--output-len", args.output_len, "--seed", str(args.seed),
+                      "--requests", str(args.requests), *extra]
+            load_out, sim_out = args.out / "load" / name, args.out / "simulate" / name
+            subprocess.run([sys.executable, "-m", "client.loadgen", "--target", target, "--warmup", "2",
+                            *common, "--output", str(load_out)], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+            pace = pace_factors(metrics_url)
+            subprocess.run([sys.executable, "-m", "server.cli", "simulate", *SERVE_FLAGS, "--calibration", "auto",
+                            "--pace", pace, "--warmup", "2", *common, "--output", str(sim_out)], cwd=REPO, check=True,
+                           stdout=subprocess.DEVNULL)
+            measured = json.loads((load_out / "summary.json").read_text())["summary"]
+            simulated = json.loads((sim_out / "summary.json").read_text())["summary"]
+            rows.append((label, pace, measured, simulated))
+    finally:
+        compare._stop(proc)
+    print(f"prompt {args.prompt_len} tok, output {args.output_len} tok, {args.requests} requests per load, "
+          f"seed {args.seed}")
+    print(f"{'load':<8} {'metric':<9} {'measured ms':>12} {'simulated ms':>13} {'sim/meas':>9}  goal")
+    for label, pace, m, s in rows:
+        for metric in ("ttft_s", "itl_s"):
+            for q, limit in (("p50", 0.10), ("p99", 0.20)):
+                a, b = m[metric][q], s[metric][q]
+                ratio = b / a if a else float("nan")
+                ok = "met" if abs(ratio - 1) <= limit else "MISSED"
+                print(f"{label:<8} {metric[:-2] + ' ' + q:<9} {a * 1e3:>12.1f} {b * 1e3:>13.1f} {ratio:>9.2f}  "
+                      f"within {limit:.0%}: {ok}")
+        print(f"{'':<8} pace {pace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
