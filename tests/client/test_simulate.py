@@ -41,8 +41,19 @@ def test_a_sweep_writes_a_capacity_curve(tmp_path):
     (["--rate", "nan"], "rates and --burstiness must be finite"),
     (["--model", "nope"], "unknown model"),
     (["--requests", "0"], "--requests must be >= 1"),
+    (["--pace", "decode=0"], "pace factors must be finite and > 0"),
+    (["--pace", "verify=1.1"], "pace factors must be finite and > 0"),
+    (["--pace", "fast"], "pace must be F or PHASE=F"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
     out = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *ARGS, *extra, "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_pace_factors_stretch_the_ticks(tmp_path):
+    base, slow = tmp_path / "base", tmp_path / "slow"
+    assert main([*ARGS, "--concurrency", "1", "--output", str(base)]) == 0
+    assert main([*ARGS, "--concurrency", "1", "--pace", "2", "--output", str(slow)]) == 0
+    itl = [json.loads((d / "summary.json").read_text())["summary"]["itl_s"]["p50"] for d in (base, slow)]
+    assert itl[1] == pytest.approx(2 * itl[0])  # guard bands are 0 in ARGS: the tick is step x factor
