@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import time
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from client.aio import AsyncLockstepClient
 from client.client import LockstepError
-from client.report import RequestRecord, plot_sweep, summarize, write_outputs
+from client.report import RequestRecord, summarize, write_outputs, write_sweep
 
 
 def arrival_times(rate: float, n: int, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -247,8 +246,7 @@ def _run(args) -> int:
         print(f"lockstep load: {'closed loop' if rate is None else f'{rate:g} req/s'}: {_line(summary)}", flush=True)
         points.append({"rate": rate, **summary})
     if args.sweep:
-        (args.output / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
-        plot_sweep(points, args.output / "sweep.png")
+        write_sweep(args.output, points)
     print(f"lockstep load: wrote {args.output}", flush=True)
     return 0
 

@@ -155,6 +155,12 @@ def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def write_sweep(folder: Path, points: list[dict]) -> None:
+    """sweep.json and sweep.png for a sweep's points (each a summary with its `rate`)."""
+    (folder / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
+    plot_sweep(points, folder / "sweep.png")
+
+
 def plot_sweep(points: list[dict], path: Path) -> None:
     """Throughput vs latency, one point per swept rate: each `points` item has `rate` and
     a summary's fields."""

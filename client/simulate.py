@@ -13,7 +13,6 @@ sweep sweep.json, sweep.png and a capacity table (tokens/s per user against requ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 import scheduler
 from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
-from client.report import RequestRecord, plot_sweep, summarize, write_outputs
+from client.report import RequestRecord, summarize, write_outputs, write_sweep
 from scheduler.errors import FitError, SpecError
 from scheduler.simulate import SimRequest, paced_tick_s, simulate_load
 from scheduler.ticks import TickScheduler
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lockstep simulate: {_line(rate, summary)}", flush=True)
         points.append({"rate": rate, **summary})
     if args.sweep:
-        (args.output / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
-        plot_sweep(points, args.output / "sweep.png")
+        write_sweep(args.output, points)
     print(f"lockstep simulate: wrote {args.output}", flush=True)
     return 0
 
