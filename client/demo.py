@@ -38,10 +38,16 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:8.2f}"
 
 
-def _report(name: str, gen) -> str:
+def _itl(gen) -> tuple[float, float]:
+    """(p50, p99) of a request's inter-token gaps, seconds."""
     gaps = sorted(gen.itl_s)
-    p50 = statistics.median(gaps) if gaps else 0.0
-    p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else 0.0
+    if not gaps:
+        return 0.0, 0.0
+    return statistics.median(gaps), gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]
+
+
+def _report(name: str, gen) -> str:
+    p50, p99 = _itl(gen)
     f = gen.finished
     return (f"{name:<10} {f.prompt_tokens:>6} {f.completion_tokens:>6} {_ms(gen.predicted_ttft_s)} {_ms(gen.ttft_s)} "
             f"{_ms(f.predicted_tpot_s)} {_ms(gen.tpot_s)} {_ms(p50)} {_ms(p99)}  {f.finish_reason}")
@@ -71,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsame prompt and seed, same tokens: {same}")
             print(f"first request's tokens: {[t.id for t in solo.tokens][:12]} ... text {solo.text!r} "
                   f"(random weights; the byte-level fallback tokenizer prints ids < 256 only)")
+            spreads = [p99 / p50 for p50, p99 in map(_itl, gens) if p50 > 0]
+            if spreads:
+                print(f"batch ITL p99/p50: {min(spreads):.2f} to {max(spreads):.2f} (the cadence a stream keeps "
+                      f"while others' prompts go in)")
             status = client.status()
-            print(f"server: {status.ticks} ticks, {status.overruns} overruns")
+            share = status.overruns / status.ticks if status.ticks else 0.0
+            print(f"server: {status.ticks} ticks, {status.overruns} overruns ({share:.1%}), "
+                  f"pace factor {status.pace_factor:.3f}, {status.repaces} re-paces")
         metrics = urllib.request.urlopen(ready["metrics"], timeout=5).read().decode()
         lines = [line for line in metrics.splitlines() if line.startswith(("lockstep_tick_overruns_total",
                                                                            "lockstep_generation_tokens_total"))]

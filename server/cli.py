@@ -137,7 +137,7 @@ def _add_serve(sub) -> None:
                         "re-pace the ticks (default 20)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
-                        "steps (their 99th percentile + 5%%, re-estimated every 32 ticks)")
+                        "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-host", default="", help="address of the Prometheus endpoint (default: --host); "
