@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import scheduler
-from server.calibrate import measure_matmul_flops
+from server.calibrate import _median_time, measure_matmul_flops
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
 from server.sampling import GREEDY
 from server.step import StepBatch
@@ -39,15 +38,6 @@ def _peer():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _median_s(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -76,8 +66,8 @@ def main() -> int:
         hf_forward()
     samples = {"lockstep": [], "transformers": [], "matmul_flops": []}
     for _ in range(args.rounds):
-        samples["lockstep"].append(_median_s(lambda: ours.step(step)))
-        samples["transformers"].append(_median_s(hf_forward))
+        samples["lockstep"].append(_median_time(lambda: ours.step(step), 3, warmup=0))
+        samples["transformers"].append(_median_time(hf_forward, 3, warmup=0))
         samples["matmul_flops"].append(measure_matmul_flops(torch.float32, repeats=3))
     ours_s, hf_s = statistics.median(samples["lockstep"]), statistics.median(samples["transformers"])
     peak = statistics.median(samples["matmul_flops"])

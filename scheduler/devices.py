@@ -88,7 +88,7 @@ def _positive(what: str, value) -> None:
         raise SpecError(f"{what} must be a positive number, got {value!r}")
 
 
-# Public figures from ../shared/DESIGN.md. Achieved fractions are assumptions, stated here:
+# Public figures from docs/architecture.md ("public device figures"). Achieved fractions are assumptions, stated here:
 # - LPU: weights stream from on-chip SRAM under a static schedule (no caches, no arbitration),
 #   so we assume 90% of SRAM bandwidth and 80% of compute; one instruction group per op ~0.2 us;
 #   links ~14 GB/s each way, ~1 us per hop (assumed; Groq publishes no per-hop figure).
@@ -96,7 +96,7 @@ def _positive(what: str, value) -> None:
 #   ~60% of dense tensor-core peak; ~4 us per kernel launch+tail (CUDA graphs amortize launch);
 #   NVLink bandwidth is the total each way split over 18 (H100/H200) or 12 (A100) links,
 #   ~3 us per NCCL hop for small messages.
-# - cpu: this development machine, measured (DESIGN.md budget); `lockstep calibrate` replaces
+# - cpu: this development machine, measured (docs/architecture.md, "Budget"); `lockstep calibrate` replaces
 #   these with a fresh measurement. Figures are achieved, so efficiencies are 1.
 PRESETS: dict[str, DeviceSpec] = {
     spec.name: spec

@@ -9,7 +9,7 @@ stage samples and returns the token ids. Same plan and batches give the same tok
 
 Compiled Graphs (ray >= 2.40) set up the shared-memory channels and each actor's
 execution loop once, at compile time; a step then costs ~0.5 ms per hop instead of
-~1.9 ms for a chain of actor calls (DESIGN.md "Budget").
+~1.9 ms for a chain of actor calls (docs/architecture.md, "Budget").
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class StageActor:
 
     def __init__(self, plan: RuntimePlan, stage: StageSpec, threads: int):
         # One intra-op thread by default: N stage actors + the driver must fit the host's
-        # cores, and oversubscribed cores ruin step-time jitter (DESIGN.md "Budget").
+        # cores, and oversubscribed cores ruin step-time jitter (docs/architecture.md, "Budget").
         # GPU stages only launch kernels, so one thread loses nothing there either.
         torch.set_num_threads(threads)
         if stage.device.startswith("cuda"):
