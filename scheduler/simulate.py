@@ -46,10 +46,11 @@ def _decode_run(sched: TickScheduler) -> int:
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
-                    tick_s: Callable[[str, int], float]) -> tuple[float, float]:
+                    tick_s: Callable[[str, int], float], clone: bool = True) -> tuple[float, float]:
     """(TTFT, end-to-end) in seconds for a request arriving now, from a clone of `sched`
-    (left untouched); the queue bound does not apply (the caller checks it)."""
-    sim = sched.clone()
+    (left untouched; `clone=False` runs `sched` itself forward, for a caller that passes a
+    copy already); the queue bound does not apply (the caller checks it)."""
+    sim = sched.clone() if clone else sched
     new = Seq(NEW_ID, prompt_len, max_tokens)
     sim.waiting.append(new)
     t, ttft = 0.0, None

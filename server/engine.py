@@ -141,7 +141,8 @@ class Engine:
         whole, so the promise errs late by at most one tick)."""
         with self._lock:
             snapshot = self.sched.clone()
-        return predict_arrival(snapshot, prompt_len, max_tokens, self.tick_s)
+        ticks = {key: self.tick_s(*key) for key in self.step_s}  # the pace now, read once, not per event
+        return predict_arrival(snapshot, prompt_len, max_tokens, lambda phase, b: ticks[(phase, b)], clone=False)
 
     @property
     def up(self) -> bool:
