@@ -27,8 +27,7 @@ from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import GPU_DEVICES, make_executor, plan_from_program
 from server.metrics import Metrics
-from server.sampling import GREEDY
-from server.step import StepBatch
+from server.step import full_batch
 from server.tokenizer import load_tokenizer
 from server.validate import Limits
 
@@ -67,21 +66,6 @@ def is_simulated(program: dict) -> bool:
     return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
 
 
-def _probe_step(sched: dict, max_context: int, max_slots: int) -> StepBatch:
-    """A compiled step's shape with every row real, at the longest context: decode and
-    prefill rows as compiled; a mixed step's decode rows (at most max_slots - 1: the
-    prompt holds a slot) and its slice."""
-    phase, batch, n = sched["phase"], sched["batch"], sched["new_tokens"]
-    if phase != "mixed":
-        rows = range(batch)
-        return StepBatch(phase, batch, n, tuple(rows), tuple((0,) * n for _ in rows),
-                         tuple(max_context - n for _ in rows), tuple(GREEDY for _ in rows))
-    rows = range(min(batch, max_slots - 1) + 1)
-    tokens = tuple((0,) for _ in rows[:-1]) + ((0,) * n,)
-    positions = tuple(max_context - 1 for _ in rows[:-1]) + (max_context - n,)
-    return StepBatch(phase, batch, n, tuple(rows), tokens, positions, tuple(GREEDY for _ in rows))
-
-
 def measure_time_scale(executor, schedules: list[dict], max_context: int, max_slots: int, repeats: int = 5,
                        margin: float = 1.1, warmup: int = 8) -> float:
     """Runs every given compiled step on the host and returns the smallest factor by which
@@ -91,7 +75,7 @@ def measure_time_scale(executor, schedules: list[dict], max_context: int, max_sl
     (measured: 250 ms, then 3 ms, for `tiny`: oneDNN primitives, first touches)."""
     worst = 0.0
     for sched in schedules:
-        step = _probe_step(sched, max_context, max_slots)
+        step = full_batch(sched["phase"], sched["batch"], sched["new_tokens"], max_context, max_slots)  # longest context
         for _ in range(warmup):
             executor.step(step)
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))

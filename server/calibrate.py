@@ -29,8 +29,7 @@ import scheduler
 from scheduler.compiler import slice_sizes
 from scheduler.program import fingerprint
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.sampling import GREEDY
-from server.step import MIN_KEY_BUCKET, StepBatch
+from server.step import MIN_KEY_BUCKET, StepBatch, full_batch
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -128,15 +127,10 @@ class Calibrator:
         mixed: `bucket` decode rows (at most max_slots - 1) at the smallest key bucket and a
         slice of `context` tokens at position 0."""
         if phase == "mixed":
-            rows = range(min(bucket, self.max_slots - 1) + 1)
-            return StepBatch("mixed", bucket, context, tuple(rows),
-                             tuple((1,) for _ in rows[:-1]) + ((1,) * context,),
-                             tuple(min(MIN_KEY_BUCKET, self.max_context) - 1 for _ in rows[:-1]) + (0,),
-                             tuple(GREEDY for _ in rows))
+            return full_batch("mixed", bucket, context, min(MIN_KEY_BUCKET, self.max_context), self.max_slots,
+                              slice_end=context)
         n = self.options.prefill_chunk if phase == "prefill" else 1
-        rows = range(bucket)
-        return StepBatch(phase, bucket, n, tuple(rows), tuple((1,) * n for _ in rows),
-                         tuple(context - n for _ in rows), tuple(GREEDY for _ in rows))
+        return full_batch(phase, bucket, n, context, self.max_slots)
 
     def sample(self, point: Point) -> float:
         self.timer.embed_s = self.timer.blocks_s = 0.0

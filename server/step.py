@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from server.model import ROW_MULTIPLE
-from server.sampling import SamplingParams
+from server.sampling import GREEDY, SamplingParams
 
 PHASES = ("prefill", "decode", "mixed")
 
@@ -132,6 +132,20 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
         attend.append((slot, key_bucket(pos + n, max_context), at, n))
         at += n
     return StepTensors(tokens, positions, write_slots, last_index, tuple(attend))
+
+
+def full_batch(phase: str, bucket: int, tokens: int, end: int, max_slots: int, slice_end: int = 0) -> StepBatch:
+    """A compiled shape with every row real (slots 0, 1, ...), for measuring it: each row's
+    `tokens` new tokens end at position `end` - 1; mixed: min(bucket, max_slots - 1) one-token
+    decode rows ending at `end` (the prompt holds a slot), then a `tokens` slice ending at
+    `slice_end` (default `end`)."""
+    if phase != "mixed":
+        rows = range(bucket)
+        return StepBatch(phase, bucket, tokens, tuple(rows), tuple((1,) * tokens for _ in rows),
+                         tuple(end - tokens for _ in rows), tuple(GREEDY for _ in rows))
+    rows = range(min(bucket, max_slots - 1) + 1)
+    return StepBatch(phase, bucket, tokens, tuple(rows), tuple((1,) for _ in rows[:-1]) + ((1,) * tokens,),
+                     tuple(end - 1 for _ in rows[:-1]) + ((slice_end or end) - tokens,), tuple(GREEDY for _ in rows))
 
 
 def key_bucket(context: int, max_context: int) -> int:

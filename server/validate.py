@@ -10,7 +10,6 @@ See docs/security.md for the limits and why they are what they are.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import grpc

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
