@@ -27,6 +27,7 @@ import sys
 
 import scheduler
 from client.client import LockstepClient
+from scheduler.program import ProgramView
 from server.executor import LocalExecutor, plan_from_program
 from server.sampling import GREEDY
 from server.serve import build_config
@@ -45,7 +46,7 @@ def serve_args(args, mode: list[str]) -> list[str]:
             "--no-ray", *mode]
 
 
-def bare(program: dict, prompt: list[int], tokens: int, chunk: int) -> tuple[float, float]:
+def bare(program: ProgramView, prompt: list[int], tokens: int, chunk: int) -> tuple[float, float]:
     """(decode step p50, prefill seconds) of one sequence on the bare executor."""
     executor = LocalExecutor(plan_from_program(program))
     prefill, decode = [], []
@@ -114,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     config, program = build_config(build_parser().parse_args(serve_args(args, [])))  # calibrates once, cached
     prompt = [(7 * i + 3) % 500 for i in range(args.prompt_len)]
-    step0, prefill0 = bare(program.data, prompt, args.tokens, args.chunk)
+    step0, prefill0 = bare(program.view(), prompt, args.tokens, args.chunk)
     results = {}
     det = [] if args.guard_band_pct is None else ["--guard-band-pct", str(args.guard_band_pct)]
     for name, mode in (("throughput", ["--throughput"]), ("deterministic", det)):
@@ -124,13 +125,13 @@ def main() -> None:
                              many_streams(target, prompt, args.tokens, args.streams))
         finally:
             stop(proc)
-    step1, prefill1 = bare(program.data, prompt, args.tokens, args.chunk)
+    step1, prefill1 = bare(program.view(), prompt, args.tokens, args.chunk)
     step, prefill = (step0 + step1) / 2, (prefill0 + prefill1) / 2
-    tick = program.schedule("decode", 1)["step_s"]
+    tick = program.view().cadence_s(program.view().key_buckets[0])
     print(f"model {args.model} fp32 on cpu, prompt {args.prompt_len} tokens, {args.tokens} output tokens, "
           f"max context {args.max_context}, prefill chunk {args.chunk}")
     print(f"bare decode step p50 {step * 1e3:.2f} ms (before {step0 * 1e3:.2f}, after {step1 * 1e3:.2f}); "
-          f"bare prefill {prefill * 1e3:.2f} ms; program decode tick (batch 1) {tick * 1e3:.2f} ms")
+          f"bare prefill {prefill * 1e3:.2f} ms; program tick (128 keys) {tick * 1e3:.2f} ms")
     print(f"\n{'mode':<14} {'ITL p50 ms':>10} {'ITL/step':>9} {'TTFT ms':>9} {'TTFT/prefill':>12} "
           f"{'8-stream p50':>12} {'p99':>8} {'p99/p50':>8} {'sent p99/p50':>12} {'gaps':>6}")
     for name, ((itl, ttft), (p50, p99, n, s50, s99)) in results.items():

@@ -22,8 +22,8 @@ import scheduler
 from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
 from client.report import RequestRecord, summarize, write_outputs, write_sweep
 from scheduler.errors import FitError, SpecError
-from scheduler.simulate import SimRequest, paced_tick_s, simulate_load
-from scheduler.ticks import TickScheduler
+from scheduler.program import ProgramView
+from scheduler.simulate import SimRequest, paced_ticks, simulate_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,30 +84,24 @@ def _records(results) -> list[RequestRecord]:
     return out
 
 
-def run(args, program: dict, rate: float | None) -> tuple[dict, list[RequestRecord]]:
+def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[RequestRecord]]:
     # The same draws as `lockstep load --seed S --warmup W` (its warm-up requests, then the
     # measured ones, then the arrivals), so both see the same lengths and arrival times.
     rng = np.random.default_rng(args.seed)
-    vocab = program["model"]["spec"]["vocab_size"]
+    vocab = program.model.vocab_size
     make_specs(args.warmup, args.prompt_len, args.output_len, vocab, rng)
     specs = make_specs(args.requests, args.prompt_len, args.output_len, vocab, rng)
     lengths = [(len(spec.prompt), spec.output_len) for spec in specs]
     arrivals = arrival_times(rate, args.requests, args.burstiness, rng) if rate else [None] * args.requests
     # A request's prompt + output must fit the context, as the server requires.
-    ctx = args.max_context
+    ctx = program.max_context
     requests = [SimRequest(min(p, ctx - 1), max(1, min(m, ctx - min(p, ctx - 1))), None if a is None else float(a))
                 for (p, m), a in zip(lengths, arrivals)]
-    step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
-    slices = {s["batch"]: s["new_tokens"] for s in program["schedules"] if s["phase"] == "mixed"}
     factor = 1 + args.guard_band_pct / 100
     factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
-
-    def tick_s(phase: str, batch: int) -> float:
-        return paced_tick_s(step_s, phase, batch, factors, args.guard_band_ms / 1e3, not args.throughput)
-
-    sched = TickScheduler(args.max_slots, ctx, program["prefill_chunk"], tuple(program["buckets"]),
-                          args.max_queue, slices)
-    results, duration = simulate_load(sched, requests, tick_s, args.concurrency or (0 if rate else 1))
+    ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, not args.throughput)
+    sched = program.tick_scheduler(args.max_queue)
+    results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -145,17 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.calibration:
             calibration = scheduler.Calibration.load(args.calibration)
         program = scheduler.compile(scheduler.get_model(args.model), scheduler.parse_pool(args.pool), options,
-                                    calibration).data
+                                    calibration).view()
     except (ValueError, SpecError, FitError) as exc:
         parser.error(str(exc))
-    print(f"lockstep simulate: {args.model} on {program['pool']['description']}, plan {program['plan_hash'][:16]}, "
+    print(f"lockstep simulate: {args.model} on {program.pool}, plan {program.plan_hash[:16]}, "
           f"{args.requests} requests per run", flush=True)
     points = []
     for rate in rates:
         out = args.output / f"rate_{rate:g}" if args.sweep else args.output
         summary, records = run(args, program, rate)
         config = {k: (str(v) if isinstance(v, (LengthDist, Path)) else v) for k, v in vars(args).items()}
-        write_outputs(out, summary, records, {**config, "rate": rate, "plan_hash": program["plan_hash"]})
+        write_outputs(out, summary, records, {**config, "rate": rate, "plan_hash": program.plan_hash})
         print(f"lockstep simulate: {_line(rate, summary)}", flush=True)
         points.append({"rate": rate, **summary})
     if args.sweep:

@@ -12,7 +12,8 @@ from scheduler.errors import FitError, SpecError
 from scheduler.ir import build_ir
 from scheduler.model import ModelSpec, activation_dtype, check_dtype
 from scheduler.placement import OBJECTIVES, build_table, place
-from scheduler.program import SCHEMA_VERSION, Program, Timeline, fingerprint, hash_body
+from scheduler.program import SCHEMA_VERSION, Program, ProgramView, Timeline, fingerprint, hash_body
+from scheduler.ticks import key_bucket, key_buckets, slice_sizes
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,9 @@ class CompileOptions:
     prompt_len: int = 128  # prompt length the predictions table is for
     objective: str = "latency"  # latency | throughput
     buckets: tuple[int, ...] = field(default=())  # decode batch sizes; () = powers of two + max_slots
-    # Longest a mixed step (a bucket's decode rows + a prompt slice) may take, ms; 0: each
-    # bucket's decode step x MIXED_STEP_FACTOR. The compiler picks the largest slice that fits.
+    # The tick every decode bucket shares, ms: each bucket's mixed step (its decode rows + a
+    # prompt slice) carries the largest slice that fits in it; 0: the largest bucket's
+    # decode step x MIXED_STEP_FACTOR.
     itl_target_ms: float = 0.0
 
     def __post_init__(self):
@@ -90,9 +92,14 @@ def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptio
     timeline = plan(model, pool, options, calibration)
     placement, pool, ir = timeline.placement, timeline.pool, timeline.ir
     chunk = min(options.prefill_chunk, options.max_context)
-    schedules = [timeline.schedule("decode", b, 1, options.max_context - 1) for b in options.buckets]
+    keys = key_buckets(options.max_context)
+    tick, slices = _choose_slices(timeline, options, chunk, keys[0])
+    steps = _step_table(timeline, options, chunk, keys, slices)
+    # The trace: every step's ops, at the longest context (the worst case of each shape).
+    last = options.max_context - 1
+    schedules = [timeline.schedule("decode", b, 1, last) for b in options.buckets]
     schedules.append(timeline.schedule("prefill", 1, chunk, options.max_context - chunk))
-    schedules += [_mixed_schedule(timeline, options, chunk, decode) for decode in schedules[:-1]]
+    schedules += [timeline.schedule("mixed", b, slices[b], last) for b in options.buckets]
     body = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": model.name, "fingerprint": fingerprint(model.to_dict()), "spec": model.to_dict(),
@@ -106,15 +113,19 @@ def compile(model: ModelSpec, pool: Pool, options: CompileOptions = CompileOptio
         "objective": {"name": options.objective, "value_s": placement.cost_s,
                       "reference_step": {"batch": options.reference_batch, "context": options.max_context}},
         "devices_used": placement.devices_used,
-        "stages": [_stage_json(ir, s) for s in placement.stages],
+        "stages": [_stage_json(ir, pool, s) for s in placement.stages],
         "memory_plan": [_memory_json(ir, pool, s, options) for s in placement.stages],
         "buckets": list(options.buckets),
         "prefill_chunk": chunk,
+        "key_buckets": keys,
+        "tick_target_s": tick,
+        "slices": [{"batch": b, "tokens": slices[b]} for b in options.buckets],
+        "steps": steps,
         "schedules": schedules,
-        "predictions": _predictions(timeline, schedules, options, chunk, len(placement.stages)),
         "ttft_by_prompt_len": [{"prompt_len": p, "ttft_s": timeline.ttft(p, chunk)}
                                for p in _prompt_lens(options)],
     }
+    body["predictions"] = _predictions(body, timeline, options, chunk, len(placement.stages))
     return Program({**body, "plan_hash": hash_body(body)})
 
 
@@ -131,10 +142,11 @@ def _check_capacity(ir, pool: Pool, options: CompileOptions) -> None:
                        f"({need / 1e9:.1f} GB of weights and KV cache); the pool has {pool.num_devices}")
 
 
-def _stage_json(ir, stage) -> dict:
+def _stage_json(ir, pool: Pool, stage) -> dict:
     return {"index": stage.index, "layers": [stage.layer_start, stage.layer_end],
             "first_layer": ir.layers[stage.layer_start].name, "last_layer": ir.layers[stage.layer_end - 1].name,
-            "devices": [stage.device_start, stage.device_end], "device": stage.device, "tp": stage.tp}
+            "devices": [stage.device_start, stage.device_end], "device": stage.device,
+            "kind": pool.device_at(stage.device_start).kind, "tp": stage.tp}
 
 
 def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
@@ -151,13 +163,16 @@ def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
             "usable_bytes": device.usable_memory_bytes, "capacity_bytes": device.memory_bytes}
 
 
-def _predictions(timeline: Timeline, schedules, options: CompileOptions, chunk: int, num_stages: int) -> list:
+def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk: int, num_stages: int) -> list:
+    """Per decode bucket, for a `prompt_len` prompt on an idle server: TTFT, and the TPOT
+    of a deterministic tick (the cadence at the prompt's key bucket, which every bucket shares)."""
+    view = ProgramView.parse(body)
     ttft = timeline.ttft(options.prompt_len, chunk)
+    keys = key_bucket(options.prompt_len + 1, options.max_context)
+    tpot = view.cadence_s(keys)
     out = []
-    for sched in schedules:
-        if sched["phase"] != "decode":
-            continue
-        b, tpot = sched["batch"], sched["step_s"]
+    for b in options.buckets:
+        sched = timeline.schedule("decode", b, 1, keys - 1)
         # Pipelined: m micro-batches of b in flight; one leaves every bottleneck interval.
         m = max(1, min(num_stages, options.max_slots // b))
         interval = max(tpot, m * sched["bottleneck_s"])
@@ -167,29 +182,42 @@ def _predictions(timeline: Timeline, schedules, options: CompileOptions, chunk: 
     return out
 
 
-MIXED_STEP_FACTOR = 1.25  # default inter-token target: a mixed step at most 25% over its bucket's decode step
-MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (model.ROW_MULTIPLE), up to the prefill chunk
+# Default tick target: the largest bucket's decode step at the smallest key bucket, plus 25%.
+MIXED_STEP_FACTOR = 1.25
 
 
-def slice_sizes(chunk: int) -> list[int]:
-    """The prompt slices a mixed step may carry: 4, 8, 16, ... and the chunk itself."""
-    return sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k < 2 * chunk})
+def _choose_slices(timeline: Timeline, options: CompileOptions, chunk: int, keys: int) -> tuple[float, dict[int, int]]:
+    """(tick s, bucket -> prompt slice), at the smallest key bucket. Every bucket shares
+    one tick (see `ProgramView.cadence_s`): the largest bucket's mixed step with the
+    largest slice (4, 8, ..., chunk) within the target (--itl-target-ms, else
+    MIXED_STEP_FACTOR x its decode step; the smallest slice where none fits) sets it, and
+    every smaller bucket carries the largest slice that fits in that tick, so a lone
+    stream's prompt goes in faster without lengthening anyone's tick."""
+    def fill(b: int, limit: float) -> int:
+        fits = [p for p in slice_sizes(chunk) if timeline.step_s("mixed", b, p, keys - 1) <= limit]
+        return fits[-1] if fits else slice_sizes(chunk)[0]
+
+    top = options.buckets[-1]
+    decode = timeline.step_s("decode", top, 1, keys - 1)
+    target = options.itl_target_ms / 1e3 or MIXED_STEP_FACTOR * decode
+    slices = {top: fill(top, target)}
+    tick = max(decode, timeline.step_s("mixed", top, slices[top], keys - 1))
+    slices.update({b: fill(b, tick) for b in options.buckets[:-1]})
+    return tick, slices
 
 
-def _mixed_schedule(timeline: Timeline, options: CompileOptions, chunk: int, decode: dict) -> dict:
-    """The bucket's mixed step with the largest prompt slice (4, 8, 16, ..., chunk) whose
-    step fits the inter-token target; the smallest slice when none does. Sized, like the
-    decode steps, for the longest context admitted."""
-    b = decode["batch"]
-    target = options.itl_target_ms / 1e3 or decode["step_s"] * MIXED_STEP_FACTOR
-    best = None
-    for p in slice_sizes(chunk):
-        sched = timeline.schedule("mixed", b, p, options.max_context - 1)
-        if best is None or sched["step_s"] <= target:
-            best = sched
-        if sched["step_s"] > target:
-            break
-    return {**best, "itl_target_s": target}
+def _step_table(timeline: Timeline, options: CompileOptions, chunk: int, keys: list[int],
+                slices: dict[int, int]) -> list[dict]:
+    """Seconds of every step shape the runtime runs (ticks.StepKey): decode and mixed per
+    bucket and key bucket, prefill per slice shape and key bucket (the slice ending at the
+    bucket's last key)."""
+    rows = []
+    for k in keys:
+        for b in options.buckets:
+            rows.append(("decode", b, k, 1, timeline.step_s("decode", b, 1, k - 1)))
+            rows.append(("mixed", b, k, slices[b], timeline.step_s("mixed", b, slices[b], k - 1)))
+        rows += [("prefill", 1, k, p, timeline.step_s("prefill", 1, p, k - p)) for p in slice_sizes(chunk) if p <= k]
+    return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s} for ph, b, k, t, s in sorted(rows)]
 
 
 def _prompt_lens(options: CompileOptions) -> list[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from scheduler.errors import SpecError, read_file
 
 TOPOLOGIES = ("chain", "ring", "full")
+DEVICE_KINDS = ("cpu", "gpu", "simulated")
 GB = 1e9
 US = 1e-6
 
@@ -41,6 +42,10 @@ class DeviceSpec:
     link_efficiency: float = 0.8
     usable_memory_fraction: float = 0.9  # the rest is runtime, fragmentation, code
     default_topology: str = "ring"
+    # Where the runtime runs a stage on it: "cpu" (this host), "gpu" (a CUDA device), or
+    # "simulated" (a chip this host does not have: its math runs on the host CPU, paced
+    # to the chip's predicted times).
+    kind: str = "simulated"
 
     def __post_init__(self):
         for name in ("memory_bytes", "mem_bw_bytes_per_s", "link_bw_bytes_per_s"):
@@ -58,6 +63,8 @@ class DeviceSpec:
                             f"got {self.flops_per_s!r}")
         for dtype, value in self.flops_per_s.items():
             _positive(f"device {self.name!r}: flops_per_s[{dtype}]", value)
+        if self.kind not in DEVICE_KINDS:
+            raise SpecError(f"device {self.name!r}: kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
         if self.default_topology not in TOPOLOGIES:
             raise SpecError(f"device {self.name!r}: default_topology must be one of {TOPOLOGIES}")
 
@@ -106,19 +113,19 @@ PRESETS: dict[str, DeviceSpec] = {
                    op_overhead_s=0.2 * US, links=16, link_bw_bytes_per_s=14 * GB, link_latency_s=1.0 * US,
                    compute_efficiency=0.8, memory_efficiency=0.9, link_efficiency=0.9,
                    usable_memory_fraction=0.95, default_topology="ring"),
-        DeviceSpec("h100", memory_bytes=80 * GB, mem_bw_bytes_per_s=3.35e12,
+        DeviceSpec("h100", kind="gpu", memory_bytes=80 * GB, mem_bw_bytes_per_s=3.35e12,
                    flops_per_s={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "int8": 1979e12},
                    op_overhead_s=4 * US, links=18, link_bw_bytes_per_s=25 * GB, link_latency_s=3 * US,
                    compute_efficiency=0.6, memory_efficiency=0.8, default_topology="full"),
-        DeviceSpec("h200", memory_bytes=141 * GB, mem_bw_bytes_per_s=4.8e12,
+        DeviceSpec("h200", kind="gpu", memory_bytes=141 * GB, mem_bw_bytes_per_s=4.8e12,
                    flops_per_s={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "int8": 1979e12},
                    op_overhead_s=4 * US, links=18, link_bw_bytes_per_s=25 * GB, link_latency_s=3 * US,
                    compute_efficiency=0.6, memory_efficiency=0.8, default_topology="full"),
-        DeviceSpec("a100", memory_bytes=80 * GB, mem_bw_bytes_per_s=2.0e12,
+        DeviceSpec("a100", kind="gpu", memory_bytes=80 * GB, mem_bw_bytes_per_s=2.0e12,
                    flops_per_s={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "int8": 624e12},
                    op_overhead_s=5 * US, links=12, link_bw_bytes_per_s=25 * GB, link_latency_s=3 * US,
                    compute_efficiency=0.6, memory_efficiency=0.8, default_topology="full"),
-        DeviceSpec("cpu", memory_bytes=24 * GB, mem_bw_bytes_per_s=24 * GB,
+        DeviceSpec("cpu", kind="cpu", memory_bytes=24 * GB, mem_bw_bytes_per_s=24 * GB,
                    flops_per_s={"fp32": 320e9, "bf16": 320e9, "fp16": 320e9},
                    op_overhead_s=10 * US, links=1, link_bw_bytes_per_s=10 * GB, link_latency_s=10 * US,
                    compute_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,

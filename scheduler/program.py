@@ -1,15 +1,24 @@
 """The timed program: the compiler's output and the runtime's input.
 
-For each decode bucket (batch 1, 2, 4, ... max_slots) and for a prefill chunk, the ordered
-ops of every stage (its tensor-parallel devices run the same ops in lockstep, so a stage's
-list is each of its devices' list) and the transfers on the links between stages, with
-start and end times in seconds from the step's start.
+What it holds:
+- `steps`: the time of every step shape the runtime runs (`ticks.StepKey`): decode and
+  mixed steps per batch bucket and attended-key bucket (128, 256, ..., max_context),
+  prefill per prompt-slice shape (4, 8, ..., prefill_chunk) and key bucket. A tick is
+  paced for the keys its rows attend and the prompt tokens it carries.
+- `slices`: the prompt tokens each bucket's mixed step carries (its decode rows plus one
+  prompt's slice), the largest that fits in `tick_target_s`.
+- `schedules`: the trace: the ordered ops of every stage (tensor-parallel devices run the
+  same ops in lockstep) and the transfers between stages, with start and end times in
+  seconds from the step's start, for each decode and mixed bucket and the prefill chunk
+  at the longest context.
 
 Runtime contract the times assume:
-- a decode step is sized for the longest context the program admits (max_context), so
-  one tick's time bounds every decode step of that bucket: the lockstep cadence;
-- prefill runs one sequence's chunk per step (`prefill_chunk` tokens); a prompt's chunks
-  pipeline through the stages (chunk k+1 enters stage 0 while chunk k is on stage 1);
+- a step's rows attend to their key bucket (a power of two >= their context), so a
+  step's time is bounded by its key bucket's;
+- in deterministic mode every decode and mixed tick at one key bucket lasts the same
+  (`ProgramView.cadence_s`): the lockstep cadence, whatever the batch;
+- a prompt's chunks pipeline through the stages (chunk k+1 enters stage 0 while chunk
+  k is on stage 1);
 - after the last stage the sampled ids (int32) go back to the first stage's device.
 
 Serialized as JSON with sorted keys; `plan_hash` is the SHA-256 of the canonical JSON of
@@ -24,10 +33,13 @@ import math
 from dataclasses import dataclass
 
 from scheduler.cost import CostModel
+from scheduler.devices import DEVICE_KINDS
 from scheduler.errors import SpecError
+from scheduler.model import ModelSpec
 from scheduler.placement import Placement, Stage
+from scheduler.ticks import StepKey, TickScheduler
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: steps per key bucket and slice shape, slices, stage kinds
 
 
 def canonical_json(data) -> str:
@@ -62,11 +74,95 @@ class Program:
             raise SpecError("program plan_hash does not match its contents (edited or corrupt)")
         return Program(data)
 
+    def view(self) -> "ProgramView":
+        """The typed view the runtime reads."""
+        return ProgramView.parse(self.data)
+
     def schedule(self, phase: str, batch: int) -> dict:
         for sched in self.data["schedules"]:
             if sched["phase"] == phase and sched["batch"] == batch:
                 return sched
         raise KeyError((phase, batch))
+
+
+@dataclass(frozen=True)
+class StageView:
+    index: int
+    layers: tuple[int, int]  # [start, end) of the scheduler's layer list (0 = embed, n + 1 = head)
+    devices: tuple[int, int]  # [start, end) of the pool's devices
+    device: str  # the pool's device name (cpu, h100, lpu, ...)
+    kind: str  # cpu | gpu | simulated (DeviceSpec.kind): where the runtime runs the stage's math
+    tp: int
+
+
+@dataclass(frozen=True)
+class ProgramView:
+    """A program's JSON parsed once into the typed values the runtime reads (engine,
+    server, executors, simulator): no string-key reads of the plan past `parse`.
+
+    Tick times (docs/architecture.md, "The timing model"): `step_s(key)` is the compiled
+    time of a step shape; `cadence_s(keys)` the deterministic tick that every decode and
+    mixed step at that key bucket shares, whatever its batch."""
+
+    plan_hash: str
+    model: ModelSpec
+    weight_dtype: str
+    pool: str  # description, e.g. "lpu:576@ring"
+    pool_devices: tuple[tuple[str, str, int], ...]  # (name, kind, count) per device group
+    stages: tuple[StageView, ...]
+    max_slots: int
+    max_context: int
+    prefill_chunk: int
+    buckets: tuple[int, ...]
+    key_buckets: tuple[int, ...]
+    slices: dict  # decode bucket -> prompt tokens its mixed step carries
+    steps: dict  # StepKey -> program seconds
+    tick_target_s: float
+    predictions: tuple[dict, ...]  # the compile table's rows (batch, prompt_len, ttft_s, tpot_s, ...)
+
+    @staticmethod
+    def parse(data: dict) -> "ProgramView":
+        try:
+            opts = data["options"]
+            stages = tuple(StageView(st["index"], tuple(st["layers"]), tuple(st["devices"]), st["device"], st["kind"],
+                                     st["tp"]) for st in data["stages"])
+            groups = tuple((g["device"]["name"], g["device"]["kind"], g["count"]) for g in data["pool"]["spec"]["groups"])
+            steps = {StepKey(x["phase"], x["batch"], x["keys"], x["tokens"]): x["step_s"] for x in data["steps"]}
+            view = ProgramView(
+                plan_hash=data.get("plan_hash", ""), model=ModelSpec(**data["model"]["spec"]),
+                weight_dtype=data["model"]["weight_dtype"], pool=data["pool"]["description"], pool_devices=groups,
+                stages=stages, max_slots=opts["max_slots"], max_context=opts["max_context"],
+                prefill_chunk=data["prefill_chunk"], buckets=tuple(data["buckets"]),
+                key_buckets=tuple(data["key_buckets"]), slices={x["batch"]: x["tokens"] for x in data["slices"]},
+                steps=steps, tick_target_s=data["tick_target_s"], predictions=tuple(data.get("predictions", ())))
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"program is missing or mistypes {exc} (compiled by another version? "
+                            f"run lockstep compile again)") from None
+        if any(st.kind not in DEVICE_KINDS for st in stages):
+            raise SpecError(f"program stage kinds must be one of {DEVICE_KINDS}")
+        return view
+
+    @property
+    def simulated(self) -> bool:
+        """Whether any stage runs on a simulated chip (its math then runs on the host)."""
+        return any(st.kind == "simulated" for st in self.stages)
+
+    def step_s(self, key: StepKey) -> float:
+        return self.steps[key]
+
+    def tick_scheduler(self, max_queue: int = 64) -> TickScheduler:
+        """A fresh tick scheduler for this program's slots, context, buckets and slices."""
+        return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
+                             dict(self.slices))
+
+    def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
+        """The deterministic tick at key bucket `keys`: the longest decode or mixed step of
+        any bucket there, each times its phase's pace factor (1 without factors). One tick
+        for every batch size keeps the TPOT promised at arrival when other requests arrive
+        later (a cadence per bucket broke it: measured ITL p99/p50 1.50 at 2 req/s)."""
+        f = factors or {}
+        return max(self.steps[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])] * f.get(phase, 1.0)
+                   for b in self.buckets for phase in ("decode", "mixed"))
 
 
 def hash_body(body: dict) -> str:
@@ -109,6 +205,14 @@ class Timeline:
     def schedule(self, phase: str, batch: int, new: int, past: int) -> dict:
         """One step's ops and transfers. decode/prefill: `batch` rows of `new` tokens after
         `past`; mixed: `batch` decode rows after `past` plus a prompt slice of `new` tokens."""
+        return self._walk(phase, batch, new, past, record=True)
+
+    def step_s(self, phase: str, batch: int, new: int, past: int) -> float:
+        """`schedule(...)["step_s"]`, the same sums, without building the ops (the step
+        table times ~100 shapes per program)."""
+        return self._walk(phase, batch, new, past, record=False)
+
+    def _walk(self, phase: str, batch: int, new: int, past: int, record: bool):
         mixed = phase == "mixed"
         tokens, rows = (batch + new, batch + 1) if mixed else (batch * new, batch)
         clock, stages_out, transfers, bottleneck = 0.0, [], [], 0.0
@@ -118,27 +222,38 @@ class Timeline:
             if stage.index:
                 prev = self.stages[stage.index - 1]
                 end = clock + self._incoming(stage, tokens)
-                transfers.append(_transfer(prev, stage, 1, tokens * self.ir.handoff_bytes_per_token, clock, end))
+                if record:
+                    transfers.append(_transfer(prev, stage, 1, tokens * self.ir.handoff_bytes_per_token, clock, end))
                 clock = end
-            ops = []
+            ops, costs = [], {}  # costs: layer kind -> (compute s, [(collective, bytes, s)]): kinds cost alike
             for layer in self.ir.layers[stage.layer_start:stage.layer_end]:
-                if mixed:
-                    compute, _ = self.cost.mixed_layer_times(layer, dev, stage.tp, batch, new, past)
-                    work = self.ir.mixed_work(layer, stage.tp, batch, new, past)
-                else:
-                    compute, _ = self.cost.layer_times(layer, dev, stage.tp, batch, new, past)
-                    work = self.ir.work(layer, stage.tp, batch, new, past)
-                ops.append({"op": "compute", "layer": layer.name, "start_s": clock, "end_s": clock + compute})
+                if layer.kind not in costs:
+                    if mixed:
+                        compute, _ = self.cost.mixed_layer_times(layer, dev, stage.tp, batch, new, past)
+                        work = self.ir.mixed_work(layer, stage.tp, batch, new, past)
+                    else:
+                        compute, _ = self.cost.layer_times(layer, dev, stage.tp, batch, new, past)
+                        work = self.ir.work(layer, stage.tp, batch, new, past)
+                    costs[layer.kind] = (compute, [(c, n, self.cost.collective_time(c, n, dev, stage.tp))
+                                                   for c, n in work.collectives])
+                compute, collectives = costs[layer.kind]
+                if record:
+                    ops.append({"op": "compute", "layer": layer.name, "start_s": clock, "end_s": clock + compute})
                 clock += compute
-                for coll, nbytes in work.collectives:
-                    dt = self.cost.collective_time(coll, nbytes, dev, stage.tp)
-                    ops.append({"op": coll, "layer": layer.name, "bytes": nbytes, "start_s": clock, "end_s": clock + dt})
+                for coll, nbytes, dt in collectives:
+                    if record:
+                        ops.append({"op": coll, "layer": layer.name, "bytes": nbytes, "start_s": clock,
+                                    "end_s": clock + dt})
                     clock += dt
             bottleneck = max(bottleneck, clock - stage_start)
-            stages_out.append({"stage": stage.index, "devices": [stage.device_start, stage.device_end], "ops": ops})
+            if record:
+                stages_out.append({"stage": stage.index, "devices": [stage.device_start, stage.device_end],
+                                   "ops": ops})
         last, first = self.stages[-1], self.stages[0]
         hops = self.pool.hops(last.device_end - 1, first.device_start)
         end = clock + self.feedback_time(rows)
+        if not record:
+            return end
         if hops:
             transfers.append(_transfer(last, first, hops, rows * 4, clock, end))
         return {"phase": phase, "batch": batch, "new_tokens": new, "context": past + (1 if mixed else new),

@@ -12,7 +12,13 @@ def summary_json(program: Program) -> dict:
             "devices_used": d["devices_used"], "num_devices": d["pool"]["num_devices"],
             "stages": d["stages"], "memory_plan": d["memory_plan"], "predictions": d["predictions"],
             "ttft_by_prompt_len": d["ttft_by_prompt_len"],
-            "steps": [{k: x[k] for k in ("phase", "batch", "new_tokens", "step_s")} for x in d["schedules"]]}
+            "tick_target_s": d["tick_target_s"], "slices": d["slices"], "steps": d["steps"],
+            "cadence": _cadence(program)}
+
+
+def _cadence(program: Program) -> list[dict]:
+    view = program.view()
+    return [{"keys": k, "tick_s": view.cadence_s(k)} for k in view.key_buckets]
 
 
 def _bytes(n: float) -> str:
@@ -58,16 +64,23 @@ def summary_text(program: Program, max_stage_rows: int = 12) -> str:
         lines.append(f"{st['index']:>5}  {layers:<22} {devices:<18} {st['tp']:>4}  {_bytes(mem['weights_bytes']):>9} "
                      f"{_bytes(mem['kv_bytes']):>9} {_bytes(mem['activation_bytes']):>9}  "
                      f"{mem['total_bytes'] / mem['usable_bytes']:>6.0%}")
-    lines += ["", "predictions (decode steps sized for max context; TTFT on an idle server)",
+    lines += ["", "predictions (TTFT on an idle server; TPOT: the deterministic tick at the prompt's key bucket)",
               f"{'batch':>5} {'prompt':>6} {'TTFT':>10} {'TPOT':>10} {'tok/s':>10} {'tok/s/user':>10} "
               f"{'pipelined tok/s':>15}"]
     for p in d["predictions"]:
         lines.append(f"{p['batch']:>5} {p['prompt_len']:>6} {_time(p['ttft_s']):>10} {_time(p['tpot_s']):>10} "
                      f"{p['tokens_per_s']:>10.1f} {p['tokens_per_s_per_user']:>10.1f} "
                      f"{p['pipelined_tokens_per_s']:>15.1f}")
-    lines += ["", "steps (one tick each; a mixed step is the bucket's decode rows + a prompt slice)",
-              f"{'phase':<8} {'batch':>5} {'tokens':>6} {'step':>10} {'target':>10}"]
-    for x in d["schedules"]:
-        target = _time(x["itl_target_s"]) if "itl_target_s" in x else ""
-        lines.append(f"{x['phase']:<8} {x['batch']:>5} {x['new_tokens']:>6} {_time(x['step_s']):>10} {target:>10}")
+    keys = d["key_buckets"]
+    lines += ["", f"steps by attended keys (a tick is paced for the keys its longest row attends; mixed: the bucket's "
+                  f"decode rows + the largest prompt slice that fits the {_time(d['tick_target_s'])} tick)",
+              f"{'phase':<8} {'batch':>5} {'tokens':>6} " + " ".join(f"{k:>10}" for k in keys)]
+    table: dict[tuple, dict] = {}
+    for x in d["steps"]:
+        table.setdefault((x["phase"] != "decode", x["phase"], x["batch"], x["tokens"]), {})[x["keys"]] = x["step_s"]
+    for (_, phase, batch, tokens), row in sorted(table.items()):
+        lines.append(f"{phase:<8} {batch:>5} {tokens:>6} " + " ".join(f"{_time(row[k]) if k in row else '-':>10}"
+                                                                         for k in keys))
+    lines.append(f"{'tick (deterministic, every batch)':<21} " + " ".join(f"{_time(c['tick_s']):>10}"
+                                                                         for c in _cadence(program)))
     return "\n".join(lines)

@@ -3,12 +3,12 @@ behind every admission promise.
 
 `predict_arrival` answers "if a request arrived now, when would its first token and its
 last token come?" by cloning the engine's scheduler state, queueing the request, and
-running ticks (each lasting `tick_s(phase, bucket)`) until it finishes. The schedule is
+running ticks (each lasting `tick_s(plan.key)`) until it finishes. The schedule is
 static, so this is exact up to what cannot be known: early stops (a stop token or string
 ends a sequence sooner; the promise is then pessimistic) and steps that overrun.
 
 Cost: a stretch of decode ticks with nothing to admit or prefill repeats the same plan
-until the first row finishes, so it is taken in one jump: the run is O(requests x prompt
+until the first row finishes or moves to a bigger key bucket, so it is taken in one jump: the run is O(requests x prompt
 chunks) events, not O(ticks).
 """
 
@@ -18,35 +18,40 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.ticks import DECODE, MIXED, Seq, TickScheduler
+from scheduler.program import ProgramView
+from scheduler.ticks import DECODE, MIXED, Seq, StepKey, TickScheduler, key_bucket
 
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
 
 
-def paced_tick_s(step_s: dict, phase: str, batch: int, factors: dict[str, float], guard_s: float,
-                 deterministic: bool = True) -> float:
-    """Wall seconds a tick lasts: its program step (seconds, keyed (phase, batch)) times its
-    phase's pace factor, plus a fixed guard. In deterministic mode a bucket's decode and
-    mixed ticks share one cadence, the longer of the two, so a stream's pace does not
-    change when a prompt goes in beside it. The engine paces with this; the admission
-    simulation and `lockstep simulate` read the same."""
-    paced = step_s[(phase, batch)] * factors[phase]
-    if deterministic and phase in (DECODE, MIXED) and (MIXED, batch) in step_s:
-        paced = max(step_s[(p, batch)] * factors[p] for p in (DECODE, MIXED))
-    return paced + guard_s
+def paced_ticks(view: ProgramView, factors: dict[str, float], guard_s: float,
+                deterministic: bool = True) -> dict[StepKey, float]:
+    """Wall seconds every tick shape lasts: its program step (seconds) times its phase's
+    pace factor, plus a fixed guard. In deterministic mode every decode and mixed tick at
+    one key bucket lasts the program's cadence there (`ProgramView.cadence_s`), whatever
+    its batch, so a stream's pace does not change when prompts go in or other streams
+    join. The engine paces with this; the admission simulation and `lockstep simulate`
+    read the same table."""
+    cadence = {k: view.cadence_s(k, factors) for k in view.key_buckets}
+    return {key: (cadence[key.keys] if deterministic and key.phase in (DECODE, MIXED)
+                  else seconds * factors[key.phase]) + guard_s
+            for key, seconds in view.steps.items()}
 
 
 def _decode_run(sched: TickScheduler) -> int:
-    """Ticks the next decode plan would repeat unchanged (>= 1): until a row finishes,
-    as long as no prompt is pending and nothing waiting can be admitted."""
+    """Ticks the next decode plan would repeat unchanged (>= 1): until a row finishes or
+    a row's context enters a bigger key bucket, as long as no prompt is pending and
+    nothing waiting can be admitted."""
     if any(not s.decoding for s in sched.running) or (sched.waiting and sched.free_slots):
         return 1
-    return max(1, min(min(s.max_tokens - s.generated, sched.max_context - s.prompt_len - s.generated)
-                      for s in sched.running))
+    finish = min(min(s.max_tokens - s.generated, sched.max_context - s.prompt_len - s.generated) for s in sched.running)
+    contexts = [s.prompt_len + s.generated for s in sched.running]
+    same_keys = min(key_bucket(c, sched.max_context) - c + 1 for c in contexts)
+    return max(1, min(finish, same_keys))
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
-                    tick_s: Callable[[str, int], float], clone: bool = True) -> tuple[float, float]:
+                    tick_s: Callable[[StepKey], float], clone: bool = True) -> tuple[float, float]:
     """(TTFT, end-to-end) in seconds for a request arriving now, from a clone of `sched`
     (left untouched; `clone=False` runs `sched` itself forward, for a caller that passes a
     copy already); the queue bound does not apply (the caller checks it)."""
@@ -63,8 +68,8 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
             if run > 1:  # all but the last tick of the stretch at once
                 for seq in plan.rows:  # decoding rows, `new` among them, have their first token
                     seq.generated += run - 1
-                t += (run - 1) * tick_s(DECODE, plan.bucket)
-        t += tick_s(plan.phase, plan.bucket)
+                t += (run - 1) * tick_s(plan.key)
+        t += tick_s(plan.key)
         sim.update(plan)
         if ttft is None and new.generated:
             ttft = t
@@ -99,10 +104,10 @@ class SimResult:
         return self.token_s[-1] - self.arrival_s if self.token_s else None
 
 
-def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[str, int], float],
+def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[StepKey], float],
                   concurrency: int = 0, jumps: bool = True) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
-    these arrivals, each lasting `tick_s(phase, bucket)`. Open loop (every request has an
+    these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
     or closed loop (no arrival times: `concurrency` clients, each sending its next request
     when the last one ends). A request arriving during a tick is admitted at the tick's
@@ -147,7 +152,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                 break  # closed loop at its end, or everything refused
             t = max(t, upcoming[0][0])
             continue
-        dt = tick_s(plan.phase, plan.bucket)
+        dt = tick_s(plan.key)
         run = _decode_run(sched) if jumps and plan.phase == DECODE else 1
         if upcoming:  # stop at the first tick boundary at or after the next arrival
             run = min(run, max(1, math.ceil((upcoming[0][0] - t) / dt)))

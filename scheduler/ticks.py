@@ -10,7 +10,7 @@ same object (nano-vllm's schedule / run / postprocess split; docs/architecture.m
 
 Tick policy (static shapes): with only decoding seqs, a decode step of all of them,
 padded to the smallest compiled bucket that holds them; with only prompts to fill, one
-prefill chunk of the oldest; with both, a mixed step: every decoding seq plus a slice of
+prefill chunk of the oldest (padded to the smallest slice shape that holds it); with both, a mixed step: every decoding seq plus a slice of
 the oldest prompt, of the size the compiler chose for that bucket (`slices`), so every
 running stream gets a token on every tick while prompts go in (stall-free batching, as
 Sarathi-Serve and chunked prefill do). A program without mixed steps (`slices` empty)
@@ -19,15 +19,53 @@ alternates prefill and decode ticks instead.
 Invariants: a seq is in exactly one of waiting, running (holding `slot`), or finished;
 free slots + running slots = all slots; every decoding seq gets exactly one token per
 decode tick; orderings are total (FIFO by `seq_id`, lowest free slot first), so the same
-arrivals give the same ticks.
+arrivals give the same ticks. Each plan names its compiled step (`TickPlan.key`: phase,
+bucket, the key bucket its longest row attends, the slice shape), which the program times.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
+MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
+MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (the matmul row multiple), up to the prefill chunk
+
+
+def key_bucket(context: int, max_context: int) -> int:
+    """Keys a row attends: a power of two >= its context, >= MIN_KEY_BUCKET, <= max_context."""
+    return min(max(MIN_KEY_BUCKET, 1 << (context - 1).bit_length()), max_context)
+
+
+def key_buckets(max_context: int) -> list[int]:
+    """Every key bucket a program with this context admits: 128, 256, ..., max_context."""
+    out, k = [], MIN_KEY_BUCKET
+    while k < max_context:
+        out.append(k)
+        k *= 2
+    return out + [max_context]
+
+
+def slice_sizes(chunk: int) -> list[int]:
+    """The static prompt-slice shapes of prefill and mixed steps: 4, 8, 16, ... and the chunk."""
+    return sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k < 2 * chunk})
+
+
+def slice_shape(tokens: int, chunk: int) -> int:
+    """The smallest slice shape that holds `tokens` prompt tokens (<= chunk)."""
+    return next(p for p in slice_sizes(chunk) if p >= tokens)
+
+
+class StepKey(NamedTuple):
+    """A compiled step shape, which the program times: `tokens` is 1 for decode, else the
+    prompt slice's static shape; `keys` the key bucket the longest row attends."""
+
+    phase: str
+    batch: int
+    keys: int
+    tokens: int
 
 
 @dataclass(eq=False)
@@ -55,6 +93,13 @@ class TickPlan:
     rows: tuple[Seq, ...]  # decode: every decoding seq; prefill: the one seq; mixed: both, the prompt last
     start: int = 0  # prefill, mixed: the slice's first prompt position
     length: int = 1  # prefill, mixed: the slice's tokens (<= chunk or the bucket's slice); decode: 1
+    keys: int = MIN_KEY_BUCKET  # the key bucket of the row that attends the most keys
+    shape: int = 1  # static prompt tokens of the step: slice_shape(length) or the bucket's slice; decode: 1
+
+    @property
+    def key(self) -> StepKey:
+        """The compiled step this tick runs: what its duration is looked up by."""
+        return StepKey(self.phase, self.bucket, self.keys, self.shape)
 
     def is_slice(self, i: int) -> bool:
         """Whether row i carries prompt tokens (the others decode one token)."""
@@ -131,16 +176,19 @@ class TickScheduler:
             self.running.append(seq)
         prefilling = [s for s in self.running if not s.decoding]
         decoding = [s for s in self.running if s.decoding]
+        keys = max((key_bucket(s.prompt_len + s.generated, self.max_context) for s in decoding), default=0)
         if prefilling and decoding and self.slices:
             seq, bucket = prefilling[0], self.bucket_for(len(decoding))
             n = min(self.slices[bucket], seq.prompt_len - seq.prefilled)
-            return TickPlan(MIXED, bucket, (*decoding, seq), seq.prefilled, n)
+            keys = max(keys, key_bucket(seq.prefilled + n, self.max_context))
+            return TickPlan(MIXED, bucket, (*decoding, seq), seq.prefilled, n, keys, self.slices[bucket])
         if prefilling and (not decoding or self.last_phase == DECODE):
             seq = prefilling[0]
             n = min(self.chunk, seq.prompt_len - seq.prefilled)
-            return TickPlan(PREFILL, 1, (seq,), seq.prefilled, n)
+            return TickPlan(PREFILL, 1, (seq,), seq.prefilled, n, key_bucket(seq.prefilled + n, self.max_context),
+                            slice_shape(n, self.chunk))
         if decoding:
-            return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding))
+            return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)
         return None
 
     def update(self, plan: TickPlan, tokens: dict[int, int] | None = None) -> list[Output]:

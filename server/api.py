@@ -150,7 +150,8 @@ class LockstepService:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
                     parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                    predicted_ttft_s=ttft, predicted_e2e_s=e2e)
+                    predicted_ttft_s=ttft, predicted_e2e_s=e2e,
+                    predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0)
         try:
             self.engine.submit(r)
         except OverflowError as exc:
@@ -237,13 +238,12 @@ class LockstepService:
         if self.metrics is None:
             return
         self.metrics.request_finished(o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
-                                      r.predicted_ttft_s, self.engine.tick_s("decode", 1), o.completion_tokens)
+                                      r.predicted_ttft_s, r.predicted_tpot_s or None, o.completion_tokens)
 
     def _finished(self, r: Request, o: Outcome, text: str) -> pb.Finished:
-        batch = self.engine.bucket_for(max(1, self.engine.status()["running"]))
         return pb.Finished(finish_reason=o.reason, prompt_tokens=len(r.prompt), completion_tokens=o.completion_tokens,
                            request_id=r.request_id, predicted_ttft_s=r.predicted_ttft_s,
-                           measured_ttft_s=o.ttft_s or 0.0, predicted_tpot_s=self.engine.tick_s("decode", batch),
+                           measured_ttft_s=o.ttft_s or 0.0, predicted_tpot_s=r.predicted_tpot_s,
                            measured_tpot_s=o.tpot_s or 0.0, queue_s=o.queue_s or 0.0, e2e_s=o.e2e_s,
                            predicted_e2e_s=r.predicted_e2e_s, text=text)
 

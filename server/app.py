@@ -21,11 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from scheduler.program import Program
+from scheduler.program import Program, ProgramView
 from server.api import SERVICE_NAME, LockstepService
 from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
-from server.executor import GPU_DEVICES, make_executor, plan_from_program
+from server.executor import make_executor, plan_from_program
 from server.metrics import Metrics
 from server.step import full_batch
 from server.tokenizer import load_tokenizer
@@ -62,31 +62,32 @@ class ServeConfig:
     torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
 
 
-def is_simulated(program: dict) -> bool:
-    return any(s["device"] not in GPU_DEVICES and s["device"] != "cpu" for s in program["stages"])
 
 
-def measure_time_scale(executor, schedules: list[dict], max_context: int, max_slots: int, repeats: int = 5,
-                       margin: float = 1.1, warmup: int = 8) -> float:
-    """Runs every given compiled step on the host and returns the smallest factor by which
-    the program's step times must be slowed so the host keeps up: max over steps of
-    measured / predicted (median of `repeats`), times `margin`. Each step shape first runs
-    `warmup` times untimed: a fresh executor's first steps of a shape take 100x longer
-    (measured: 250 ms, then 3 ms, for `tiny`: oneDNN primitives, first touches)."""
+def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...],
+                       repeats: int = 5, margin: float = 1.1, warmup: int = 8) -> float:
+    """Runs the program's step shapes of these phases at these key buckets on the host and
+    returns the smallest factor by which their program times must be slowed so the host
+    keeps up: max over steps of measured / predicted (median of `repeats`), times
+    `margin`. Each step shape first runs `warmup` times untimed: a fresh executor's first
+    steps of a shape take 100x longer (measured: 250 ms, then 3 ms, for `tiny`: oneDNN
+    primitives, first touches)."""
     worst = 0.0
-    for sched in schedules:
-        step = full_batch(sched["phase"], sched["batch"], sched["new_tokens"], max_context, max_slots)  # longest context
+    for key, predicted in sorted(program.steps.items()):
+        if key.phase not in phases or key.keys not in keys:
+            continue
+        step = full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)  # rows end at the bucket's last key
         for _ in range(warmup):
             executor.step(step)
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
-        worst = max(worst, measured / sched["step_s"])
+        worst = max(worst, measured / predicted)
     return worst * margin
 
 
 class LockstepServer:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.program = Program.from_json(config.program_json).data
+        self.program = ProgramView.parse(Program.from_json(config.program_json).data)
         self.metrics = Metrics()
         self.server = None
         self.engine = None
@@ -113,18 +114,19 @@ class LockstepServer:
         threads = cfg.torch_threads or os.cpu_count() or 1
         await loop.run_in_executor(self.device_thread, torch.set_num_threads, threads)
         self.executor = await loop.run_in_executor(self.device_thread, make_executor, plan, cfg.executor)
-        schedules, opts = program["schedules"], program["options"]
-        if is_simulated(program) and not cfg.time_scale:
-            scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, schedules,
-                                               opts["max_context"], opts["max_slots"])
+        keys = program.key_buckets
+        if program.simulated and not cfg.time_scale:
+            # The chip's times against the host's, at the shortest and the longest contexts.
+            scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, program,
+                                               (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
         else:
             # Real devices run at their own speed: 1, unless the host, serving, runs slower
             # than its calibration said (measured: ~25% inside a Ray actor on a 2-core host
             # whose cores Ray's own processes share); then ticks stretch to what it keeps
             # up with, and the factor is reported, rather than every tick overrunning.
-            steady = [s for s in schedules if s["phase"] != "prefill"]  # decode and mixed: the cadence
-            measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor,
-                                                  steady, opts["max_context"], opts["max_slots"], 5, 1.0)
+            # Decode and mixed steps (the cadence) at the shortest context, where most ticks run.
+            measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, program,
+                                                  keys[:1], ("decode", "mixed"), 5, 1.0)
             scale = cfg.time_scale or max(1.0, measured)
         config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                               max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
@@ -132,15 +134,15 @@ class LockstepServer:
         self.engine = Engine(self.executor, program, config, self.metrics)
         self.failed = asyncio.Event()
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
-        spec = program["model"]["spec"]
-        tokenizer = load_tokenizer(cfg.checkpoint or None, spec["vocab_size"])
-        limits = Limits(cfg.max_tokens, opts["max_context"] - 1, spec["vocab_size"], opts["max_context"])
+        vocab = program.model.vocab_size
+        tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)
+        limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context)
         info = self._model_info(scale, limits)
         self.server, port = self._grpc_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
                               executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
         self.metrics.set_time_scale(scale)
-        self.metrics.set_slots_total(opts["max_slots"])
+        self.metrics.set_slots_total(program.max_slots)
         self.metrics.set_accepting(True)
         self.metrics.set_engine_up(True)
         for phase, pacer in self.engine.pacers.items():
@@ -192,11 +194,10 @@ class LockstepServer:
         p, cfg = self.program, self.config
         preds = [pb.Prediction(batch=x["batch"], prompt_len=x["prompt_len"], ttft_s=x["ttft_s"] * scale,
                                tpot_s=x["tpot_s"] * scale, tokens_per_s=x["tokens_per_s"] / scale)
-                 for x in p["predictions"]]
-        return pb.ModelInfo(model=p["model"]["name"], plan_hash=p["plan_hash"], pool=p["pool"]["description"],
-                            buckets=p["buckets"], max_slots=p["options"]["max_slots"],
-                            max_context=p["options"]["max_context"], prefill_chunk=p["prefill_chunk"],
-                            dtype=p["model"]["weight_dtype"], time_scale=scale, deterministic=cfg.deterministic,
+                 for x in p.predictions]
+        return pb.ModelInfo(model=p.model.name, plan_hash=p.plan_hash, pool=p.pool, buckets=p.buckets,
+                            max_slots=p.max_slots, max_context=p.max_context, prefill_chunk=p.prefill_chunk,
+                            dtype=p.weight_dtype, time_scale=scale, deterministic=cfg.deterministic,
                             guard_band_s=cfg.guard_band_s, predictions=preds, vocab_size=limits.vocab_size,
                             executor=cfg.executor, max_prompt_tokens=limits.max_prompt_tokens,
                             max_tokens_limit=limits.max_tokens, max_queue=cfg.max_queue,

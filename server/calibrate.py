@@ -6,7 +6,8 @@ What is measured (medians over `repeats` runs after warm-up):
 - dense fp32/bf16 matmul throughput (2048 x 2048 x 2048), FLOP/s;
 - the real executor step (`LocalExecutor.step`, sampling included) for every decode
   bucket at each attended-key length the runtime uses (powers of two from 128 up to
-  max_context), and for one prefill chunk per bucket of the program (batch 1).
+  max_context), for a prefill slice of every static shape (4, 8, ..., the chunk; batch
+  1, at position 0), and for every bucket's mixed step with every slice shape.
   Forward hooks time the embedding and each block inside the same steps; the head's
   entry is the rest of the step (final norm, LM head, sampling, host glue), so the
   entries of one step add up to the measured step.
@@ -26,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 import scheduler
-from scheduler.compiler import slice_sizes
+from scheduler.ticks import MIN_KEY_BUCKET, key_buckets, slice_sizes
 from scheduler.program import fingerprint
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.step import MIN_KEY_BUCKET, StepBatch, full_batch
+from server.step import StepBatch, full_batch
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -80,14 +81,6 @@ class _Timer:
         self.blocks_s += time.perf_counter() - self._start
 
 
-def key_buckets(max_context: int) -> list[int]:
-    out, k = [], MIN_KEY_BUCKET
-    while k < max_context:
-        out.append(k)
-        k *= 2
-    return out + [max_context]
-
-
 @dataclass(frozen=True)
 class Point:
     """One calibrated step: `tokens` is the attended keys for decode (the step runs at
@@ -120,7 +113,8 @@ class Calibrator:
     def points(self) -> list[Point]:
         decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
         mixed = [Point("mixed", b, p) for b in self.options.buckets for p in slice_sizes(self.options.prefill_chunk)]
-        return decode + [Point("prefill", 1, self.options.prefill_chunk)] + mixed
+        prefill = [Point("prefill", 1, p) for p in slice_sizes(self.options.prefill_chunk)]
+        return decode + prefill + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
         """All rows real, each ending at `context` (decode: one new token; prefill: a chunk);
@@ -129,7 +123,7 @@ class Calibrator:
         if phase == "mixed":
             return full_batch("mixed", bucket, context, min(MIN_KEY_BUCKET, self.max_context), self.max_slots,
                               slice_end=context)
-        n = self.options.prefill_chunk if phase == "prefill" else 1
+        n = context if phase == "prefill" else 1  # a prefill slice of `context` tokens at position 0
         return full_batch(phase, bucket, n, context, self.max_slots)
 
     def sample(self, point: Point) -> float:

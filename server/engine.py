@@ -30,8 +30,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scheduler.simulate import paced_tick_s, predict_arrival
-from scheduler.ticks import MIXED, PREFILL, Seq, TickPlan, TickScheduler
+from scheduler.program import ProgramView
+from scheduler.simulate import paced_ticks, predict_arrival
+from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan
 from server.pacing import Pacer
 from server.sampling import SamplingParams
 from server.step import ExecutorFailed, StepBatch
@@ -79,6 +80,7 @@ class Request:
     arrival_s: float = field(default_factory=time.perf_counter)
     predicted_ttft_s: float = 0.0
     predicted_e2e_s: float = 0.0
+    predicted_tpot_s: float = 0.0  # (e2e - TTFT) / (max_tokens - 1) of the admission prediction; 0 for one token
     cancelled: bool = False  # set by the client side; the engine retires it next tick
     # Engine state.
     seq: Seq | None = None  # the scheduler's view, from submit on
@@ -89,16 +91,13 @@ class Request:
 
 
 class Engine:
-    def __init__(self, executor, program: dict, config: EngineConfig = EngineConfig(), metrics=None):
+    def __init__(self, executor, program: ProgramView, config: EngineConfig = EngineConfig(), metrics=None):
         self.executor = executor
         self.config = config
         self.metrics = metrics
-        opts = program["options"]
-        self.max_slots, self.max_context = opts["max_slots"], opts["max_context"]
-        self.step_s = {(s["phase"], s["batch"]): s["step_s"] for s in program["schedules"]}
-        slices = {s["batch"]: s["new_tokens"] for s in program["schedules"] if s["phase"] == MIXED}
-        self.sched = TickScheduler(self.max_slots, self.max_context, program["prefill_chunk"],
-                                   tuple(program["buckets"]), config.max_queue, slices)
+        self.program = program
+        self.max_slots, self.max_context = program.max_slots, program.max_context
+        self.sched = program.tick_scheduler(config.max_queue)
         self._lock = threading.Condition()  # guards sched and _requests (an RLock inside)
         self._requests: dict[int, Request] = {}  # seq_id -> request, waiting or running
         self._ids = itertools.count()
@@ -106,7 +105,9 @@ class Engine:
         # 0.95-1.01 of predicted, prefill 1.18), and one factor for all let prefill ticks
         # slow the decode cadence by 20%.
         start = config.time_scale * (1 + config.guard_band_frac)
-        self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing) for phase in (PREFILL, "decode", MIXED)}
+        self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing) for phase in (PREFILL, DECODE, MIXED)}
+        self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
+        self._repace()
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
         self._stop = False
         self.accepting = True
@@ -123,14 +124,18 @@ class Engine:
         thread = thread or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
         self._done = thread.submit(self._loop)
 
-    def tick_s(self, phase: str, batch: int) -> float:
-        """Wall seconds a paced tick lasts. In deterministic mode a bucket's decode and
-        mixed ticks share one cadence, the longer of the two steps: a stream's tokens then
-        come at the same pace whether or not a prompt is going in beside it, so the TPOT
-        promised at arrival holds under load (measured on small: ITL p99/p50 1.24 with
-        each tick paced for its own step, the mixed step being 1.25x the decode step)."""
+    def tick_s(self, key: StepKey) -> float:
+        """Wall seconds a paced tick of this step shape lasts (scheduler/simulate.py,
+        `paced_ticks`): in deterministic mode every decode and mixed tick at one key
+        bucket shares one cadence, so a stream's tokens come at the same pace whether or
+        not prompts go in beside it or other streams join, and the TPOT promised at
+        arrival holds under load."""
+        return self._ticks[key]
+
+    def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
-        return paced_tick_s(self.step_s, phase, batch, factors, self.config.guard_band_s, self.config.deterministic)
+        # Swapped whole: `predict` on another thread reads one table or the other.
+        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s, self.config.deterministic)
 
     def bucket_for(self, n: int) -> int:
         return self.sched.bucket_for(n)
@@ -141,8 +146,8 @@ class Engine:
         whole, so the promise errs late by at most one tick)."""
         with self._lock:
             snapshot = self.sched.clone()
-        ticks = {key: self.tick_s(*key) for key in self.step_s}  # the pace now, read once, not per event
-        return predict_arrival(snapshot, prompt_len, max_tokens, lambda phase, b: ticks[(phase, b)], clone=False)
+        ticks = self._ticks  # the pace now, read once
+        return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False)
 
     @property
     def up(self) -> bool:
@@ -179,7 +184,7 @@ class Engine:
                     "slots_in_use": self.max_slots - len(self.sched.free_slots), "max_slots": self.max_slots,
                     "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting,
                     "max_queue": self.config.max_queue, "engine_up": self.up,
-                    "pace_factor": self.pacers["decode"].factor,
+                    "pace_factor": self.pacers[DECODE].factor,
                     "repaces": sum(p.repaces for p in self.pacers.values())}
 
     def wake(self) -> None:
@@ -243,7 +248,7 @@ class Engine:
         if plan.phase == PREFILL:
             (r,) = reqs
             tokens = tuple(r.prompt[plan.start:plan.start + plan.length])
-            return StepBatch(PREFILL, 1, self.sched.chunk, (r.seq.slot,), (tokens,), (plan.start,), (r.sampling,))
+            return StepBatch(PREFILL, 1, plan.shape, (r.seq.slot,), (tokens,), (plan.start,), (r.sampling,))
         sliced = plan.phase == MIXED and rows[-1] is plan.rows[-1]  # a row-by-row retry may drop the slice
         decode = reqs[:-1] if sliced else reqs
         tokens = [(r.out[-1],) for r in decode]
@@ -252,11 +257,11 @@ class Engine:
             tokens.append(tuple(reqs[-1].prompt[plan.start:plan.start + plan.length]))
             positions.append(plan.start)
             if not decode:  # the slice alone: a prefill step of it
-                return StepBatch(PREFILL, 1, self.sched.chunk, (rows[-1].slot,), tuple(tokens), tuple(positions),
+                return StepBatch(PREFILL, 1, plan.shape, (rows[-1].slot,), tuple(tokens), tuple(positions),
                                  (reqs[-1].sampling,))
-            phase, bucket, chunk = MIXED, self.sched.bucket_for(len(decode)), self.sched.slices[plan.bucket]
+            phase, bucket, chunk = MIXED, self.sched.bucket_for(len(decode)), plan.shape
         else:
-            phase, bucket, chunk = "decode", self.sched.bucket_for(len(decode)), 1
+            phase, bucket, chunk = DECODE, self.sched.bucket_for(len(decode)), 1
         return StepBatch(phase, bucket, chunk, tuple(s.slot for s in rows), tuple(tokens), tuple(positions),
                          tuple(r.sampling for r in reqs))
 
@@ -295,7 +300,7 @@ class Engine:
         start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - start
-        tick = self.tick_s(plan.phase, plan.bucket)
+        tick = self.tick_s(plan.key)
         overrun = self.config.deterministic and measured > tick
         if self.config.deterministic and not overrun:
             _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
@@ -303,8 +308,9 @@ class Engine:
         self.ticks += 1
         self.overruns += overrun
         # Rows that failed ran again alone: such a tick says nothing about the pace.
-        pacer = self.pacers[plan.phase]
-        if len(tokens) == len(plan.rows) and pacer.observe(measured, self.step_s[(plan.phase, plan.bucket)]):
+        pacer, program_s = self.pacers[plan.phase], self.program.step_s(plan.key)
+        if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
+            self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
         with self._lock:
@@ -318,7 +324,7 @@ class Engine:
                 self.metrics.set_queue(len(self.sched.running), len(self.sched.waiting),
                                        self.max_slots - len(self.sched.free_slots))
         if self.metrics is not None:
-            predicted = self.step_s[(plan.phase, plan.bucket)] * self.config.time_scale
+            predicted = program_s * self.config.time_scale
             self.metrics.observe_tick(plan.phase, len(plan.rows), measured, predicted, overrun)
 
     def _emit(self, r: Request, token: int, now: float) -> None:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from scheduler.model import ModelSpec
+from scheduler.program import ProgramView
 from server.model import TORCH_DTYPES, StageModel
 from server.sampling import sample
 from server.step import StepBatch, StepResult, StepTensors, tensorize
 from server.weights import init_random, load_checkpoint
-
-GPU_DEVICES = ("h100", "h200", "a100")
 
 
 @dataclass(frozen=True)
@@ -48,35 +47,32 @@ class RuntimePlan:
     pack_weights: bool = True  # prepack CPU linears for oneDNN (see model.Linear)
 
 
-def torch_device_for(pool_device: str, device_index: int, cuda_count: int) -> str:
-    """A program device to a torch device: GPUs map to cuda:N; `cpu` and simulated
-    chips (lpu, ...) run on the host."""
-    if pool_device in GPU_DEVICES:
+def torch_device_for(kind: str, device_index: int, cuda_count: int) -> str:
+    """A program device to a torch device: GPUs map to cuda:N; `cpu` and simulated chips
+    (lpu, ...) run on the host."""
+    if kind == "gpu":
         if cuda_count == 0:
-            raise ValueError(f"the program places stages on {pool_device} but this host has no CUDA device")
+            raise ValueError("the program places stages on GPUs but this host has no CUDA device")
         return f"cuda:{device_index % cuda_count}"
     return "cpu"
 
 
-def plan_from_program(program: dict, *, dtype: str | None = None, seed: int = 0, checkpoint: str = "",
+def plan_from_program(program: ProgramView, *, dtype: str | None = None, seed: int = 0, checkpoint: str = "",
                       device: str | None = None) -> RuntimePlan:
-    """Reads a Program's JSON document. `device` forces every stage onto one torch device."""
-    spec = ModelSpec(**program["model"]["spec"])
+    """The executor's part of a program. `device` forces every stage onto one torch device."""
+    spec = program.model
     if spec.rope_scaling:
         raise ValueError(f"{spec.name} uses {spec.rope_scaling!r} RoPE scaling, which the runtime does not implement")
-    dtype = dtype or program["model"]["weight_dtype"]
+    dtype = dtype or program.weight_dtype
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"the runtime computes in {', '.join(TORCH_DTYPES)}; the program's weights are {dtype} "
                          f"(compile with --dtype fp32 or bf16 to serve)")
     cuda_count = torch.cuda.device_count()
-    stages = []
-    for st in program["stages"]:
-        dev = device or torch_device_for(st["device"], st["devices"][0], cuda_count)
-        simulated = st["device"] not in GPU_DEVICES and st["device"] != "cpu"
-        stages.append(StageSpec(st["index"], st["layers"][0], st["layers"][1], dev,
-                                resource=st["device"] if simulated else ""))
-    return RuntimePlan(spec, dtype, program["options"]["max_slots"], program["options"]["max_context"],
-                       tuple(stages), seed, checkpoint)
+    stages = tuple(StageSpec(st.index, st.layers[0], st.layers[1],
+                             device or torch_device_for(st.kind, st.devices[0], cuda_count),
+                             resource=st.device if st.kind == "simulated" else "")
+                   for st in program.stages)
+    return RuntimePlan(spec, dtype, program.max_slots, program.max_context, stages, seed, checkpoint)
 
 
 class StageRunner:

@@ -26,8 +26,8 @@ from server.auth import read_secret
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 # Part of the cached calibration's name: bump it when the runtime's step costs change, so
 # a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster; 3: mixed
-# steps measured).
-RUNTIME_COST_VERSION = 3
+# steps measured; 4: prefill measured at every slice shape).
+RUNTIME_COST_VERSION = 4
 EXIT_ENGINE_DIED = 1
 # Ray's own teardown (kill the actor, ray.shutdown) measured 1.1-1.3 s here: kept out of
 # the grace period the engine actor drains for, so the driver exits within --grace-s.
@@ -150,6 +150,7 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event) -> int:
 
 
 def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
+    view = program.view()
     if not args.ray_address:
         # A local Ray binds every service (GCS, raylet, workers, agents) to 127.0.0.1 only
         # when this is 0; read when ray is imported. Ray's default is all interfaces,
@@ -163,13 +164,12 @@ def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: t
             ray.init(address=args.ray_address, log_to_driver=False)
         else:
             chips = {}
-            for group in program.data["pool"]["spec"]["groups"]:
-                name = group["device"]["name"]
-                if name not in ("cpu", "h100", "h200", "a100"):
-                    chips[name] = chips.get(name, 0) + group["count"]
+            for name, kind, count in view.pool_devices:
+                if kind == "simulated":
+                    chips[name] = chips.get(name, 0) + count
             ray.init(num_cpus=os.cpu_count(), resources=chips or None, include_dashboard=False, log_to_driver=False)
     _on_signals(stop)  # after ray.init, which installs handlers of its own that end the driver
-    gpus = len({s["devices"][0] for s in program.data["stages"] if s["device"] in ("h100", "h200", "a100")})
+    gpus = len({s.devices[0] for s in view.stages if s.kind == "gpu"})
     options = {"num_cpus": 1, "max_concurrency": 1000}
     if gpus and config.executor == "local":
         options["num_gpus"] = gpus

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.ticks import MIN_KEY_BUCKET, key_bucket  # noqa: F401 (MIN_KEY_BUCKET: re-exported)
 from server.model import ROW_MULTIPLE
 from server.sampling import GREEDY, SamplingParams
 
@@ -21,7 +22,6 @@ class ExecutorFailed(RuntimeError):
     """The executor itself is broken (a stage actor died, a device failed, a step timed
     out), not one row of the batch: the engine cannot go on and stops. Any other
     exception from `step` is taken as one row's fault and isolated (see engine._tick)."""
-MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,3 @@ def full_batch(phase: str, bucket: int, tokens: int, end: int, max_slots: int, s
     rows = range(min(bucket, max_slots - 1) + 1)
     return StepBatch(phase, bucket, tokens, tuple(rows), tuple((1,) for _ in rows[:-1]) + ((1,) * tokens,),
                      tuple(end - 1 for _ in rows[:-1]) + ((slice_end or end) - tokens,), tuple(GREEDY for _ in rows))
-
-
-def key_bucket(context: int, max_context: int) -> int:
-    """Keys a row attends: a power of two >= its context, >= MIN_KEY_BUCKET, <= max_context."""
-    return min(max(MIN_KEY_BUCKET, 1 << (context - 1).bit_length()), max_context)

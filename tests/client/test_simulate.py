@@ -17,15 +17,17 @@ ARGS = ["--model", "tiny", "--pool", "cpu:1", "--dtype", "fp32", "--max-context"
 def test_a_closed_loop_of_one_matches_the_program(tmp_path):
     assert main([*ARGS, "--concurrency", "1", "--output", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "summary.json").read_text())
-    steps = {(s["phase"], s["batch"]): s["step_s"] for s in
-             json.loads(subprocess.run([sys.executable, "-m", "server.cli", "compile", "--model", "tiny", "--pool",
-                                        "cpu:1", "--dtype", "fp32", "--max-context", "256", "--prefill-chunk", "32",
-                                        "--json"], capture_output=True, text=True, check=True).stdout)["steps"]}
+    compiled = json.loads(subprocess.run([sys.executable, "-m", "server.cli", "compile", "--model", "tiny", "--pool",
+                                          "cpu:1", "--dtype", "fp32", "--max-context", "256", "--prefill-chunk", "32",
+                                          "--json"], capture_output=True, text=True, check=True).stdout)
+    steps = {(x["phase"], x["batch"], x["keys"], x["tokens"]): x["step_s"] for x in compiled["steps"]}
     s = doc["summary"]
     assert s["ok"] == 40 and s["errors"] == {}
-    # Alone: two prefill chunks (32 + 8 tokens), then one bucket-1 tick per token, at one cadence.
-    assert s["ttft_s"]["p50"] == pytest.approx(2 * steps[("prefill", 1)])
-    assert s["itl_s"]["p50"] == pytest.approx(max(steps[("decode", 1)], steps[("mixed", 1)]))
+    # Alone: two prefill ticks (a 32-token chunk, then the last 8 tokens in an 8-token
+    # slice), then one tick per token at the cadence of 128 keys (40 + 8 tokens attend <= 128).
+    assert s["ttft_s"]["p50"] == pytest.approx(steps[("prefill", 1, 128, 32)] + steps[("prefill", 1, 128, 8)])
+    assert s["itl_s"]["p50"] == pytest.approx(compiled["cadence"][0]["tick_s"])
+    assert compiled["cadence"][0]["keys"] == 128
     assert {p.name for p in tmp_path.iterdir()} >= {"summary.json", "requests.csv", "latency_cdf.png"}
 
 

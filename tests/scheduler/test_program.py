@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from scheduler import CompileOptions, Program, SpecError, compile, get_model, parse_pool
+from scheduler.program import ProgramView
+from scheduler.ticks import StepKey, key_bucket
 
 APPROX = dict(rel=1e-9, abs=1e-15)
 
@@ -77,11 +79,11 @@ def test_from_json_rejects_tampering(staged_program):
 def test_from_json_rejects_other_documents(staged_program):
     with pytest.raises(SpecError, match="not JSON"):
         Program.from_json("{")
-    with pytest.raises(SpecError, match="schema_version must be 1"):
+    with pytest.raises(SpecError, match="schema_version must be 2"):
         Program.from_json("[]")
     data = json.loads(staged_program.to_json())
-    data["schema_version"] = 2
-    with pytest.raises(SpecError, match="schema_version must be 1"):
+    data["schema_version"] = 1
+    with pytest.raises(SpecError, match="schema_version must be 2"):
         Program.from_json(json.dumps(data))
 
 
@@ -99,11 +101,38 @@ def test_a_decode_and_a_mixed_schedule_per_bucket_and_one_prefill(program):
     assert prefill["new_tokens"] == program.data["prefill_chunk"]
     with pytest.raises(KeyError):
         program.schedule("decode", max_slots + 1)
+    view = program.view()
     for b in buckets:  # a slice of 4, 8, 16, ... prompt tokens; within the target unless the smallest
         mixed, decode = program.schedule("mixed", b), program.schedule("decode", b)
-        assert mixed["new_tokens"] in (4, 8, 16, 32, 64, 128, 256, prefill["new_tokens"])
+        assert mixed["new_tokens"] == view.slices[b] in (4, 8, 16, 32, 64, 128, 256, prefill["new_tokens"])
         assert mixed["step_s"] >= decode["step_s"]
-        assert mixed["step_s"] <= mixed["itl_target_s"] or mixed["new_tokens"] == 4
+        at_least_keys = view.step_s(StepKey("mixed", b, view.key_buckets[0], view.slices[b]))
+        assert at_least_keys <= view.tick_target_s or view.slices[b] == 4
+
+
+def test_the_step_table_times_every_tick_the_scheduler_can_plan(program):
+    """Every plan of a random run of the program's own tick scheduler names a step the
+    program times; decode and mixed steps per bucket and key bucket, prefill per slice."""
+    import random
+
+    from scheduler.ticks import Seq
+
+    view = program.view()
+    rng, sched = random.Random(0), view.tick_scheduler(max_queue=1000)
+    for i in range(40):
+        sched.add(Seq(i, rng.randint(1, view.max_context // 2), rng.randint(1, view.max_context // 2)))
+    seen = set()
+    while not sched.idle():
+        plan = sched.schedule()
+        assert view.step_s(plan.key) > 0
+        seen.add(plan.key)
+        sched.update(plan)
+    assert {k.phase for k in seen} == {"prefill", "decode", "mixed"} and {k.keys for k in seen} >= set(view.key_buckets[1:])
+    keys = view.key_buckets
+    assert len([k for k in view.steps if k.phase == "decode"]) == len(keys) * len(view.buckets)
+    for k in keys:  # more keys, no shorter step
+        assert all(view.step_s(StepKey("decode", b, k, 1)) <= view.step_s(StepKey("decode", b, keys[-1], 1))
+                   for b in view.buckets)
 
 
 def test_the_itl_target_picks_the_slice(tiny_program):
@@ -112,8 +141,25 @@ def test_the_itl_target_picks_the_slice(tiny_program):
     slices = []
     for target_ms in (1e-6, 1e6):
         options = CompileOptions(**{**opts, "buckets": tuple(opts["buckets"]), "itl_target_ms": target_ms})
-        slices.append(compile(model, pool, options).schedule("mixed", 1)["new_tokens"])
-    assert slices == [4, tiny_program.data["prefill_chunk"]]
+        slices.append(compile(model, pool, options).view().slices)
+    top = opts["buckets"][-1]
+    assert slices[0][top] == 4 and set(slices[1].values()) == {tiny_program.data["prefill_chunk"]}
+    # Below the top bucket, a slice fills the tick the top bucket's mixed step sets.
+    view = tiny_program.view()
+    tick = view.tick_target_s
+    for b, p in view.slices.items():
+        assert view.step_s(StepKey("mixed", b, view.key_buckets[0], p)) <= tick or p == 4
+
+
+def test_the_view_reads_the_stages_device_kinds(program, staged_program):
+    for prog in (program, staged_program):
+        view = prog.view()
+        assert [st.kind for st in view.stages] == [s["kind"] for s in prog.data["stages"]]
+        assert view.simulated == any(s["device"] not in ("cpu", "h100", "h200", "a100") for s in prog.data["stages"])
+    data = json.loads(program.to_json())
+    del data["steps"]
+    with pytest.raises(SpecError, match="missing or mistypes 'steps'"):
+        ProgramView.parse(data)
 
 
 def test_buckets_when_max_slots_is_not_a_power_of_two(staged_program):
@@ -216,7 +262,9 @@ def test_predictions(program):
     for p in preds:
         assert {"batch", "prompt_len", "ttft_s", "tpot_s", "tokens_per_s"} <= set(p)
         assert p["prompt_len"] == program.data["options"]["prompt_len"]
-        assert p["tpot_s"] == program.schedule("decode", p["batch"])["step_s"]
+        # TPOT: the deterministic tick at the prompt's key bucket, the same for every batch.
+        view = program.view()
+        assert p["tpot_s"] == view.cadence_s(key_bucket(p["prompt_len"] + 1, view.max_context))
         assert p["tokens_per_s"] == pytest.approx(p["batch"] / p["tpot_s"], rel=1e-12)
         assert p["ttft_s"] > 0
         assert p["pipelined_tokens_per_s"] >= p["tokens_per_s"] * (1 - 1e-12)

@@ -27,11 +27,17 @@ def test_summary_text_lists_every_bucket(tiny_program):
     assert rows == [str(b) for b in tiny_program.data["buckets"]]
 
 
-def test_summary_text_shows_every_step_with_mixed_steps_and_their_targets(tiny_program):
+def test_summary_text_shows_every_step_by_key_bucket_and_the_tick(tiny_program):
     lines = summary_text(tiny_program).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("phase"))
-    steps = [line.split() for line in lines[start + 1:]]
-    assert [(s[0], int(s[1]), int(s[2])) for s in steps] == [
-        (x["phase"], x["batch"], x["new_tokens"]) for x in tiny_program.data["schedules"]]
-    assert all(len(s) == 7 for s in steps if s[0] == "mixed")  # step and target, each "N unit"
-    assert summary_json(tiny_program)["steps"][-1]["phase"] == "mixed"
+    keys = [int(k) for k in lines[start].split()[3:]]
+    assert keys == tiny_program.data["key_buckets"]
+    rows = [line.split() for line in lines[start + 1:-1]]
+    shown = {(r[0], int(r[1]), int(r[2])) for r in rows}
+    assert shown == {(x["phase"], x["batch"], x["tokens"]) for x in tiny_program.data["steps"]}
+    assert all(len(r) == 3 + 2 * len(keys) or "-" in r for r in rows)  # "N unit" per key bucket, "-" if none
+    assert lines[-1].startswith("tick (deterministic") and len(lines[-1].split()) == 4 + 2 * len(keys)
+    summary = summary_json(tiny_program)
+    assert summary["steps"] == tiny_program.data["steps"] and len(summary["cadence"]) == len(keys)
+
+

@@ -172,3 +172,35 @@ def test_with_mixed_steps_every_decoding_stream_gets_a_token_on_every_tick_while
 def test_slices_must_cover_every_bucket():
     with pytest.raises(ValueError, match="every bucket"):
         make(slices={1: 4, 2: 4})
+
+
+def test_a_plan_names_the_key_bucket_of_its_longest_row_and_its_static_slice_shape():
+    sched = TickScheduler(max_slots=4, max_context=1024, chunk=64, buckets=(1, 2, 4), slices={1: 16, 2: 16, 4: 8})
+    long, short = Seq(0, prompt_len=200, max_tokens=60), Seq(1, prompt_len=21, max_tokens=5)
+    sched.add(long)
+    plans = []
+    while not long.decoding:
+        plans.append(step(sched)[0])
+    # 200 tokens: three 64-token chunks (ending at 64, 128, 192 keys), then 8 in an 8-token shape.
+    assert [(p.phase, p.length, p.shape, p.keys) for p in plans] == [
+        (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 256), (PREFILL, 8, 8, 256)]
+    sched.add(short)
+    mixed = step(sched)[0]  # the long row decodes at 201 keys; the slice ends at 16
+    assert (mixed.phase, mixed.length, mixed.shape, mixed.keys) == (MIXED, 16, 16, 256)
+    assert mixed.key == (MIXED, 1, 256, 16)
+    while not short.decoding:
+        last = step(sched)[0]
+    assert (last.length, last.shape) == (5, 16)  # the bucket's slice shape, whatever is left of the prompt
+    decode = step(sched)[0]
+    assert decode.key == (DECODE, 2, 256, 1)
+    while long.finish_reason is None:  # 200 + 60 tokens: 256 keys, then 512 past its 256th token
+        context = long.prompt_len + long.generated
+        assert step(sched)[0].keys == (512 if context > 256 else 256)
+
+
+def test_slice_shapes_and_key_buckets():
+    from scheduler.ticks import key_bucket, slice_shape, slice_sizes
+
+    assert slice_sizes(64) == [4, 8, 16, 32, 64] and slice_sizes(100) == [4, 8, 16, 32, 64, 100]
+    assert [slice_shape(n, 64) for n in (1, 4, 5, 33, 64)] == [4, 4, 8, 64, 64]
+    assert [key_bucket(c, 1024) for c in (1, 128, 129, 600, 1024)] == [128, 128, 256, 1024, 1024]

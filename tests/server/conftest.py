@@ -13,7 +13,7 @@ from tests.server.helpers import OPTIONS, save_hf_model
 @pytest.fixture(scope="session")
 def tiny_plan():
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
-    return plan_from_program(program.data)
+    return plan_from_program(program.view())
 
 
 @pytest.fixture(scope="session")

@@ -101,4 +101,4 @@ def save_hf_model(name: str, folder):
 def hf_plan(folder, **plan_kw):
     """The checkpoint's spec compiled for cpu:1 at fp32, as a runtime plan loading the checkpoint."""
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
-    return plan_from_program(program.data, checkpoint=str(folder), **plan_kw)
+    return plan_from_program(program.view(), checkpoint=str(folder), **plan_kw)

@@ -72,7 +72,7 @@ def stream(stub, req, timeout=60) -> tuple[list[int], pb.Finished]:
 
 
 def executor_tokens(prompt, n, params) -> list[int]:
-    executor = LocalExecutor(plan_from_program(PROGRAM.data))
+    executor = LocalExecutor(plan_from_program(PROGRAM.view()))
     return generate(executor, 0, prompt, n, params, chunk=OPTIONS.prefill_chunk).out
 
 

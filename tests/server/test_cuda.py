@@ -15,9 +15,9 @@ pytestmark = pytest.mark.gpu
 
 def test_h100_program_runs_on_cuda_with_cpu_tokens():
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("h100:1"), OPTIONS)
-    plan = plan_from_program(program.data)
+    plan = plan_from_program(program.view())
     assert {stage.device for stage in plan.stages} == {"cuda:0"}
-    cpu_plan = plan_from_program(program.data, device="cpu")
+    cpu_plan = plan_from_program(program.view(), device="cpu")
     prompt = random_prompt(20, seed=1)
     on_gpu = generate(LocalExecutor(plan), 0, prompt, 16, GREEDY).out
     on_cpu = generate(LocalExecutor(cpu_plan), 0, prompt, 16, GREEDY).out

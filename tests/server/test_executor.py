@@ -117,7 +117,7 @@ def test_stage_split_of_a_checkpoint_gives_the_same_logits(hf_checkpoint):
 
 def test_plan_reads_the_program():
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("lpu:1"), OPTIONS)
-    plan = plan_from_program(program.data)
+    plan = plan_from_program(program.view())
     assert (plan.slots, plan.max_context, plan.dtype) == (8, 256, "fp32")
     assert plan.stages[0].layer_start == 0 and plan.stages[-1].layer_end == plan.spec.num_layers + 2
     assert all(s.device == "cpu" and s.resource == "lpu" for s in plan.stages)  # simulated chips run on the host
@@ -127,13 +127,14 @@ def test_plan_refuses_int8_weights():
     options = replace(OPTIONS, dtype="int8")
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), options)
     with pytest.raises(ValueError, match="int8"):
-        plan_from_program(program.data)
+        plan_from_program(program.view())
 
 
 def test_gpu_stage_needs_cuda():
     with pytest.raises(ValueError, match="no CUDA"):
-        torch_device_for("h100", 0, cuda_count=0)
-    assert torch_device_for("h100", 5, cuda_count=2) == "cuda:1"
+        torch_device_for("gpu", 0, cuda_count=0)
+    assert torch_device_for("gpu", 5, cuda_count=2) == "cuda:1"
+    assert torch_device_for("simulated", 5, cuda_count=2) == torch_device_for("cpu", 0, cuda_count=2) == "cpu"
 
 
 def test_unknown_executor_kind(tiny_plan):

@@ -32,7 +32,7 @@ def test_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_path):
     pool = tmp_path / "pool.toml"  # 2 chips of 6 MB: tiny's layers need both
     pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), OPTIONS)
-    plan = plan_from_program(program.data)
+    plan = plan_from_program(program.view())
     assert len(plan.stages) == 2 and {s.resource for s in plan.stages} == {"lpu"}
     rows = [(0, tuple(random_prompt(30, seed=4))), (1, tuple(random_prompt(12, seed=5)))]
     params = [SamplingParams(temperature=0.9, seed=11), SamplingParams()]
@@ -61,7 +61,7 @@ def test_lockstep_serves_over_grpc_from_stages_on_two_nodes(two_nodes, tmp_path)
     pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), OPTIONS)
     prompt = random_prompt(25, seed=8)
-    expected = generate(LocalExecutor(plan_from_program(program.data)), [(0, tuple(prompt))], [SamplingParams()],
+    expected = generate(LocalExecutor(plan_from_program(program.view())), [(0, tuple(prompt))], [SamplingParams()],
                         steps=9)[0][0]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

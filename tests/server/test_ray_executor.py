@@ -46,7 +46,7 @@ def lpu_plan(tmp_path_factory) -> RuntimePlan:
     pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
     options = scheduler.CompileOptions(dtype="fp32", max_context=256, prefill_chunk=32, prompt_len=16)
     program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), options)
-    plan = plan_from_program(program.data)
+    plan = plan_from_program(program.view())
     assert [(s.device, s.resource) for s in plan.stages] == [("cpu", "lpu"), ("cpu", "lpu")]
     return plan
 
