@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -36,6 +37,8 @@ from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan
 from server.pacing import Pacer
 from server.sampling import SamplingParams
 from server.step import ExecutorFailed, StepBatch
+
+log = logging.getLogger("lockstep.engine")
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,9 @@ class Engine:
         now = time.perf_counter()
         self.ticks += 1
         self.overruns += overrun
+        if overrun:  # rare by design (the pace covers the 95th percentile + 10%): each one is worth a line
+            log.warning("tick %d overran: %s step took %.2f ms of a %.2f ms tick (program %.2f ms)", self.ticks,
+                        tuple(plan.key), measured * 1e3, tick * 1e3, self.program.step_s(plan.key) * 1e3)
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer, program_s = self.pacers[plan.phase], self.program.step_s(plan.key)
         if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):

@@ -31,7 +31,10 @@ class Pacer:
     window: int = 512  # ticks
     min_samples: int = 128  # before the first re-estimate
     every: int = 64  # ticks between re-estimates
-    tolerance: float = 0.02  # relative change that triggers a re-pace
+    # Relative change that triggers a re-pace. A re-pace moves every running stream's
+    # cadence, so small moves are not worth it: with 2% the factor followed each load's
+    # jitter and streams of one Poisson run saw 53.7 and 57.8 ms TPOTs (bench/compare.py).
+    tolerance: float = 0.05
     repaces: int = 0
     _ratios: deque = field(default_factory=deque, repr=False)
     _seen: int = 0
