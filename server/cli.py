@@ -131,7 +131,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
-    p.add_argument("--guard-band-ms", type=float, default=0.5, help="added to every paced tick (default 0.5)")
+    p.add_argument("--guard-band-ms", type=float, default=1.5,
+                   help="opens every paced tick: the event loop sends the last tick's tokens before the next "
+                        "step starts (default 1.5)")
     p.add_argument("--guard-band-pct", type=float, default=20.0,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default 20)")
