@@ -4,8 +4,8 @@ Starts each server in turn on loopback - `lockstep serve --model M --pool cpu --
 then bench/peer_rayserve.py (same model, same seeded weights, Ray Serve + transformers) -
 and drives each with the same `lockstep load` runs: closed loop at concurrency 1 and 8 and
 one open-loop Poisson rate, with the same requests, lengths, seed and SLO. Prints one
-table: output tokens/s, TTFT p50/p99, ITL p50/p99, ITL p99/p50, goodput, per server and
-load, with Lockstep/baseline ratio rows (for latencies < 1 means Lockstep is faster; for
+table: output tokens/s, TTFT p50/p99, ITL p50/p99, ITL p99/p50, goodput, and Lockstep's
+tick overruns (from its /metrics, warm-up included), per server and load, with Lockstep/baseline ratio rows (for latencies < 1 means Lockstep is faster; for
 throughput and goodput > 1 means Lockstep is better).
 
     .venv/bin/python bench/compare.py [--model small] [--requests-c1 16] [--requests-c8 32]
@@ -23,14 +23,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _start(cmd: list[str], marker: str, log: Path, timeout_s: float) -> tuple[subprocess.Popen, str]:
-    """Starts cmd, waits for a stdout line starting with `marker`, returns (proc, grpc target).
-    The rest of stdout / stderr goes to `log`."""
+def _start(cmd: list[str], marker: str, log: Path, timeout_s: float) -> tuple[subprocess.Popen, str, str]:
+    """Starts cmd, waits for a stdout line starting with `marker`, returns (proc, grpc target,
+    metrics URL or ""). The rest of stdout / stderr goes to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     logf = open(log, "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=logf, text=True,
@@ -42,7 +43,8 @@ def _start(cmd: list[str], marker: str, log: Path, timeout_s: float) -> tuple[su
             logf.write(line)
             logf.flush()
             if not found and line.startswith(marker):
-                found.append(line.split("grpc=")[1].split()[0])
+                metrics = line.split("metrics=")[1].split()[0] if "metrics=" in line else ""
+                found.append((line.split("grpc=")[1].split()[0], metrics))
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while not found:
@@ -52,7 +54,7 @@ def _start(cmd: list[str], marker: str, log: Path, timeout_s: float) -> tuple[su
             _stop(proc)
             raise SystemExit(f"compare: {cmd[1:3]} not ready in {timeout_s:g} s; see {log}")
         time.sleep(0.2)
-    return proc, found[0]
+    return proc, *found[0]
 
 
 def _stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -74,7 +76,20 @@ def loads(args) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_loads(name: str, target: str, args) -> dict[str, dict]:
+def ticks_and_overruns(metrics_url: str) -> tuple[float, float]:
+    """(ticks, overruns) so far, summed over phases, from a Lockstep server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    sums = {"lockstep_ticks_total": 0.0, "lockstep_tick_overruns_total": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums["lockstep_ticks_total"], sums["lockstep_tick_overruns_total"]
+
+
+def run_loads(name: str, target: str, args, metrics_url: str = "") -> dict[str, dict]:
     common = ["--target", target, "--prompt-len", args.prompt_len, "--output-len", args.output_len,
               "--seed", str(args.seed), "--warmup", str(args.warmup), "--temperature", "0"]
     if args.slo:
@@ -84,8 +99,12 @@ def run_loads(name: str, target: str, args) -> dict[str, dict]:
         folder = args.out / name / label.replace(" ", "_").replace("/", "per").replace("=", "")
         cmd = [sys.executable, "-m", "client.loadgen", *common, *extra, "--output", str(folder)]
         print(f"compare: {name} {label}", flush=True)
+        before = ticks_and_overruns(metrics_url) if metrics_url else None
         subprocess.run(cmd, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
         out[label] = json.loads((folder / "summary.json").read_text())["summary"]
+        if before is not None:  # warm-up requests included: the server cannot tell them apart
+            ticks, overruns = (b - a for a, b in zip(before, ticks_and_overruns(metrics_url)))
+            out[label]["server_ticks"], out[label]["server_overruns"] = ticks, overruns
     return out
 
 
@@ -93,9 +112,10 @@ def _row(server: str, load: str, s: dict) -> list[str]:
     ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"
     itl = s["itl_s"]
     jit = itl["p99"] / itl["p50"] if itl["p50"] and itl["p99"] is not None else None
+    overruns = (f"{s['server_overruns']:.0f}/{s['server_ticks']:.0f}" if s.get("server_ticks") else "-")
     return [server, load, f"{s['ok']}/{s['requests']}", f"{s['output_tokens_per_s']:.1f}",
             ms(s["ttft_s"]["p50"]), ms(s["ttft_s"]["p99"]), ms(itl["p50"]), ms(itl["p99"]),
-            "-" if jit is None else f"{jit:.2f}", f"{s['goodput_requests_per_s']:.2f}"]
+            "-" if jit is None else f"{jit:.2f}", f"{s['goodput_requests_per_s']:.2f}", overruns]
 
 
 def _ratio_row(load: str, a: dict, b: dict) -> list[str]:
@@ -106,11 +126,11 @@ def _ratio_row(load: str, a: dict, b: dict) -> list[str]:
     return ["Lockstep/baseline", load, "", r(a["output_tokens_per_s"], b["output_tokens_per_s"]),
             r(a["ttft_s"]["p50"], b["ttft_s"]["p50"]), r(a["ttft_s"]["p99"], b["ttft_s"]["p99"]),
             r(a["itl_s"]["p50"], b["itl_s"]["p50"]), r(a["itl_s"]["p99"], b["itl_s"]["p99"]),
-            r(ja, jb), r(a["goodput_requests_per_s"], b["goodput_requests_per_s"])]
+            r(ja, jb), r(a["goodput_requests_per_s"], b["goodput_requests_per_s"]), ""]
 
 
 HEADER = ["server", "load", "ok", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-          "ITL p99/p50", "goodput req/s"]
+          "ITL p99/p50", "goodput req/s", "overruns/ticks"]
 
 
 def table(results: dict[str, dict[str, dict]], labels: list[str]) -> str:
@@ -158,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name != args.only:
             continue
         print(f"compare: starting {name}", flush=True)
-        proc, target = _start(cmd, marker, args.out / f"{name}.log", args.ready_timeout_s)
+        proc, target, metrics_url = _start(cmd, marker, args.out / f"{name}.log", args.ready_timeout_s)
         try:
-            results[name] = run_loads(name, target, args)
+            results[name] = run_loads(name, target, args, metrics_url if name == "lockstep" else "")
         finally:
             _stop(proc)
     labels = [label for label, _ in loads(args)]

@@ -30,6 +30,9 @@ def test_table_has_rows_and_ratios():
     assert lines[0].split()[:2] == ["server", "load"]
     ratio = next(line for line in lines if line.startswith("Lockstep/baseline"))
     assert "2.00x" in ratio and "0.50x" in ratio and "0.55x" in ratio  # tok/s, TTFT, ITL p99/p50 1.1/2.0
+    assert lines[0].split()[-1] == "overruns/ticks" and lines[2].split()[-1] == "-"  # not scraped here
+    results["lockstep"]["c=1"].update(server_ticks=400.0, server_overruns=3.0)
+    assert compare.table(results, ["c=1"]).splitlines()[2].split()[-1] == "3/400"
 
 
 def test_table_without_peer_has_no_ratio_row():
