@@ -62,11 +62,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def start_server(log) -> tuple[subprocess.Popen, str, str, int]:
+def start_server(log, deterministic: bool = False) -> tuple[subprocess.Popen, str, str, int]:
     """(process, grpc target, metrics URL, pid) once the ready line is printed."""
     exe = Path(sys.executable).with_name("lockstep")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
-    proc = subprocess.Popen(cmd + SERVE, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+    serve = [a for a in SERVE if a != "--throughput"] if deterministic else SERVE
+    proc = subprocess.Popen(cmd + serve, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("lockstep serve: ready"):
@@ -335,10 +336,12 @@ def main() -> int:
     p.add_argument("--probes", type=int, default=50, help="single refusals timed while the burst fills the queue")
     p.add_argument("--rss-goal-mb", type=float, default=50.0, help="RSS growth counted as met below this")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--deterministic", action="store_true",
+                   help="serve in deterministic mode (paced ticks, lockstep serve's default) instead of --throughput")
     args = p.parse_args()
     t0 = time.perf_counter()
     log = tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False)
-    proc, target, metrics_url, pid = start_server(log)
+    proc, target, metrics_url, pid = start_server(log, deterministic=args.deterministic)
     try:
         r = asyncio.run(drive(args, target, pid))
         m = scrape(metrics_url)

@@ -78,6 +78,8 @@ def _validate(args) -> None:
     for name in ("max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.front_end_nice <= 19:
+        raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
     if min(args.time_scale, args.guard_band_ms, args.guard_band_pct, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.dtype not in ("fp32", "bf16", "fp16"):
@@ -102,7 +104,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
-                         reflection=not args.no_reflection)
+                         reflection=not args.no_reflection, front_end_nice=args.front_end_nice)
     return config, program
 
 

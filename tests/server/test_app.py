@@ -4,6 +4,8 @@ own event loop) and real gRPC clients."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import threading
 import time
 import urllib.request
@@ -246,3 +248,33 @@ def test_simulated_pool_runs_slowed_by_a_measured_time_scale():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities need Linux")
+def test_the_front_end_is_lowered_and_threads_it_starts_inherit_it_but_the_engine_keeps_its_priority():
+    from server.app import _lower_front_end
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def front_end():
+        engine = concurrent.futures.ThreadPoolExecutor(1)  # started before: the engine's thread
+        seen["engine_before"] = engine.submit(priority).result()
+        seen["own_before"] = priority()
+        seen["added"] = _lower_front_end(5)
+        seen["own_after"] = priority()
+        seen["engine_after"] = engine.submit(priority).result()
+        started = concurrent.futures.ThreadPoolExecutor(1)  # started after: a gRPC or metrics thread
+        seen["started_after"] = started.submit(priority).result()
+        engine.shutdown()
+        started.shutdown()
+
+    worker = threading.Thread(target=front_end)  # not pytest's own thread: niceness cannot be undone
+    worker.start()
+    worker.join()
+    assert seen["added"] == min(5, 19 - seen["own_before"]) and seen["added"] > 0
+    assert seen["own_after"] == seen["started_after"] == seen["own_before"] + seen["added"]
+    assert seen["engine_after"] == seen["engine_before"]
+    assert _lower_front_end(0) == 0

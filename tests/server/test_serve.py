@@ -83,6 +83,8 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert '/nonexistent.pem' is not"),
     (["--auth-token-file", "/nonexistent"], "--auth-token-file '/nonexistent' is not a readable file"),
     (["--auth-token-file", "/etc/os-release"], "must hold one token"),  # spaces, several lines
+    (["--front-end-nice", "-1"], "--front-end-nice must be in 0..19"),
+    (["--front-end-nice", "20"], "--front-end-nice must be in 0..19"),
 ])
 def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
