@@ -117,7 +117,8 @@ def predictions(args) -> None:
         print(f"{phase:<8} {bucket:>5} {tokens:>7} {predicted * 1e3:>12.3f} {got * 1e3:>11.3f} {predicted / got:>18.3f}")
     worst = max(abs(e - 1) for e in errors)
     print(f"worst |predicted/measured - 1| = {worst:.3f} (goal <= 0.05); "
-          f"program decode tick at batch 1 = {program.schedule('decode', 1)['step_s'] * 1e3:.3f} ms")
+          f"program decode step at batch 1 = {program.schedule('decode', 1)['step_s'] * 1e3:.3f} ms "
+          f"(at max context)")
 
 
 def prefill_time(executor, prompt: int, chunk: int) -> float:

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="as for serve (default 64)")
     p.add_argument("--guard-band-pct", type=float, default=20.0, help="tick margin over the step (default 20)")
     p.add_argument("--guard-band-ms", type=float, default=1.5, help="and this per tick (default 1.5, as serve)")
-    p.add_argument("--throughput", action="store_true", help="ticks paced per step, not one cadence per bucket")
+    p.add_argument("--throughput", action="store_true", help="ticks paced per step, not one tick for every batch")
     p.add_argument("--pace", type=_pace, default=None,
                    help="wall seconds per program second of a tick, as a server's lockstep_pace_factor: "
                         "F, or PHASE=F,... for prefill, decode, mixed (default: 1 + the guard band)")

@@ -2,12 +2,15 @@
 (scheduler/ticks.py) and the executor.
 
 Each tick: retire cancelled requests, `schedule()` (admit into free KV slots, pick the
-tick's work), run the step, (in deterministic mode) wait out the tick, then `update()`
-and hand out the sampled tokens: tokens leave on tick boundaries, so their cadence does
-not carry the step's jitter. In deterministic mode a tick lasts the program's step time
-for its phase and bucket, times the pace factor (the time scale and the guard band at
-first, then what the host's steps measure: server/pacing.py), plus a fixed guard; a step
-that runs longer is an overrun: counted and exported, never hidden.
+tick's work), (in deterministic mode) sleep through the fixed guard while the event loop
+sends the last tick's tokens, run the step, wait out the tick, then `update()` and hand
+out the sampled tokens: tokens leave on tick boundaries, so their cadence does not carry
+the step's jitter. In deterministic mode every decode and mixed tick at one key bucket
+lasts the program's cadence there, whatever the batch, and a prefill tick its own step
+(scheduler/simulate.py, `paced_ticks`), times the pace factor (the time scale and the
+guard band at first, then what the host's steps measure: server/pacing.py), plus the
+fixed guard; a step that runs past its tick is an overrun: counted, exported and
+logged, never hidden.
 
 Admission predictions are the same scheduler run forward over the same tick times
 (scheduler/simulate.py), so the promise and the pacing come from one model
