@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +94,16 @@ CSV_FIELDS = ("index", "start_s", "status", "prompt_tokens", "output_tokens", "t
 def write_outputs(out: Path, summary: dict, records: list[RequestRecord], config: dict) -> None:
     """summary.json (config, summary, records), requests.csv and the latency PNGs."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"config": config, "summary": summary, "requests": [asdict(r) for r in records]}
+    # Shallow rows: `asdict` deep-copies every gap list (3 of `lockstep simulate`'s 10 s
+    # for 10,000 requests went there).
+    rows = [{f.name: getattr(r, f.name) for f in fields(r)} for r in records]
+    doc = {"config": config, "summary": summary, "requests": rows}
     (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
     with open(out / "requests.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
-        for r in records:
-            row = asdict(r)
-            row["itl_s"] = " ".join(f"{g:.6f}" for g in r.itl_s)
+        for r, row in zip(records, rows):
+            row = {**row, "itl_s": " ".join(f"{g:.6f}" for g in r.itl_s)}
             w.writerow(["" if row[k] is None else row[k] for k in CSV_FIELDS])
     plot_cdfs(records, out / "latency_cdf.png")
     plot_itl_over_time(records, out / "itl_over_time.png")
@@ -145,9 +147,10 @@ def token_gap_times(r: RequestRecord) -> list[float]:
 def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    xs = [t for r in records if r.ok for t in token_gap_times(r)]
-    ys = [g * 1e3 for r in records if r.ok for g in r.itl_s]
-    ax.scatter(xs, ys, s=4, alpha=0.5)
+    xs = np.asarray([t for r in records if r.ok for t in token_gap_times(r)], dtype=float)
+    ys = np.asarray([g for r in records if r.ok for g in r.itl_s], dtype=float) * 1e3
+    # One marker path, not a scatter collection: 250,000 gaps drew in seconds as a scatter.
+    ax.plot(xs, ys, linestyle="none", marker=".", markersize=2, alpha=0.5)
     ax.set(title="Inter-token latency over time", xlabel="time since start (s)", ylabel="gap (ms)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
