@@ -296,3 +296,20 @@ def test_program_json_is_plain_and_sorted(staged_program):
     assert text.endswith("\n")
     assert json.loads(text) == staged_program.data
     assert list(json.loads(text)) == sorted(staged_program.data)
+
+
+def test_the_step_table_is_the_schedules_own_sums(program, staged_inputs):
+    """One timing model: `Timeline.step_s` (the step table, no ops built) is exactly the
+    `step_s` of the schedule with its ops, for every phase, at short and long contexts."""
+    from scheduler.compiler import plan
+
+    model, pool, options = staged_inputs
+    timeline = plan(model, pool, options)
+    for phase, batch, new, past in (("decode", 1, 1, 0), ("decode", 4, 1, 40), ("prefill", 1, 16, 0),
+                                    ("prefill", 1, 8, 30), ("mixed", 2, 8, 20), ("mixed", 4, 4, 50)):
+        assert timeline.step_s(phase, batch, new, past) == timeline.schedule(phase, batch, new, past)["step_s"]
+    view = program.view()
+    for sched in program.data["schedules"]:  # the trace's steps at the longest context are in the table
+        if sched["phase"] != "prefill":
+            tokens = 1 if sched["phase"] == "decode" else sched["new_tokens"]
+            assert view.step_s(StepKey(sched["phase"], sched["batch"], view.max_context, tokens)) == sched["step_s"]
