@@ -249,8 +249,9 @@ class Metrics:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
         self._pace.labels(phase).set(factor)
+        repaces = self._repaces.labels(phase)  # exported from the start, at 0
         if repaced:
-            self._repaces.labels(phase).inc()
+            repaces.inc()
 
     # --- Step loop -------------------------------------------------------------------------
 
