@@ -274,7 +274,8 @@ def test_the_front_end_is_lowered_and_threads_it_starts_inherit_it_but_the_engin
     worker = threading.Thread(target=front_end)  # not pytest's own thread: niceness cannot be undone
     worker.start()
     worker.join()
-    assert seen["added"] == min(5, 19 - seen["own_before"]) and seen["added"] > 0
+    # (A process already at nice 19, as some CI runners are, has nothing left to add.)
+    assert seen["added"] == min(5, 19 - seen["own_before"])
     assert seen["own_after"] == seen["started_after"] == seen["own_before"] + seen["added"]
     assert seen["engine_after"] == seen["engine_before"]
     assert _lower_front_end(0) == 0
