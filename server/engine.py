@@ -146,9 +146,6 @@ class Engine:
         # Swapped whole: `predict` on another thread reads one table or the other.
         self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s, self.config.deterministic)
 
-    def bucket_for(self, n: int) -> int:
-        return self.sched.bucket_for(n)
-
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
         current state run forward over the paced tick times (the tick in flight counts
