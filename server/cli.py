@@ -29,8 +29,9 @@ def _add_compile(sub) -> None:
     p.add_argument("--max-context", type=int, default=2048, help="tokens per slot (default 2048)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step (default 256)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
-                   help="longest a mixed step (decode rows + a prompt slice) may take; the compiler picks the "
-                        "largest slice that fits (default: 1.25x each bucket's decode step)")
+                   help="the tick target: the largest bucket's mixed step (decode rows + a prompt slice) gets "
+                        "the largest slice that fits it, and that step sets the tick every bucket shares "
+                        "(default: 1.25x the largest bucket's decode step)")
     p.add_argument("--objective", default="latency", help="latency or throughput (default latency)")
     p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`")
     p.add_argument("-o", "--output", help="write the program JSON here")
@@ -125,7 +126,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--max-context", type=int, default=1024)
     p.add_argument("--prefill-chunk", type=int, default=64)
-    p.add_argument("--itl-target-ms", type=float, default=0.0, help="as for compile (default: 1.25x the decode step)")
+    p.add_argument("--itl-target-ms", type=float, default=0.0, help="as for compile (default: 1.25x the largest bucket's decode step)")
     p.add_argument("--calibration", default="auto", help="calibration JSON, 'auto' (cpu pools: load the cached "
                                                           "one or measure quickly), or 'none'")
     p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
