@@ -62,8 +62,8 @@ class ServeConfig:
     max_queue: int = EngineConfig.max_queue
     max_tokens: int = 1024
     torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
-    # Niceness of the front end's threads (the event loop: gRPC, admission, metrics) in
-    # deterministic mode; 0 leaves them at the engine's priority (see `_lower_front_end`).
+    # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
+    # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 19
 
 
@@ -99,10 +99,12 @@ def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple
 
 
 def _lower_front_end(nice: int) -> int:
-    """Lowers the calling thread (the event loop) by `nice`, and with it every thread it
-    starts from now on (the gRPC server's, the metrics server's); the engine thread and
-    its torch threads, started before, keep their priority. Returns the niceness added
-    (0 where the OS cannot set it per thread).
+    """Lowers the calling thread by `nice`: the event loop, where the gRPC handlers,
+    admission and the token sends run in Python; threads it starts later inherit it. The
+    engine thread and its torch threads keep their priority (Linux sets niceness per
+    thread), as do grpc core's own threads and the metrics server's, started earlier,
+    which hold no GIL while they wait. Returns the niceness added (0 where the OS cannot
+    set it per thread).
 
     Why (docs/architecture.md, "What contention costs a step"): on 2 cores a busy Python
     thread in the engine's process stretched a 36.6 ms step to 600 ms (p50; GIL and cores);

@@ -139,8 +139,8 @@ def _add_serve(sub) -> None:
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default 20)")
     p.add_argument("--front-end-nice", type=int, default=19,
-                   help="in deterministic mode, lower the gRPC and metrics threads by this niceness so a busy "
-                        "front end cannot stretch the engine's steps (default 19; 0: off)")
+                   help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
+                        "this niceness so a busy front end cannot stretch the engine's steps (default 19; 0: off)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")
