@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from client.aio import AsyncLockstepClient
 from client.client import LockstepError
-from client.report import RequestRecord, summarize, write_outputs, write_sweep
+from client.report import RequestRecord, run_rates, summarize
 
 
 def arrival_times(rate: float, n: int, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -174,12 +174,10 @@ async def run_load(args, rate: float | None) -> tuple[list[RequestRecord], float
     return sorted(records, key=lambda r: (r.start_s, r.index)), duration
 
 
-def run_and_write(args, rate: float | None, out: Path) -> dict:
+def load_at(args, rate: float | None) -> tuple[dict, list[RequestRecord], dict]:
+    """One run at `rate` (None: closed loop): (summary, records, no extra config)."""
     records, duration = asyncio.run(run_load(args, rate))
-    summary = summarize(records, args.slo, duration)
-    config = {k: (str(v) if isinstance(v, (LengthDist, Path)) else v) for k, v in vars(args).items()}
-    write_outputs(out, summary, records, {**config, "rate": rate})
-    return summary
+    return summarize(records, args.slo, duration), records, {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _line(summary: dict) -> str:
-    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"
-    return (f"{summary['ok']}/{summary['requests']} OK, errors {summary['errors'] or '{}'}; "
+def _line(rate: float | None, summary: dict) -> str:
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
+    return (f"{'closed loop' if rate is None else f'{rate:g} req/s'}: {summary['ok']}/{summary['requests']} OK, errors {summary['errors'] or '{}'}; "
             f"{summary['requests_per_s']:.2f} req/s, {summary['output_tokens_per_s']:.1f} tok/s, "
             f"goodput {summary['goodput_requests_per_s']:.2f} req/s; "
             f"TTFT p50/p99 {ms(summary['ttft_s']['p50'])}/{ms(summary['ttft_s']['p99'])} ms, "
@@ -239,15 +237,7 @@ def _run(args) -> int:
     if args.arrival == "poisson":
         args.burstiness = 1.0
     rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
-    points = []
-    for rate in rates:
-        out = args.output / f"rate_{rate:g}" if args.sweep else args.output
-        summary = run_and_write(args, rate, out)
-        print(f"lockstep load: {'closed loop' if rate is None else f'{rate:g} req/s'}: {_line(summary)}", flush=True)
-        points.append({"rate": rate, **summary})
-    if args.sweep:
-        write_sweep(args.output, points)
-    print(f"lockstep load: wrote {args.output}", flush=True)
+    run_rates("lockstep load", args, rates, lambda rate: load_at(args, rate), _line)
     return 0
 
 

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -156,6 +157,28 @@ def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_rates(prog: str, args, rates: list[float | None],
+              run: Callable[[float | None], tuple[dict, list[RequestRecord], dict]],
+              line: Callable[[float | None, dict], str]) -> None:
+    """One run per rate (None: closed loop), the way `lockstep load` and `lockstep simulate`
+    both report: `run(rate)` gives (summary, records, extra config); each run's outputs go
+    to `args.output` (with --sweep, to rate_R/ below it, plus sweep.json and sweep.png),
+    with the arguments as its config, and `line(rate, summary)` is printed."""
+    # Lengths (LengthDist) and paths as text; the rest is JSON already.
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list)) else str(v))
+              for k, v in vars(args).items()}
+    points = []
+    for rate in rates:
+        summary, records, extra = run(rate)
+        out = args.output / f"rate_{rate:g}" if args.sweep else args.output
+        write_outputs(out, summary, records, {**config, "rate": rate, **extra})
+        print(f"{prog}: {line(rate, summary)}", flush=True)
+        points.append({"rate": rate, **summary})
+    if args.sweep:
+        write_sweep(args.output, points)
+    print(f"{prog}: wrote {args.output}", flush=True)
 
 
 def write_sweep(folder: Path, points: list[dict]) -> None:

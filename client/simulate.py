@@ -20,7 +20,7 @@ import numpy as np
 
 import scheduler
 from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
-from client.report import RequestRecord, summarize, write_outputs, write_sweep
+from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
 from scheduler.simulate import SimRequest, paced_ticks, simulate_load
@@ -144,17 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     print(f"lockstep simulate: {args.model} on {program.pool}, plan {program.plan_hash[:16]}, "
           f"{args.requests} requests per run", flush=True)
-    points = []
-    for rate in rates:
-        out = args.output / f"rate_{rate:g}" if args.sweep else args.output
-        summary, records = run(args, program, rate)
-        config = {k: (str(v) if isinstance(v, (LengthDist, Path)) else v) for k, v in vars(args).items()}
-        write_outputs(out, summary, records, {**config, "rate": rate, "plan_hash": program.plan_hash})
-        print(f"lockstep simulate: {_line(rate, summary)}", flush=True)
-        points.append({"rate": rate, **summary})
-    if args.sweep:
-        write_sweep(args.output, points)
-    print(f"lockstep simulate: wrote {args.output}", flush=True)
+    run_rates("lockstep simulate", args, rates, lambda rate: (*run(args, program, rate), {"plan_hash": program.plan_hash}),
+              _line)
     return 0
 
 
