@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 
-import scheduler
 from client.client import LockstepClient
 from scheduler.program import ProgramView
 from server.executor import LocalExecutor, plan_from_program

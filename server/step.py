@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.ticks import MIN_KEY_BUCKET, key_bucket  # noqa: F401 (MIN_KEY_BUCKET: re-exported)
+from scheduler.ticks import key_bucket
 from server.model import ROW_MULTIPLE
 from server.sampling import GREEDY, SamplingParams
 

@@ -4,7 +4,6 @@ reference nobody here wrote."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pytest

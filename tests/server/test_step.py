@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from server.sampling import GREEDY
-from server.step import MIN_KEY_BUCKET, StepBatch, tensorize
+from scheduler.ticks import MIN_KEY_BUCKET
+from server.step import StepBatch, tensorize
 
 SCRATCH = 8  # slots 0..7, scratch slot 8
 
