@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,15 +77,11 @@ def loads(args) -> list[tuple[str, list[str]]]:
 
 def ticks_and_overruns(metrics_url: str) -> tuple[float, float]:
     """(ticks, overruns) so far, summed over phases, from a Lockstep server's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from client.report import scrape
 
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    sums = {"lockstep_ticks_total": 0.0, "lockstep_tick_overruns_total": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in sums:
-                sums[sample.name] += sample.value
-    return sums["lockstep_ticks_total"], sums["lockstep_tick_overruns_total"]
+    samples = scrape(metrics_url)
+    return tuple(sum(v for (name, _), v in samples.items() if name == want)
+                 for want in ("lockstep_ticks_total", "lockstep_tick_overruns_total"))
 
 
 def run_loads(name: str, target: str, args, metrics_url: str = "") -> dict[str, dict]:

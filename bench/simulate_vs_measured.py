@@ -19,10 +19,9 @@ import importlib.util
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from client.report import scrape
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--dtype", "fp32", "--max-slots", "8", "--max-context", "1024",
@@ -37,9 +36,8 @@ def _compare_module():
 
 
 def pace_factors(metrics_url: str) -> str:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    factors = {s.labels["phase"]: s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name == "lockstep_pace_factor"}
+    factors = {dict(labels)["phase"]: v for (name, labels), v in scrape(metrics_url).items()
+               if name == "lockstep_pace_factor"}
     return ",".join(f"{k}={v:.6f}" for k, v in sorted(factors.items()))
 
 

@@ -39,14 +39,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from client.client import build_request
+from client.report import scrape
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 
@@ -91,13 +90,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def scrape(url: str) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} of the whole endpoint."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 class Relay:

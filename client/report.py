@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import statistics
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -157,6 +158,15 @@ def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """A Prometheus endpoint's samples: {(sample name, sorted (label, value) pairs): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def run_rates(prog: str, args, rates: list[float | None],
