@@ -69,6 +69,14 @@ class ServeConfig:
 
 
 
+def _shapes(program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...]):
+    """(program seconds, a StepBatch of that shape with every row real) for the program's
+    steps of these phases at these key buckets; rows end at the bucket's last key."""
+    for key, predicted in sorted(program.steps.items()):
+        if key.phase in phases and key.keys in keys:
+            yield predicted, full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)
+
+
 def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...],
                        repeats: int = 5, margin: float = 1.1, warmup: int = 8) -> float:
     """Runs the program's step shapes of these phases at these key buckets on the host and
@@ -78,10 +86,7 @@ def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], ph
     steps of a shape take 100x longer (measured: 250 ms, then 3 ms, for `tiny`: oneDNN
     primitives, first touches)."""
     worst = 0.0
-    for key, predicted in sorted(program.steps.items()):
-        if key.phase not in phases or key.keys not in keys:
-            continue
-        step = full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)  # rows end at the bucket's last key
+    for predicted, step in _shapes(program, keys, phases):
         for _ in range(warmup):
             executor.step(step)
         measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
@@ -91,11 +96,9 @@ def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], ph
 
 def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...], runs: int = 2) -> None:
     """Runs each of the program's step shapes of these phases at these key buckets `runs` times, untimed."""
-    for key in sorted(program.steps):
-        if key.phase in phases and key.keys in keys:
-            step = full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)
-            for _ in range(runs):
-                executor.step(step)
+    for _, step in _shapes(program, keys, phases):
+        for _ in range(runs):
+            executor.step(step)
 
 
 def _lower_front_end(nice: int) -> int:
