@@ -10,7 +10,7 @@ throughput and goodput > 1 means Lockstep is better).
 
     .venv/bin/python bench/compare.py [--model small] [--requests-c1 16] [--requests-c8 32]
         [--rate 2] [--requests-rate 24] [--prompt-len 32] [--output-len 32] [--slo ttft=...,tpot=...]
-        [--out out/compare] [--only lockstep|peer]
+        [--dtype fp32|bf16] [--out out/compare] [--only lockstep|peer]
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", default="32")
     p.add_argument("--output-len", default="32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="both servers' weights (default fp32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--slo", default="ttft=1s,tpot=100ms", help="for goodput, as `lockstep load --slo`")
     p.add_argument("--out", type=Path, default=REPO / "out" / "compare")
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
     servers = {
         "lockstep": ([sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--pool", "cpu",
-                      "--no-ray", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                      "--no-ray", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                       *args.lockstep_args.split()],
                      "lockstep serve: ready"),
         "peer": ([sys.executable, str(REPO / "bench" / "peer_rayserve.py"), "--model", args.model,
-                  "--seed", "0", "--duration-s", "0"], "peer ready"),
+                  "--seed", "0", "--dtype", args.dtype, "--duration-s", "0"], "peer ready"),
     }
     results: dict[str, dict[str, dict]] = {}
     t0 = time.monotonic()

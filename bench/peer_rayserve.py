@@ -42,8 +42,9 @@ MAX_BATCH = 8
 BATCH_WAIT_S = 0.01
 
 
-def build_hf_model(model_name: str, seed: int):
-    """A LlamaForCausalLM with Lockstep's config and exactly Lockstep's seeded weights."""
+def build_hf_model(model_name: str, seed: int, dtype: str = "fp32"):
+    """A LlamaForCausalLM with Lockstep's config and exactly Lockstep's seeded weights
+    (drawn in fp32, as Lockstep draws them, then cast to `dtype`, as Lockstep casts them)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +72,7 @@ def build_hf_model(model_name: str, seed: int):
     if missing or result.unexpected_keys:
         raise SystemExit(f"peer: weight names differ: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     hf.eval()
-    return spec, hf
+    return spec, hf.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
 
 def _deployment_class():
@@ -79,11 +80,12 @@ def _deployment_class():
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     class LockstepPeer:
-        def __init__(self, model_name: str, seed: int, threads: int):
+        def __init__(self, model_name: str, seed: int, threads: int, dtype: str):
             import torch
             torch.set_num_threads(threads)
             self.torch = torch
-            self.spec, self.model = build_hf_model(model_name, seed)
+            self.spec, self.model = build_hf_model(model_name, seed, dtype)
+            self.dtype = dtype
             self.started = time.time()
             self.in_flight = 0
             self.batches = 0
@@ -94,7 +96,7 @@ def _deployment_class():
         # ---- RPCs (method names match the proto's; Serve's gRPC proxy routes by name) ----
 
         def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
-            return pb.ModelInfo(model=self.spec.name, pool="cpu", dtype="fp32", max_slots=MAX_BATCH,
+            return pb.ModelInfo(model=self.spec.name, pool="cpu", dtype=self.dtype, max_slots=MAX_BATCH,
                                 max_context=self.spec.max_position, vocab_size=self.spec.vocab_size,
                                 executor="ray-serve+transformers", deterministic=False,
                                 max_prompt_tokens=self.spec.max_position - 1,
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small", help="Lockstep preset (default small)")
     p.add_argument("--seed", type=int, default=0, help="weight seed, as init_random (default 0)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and compute (default fp32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the replica (default 2)")
     p.add_argument("--duration-s", type=float, default=600.0, help="exit after this long (0: until a signal)")
     args = p.parse_args(argv)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
                         "protos.lockstep.v1.lockstep_pb2_grpc.add_LockstepServicer_to_server"]))
-        serve.run(_deployment_class().bind(args.model, args.seed, args.threads), name="lockstep-peer",
+        serve.run(_deployment_class().bind(args.model, args.seed, args.threads, args.dtype), name="lockstep-peer",
                   blocking=False)
         # Ready once the gRPC ingress answers GetModelInfo.
         import grpc

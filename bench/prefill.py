@@ -4,7 +4,7 @@ transformers eager on the same model and weights, measured in rounds in one proc
 Per round, in turn: Lockstep's prefill step of one 64-token slice (LocalExecutor, packed
 rows, at position 0), `transformers`' LlamaForCausalLM forward over the same 64 tokens
 (eager, no cache reuse, the same seeded weights: bench/peer_rayserve.build_hf_model), and
-a 2048 x 2048 fp32 matmul. Medians over the rounds. A prefill token costs about 2 x a
+a 2048 x 2048 matmul in the same dtype (fp32, or bf16 on oneDNN's AMX / AVX-512 kernels). Medians over the rounds. A prefill token costs about 2 x a
 block's parameters FLOPs per block (attention over <= 64 keys is small), and the LM head
 runs once (both sides compute logits for the last token only), so
 
@@ -12,7 +12,7 @@ runs once (both sides compute logits for the last token only), so
 
 and its share of the matmul's.
 
-    .venv/bin/python bench/prefill.py [--model small] [--tokens 64] [--rounds 9]
+    .venv/bin/python bench/prefill.py [--model small] [--tokens 64] [--rounds 9] [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import scheduler
 from server.calibrate import _median_time, measure_matmul_flops
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
+from server.model import TORCH_DTYPES
 from server.sampling import GREEDY
 from server.step import StepBatch
 
@@ -45,16 +46,17 @@ def main() -> int:
     p.add_argument("--model", default="small")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and compute (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = scheduler.get_model(args.model)
     n = args.tokens
-    plan = RuntimePlan(spec, "fp32", 8, max(1024, n), (StageSpec(0, 0, spec.num_layers + 2, "cpu"),), seed=0)
+    plan = RuntimePlan(spec, args.dtype, 8, max(1024, n), (StageSpec(0, 0, spec.num_layers + 2, "cpu"),), seed=0)
     ours = LocalExecutor(plan)
     step = StepBatch("prefill", 1, n, (0,), (tuple(range(1, n + 1)),), (0,), (GREEDY,))
-    _, hf = _peer().build_hf_model(args.model, seed=0)
+    _, hf = _peer().build_hf_model(args.model, seed=0, dtype=args.dtype)
     ids = torch.arange(1, n + 1)[None]
 
     def hf_forward():
@@ -68,11 +70,11 @@ def main() -> int:
     for _ in range(args.rounds):
         samples["lockstep"].append(_median_time(lambda: ours.step(step), 3, warmup=0))
         samples["transformers"].append(_median_time(hf_forward, 3, warmup=0))
-        samples["matmul_flops"].append(measure_matmul_flops(torch.float32, repeats=3))
+        samples["matmul_flops"].append(measure_matmul_flops(TORCH_DTYPES[args.dtype], repeats=3))
     ours_s, hf_s = statistics.median(samples["lockstep"]), statistics.median(samples["transformers"])
     peak = statistics.median(samples["matmul_flops"])
     flops = 2 * n * spec.num_layers * spec.block_params + 2 * spec.head_params  # blocks per token, head once
-    print(f"{args.model}: {spec.num_params / 1e6:.0f}M params, {n}-token prefill, fp32, "
+    print(f"{args.model}: {spec.num_params / 1e6:.0f}M params, {n}-token prefill, {args.dtype}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (medians)")
     print(f"{'':<14} {'step ms':>9} {'tokens/s':>9} {'GFLOP/s':>8} {'of matmul':>10}")
     for name, seconds in (("lockstep", ours_s), ("transformers", hf_s)):

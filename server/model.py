@@ -25,6 +25,13 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 # M=8; M=4, 8, 12, 16 agree). Every matmul here therefore sees a multiple of 4 rows,
 # which is what makes a sequence's tokens independent of its batch (see executor.py).
 ROW_MULTIPLE = 4
+# bf16 / fp16 (oneDNN's AMX / AVX-512 kernels) switch kernels above 32 rows: a row's result
+# in M = 36 or 64 differs from the same row in M <= 32, while blocks of 1..32 rows all
+# agree bitwise (measured on this host's Sapphire Rapids, torch 2.13; the wide-bf16 case of
+# tests/server/test_executor.py fails without this). Half-precision linears therefore run
+# in blocks of at most HALF_ROW_BLOCK rows: a 64-token bf16 prefill costs ~25% more (two
+# passes over the weights), still ~1.7x faster than fp32 here (BENCHMARKS.md).
+HALF_ROW_BLOCK = 32
 
 
 def pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -58,6 +65,11 @@ class Linear(nn.Linear):
     def forward(self, x):
         if self.packed is None:
             return F.linear(x, self.weight)
+        if x.dtype != torch.float32 and x.shape[0] > HALF_ROW_BLOCK:
+            return torch.cat([self._packed(part) for part in x.split(HALF_ROW_BLOCK)])
+        return self._packed(x)
+
+    def _packed(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 

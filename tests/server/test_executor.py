@@ -28,10 +28,14 @@ TARGET_PROMPT = random_prompt(40, seed=100)
 NEW_TOKENS = 12
 MOE = scheduler.ModelSpec("moe", vocab_size=512, hidden_size=64, intermediate_size=64, num_layers=2,
                           num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
+# Wide enough that bf16 linears reach oneDNN's kernels that change with the row count
+# (hidden 512 x 1024, two blocks): without model.HALF_ROW_BLOCK the wide-bf16 case fails.
+WIDE = scheduler.ModelSpec("wide", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
+                           num_heads=8, num_kv_heads=4)
 
 
-def one_stage_plan(spec: scheduler.ModelSpec) -> RuntimePlan:
-    return RuntimePlan(spec, "fp32", OPTIONS.max_slots, OPTIONS.max_context,
+def one_stage_plan(spec: scheduler.ModelSpec, dtype: str = "fp32") -> RuntimePlan:
+    return RuntimePlan(spec, dtype, OPTIONS.max_slots, OPTIONS.max_context,
                        (StageSpec(0, 0, spec.num_layers + 2, "cpu"),), seed=7)
 
 
@@ -43,7 +47,7 @@ def split_plan(plan: RuntimePlan, bounds: tuple[int, ...]) -> RuntimePlan:
 
 @pytest.fixture(scope="module")
 def plans(tiny_plan):
-    return {"tiny": tiny_plan, "moe": one_stage_plan(MOE)}
+    return {"tiny": tiny_plan, "moe": one_stage_plan(MOE), "wide-bf16": one_stage_plan(WIDE, "bf16")}
 
 
 def run_batched(plan: RuntimePlan, params: SamplingParams, bucket: int, slot: int) -> Seq:
@@ -65,7 +69,7 @@ def run_batched(plan: RuntimePlan, params: SamplingParams, bucket: int, slot: in
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=str)
-@pytest.mark.parametrize("model", ["tiny", "moe"])
+@pytest.mark.parametrize("model", ["tiny", "moe", "wide-bf16"])
 def test_tokens_and_logits_do_not_depend_on_batch_or_slot(plans, model, params):
     plan = plans[model]
     alone = generate(LocalExecutor(plan), 0, TARGET_PROMPT, NEW_TOKENS, PARAMS[params])
