@@ -61,12 +61,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def start_server(log, deterministic: bool = False) -> tuple[subprocess.Popen, str, str, int]:
+def start_server(log, deterministic: bool = False, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str, int]:
     """(process, grpc target, metrics URL, pid) once the ready line is printed."""
     exe = Path(sys.executable).with_name("lockstep")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
     serve = [a for a in SERVE if a != "--throughput"] if deterministic else SERVE
-    proc = subprocess.Popen(cmd + serve, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+    proc = subprocess.Popen(cmd + serve + list(extra), cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("lockstep serve: ready"):
@@ -267,7 +267,9 @@ def report(args, r: dict, m: dict, exit_code: int, wall_s: float) -> tuple[list,
                                                                                           "RESOURCE_EXHAUSTED"),
          "rss_mb": dict(zip(("after_warmup", "after_soak", "end"), r["rss"])), "capacity": r["capacity"],
          "burst_sent": len(burst), "burst_admitted": len(adm), "soak_s": r["soak_s"], "wall_s": wall_s,
-         "server_exit_code": exit_code}
+         "server_exit_code": exit_code,
+         # (predicted TTFT s, server-measured TTFT s) of each admitted burst request, by predicted TTFT
+         "burst_ttft_s": sorted((s.predicted_ttft_s, s.server_ttft_s) for s in adm)}
     fin, rss = f["finished_total"], r["rss"]
     f["ended_total"] = sum(fin.values())
     f["late"] = fin["length"] + fin["stop"] - f["client_ok"]  # ended on the server before the cut landed
@@ -330,10 +332,11 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--deterministic", action="store_true",
                    help="serve in deterministic mode (paced ticks, lockstep serve's default) instead of --throughput")
+    p.add_argument("--serve-args", default="", help="extra `lockstep serve` flags (later flags win), e.g. \"--model small --calibration auto\"")
     args = p.parse_args()
     t0 = time.perf_counter()
     log = tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False)
-    proc, target, metrics_url, pid = start_server(log, deterministic=args.deterministic)
+    proc, target, metrics_url, pid = start_server(log, deterministic=args.deterministic, extra=tuple(args.serve_args.split()))
     try:
         r = asyncio.run(drive(args, target, pid))
         m = scrape(metrics_url)
