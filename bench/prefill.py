@@ -4,7 +4,8 @@ transformers eager on the same model and weights, measured in rounds in one proc
 Per round, in turn: Lockstep's prefill step of one 64-token slice (LocalExecutor, packed
 rows, at position 0), `transformers`' LlamaForCausalLM forward over the same 64 tokens
 (eager, no cache reuse, the same seeded weights: bench/peer_rayserve.build_hf_model), and
-a 2048 x 2048 matmul in the same dtype (fp32, or bf16 on oneDNN's AMX / AVX-512 kernels). Medians over the rounds. A prefill token costs about 2 x a
+the step's block linears alone (every one in order, on 64 rows of random
+activations), and a 2048 x 2048 matmul in the same dtype (fp32, or bf16 on oneDNN's AMX / AVX-512 kernels). Medians over the rounds. A prefill token costs about 2 x a
 block's parameters FLOPs per block (attention over <= 64 keys is small), and the LM head
 runs once (both sides compute logits for the last token only), so
 
@@ -27,7 +28,7 @@ import torch
 import scheduler
 from server.calibrate import _median_time, measure_matmul_flops
 from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.model import TORCH_DTYPES
+from server.model import TORCH_DTYPES, Linear
 from server.sampling import GREEDY
 from server.step import StepBatch
 
@@ -63,12 +64,25 @@ def main() -> int:
         with torch.inference_mode():
             hf(ids, use_cache=False, logits_to_keep=1)  # logits for the last token only, as Lockstep
 
+    # The step's linears alone, every block's in order on n rows of random activations
+    # (weights streamed from memory as in the step): the ceiling the rest of the step
+    # (attention, norms, RoPE, the head's one row) is measured against.
+    linears = [m for m in ours.runners[0].model.modules() if isinstance(m, Linear) and m is not
+               getattr(ours.runners[0].model, "lm_head", None)]
+    inputs = {w: torch.randn(n, w).to(TORCH_DTYPES[args.dtype]) for w in {m.in_features for m in linears}}
+
+    def linears_only():
+        for m in linears:
+            m(inputs[m.in_features])
+
     for _ in range(3):  # warm-up: first steps of a shape are much slower (oneDNN primitives)
         ours.step(step)
         hf_forward()
-    samples = {"lockstep": [], "transformers": [], "matmul_flops": []}
+        linears_only()
+    samples = {"lockstep": [], "transformers": [], "matmul_flops": [], "linears": []}
     for _ in range(args.rounds):
         samples["lockstep"].append(_median_time(lambda: ours.step(step), 3, warmup=0))
+        samples["linears"].append(_median_time(linears_only, 3, warmup=0))
         samples["transformers"].append(_median_time(hf_forward, 3, warmup=0))
         samples["matmul_flops"].append(measure_matmul_flops(TORCH_DTYPES[args.dtype], repeats=3))
     ours_s, hf_s = statistics.median(samples["lockstep"]), statistics.median(samples["transformers"])
@@ -80,6 +94,8 @@ def main() -> int:
     for name, seconds in (("lockstep", ours_s), ("transformers", hf_s)):
         print(f"{name:<14} {seconds * 1e3:>9.1f} {n / seconds:>9.0f} {flops / seconds / 1e9:>8.0f} "
               f"{flops / seconds / peak:>10.0%}")
+    lin_s, lin_flops = statistics.median(samples["linears"]), 2 * n * spec.num_layers * spec.block_params
+    print(f"{'its linears':<14} {lin_s * 1e3:>9.1f} {'':>9} {lin_flops / lin_s / 1e9:>8.0f} {lin_flops / lin_s / peak:>10.0%}")
     print(f"{'matmul 2048²':<14} {'':>9} {'':>9} {peak / 1e9:>8.0f} {'100%':>10}")
     print(f"lockstep / transformers step time: {ours_s / hf_s:.2f}")
     return 0
