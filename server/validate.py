@@ -31,6 +31,7 @@ class Limits:
     max_prompt_tokens: int
     vocab_size: int
     max_context: int
+    eos_ids: frozenset[int] = frozenset()  # the model's end-of-sequence ids: every request stops at them
 
 
 class BadRequest(Exception):
@@ -143,4 +144,4 @@ def parse_request(req: pb.GenerateRequest, limits: Limits, tokenizer, model: str
     if len(ids) + req.max_tokens > limits.max_context:
         raise _out_of_range(f"max_tokens: prompt {len(ids)} + max_tokens {req.max_tokens} exceeds "
                             f"the context of {limits.max_context}")
-    return Parsed(ids, int(req.max_tokens), sampling, stop, stop_ids, request_id)
+    return Parsed(ids, int(req.max_tokens), sampling, stop, stop_ids | limits.eos_ids, request_id)
