@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import scheduler
+from client import chat
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 from scheduler.errors import SpecError
@@ -63,7 +64,7 @@ def test_greedy_tokens_equal_transformers_for_chat_prompts(folder, chats):
         assert any(t != out[0] for t in out), "a real model's answer is not one repeated token"
 
 
-def test_a_live_server_ends_a_chat_answer_at_eos_with_reason_stop(folder, chats):
+def test_a_live_server_ends_a_chat_answer_at_eos_with_reason_stop(folder, chats, capsys):
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -82,10 +83,19 @@ def test_a_live_server_ends_a_chat_answer_at_eos_with_reason_stop(folder, chats)
         assert finished.finish_reason == "stop", (finished, tokens)
         assert tokens[-1] == 2 and 2 not in tokens[:-1]
         assert "4" in "".join(m.token.text for m in msgs if m.HasField("token"))
+        # client/chat.py: the chat template applied client-side, the answer as text.
+        assert chat.main(["--target", info["grpc"], "--folder", str(folder), "--max-tokens", "32", QUESTIONS[0]]) == 0
+        assert "Paris" in capsys.readouterr().out
     finally:
         call(server.stop(grace_s=2.0))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_chat_refuses_a_folder_without_a_tokenizer_with_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat.main(["--target", "127.0.0.1:1", "--folder", str(tmp_path), "hello"])
+    assert exc.value.code == 2 and "no tokenizer.json" in capsys.readouterr().err
 
 
 def test_a_gguf_path_that_is_not_there_or_not_gguf_is_named(tmp_path):
