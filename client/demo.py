@@ -1,6 +1,8 @@
-"""`lockstep demo`: start `lockstep serve` (a real process, real ports), stream a few
-real requests through the client, print each one's token latencies against the
-server's predictions, then SIGTERM the server and wait for its clean exit."""
+"""`lockstep demo`: start `lockstep serve` (a real process, real ports) with the packaged
+real model (SmolLM2-135M-Instruct), ask it a few questions through its chat template,
+print each answer and its token latencies against the server's predictions, then SIGTERM
+the server and wait for its clean exit. With other server flags (e.g. `--model small`,
+random weights) it sends plain text prompts instead."""
 
 from __future__ import annotations
 
@@ -15,12 +17,35 @@ import urllib.request
 
 from client.client import LockstepClient
 
-PROMPTS = [
+CHAT_MODEL = "smollm2-135m"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 times 12?",
+    "Write one sentence about the sea.",
+]
+PROMPTS = [  # for random-weight models, which have no chat template
     "The lockstep engine decides at compile time",
     "Static shapes and a fixed cadence mean",
     "Every token leaves on a tick boundary, so",
     "Predict first, then measure:",
 ]
+
+
+def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
+    """The questions through the packaged model's chat template (token ids), or None when
+    the demo serves another model. Converts the GGUF file first if this machine has not
+    (the server then finds it cached)."""
+    if CHAT_MODEL not in server_args:
+        return None
+    import transformers
+
+    from server import gguf
+
+    folder = gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=False) for q in QUESTIONS]
 
 
 def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -54,7 +79,9 @@ def _report(name: str, gen) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    server_args = argv if argv else ["--model", "small", "--pool", "cpu"]
+    server_args = argv if argv else ["--model", CHAT_MODEL, "--pool", "cpu"]
+    chats = _chat_prompts(server_args)
+    prompts, max_tokens = (chats, 48) if chats else (PROMPTS, 32)
     proc, ready = _start_server(server_args)
     try:
         with LockstepClient(ready["grpc"]) as client:
@@ -66,18 +93,25 @@ def main(argv: list[str] | None = None) -> int:
             header = (f"{'request':<10} {'prompt':>6} {'tokens':>6} {'TTFT pred':>8} {'TTFT meas':>8} "
                       f"{'TPOT pred':>8} {'TPOT meas':>8} {'ITL p50':>8} {'ITL p99':>8}  finish  (ms)")
             print(header)
-            solo = client.generate(PROMPTS[0], 32, seed=1)
+            solo = client.generate(prompts[0], max_tokens, seed=1)
             print(_report("alone", solo))
-            again = client.generate(PROMPTS[0], 32, seed=1)
+            again = client.generate(prompts[0], max_tokens, seed=1)
             print(_report("again", again))
-            with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-                gens = list(pool.map(lambda p: client.generate(p, 32, temperature=0.8, top_p=0.95, seed=7), PROMPTS))
+            with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+                gens = list(pool.map(lambda p: client.generate(p, max_tokens, temperature=0.8, top_p=0.95, seed=7),
+                                     prompts))
             for i, gen in enumerate(gens):
                 print(_report(f"batch {i}", gen))
             same = [t.id for t in solo.tokens] == [t.id for t in again.tokens]
-            print(f"\nsame prompt and seed, same tokens: {same}")
-            print(f"first request's tokens: {[t.id for t in solo.tokens][:12]} ... text {solo.text!r} "
-                  f"(random weights; the byte-level fallback tokenizer prints ids < 256 only)")
+            print(f"\nsame prompt and seed, same tokens: {same} (and the same text)")
+            if chats:
+                print("answers (alone: greedy; batch: sampled at temperature 0.8, seed 7, all four at once):")
+                for name, q, gen in [("alone", QUESTIONS[0], solo)] + [(f"batch {i}", q, g) for i, (q, g)
+                                                                         in enumerate(zip(QUESTIONS, gens))]:
+                    print(f"  {name:<8} {q!r} -> {gen.text.strip()!r}")
+            else:
+                print(f"first request's tokens: {[t.id for t in solo.tokens][:12]} ... text {solo.text!r} "
+                      f"(random weights; the byte-level fallback tokenizer prints ids < 256 only)")
             spreads = [p99 / p50 for p50, p99 in map(_itl, gens) if p50 > 0]
             if spreads:
                 print(f"batch ITL p99/p50: {min(spreads):.2f} to {max(spreads):.2f} (the cadence a stream keeps "
