@@ -99,6 +99,64 @@ def _client_ending(context) -> tuple[str, grpc.StatusCode]:
     return "cancelled", _CANCELLED
 
 
+class Refused(Exception):
+    """A valid request the server will not take now (engine down, draining, queue full,
+    a deadline the prediction cannot meet), with the gRPC code that says which."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None) -> tuple[Request, asyncio.Queue]:
+    """Predicts, then queues `parsed` on the engine (on the event loop; gRPC and HTTP both
+    admit through here). Raises Refused with nothing queued. Returns the request and the
+    queue its tokens and its end (engine.Finished) arrive on, as (item, tick, seconds)."""
+    if not engine.up:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
+    if not engine.accepting:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
+    full = engine.queue_full()
+    if full is not None:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+    ttft, e2e = engine.predict(len(parsed.prompt), parsed.max_tokens)
+    if time_remaining_s is not None and e2e > time_remaining_s:
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past the "
+                      f"deadline of {time_remaining_s:.3f} s")
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
+                parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                predicted_ttft_s=ttft, predicted_e2e_s=e2e,
+                predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0)
+    try:
+        engine.submit(r)
+    except OverflowError as exc:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{exc}; a request now would get its first token in {ttft:.3f} s") from None
+    except EngineDown as exc:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+    return r, queue
+
+
+def outcome(r: Request, sent: _Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
+    """The one record of how an admitted request ended (times on the engine's clock)."""
+    end_s = end_s if end_s is not None else time.perf_counter()
+    if sent.last_s is not None and reason in ("length", "stop"):
+        end_s = sent.last_s  # e2e ends with the last token sent
+    tpot = (sent.last_s - sent.first_s) / (sent.n - 1) if sent.n > 1 else None
+    admitted = r.admitted_s  # set by the engine thread before any token; None if never admitted
+    return Outcome(reason, code, message, sent.n,
+                   None if sent.first_s is None else sent.first_s - r.arrival_s, tpot, end_s - r.arrival_s,
+                   None if admitted is None else admitted - r.arrival_s)
+
+
+def record(metrics, r: Request, o: Outcome) -> None:
+    if metrics is not None:
+        metrics.request_finished(o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
+                                 r.predicted_ttft_s, r.predicted_tpot_s or None, o.completion_tokens)
+
+
 class LockstepService:
     def __init__(self, engine: Engine, info: pb.ModelInfo, tokenizer, limits: Limits, metrics=None):
         self.engine, self.info, self.tokenizer, self.limits, self.metrics = engine, info, tokenizer, limits, metrics
@@ -132,33 +190,9 @@ class LockstepService:
                                                                           f"GenerateRequest ({request.error})")
         try:
             parsed = parse_request(request, self.limits, self.tokenizer, self.info.model)
-        except BadRequest as exc:
+            r, queue = admit(self.engine, parsed, context.time_remaining())
+        except (BadRequest, Refused) as exc:
             await self._refuse(context, exc.code, str(exc))
-        if not self.engine.up:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
-        if not self.engine.accepting:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
-        full = self.engine.queue_full()
-        if full is not None:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, full)
-        ttft, e2e = self.engine.predict(len(parsed.prompt), parsed.max_tokens)
-        remaining = context.time_remaining()
-        if remaining is not None and e2e > remaining:
-            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past the "
-                               f"deadline of {remaining:.3f} s")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
-                    parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                    predicted_ttft_s=ttft, predicted_e2e_s=e2e,
-                    predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0)
-        try:
-            self.engine.submit(r)
-        except OverflowError as exc:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{exc}; a request now would get its first token in {ttft:.3f} s")
-        except EngineDown as exc:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         return parsed, r, queue
 
     async def Generate(self, request, context):
@@ -220,14 +254,7 @@ class LockstepService:
             await context.abort(outcome.code, outcome.message or f"request {r.request_id!r}: {outcome.reason}")
 
     def _outcome(self, r: Request, sent: _Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
-        end_s = end_s if end_s is not None else time.perf_counter()
-        if sent.last_s is not None and reason in ("length", "stop"):
-            end_s = sent.last_s  # e2e ends with the last token sent
-        tpot = (sent.last_s - sent.first_s) / (sent.n - 1) if sent.n > 1 else None
-        admitted = r.admitted_s  # set by the engine thread before any token; None if never admitted
-        return Outcome(reason, code, message, sent.n,
-                       None if sent.first_s is None else sent.first_s - r.arrival_s, tpot, end_s - r.arrival_s,
-                       None if admitted is None else admitted - r.arrival_s)
+        return outcome(r, sent, reason, code, message, end_s)
 
     def _record_cut(self, r: Request, o: Outcome, peer: str) -> None:
         if connection_open(peer) is False:
@@ -235,10 +262,7 @@ class LockstepService:
         self._record(r, o)
 
     def _record(self, r: Request, o: Outcome) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.request_finished(o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
-                                      r.predicted_ttft_s, r.predicted_tpot_s or None, o.completion_tokens)
+        record(self.metrics, r, o)
 
     def _finished(self, r: Request, o: Outcome, text: str) -> pb.Finished:
         return pb.Finished(finish_reason=o.reason, prompt_tokens=len(r.prompt), completion_tokens=o.completion_tokens,
@@ -263,4 +287,4 @@ class LockstepService:
                                engine_up=s["engine_up"], pace_factor=s["pace_factor"], repaces=s["repaces"])
 
 
-__all__ = ["Limits", "LockstepService", "Outcome", "SERVICE_NAME", "quote"]
+__all__ = ["Limits", "LockstepService", "Outcome", "Refused", "SERVICE_NAME", "admit", "outcome", "quote", "record"]
