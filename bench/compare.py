@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     servers = {
         "lockstep": ([sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--pool", "cpu",
-                      "--no-ray", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                      "--no-ray", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
                       *args.lockstep_args.split()],
                      "lockstep serve: ready"),
         "peer": ([sys.executable, str(REPO / "bench" / "peer_rayserve.py"), "--model", args.model,

@@ -41,7 +41,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def serve_args(args, mode: list[str]) -> list[str]:
     return ["serve", "--model", args.model, "--pool", "cpu", "--max-slots", "8", "--max-context",
-            str(args.max_context), "--prefill-chunk", str(args.chunk), "--port", "0", "--metrics-port", "0",
+            str(args.max_context), "--prefill-chunk", str(args.chunk), "--port", "0", "--metrics-port", "0", "--http-port", "0",
             "--no-ray", *mode]
 
 

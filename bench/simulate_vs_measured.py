@@ -51,7 +51,7 @@ def main() -> int:
     args = p.parse_args()
     compare = _compare_module()
     loads = [("c=1", ["--concurrency", "1"]), ("c=8", ["--concurrency", "8"]), ("2 req/s", ["--rate", "2"])]
-    cmd = [sys.executable, "-m", "server.cli", "serve", *SERVE_FLAGS, "--no-ray", "--port", "0", "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "server.cli", "serve", *SERVE_FLAGS, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
     proc, target = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
     metrics_url = next(line for line in (args.out / "serve.log").read_text().splitlines()
                        if "ready" in line).split("metrics=")[1].split()[0]

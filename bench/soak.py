@@ -50,7 +50,7 @@ from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE = ["serve", "--model", "tiny", "--pool", "cpu", "--no-ray", "--host", "127.0.0.1", "--port", "0",
+SERVE = ["serve", "--model", "tiny", "--pool", "cpu", "--no-ray", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
          "--metrics-port", "0", "--calibration", "none", "--max-slots", "8", "--max-context", "256",
          "--prefill-chunk", "32", "--throughput"]
 STOP_STRINGS = list("etaoinsh")  # the byte tokenizer: one of these is ~1.6% of a random-weight model's tokens

@@ -49,7 +49,7 @@ def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
 
 
 def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--metrics-port", "0", *args]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0", *args]
     print("$ lockstep " + " ".join(cmd[3:]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import contextlib
 import os
+import socket
 import statistics
 import sys
 import threading
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +33,7 @@ from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
 from server.gguf import eos_ids
 from server.metrics import Metrics
+from server.openai_api import OpenAIFrontEnd, load_chat_template
 from server.step import full_batch
 from server.tokenizer import load_tokenizer
 from server.validate import Limits
@@ -66,6 +70,7 @@ class ServeConfig:
     # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 19
+    http_port: int = -1  # OpenAI-compatible HTTP (server/openai_api.py) on this port; 0: any free one; -1: off
 
 
 
@@ -126,6 +131,14 @@ def _lower_front_end(nice: int) -> int:
         return 0
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: `lockstep serve` owns SIGTERM / SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 class LockstepServer:
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -134,6 +147,7 @@ class LockstepServer:
         self.server = None
         self.engine = None
         self.executor = None
+        self.http = self.http_task = None
         self.health = health.aio.HealthServicer()
         self.failed: asyncio.Event | None = None  # set when the engine loop dies
         self.front_end_nice = 0  # niceness added to the front end's threads (see _lower_front_end)
@@ -187,6 +201,11 @@ class LockstepServer:
                         eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
         self.server, port = self._grpc_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics))
+        http = ""
+        if cfg.http_port >= 0:
+            http = await self._http_server(OpenAIFrontEnd(
+                self.engine, info.model, limits, tokenizer, self.metrics, load_chat_template(cfg.checkpoint or None),
+                read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
                               executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
         self.metrics.set_time_scale(scale)
@@ -209,10 +228,31 @@ class LockstepServer:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return {"grpc": f"{cfg.host}:{port}", "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
+        return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
                 "mode": "deterministic" if cfg.deterministic else "throughput", "pid": os.getpid(),
                 "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file)}
+
+    async def _http_server(self, front: OpenAIFrontEnd) -> str:
+        """Starts uvicorn on this event loop, on a socket bound here (so port 0 works and a
+        taken port fails now, with the gRPC one); returns host:port."""
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.http_port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for HTTP: {exc.strerror}") from None
+        tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
+        self.http = _Uvicorn(uvicorn.Config(front.app, log_level="warning", access_log=False, lifespan="off",
+                                            timeout_graceful_shutdown=1, **tls))
+        self.http_task = asyncio.ensure_future(self.http.serve(sockets=[sock]))
+        while not self.http.started:
+            if self.http_task.done():
+                self.http_task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+        return f"{cfg.host}:{sock.getsockname()[1]}"
 
     def _grpc_server(self, service: LockstepService) -> tuple[grpc.aio.Server, int]:
         """The gRPC server with its services, TLS and auth as configured; bound, not started."""
@@ -274,6 +314,9 @@ class LockstepServer:
             # Ends what is left with "shutdown" (after the tick in flight) before the
             # transport closes, so those clients get UNAVAILABLE with a reason.
             await asyncio.to_thread(self.engine.stop, max(0.1, deadline - time.monotonic()))
+        if self.http is not None:
+            self.http.should_exit = True
+            await asyncio.wait([self.http_task], timeout=max(0.1, deadline - time.monotonic()))
         if self.server is not None:
             await self.server.stop(grace=max(0.05, min(0.5, deadline - time.monotonic())))
         if self.executor is not None:

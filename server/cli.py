@@ -142,6 +142,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--front-end-nice", type=int, default=19,
                    help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
                         "this niceness so a busy front end cannot stretch the engine's steps (default 19; 0: off)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP port (/v1/models, /v1/completions, /v1/chat/completions); "
+                        "0: any free port; -1: no HTTP (default 8000)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")

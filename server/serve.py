@@ -67,6 +67,8 @@ def _validate(args) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(args, name) <= 65535:
             raise SpecError(f"--{name.replace('_', '-')} must be in 0..65535, got {getattr(args, name)}")
+    if not -1 <= args.http_port <= 65535:
+        raise SpecError(f"--http-port must be in 0..65535, or -1 for no HTTP, got {args.http_port}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SpecError("--tls-cert and --tls-key go together")
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
@@ -106,12 +108,13 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
-                         reflection=not args.no_reflection, front_end_nice=args.front_end_nice)
+                         reflection=not args.no_reflection, front_end_nice=args.front_end_nice,
+                         http_port=args.http_port)
     return config, program
 
 
 def _ready_line(info: dict) -> str:
-    return (f"lockstep serve: ready grpc={info['grpc']} metrics={info['metrics']} model={info['model']} "
+    return (f"lockstep serve: ready grpc={info['grpc']} http={info['http'] or 'off'} metrics={info['metrics']} model={info['model']} "
             f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
             f"time_scale={info['time_scale']:.3f} tls={'on' if info['tls'] else 'off'} "
             f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}")

@@ -16,7 +16,7 @@ import pytest
 from client.client import Cancelled, LockstepClient, Unavailable, build_request
 
 SERVE = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--pool", "cpu", "--calibration", "none",
-         "--max-context", "256", "--prefill-chunk", "32", "--port", "0", "--metrics-port", "0"]
+         "--max-context", "256", "--prefill-chunk", "32", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
 
 
 def start(*extra: str) -> tuple[subprocess.Popen, str]:

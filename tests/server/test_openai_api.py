@@ -1,0 +1,222 @@
+"""The OpenAI-compatible HTTP front door, driven by the official `openai` Python client
+(and raw HTTP for bodies the client will not send) against live servers on loopback:
+`tiny` (random weights, no chat template) for completions and every refusal, the packaged
+real model for chat."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+import scheduler
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+from server import gguf
+from server.app import LockstepServer, ServeConfig
+from tests.server.helpers import OPTIONS
+
+openai = pytest.importorskip("openai")
+TINY = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
+
+
+class Live:
+    """A LockstepServer with HTTP on a free port, on an event loop in a background thread."""
+
+    def __init__(self, program, **config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = LockstepServer(ServeConfig(program.to_json(), http_port=0, **config))
+        self.info = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(120)
+        self.base = f"http://{self.info['http']}/v1"
+        self.client = openai.OpenAI(base_url=self.base, api_key=config.get("_key", "unused"), max_retries=0)
+
+    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(self.base + path, data=body, headers={"content-type": "application/json",
+                                                                          **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, dict(resp.headers), json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), json.loads(exc.read())
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=2.0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    s = Live(TINY, max_queue=16, max_tokens=64, deterministic=False)
+    yield s
+    s.close()
+
+
+def grpc_text(s: Live, prompt: str, n: int) -> str:
+    with grpc.insecure_channel(s.info["grpc"]) as ch:
+        msgs = list(pb_grpc.LockstepStub(ch).Generate(pb.GenerateRequest(text=prompt, max_tokens=n)))
+    return "".join(m.token.text for m in msgs if m.HasField("token"))
+
+
+def test_models_lists_the_served_model(tiny):
+    assert [m.id for m in tiny.client.models.list().data] == ["tiny"]
+
+
+def test_a_completion_is_the_grpc_generation_with_usage(tiny):
+    out = tiny.client.completions.create(model="tiny", prompt="hello lockstep", max_tokens=8, temperature=0)
+    assert out.choices[0].text == grpc_text(tiny, "hello lockstep", 8)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len("hello lockstep".encode()), 8)
+
+
+def test_a_streamed_completion_is_the_same_text_and_ends_with_usage_and_done(tiny):
+    whole = tiny.client.completions.create(model="tiny", prompt="stream me", max_tokens=10, temperature=0)
+    chunks = list(tiny.client.completions.create(model="tiny", prompt="stream me", max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_the_prediction_is_in_the_headers(tiny):
+    raw = tiny.client.completions.with_raw_response.create(model="tiny", prompt="x", max_tokens=4)
+    assert float(raw.headers["lockstep-predicted-ttft-s"]) > 0
+    assert float(raw.headers["lockstep-predicted-e2e-s"]) >= float(raw.headers["lockstep-predicted-ttft-s"])
+
+
+def test_same_seed_same_text_alone_and_under_concurrent_load(tiny):
+    ask = lambda: tiny.client.completions.create(model="tiny", prompt="seeded", max_tokens=12, temperature=0.9,
+                                                 seed=5).choices[0].text
+    alone = ask()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda _: ask(), range(8)))
+    assert texts == [alone] * 8
+    other = tiny.client.completions.create(model="tiny", prompt="seeded", max_tokens=12, temperature=0.9, seed=6)
+    assert other.choices[0].text != alone
+
+
+def test_a_stop_string_ends_the_text_before_it(tiny):
+    # Random weights and a byte tokenizer: sample (seeded) until the text has an ASCII
+    # letter past its start, and stop at that letter's first occurrence.
+    kwargs = dict(model="tiny", prompt="stops", max_tokens=24, temperature=1.0)
+    for seed in range(1, 50):
+        text = tiny.client.completions.create(seed=seed, **kwargs).choices[0].text
+        stop = next((c for c in text[1:] if c.isascii() and c.isalpha() and c not in text[:1]), None)
+        if stop:
+            break
+    assert stop, "no seed gave a text with a letter to stop at"
+    for stream in (False, True):
+        if stream:
+            chunks = list(tiny.client.completions.create(seed=seed, stop=[stop], stream=True, **kwargs))
+            got, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            out = tiny.client.completions.create(seed=seed, stop=stop, **kwargs).choices[0]
+            got, reason = out.text, out.finish_reason
+        assert (got, reason) == (text[:text.find(stop)], "stop")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 4.5}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 2}, 400, "top_p"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "stop": [1, 2]}, 400, "stop"),
+    ({"prompt": 7}, 400, "prompt"),
+    ({"prompt": [1, -2]}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+])
+def test_each_bad_field_gets_its_status_and_an_openai_error_body(tiny, body, status, param):
+    code, _, reply = tiny.post("/completions", json.dumps(body).encode())
+    assert code == status, reply
+    err = reply["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and param in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b'{"prompt": "x", "temperature": NaN}',
+                                 b'{"prompt": "x", "temperature": Infinity}', b"\xff\xfe", b'"text"'])
+def test_bodies_that_are_not_a_json_object_get_400(tiny, raw):
+    code, _, reply = tiny.post("/completions", raw)
+    assert code == 400 and "body" in reply["error"]["message"]
+
+
+def test_chat_on_a_model_without_a_template_is_refused_with_400(tiny):
+    with pytest.raises(openai.BadRequestError, match="chat template"):
+        tiny.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_deadline_the_prediction_cannot_meet_gets_504(tiny):
+    code, _, reply = tiny.post("/completions", json.dumps({"prompt": "x", "max_tokens": 60}).encode(),
+                               {"x-lockstep-deadline-s": "0.0001"})
+    assert code == 504 and "deadline" in reply["error"]["message"]
+
+
+def test_a_full_queue_gets_429_and_the_server_goes_on(tiny):
+    slow = Live(TINY, max_queue=1, max_tokens=64, deterministic=True, time_scale=50.0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(slow.post, "/completions", json.dumps({"prompt": "q", "max_tokens": 3}).encode())
+                       for _ in range(8)]
+            codes = [f.result()[0] for f in futures]
+        assert 429 in codes and 200 in codes, codes
+        assert all(c in (200, 429) for c in codes)
+    finally:
+        slow.close()
+
+
+def test_auth_is_required_when_a_token_is_set(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-tests\n")
+    token.chmod(0o600)
+    s = Live(TINY, auth_token_file=str(token), deterministic=False)
+    try:
+        code, _, reply = s.post("/completions", b'{"prompt": "x", "max_tokens": 2}')
+        assert code == 401 and reply["error"]["type"] == "authentication_error"
+        ok = openai.OpenAI(base_url=s.base, api_key="s3cret-token-for-tests", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    folder = gguf.folder_for(gguf.packaged_file("smollm2-135m"), name="smollm2-135m")
+    program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
+    s = Live(program, checkpoint=str(folder), deterministic=False, max_tokens=64)
+    yield s
+    s.close()
+
+
+def test_chat_answers_through_the_models_template_streamed_or_not(smol):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = smol.client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=32)
+    choice = out.choices[0]
+    assert "Paris" in choice.message.content and choice.finish_reason == "stop"
+    assert choice.message.role == "assistant" and out.usage.completion_tokens < 32
+    chunks = list(smol.client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0,
+                                                      max_completion_tokens=32, stream=True,
+                                                      stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_chat_with_a_seed_gives_the_same_text_under_load(smol):
+    ask = lambda: smol.client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Name a color."}], temperature=0.8, seed=11,
+        max_tokens=16).choices[0].message.content
+    alone = ask()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: ask(), range(4))) == [alone] * 4
