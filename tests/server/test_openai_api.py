@@ -220,3 +220,31 @@ def test_chat_with_a_seed_gives_the_same_text_under_load(smol):
     alone = ask()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda _: ask(), range(4))) == [alone] * 4
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot_and_is_counted():
+    import http.client
+    import socket
+    import time
+
+    slow = Live(TINY, max_tokens=64, deterministic=True, time_scale=50.0)  # ticks of ~10s of ms
+    try:
+        host, port = slow.info["http"].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "leave", "max_tokens": 60, "stream": True}),
+                     {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)  # gone, mid-stream (close() alone keeps the fd: resp holds it)
+        conn.close()
+        with grpc.insecure_channel(slow.info["grpc"]) as ch:
+            stub = pb_grpc.LockstepStub(ch)
+            deadline = time.monotonic() + 20
+            while stub.GetServerStatus(pb.GetServerStatusRequest()).slots_in_use and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status = stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status.slots_in_use == 0 and status.ticks < 60, "freed before the request could finish"
+        metrics = urllib.request.urlopen(slow.info["metrics"], timeout=5).read().decode()
+        assert 'lockstep_requests_finished_total{code="CANCELLED",reason="disconnected"} 1.0' in metrics
+    finally:
+        slow.close()
