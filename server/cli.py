@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lockstep {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # unwritable -o / --trace path and the like
-        print(f"lockstep {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        # An OSError built with one message (a port that cannot be bound) has no strerror.
+        what = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
+        print(f"lockstep {args.command}: error: {what}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

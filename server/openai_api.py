@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP (FastAPI on uvicorn, on the gRPC server's event loop and port of
-its own): `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, streamed
+its own): `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, streamed
 as server-sent events (`data: {...}` chunks, then `data: [DONE]`) or not.
 
 Same engine, same admission by prediction and same metrics as gRPC (server/api.admit,
@@ -134,11 +134,19 @@ class OpenAIFrontEnd:
         self.metrics, self.chat, self.auth_token = metrics, chat, auth_token
         self.created = int(time.time())
         self.app = FastAPI(title="Lockstep (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+        self.app.add_api_route("/health", self.health, methods=["GET"])
         self.app.add_api_route("/v1/models", self.models, methods=["GET"])
         self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         self.app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
 
     # -- routes --------------------------------------------------------------------------
+    async def health(self):
+        """As vLLM's: 200 while admitting (load balancers and benchmark tools probe it;
+        no token needed, as gRPC health), 503 while draining or once the engine died."""
+        if self.engine.up and self.engine.accepting:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "draining" if self.engine.up else "engine stopped"}, 503)
+
     async def models(self, request: HTTPRequest):
         try:
             self._authorize(request)

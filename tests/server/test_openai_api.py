@@ -66,6 +66,11 @@ def grpc_text(s: Live, prompt: str, n: int) -> str:
     return "".join(m.token.text for m in msgs if m.HasField("token"))
 
 
+def test_health_answers_200_while_admitting(tiny):
+    with urllib.request.urlopen(f"http://{tiny.info['http']}/health", timeout=5) as resp:
+        assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
+
+
 def test_models_lists_the_served_model(tiny):
     assert [m.id for m in tiny.client.models.list().data] == ["tiny"]
 
