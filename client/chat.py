@@ -31,16 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.folder / "tokenizer.json").is_file():
         p.error(f"--folder {str(args.folder)!r} has no tokenizer.json")
-    import transformers  # after the arguments: a usage error should not wait for it
+    from server.tokenizer import ChatTemplate  # after the arguments: a usage error should not wait for transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(args.folder)
-    if not tok.chat_template:
+    try:
+        template = ChatTemplate(args.folder)
+    except ValueError:
         p.error(f"--folder {str(args.folder)!r} has no chat template")
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.LockstepStub(channel)
         for q in args.questions:
-            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
+            ids = template.question(q)
             req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=args.max_tokens,
                                      sampling=pb.SamplingParams(temperature=args.temperature, seed=args.seed))
             start, text, n = time.perf_counter(), "", 0

@@ -38,14 +38,11 @@ def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
     (the server then finds it cached)."""
     if CHAT_MODEL not in server_args:
         return None
-    import transformers
-
     from server import gguf
+    from server.tokenizer import ChatTemplate
 
-    folder = gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL)
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for q in QUESTIONS]
+    template = ChatTemplate(gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL))
+    return [template.question(q) for q in QUESTIONS]
 
 
 def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:

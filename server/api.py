@@ -73,7 +73,7 @@ class Outcome:
     queue_s: float | None  # arrival -> admission into a slot, seconds
 
 
-class _Sent:
+class Sent:
     """Tokens handed to the client, on the engine's clock (perf_counter seconds)."""
 
     def __init__(self):
@@ -139,7 +139,7 @@ def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None)
     return r, queue
 
 
-def outcome(r: Request, sent: _Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
+def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
     """The one record of how an admitted request ended (times on the engine's clock)."""
     end_s = end_s if end_s is not None else time.perf_counter()
     if sent.last_s is not None and reason in ("length", "stop"):
@@ -203,7 +203,7 @@ class LockstepService:
             yield message
 
     async def _stream(self, r: Request, stops: tuple[str, ...], queue: asyncio.Queue, context):
-        decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer), _Sent(), None, False
+        decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer), Sent(), None, False
         peer, cut = context.peer(), False
         # Stop strings are searched in the text's last (longest stop - 1) chars plus the new
         # delta, not in the whole text again for every token.
@@ -253,7 +253,7 @@ class LockstepService:
         else:
             await context.abort(outcome.code, outcome.message or f"request {r.request_id!r}: {outcome.reason}")
 
-    def _outcome(self, r: Request, sent: _Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
+    def _outcome(self, r: Request, sent: Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
         return outcome(r, sent, reason, code, message, end_s)
 
     def _record_cut(self, r: Request, o: Outcome, peer: str) -> None:
@@ -287,4 +287,4 @@ class LockstepService:
                                engine_up=s["engine_up"], pace_factor=s["pace_factor"], repaces=s["repaces"])
 
 
-__all__ = ["Limits", "LockstepService", "Outcome", "Refused", "SERVICE_NAME", "admit", "outcome", "quote", "record"]
+__all__ = ["Limits", "LockstepService", "Outcome", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]

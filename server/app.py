@@ -33,9 +33,9 @@ from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
 from server.gguf import eos_ids
 from server.metrics import Metrics
-from server.openai_api import OpenAIFrontEnd, load_chat_template
+from server.openai_api import OpenAIFrontEnd
 from server.step import full_batch
-from server.tokenizer import load_tokenizer
+from server.tokenizer import ChatTemplate, load_tokenizer
 from server.validate import Limits
 
 SWITCH_INTERVAL_S = 0.0002
@@ -204,7 +204,7 @@ class LockstepServer:
         http = ""
         if cfg.http_port >= 0:
             http = await self._http_server(OpenAIFrontEnd(
-                self.engine, info.model, limits, tokenizer, self.metrics, load_chat_template(cfg.checkpoint or None),
+                self.engine, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
                 read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
                               executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")

@@ -23,17 +23,15 @@ import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.api import Refused, _Sent, admit, outcome, record
+from server.api import Refused, Sent, admit, outcome, record
 from server.engine import Finished
-from server.tokenizer import IncrementalDecoder
+from server.tokenizer import ChatTemplate, IncrementalDecoder
 from server.validate import BadRequest, Limits, parse_request
 
 # gRPC status of a refusal or a bad request -> (HTTP status, OpenAI error type)
@@ -71,33 +69,6 @@ def _from_grpc(exc: BadRequest | Refused) -> HTTPError:
     message = str(exc).replace("sampling.", "")
     param = message.split(":", 1)[0].split(" ", 1)[0] if status == 400 else None
     return HTTPError(status, kind, message, param)
-
-
-@dataclass
-class ChatTemplate:
-    """The checkpoint's chat template, applied by transformers' tokenizer."""
-
-    folder: Path
-
-    def __post_init__(self):
-        import transformers
-
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"{self.folder} has no chat template")
-
-    def ids(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
-
-
-def load_chat_template(checkpoint: str | None) -> ChatTemplate | None:
-    if not checkpoint:
-        return None
-    try:
-        return ChatTemplate(Path(checkpoint))
-    except (ValueError, OSError):
-        return None
 
 
 def _number(body: dict, name: str, default, kind=float):
@@ -250,7 +221,8 @@ class OpenAIFrontEnd:
         except (BadRequest, Refused) as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(exc.code.name)
-            return JSONResponse(_error_body(_from_grpc(exc)), _from_grpc(exc).status)
+            error = _from_grpc(exc)
+            return JSONResponse(_error_body(error), error.status)
         except HTTPError as exc:
             if self.metrics is not None and exc.status != 401:
                 self.metrics.request_rejected("INVALID_ARGUMENT" if exc.status in (400, 404) else str(exc.status))
@@ -274,7 +246,7 @@ class _Run:
         self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{r.request_id}"
         self.created = int(time.time())
-        self.sent, self.decoder = _Sent(), IncrementalDecoder(front.tokenizer)
+        self.sent, self.decoder = Sent(), IncrementalDecoder(front.tokenizer)
         self.text, self.emitted = "", 0  # all text so far; characters of it sent
         self.hold = max((len(s) for s in stops), default=1) - 1
 

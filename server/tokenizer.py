@@ -67,6 +67,36 @@ def load_tokenizer(folder: str | Path | None, vocab_size: int) -> ByteTokenizer 
     return ByteTokenizer(vocab_size)
 
 
+class ChatTemplate:
+    """A checkpoint folder's chat template, applied by transformers' tokenizer (the
+    HTTP chat endpoint, client/chat.py and the demo all go through this). ValueError when
+    the folder has none."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        import transformers
+
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.folder} has no chat template")
+
+    @classmethod
+    def of(cls, checkpoint: str | None) -> ChatTemplate | None:
+        """The checkpoint's template, or None (no checkpoint, or one without a template)."""
+        try:
+            return cls(checkpoint) if checkpoint else None
+        except (ValueError, OSError):
+            return None
+
+    def ids(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def question(self, text: str) -> list[int]:
+        """One user message, ready for the assistant's answer."""
+        return self.ids([{"role": "user", "content": text}])
+
+
 class IncrementalDecoder:
     """Streams text deltas for ids given one at a time.
 

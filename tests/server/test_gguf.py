@@ -21,6 +21,7 @@ from scheduler.errors import SpecError
 from server import gguf
 from server.app import LockstepServer, ServeConfig
 from server.executor import LocalExecutor, plan_from_program
+from server.tokenizer import ChatTemplate
 from tests.server.helpers import OPTIONS, generate
 
 transformers = pytest.importorskip("transformers")
@@ -36,9 +37,8 @@ def folder():
 
 @pytest.fixture(scope="module")
 def chats(folder):
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for q in QUESTIONS]
+    template = ChatTemplate(folder)
+    return [template.question(q) for q in QUESTIONS]
 
 
 def test_the_folder_has_the_real_config_tokenizer_chat_template_and_eos(folder):
