@@ -4,12 +4,18 @@ reference nobody here wrote."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 import scheduler
+from server.app import LockstepServer, ServeConfig
 from server.executor import LocalExecutor, plan_from_program
 from server.sampling import GREEDY, SamplingParams, sample
 from server.step import StepBatch, tensorize
@@ -101,3 +107,29 @@ def hf_plan(folder, **plan_kw):
     """The checkpoint's spec compiled for cpu:1 at fp32, as a runtime plan loading the checkpoint."""
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
     return plan_from_program(program.view(), checkpoint=str(folder), **plan_kw)
+
+
+class Live:
+    """A LockstepServer with HTTP on a free port, on an event loop in a background thread."""
+
+    def __init__(self, program, **config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = LockstepServer(ServeConfig(program.to_json(), http_port=0, **config))
+        self.info = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(120)
+        self.base = f"http://{self.info['http']}/v1"
+
+    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(self.base + path, data=body, headers={"content-type": "application/json",
+                                                                          **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, dict(resp.headers), json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), json.loads(exc.read())
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=2.0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

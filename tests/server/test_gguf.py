@@ -5,9 +5,7 @@ answer at the model's end-of-sequence token with reason "stop"."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import grpc
 import pytest
@@ -19,10 +17,9 @@ from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 from scheduler.errors import SpecError
 from server import gguf
-from server.app import LockstepServer, ServeConfig
 from server.executor import LocalExecutor, plan_from_program
 from server.tokenizer import ChatTemplate
-from tests.server.helpers import OPTIONS, generate
+from tests.server.helpers import OPTIONS, Live, generate
 
 transformers = pytest.importorskip("transformers")
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?"]
@@ -66,15 +63,9 @@ def test_greedy_tokens_equal_transformers_for_chat_prompts(folder, chats):
 
 def test_a_live_server_ends_a_chat_answer_at_eos_with_reason_stop(folder, chats, capsys):
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = LockstepServer(ServeConfig(program.to_json(), checkpoint=str(folder), deterministic=False,
-                                        max_tokens=64))
-    call = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(120)
+    s = Live(program, checkpoint=str(folder), deterministic=False, max_tokens=64)
     try:
-        info = call(server.start())
-        with grpc.insecure_channel(info["grpc"]) as channel:
+        with grpc.insecure_channel(s.info["grpc"]) as channel:
             stub = pb_grpc.LockstepStub(channel)
             req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=chats[2]), max_tokens=64)
             msgs = list(stub.Generate(req, timeout=120))
@@ -84,12 +75,10 @@ def test_a_live_server_ends_a_chat_answer_at_eos_with_reason_stop(folder, chats,
         assert tokens[-1] == 2 and 2 not in tokens[:-1]
         assert "4" in "".join(m.token.text for m in msgs if m.HasField("token"))
         # client/chat.py: the chat template applied client-side, the answer as text.
-        assert chat.main(["--target", info["grpc"], "--folder", str(folder), "--max-tokens", "32", QUESTIONS[0]]) == 0
+        assert chat.main(["--target", s.info["grpc"], "--folder", str(folder), "--max-tokens", "32", QUESTIONS[0]]) == 0
         assert "Paris" in capsys.readouterr().out
     finally:
-        call(server.stop(grace_s=2.0))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+        s.close()
 
 
 def test_chat_refuses_a_folder_without_a_tokenizer_with_exit_code_2(tmp_path, capsys):

@@ -5,11 +5,8 @@ real model for chat."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
-import threading
-import urllib.error
 import urllib.request
 
 import grpc
@@ -19,43 +16,22 @@ import scheduler
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 from server import gguf
-from server.app import LockstepServer, ServeConfig
-from tests.server.helpers import OPTIONS
+from tests.server.helpers import OPTIONS, Live
 
 openai = pytest.importorskip("openai")
 TINY = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
 
 
-class Live:
-    """A LockstepServer with HTTP on a free port, on an event loop in a background thread."""
-
-    def __init__(self, program, **config):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = LockstepServer(ServeConfig(program.to_json(), http_port=0, **config))
-        self.info = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(120)
-        self.base = f"http://{self.info['http']}/v1"
-        self.client = openai.OpenAI(base_url=self.base, api_key=config.get("_key", "unused"), max_retries=0)
-
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-        req = urllib.request.Request(self.base + path, data=body, headers={"content-type": "application/json",
-                                                                          **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, dict(resp.headers), json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), json.loads(exc.read())
-
-    def close(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=2.0), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+def served(program, **config) -> Live:
+    """A live server and an `openai` client on its HTTP port."""
+    s = Live(program, **config)
+    s.client = openai.OpenAI(base_url=s.base, api_key="unused", max_retries=0)
+    return s
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    s = Live(TINY, max_queue=16, max_tokens=64, deterministic=False)
+    s = served(TINY, max_queue=16, max_tokens=64, deterministic=False)
     yield s
     s.close()
 
@@ -169,7 +145,7 @@ def test_a_deadline_the_prediction_cannot_meet_gets_504(tiny):
 
 
 def test_a_full_queue_gets_429_and_the_server_goes_on(tiny):
-    slow = Live(TINY, max_queue=1, max_tokens=64, deterministic=True, time_scale=50.0)
+    slow = served(TINY, max_queue=1, max_tokens=64, deterministic=True, time_scale=50.0)
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(slow.post, "/completions", json.dumps({"prompt": "q", "max_tokens": 3}).encode())
@@ -185,7 +161,7 @@ def test_auth_is_required_when_a_token_is_set(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-tests\n")
     token.chmod(0o600)
-    s = Live(TINY, auth_token_file=str(token), deterministic=False)
+    s = served(TINY, auth_token_file=str(token), deterministic=False)
     try:
         code, _, reply = s.post("/completions", b'{"prompt": "x", "max_tokens": 2}')
         assert code == 401 and reply["error"]["type"] == "authentication_error"
@@ -199,7 +175,7 @@ def test_auth_is_required_when_a_token_is_set(tmp_path):
 def smol():
     folder = gguf.folder_for(gguf.packaged_file("smollm2-135m"), name="smollm2-135m")
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
-    s = Live(program, checkpoint=str(folder), deterministic=False, max_tokens=64)
+    s = served(program, checkpoint=str(folder), deterministic=False, max_tokens=64)
     yield s
     s.close()
 
@@ -232,7 +208,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_is_counted():
     import socket
     import time
 
-    slow = Live(TINY, max_tokens=64, deterministic=True, time_scale=50.0)  # ticks of ~10s of ms
+    slow = served(TINY, max_tokens=64, deterministic=True, time_scale=50.0)  # ticks of ~10s of ms
     try:
         host, port = slow.info["http"].rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
