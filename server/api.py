@@ -29,6 +29,7 @@ from server.peers import SETTLE_S, connection_open
 from server.tokenizer import IncrementalDecoder
 from server.validate import BadRequest, Limits, Parsed, parse_request, quote
 
+PROTOCOL = "grpc"  # the `protocol` label of this front door's request metrics
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Lockstep"].full_name
 _OK, _CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
 # Engine reasons -> (outcome reason, code).
@@ -151,9 +152,9 @@ def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: floa
                    None if admitted is None else admitted - r.arrival_s)
 
 
-def record(metrics, r: Request, o: Outcome) -> None:
+def record(metrics, protocol: str, r: Request, o: Outcome) -> None:
     if metrics is not None:
-        metrics.request_finished(o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
+        metrics.request_finished(protocol, o.reason, o.code.name, o.ttft_s, o.tpot_s, o.e2e_s, o.queue_s,
                                  r.predicted_ttft_s, r.predicted_tpot_s or None, o.completion_tokens)
 
 
@@ -180,7 +181,7 @@ class LockstepService:
 
     async def _refuse(self, context, code: grpc.StatusCode, message: str):
         if self.metrics is not None:
-            self.metrics.request_rejected(code.name)
+            self.metrics.request_rejected(PROTOCOL, code.name)
         await context.abort(code, message)
 
     async def _admit(self, request, context) -> tuple[Parsed, Request, asyncio.Queue]:
@@ -198,7 +199,7 @@ class LockstepService:
     async def Generate(self, request, context):
         parsed, r, queue = await self._admit(request, context)
         if self.metrics is not None:
-            self.metrics.request_admitted(len(parsed.prompt))
+            self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
         async for message in self._stream(r, parsed.stop, queue, context):
             yield message
 
@@ -224,7 +225,7 @@ class LockstepService:
                 yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=sent.n - 1,
                                                          sent_unix_s=time.time(), tick=tick))
                 if self.metrics is not None:
-                    self.metrics.token_emitted(gap)
+                    self.metrics.token_emitted(PROTOCOL, gap)
                 if stops:
                     tail += delta
                     if any(s in tail for s in stops):
@@ -262,7 +263,7 @@ class LockstepService:
         self._record(r, o)
 
     def _record(self, r: Request, o: Outcome) -> None:
-        record(self.metrics, r, o)
+        record(self.metrics, PROTOCOL, r, o)
 
     def _finished(self, r: Request, o: Outcome, text: str) -> pb.Finished:
         return pb.Finished(finish_reason=o.reason, prompt_tokens=len(r.prompt), completion_tokens=o.completion_tokens,
@@ -287,4 +288,4 @@ class LockstepService:
                                engine_up=s["engine_up"], pace_factor=s["pace_factor"], repaces=s["repaces"])
 
 
-__all__ = ["Limits", "LockstepService", "Outcome", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]
+__all__ = ["Limits", "LockstepService", "Outcome", "PROTOCOL", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]

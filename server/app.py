@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from scheduler.program import Program, ProgramView
-from server.api import SERVICE_NAME, LockstepService
+from server.api import PROTOCOL as GRPC, SERVICE_NAME, LockstepService
 from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
@@ -143,7 +143,7 @@ class LockstepServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.program = ProgramView.parse(Program.from_json(config.program_json).data)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.program.model.name)
         self.server = None
         self.engine = None
         self.executor = None
@@ -260,7 +260,7 @@ class LockstepServer:
         interceptors = []
         if cfg.auth_token_file:
             token = read_secret(cfg.auth_token_file, "--auth-token-file")
-            interceptors.append(BearerAuth(token, lambda: self.metrics.request_rejected("UNAUTHENTICATED")))
+            interceptors.append(BearerAuth(token, lambda: self.metrics.request_rejected(GRPC, "UNAUTHENTICATED")))
         server = grpc.aio.server(interceptors=interceptors,
                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

@@ -7,6 +7,7 @@ methods below from its step loop: each one touches pre-resolved metric children
 
 Names start with `lockstep_` and carry their unit (`_seconds`, `_tokens_total`,
 `_ratio`). Counters are exposed with a `_total` suffix, the Info as `lockstep_server_info`.
+Request series are labelled `model` and `protocol` (grpc, http), tick series `phase`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
-# Latency buckets: 100 us * 2^k for k = 0..22, i.e. 100 us .. 419 s. A factor of 2 per
-# bucket resolves a sub-millisecond decode step and a minutes-long request in one
-# histogram (23 buckets). Rounding to 4 decimals keeps the `le` labels short and exact.
-LATENCY_BUCKETS_S = tuple(round(1e-4 * 2**k, 4) for k in range(23))
+# Latency buckets, seconds: 1, 2, 2.5 and 5 per decade, 100 us .. 500 s (28 edges). The
+# usual SLO thresholds (10, 25, 50, 100, 250, 500 ms, 1, 2.5, 5 s) are edges, so "share
+# of first tokens under 250 ms" is read off a bucket, not interpolated; a sub-millisecond
+# step resolves at 100, 200, 250, 500 us; and no bucket spans more than a factor of 2,
+# which bounds histogram_quantile's interpolation error. Parsed from decimal text so
+# the `le` labels are exact ("0.00025", not a rounded product).
+LATENCY_BUCKETS_S = tuple(float(f"{m}e{e}") for e in range(-4, 3) for m in (1, 2, 2.5, 5))
 # Rows per tick: the compiled batch buckets are powers of two up to 256.
 BATCH_BUCKETS = tuple(2**k for k in range(9))
 # Measured / predicted step time: fine around 1 (the Groq compiler's estimate was within
@@ -41,6 +45,9 @@ GRPC_CODES = frozenset((
     "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
     "UNAUTHENTICATED",
 ))  # fmt: skip
+# Request series carry `model` (the served model's name, one per server) and `protocol`:
+# the front door the request came in by. Both are exported from the start, at 0.
+PROTOCOLS = ("grpc", "http")
 INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
 MODES = ("deterministic", "throughput")
 _POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds close()'s wait
@@ -117,13 +124,33 @@ class _PhaseSeries:
         self.predicted_last = m._step_predicted_last.labels(phase)
 
 
+class _RequestSeries:
+    """The children of every request metric for one (model, protocol), resolved once."""
+
+    def __init__(self, m: Metrics, protocol: str):
+        labels = (m.model, protocol)
+        self.labels = labels
+        self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.ttft_pred, self.tpot_pred = (
+            h.labels(*labels) for h in (m._ttft, m._itl, m._tpot, m._e2e, m._queue, m._ttft_pred, m._tpot_pred))
+        self.prompt_tokens = m._prompt_tokens.labels(*labels)
+        self.generation_tokens = m._generation_tokens.labels(*labels)
+        self.admitted = m._admitted.labels(*labels)
+        # (reason, code) -> child, filled on first use; the usual endings exist from the start, at 0,
+        # so rate() counts a series' first requests (it cannot see an increase into a new series).
+        self.finished: dict[tuple[str, object], Counter] = {
+            (reason, "OK"): m._finished.labels(*labels, reason, "OK") for reason in ("length", "stop")}
+
+
 class Metrics:
-    def __init__(self):
+    def __init__(self, model: str = ""):
+        """model: the served model's name, the `model` label of every request series."""
         self.registry = CollectorRegistry()
+        self.model = model
         r = self.registry
+        request = ["model", "protocol"]
 
         def latency(name: str, what: str) -> Histogram:
-            return Histogram(name, what, buckets=LATENCY_BUCKETS_S, registry=r)
+            return Histogram(name, what, request, buckets=LATENCY_BUCKETS_S, registry=r)
 
         # Per request: measured, then predicted at admission.
         self._ttft = latency("lockstep_time_to_first_token_seconds", "Arrival to first token")
@@ -173,14 +200,14 @@ class Metrics:
                                 ["phase"], registry=r)
 
         # Totals.
-        self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", registry=r)
-        self._generation_tokens = Counter("lockstep_generation_tokens_total", "Tokens emitted", registry=r)
-        self._admitted = Counter("lockstep_requests_admitted_total", "Requests admitted", registry=r)
+        self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", request, registry=r)
+        self._generation_tokens = Counter("lockstep_generation_tokens_total", "Tokens emitted", request, registry=r)
+        self._admitted = Counter("lockstep_requests_admitted_total", "Requests admitted", request, registry=r)
         self._finished = Counter(
             "lockstep_requests_finished_total", "Requests ended, by reason and gRPC status code",
-            ["reason", "code"], registry=r,
+            request + ["reason", "code"], registry=r,
         )  # fmt: skip
-        self._finished_children: dict[tuple[str, object], Counter] = {}
+        self._requests = {p: _RequestSeries(self, p) for p in PROTOCOLS}
 
         self._server_info = Info("lockstep_server", "What this server runs", registry=r)
         self._info_labels: dict[str, str] = {}
@@ -277,22 +304,31 @@ class Metrics:
         self._waiting.set(waiting)
         self._slots_used.set(slots_used)
 
-    def request_admitted(self, prompt_tokens: int) -> None:
-        self._admitted.inc()
-        self._prompt_tokens.inc(prompt_tokens)
+    def _series(self, protocol: str) -> _RequestSeries:
+        try:
+            return self._requests[protocol]
+        except KeyError:
+            raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}") from None
 
-    def token_emitted(self, gap_s: float | None) -> None:
+    def request_admitted(self, protocol: str, prompt_tokens: int) -> None:
+        s = self._series(protocol)
+        s.admitted.inc()
+        s.prompt_tokens.inc(prompt_tokens)
+
+    def token_emitted(self, protocol: str, gap_s: float | None) -> None:
         """One token left for a client; gap_s is None for a request's first token.
 
         lockstep_generation_tokens_total counts here, as tokens leave (so its rate is
         live during long streams), not from request_finished's completion_tokens.
         """
-        self._generation_tokens.inc()
+        s = self._series(protocol)
+        s.generation_tokens.inc()
         if gap_s is not None:
-            self._itl.observe(gap_s)
+            s.itl.observe(gap_s)
 
     def request_finished(
         self,
+        protocol: str,
         reason: str,
         code: str,
         ttft_s: float | None,
@@ -305,35 +341,38 @@ class Metrics:
     ) -> None:
         """Count the request under (reason, code) and observe each latency that is not None.
 
-        code: a gRPC status code name ("OK") or a grpc.StatusCode member. TPOT needs two
-        tokens, so tpot_s is also skipped when completion_tokens < 2.
+        code: a gRPC status code name ("OK") or a grpc.StatusCode member; HTTP requests
+        count under the gRPC code their status maps to (docs/architecture.md, "Measurements").
+        TPOT needs two tokens, so tpot_s is also skipped when completion_tokens < 2.
         """
-        self._finished_child(reason, code).inc()
+        s = self._series(protocol)
+        self._finished_child(s, reason, code).inc()
         if ttft_s is not None:
-            self._ttft.observe(ttft_s)
+            s.ttft.observe(ttft_s)
         if tpot_s is not None and completion_tokens >= 2:
-            self._tpot.observe(tpot_s)
+            s.tpot.observe(tpot_s)
         if e2e_s is not None:
-            self._e2e.observe(e2e_s)
+            s.e2e.observe(e2e_s)
         if queue_s is not None:
-            self._queue.observe(queue_s)
+            s.queue.observe(queue_s)
         if predicted_ttft_s is not None:
-            self._ttft_pred.observe(predicted_ttft_s)
+            s.ttft_pred.observe(predicted_ttft_s)
         if predicted_tpot_s is not None:
-            self._tpot_pred.observe(predicted_tpot_s)
+            s.tpot_pred.observe(predicted_tpot_s)
 
-    def request_rejected(self, code: str) -> None:
+    def request_rejected(self, protocol: str, code: str) -> None:
         """Refused at arrival (never admitted): counts as reason="rejected"."""
-        self._finished_child("rejected", code).inc()
+        s = self._series(protocol)
+        self._finished_child(s, "rejected", code).inc()
 
-    def _finished_child(self, reason: str, code) -> Counter:
-        # Validated once per (reason, code): later calls are one dict lookup.
-        child = self._finished_children.get((reason, code))
+    def _finished_child(self, s: _RequestSeries, reason: str, code) -> Counter:
+        # Validated once per (protocol, reason, code): later calls are one dict lookup.
+        child = s.finished.get((reason, code))
         if child is None:
             name = getattr(code, "name", code)  # grpc.StatusCode.OK -> "OK"
             if reason not in FINISH_REASONS:
                 raise ValueError(f"reason must be one of {list(FINISH_REASONS)}, got {reason!r}")
             if name not in GRPC_CODES:
                 raise ValueError(f"code must be a gRPC status code name such as 'OK', got {code!r}")
-            child = self._finished_children[(reason, code)] = self._finished.labels(reason, name)
+            child = s.finished[(reason, code)] = self._finished.labels(*s.labels, reason, name)
         return child

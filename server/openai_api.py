@@ -44,6 +44,9 @@ _HTTP = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
+# An error made here (not by the shared checks) -> the gRPC code its refusal counts under.
+_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
+PROTOCOL = "http"  # the `protocol` label of this front door's request metrics
 _ENDINGS = {"length": "length", "stop": "stop"}  # engine reason -> OpenAI finish_reason; others are errors
 MAX_BODY_BYTES = 1 << 20
 
@@ -138,7 +141,7 @@ class OpenAIFrontEnd:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode("latin-1", "replace"), b"Bearer " + self.auth_token):
                 if self.metrics is not None:
-                    self.metrics.request_rejected("UNAUTHENTICATED")
+                    self.metrics.request_rejected(PROTOCOL, "UNAUTHENTICATED")
                 raise HTTPError(401, "authentication_error", "missing or wrong bearer token")
 
     async def _body(self, request: HTTPRequest) -> dict:
@@ -220,15 +223,15 @@ class OpenAIFrontEnd:
             r, queue = admit(self.engine, parsed, remaining)
         except (BadRequest, Refused) as exc:
             if self.metrics is not None:
-                self.metrics.request_rejected(exc.code.name)
+                self.metrics.request_rejected(PROTOCOL, exc.code.name)
             error = _from_grpc(exc)
             return JSONResponse(_error_body(error), error.status)
         except HTTPError as exc:
             if self.metrics is not None and exc.status != 401:
-                self.metrics.request_rejected("INVALID_ARGUMENT" if exc.status in (400, 404) else str(exc.status))
+                self.metrics.request_rejected(PROTOCOL, _CODE.get(exc.status, "UNKNOWN"))
             return JSONResponse(_error_body(exc), exc.status)
         if self.metrics is not None:
-            self.metrics.request_admitted(len(parsed.prompt))
+            self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
         headers = {"lockstep-predicted-ttft-s": f"{r.predicted_ttft_s:.6f}",
                    "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}", "x-request-id": r.request_id}
         run = _Run(self, r, queue, parsed.stop, chat, include_usage)
@@ -282,7 +285,7 @@ class _Run:
                     break
                 gap = self.sent.add(t)
                 if self.front.metrics is not None:
-                    self.front.metrics.token_emitted(gap)
+                    self.front.metrics.token_emitted(PROTOCOL, gap)
                 self.text += self.decoder.step(item)
                 if self.stops and self._cut_at_stop():
                     self.finish_reason = "stop"
@@ -304,7 +307,7 @@ class _Run:
             if not ended_by_engine:  # a stop string or a client gone: free the slot next tick
                 self.r.cancelled = True
                 self.front.engine.wake()
-            record(self.front.metrics, self.r, o)
+            record(self.front.metrics, PROTOCOL, self.r, o)
 
     def usage(self) -> dict:
         n, p = self.sent.n, len(self.r.prompt)

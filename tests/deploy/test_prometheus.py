@@ -1,9 +1,11 @@
 """deploy/: the Prometheus config, recording rules and Grafana dashboard against a live server.
 
 A real LockstepServer (tiny model, in this process) is scraped by a real `prometheus`
-binary every second; after a short load, every recording rule's expression and every
-dashboard panel's query is evaluated through Prometheus's HTTP API and must return at
-least one series. Every `lockstep_*` name they mention must be in the server's /metrics.
+binary every second; after a short load through both front doors (gRPC and the
+OpenAI-compatible HTTP), every recording rule's expression and every dashboard panel's
+query (its template variables expanded as Grafana would) is evaluated through
+Prometheus's HTTP API and must return at least one series. Every `lockstep_*` name they
+mention must be in the server's /metrics, and every template variable must resolve.
 Skipped where no `prometheus` binary is installed (Debian: apt-get install prometheus).
 """
 
@@ -18,11 +20,14 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from server.metrics import LATENCY_BUCKETS_S, PROTOCOLS
 
 yaml = pytest.importorskip("yaml")
 
@@ -34,7 +39,8 @@ GRAFANA_DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prom
 GRAFANA_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "lockstep.yml"
 # Digits too: lockstep_e2e_request_latency_seconds. Recorded names (lockstep:...) do not match.
 METRIC_NAME = re.compile(r"\blockstep_[a-z0-9_]+")
-REQUESTS, TOKENS, CONCURRENCY = 6, 20, 3
+REQUESTS, HTTP_REQUESTS, TOKENS, CONCURRENCY = 6, 3, 20, 3
+MODEL = "tiny"
 
 
 def rules() -> list[dict]:
@@ -46,8 +52,25 @@ def dashboard_panels() -> list[dict]:
     return [p for p in panels if p["type"] != "row"]
 
 
+def variables() -> list[dict]:
+    return json.loads(DASHBOARD.read_text())["templating"]["list"]
+
+
+def expand(expr: str) -> str:
+    """`expr` with its template variables replaced as Grafana does on first load: a
+    variable showing "All" becomes its allValue, any other its current value."""
+    values = {}
+    for v in variables():
+        current = v["current"]["value"]
+        current = current if isinstance(current, list) else [current]
+        values[v["name"]] = v["allValue"] if current == ["$__all"] else "|".join(current)
+    expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
+    assert "$" not in expanded, expanded
+    return expanded
+
+
 def panel_queries() -> list[tuple[str, str]]:
-    return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in dashboard_panels() for t in p["targets"]]
+    return [(f"{p['title']} / {t['refId']}", expand(t["expr"])) for p in dashboard_panels() for t in p["targets"]]
 
 
 def free_port() -> int:
@@ -79,13 +102,32 @@ def test_grafana_files_point_at_the_prometheus_datasource():
         assert word in titles, word
 
 
+def test_dashboard_filters_request_panels_by_model_and_protocol():
+    names = {v["name"]: v for v in variables()}
+    assert set(names) == {"model", "protocol", "ttft_slo", "itl_slo"}
+    assert names["protocol"]["query"].split(",") == list(PROTOCOLS)
+    # The SLO choices are latency bucket edges, as the exposition writes them.
+    edges = {str(b) for b in LATENCY_BUCKETS_S}
+    for slo in ("ttft_slo", "itl_slo"):
+        assert set(names[slo]["query"].split(",")) <= edges, slo
+    request_metrics = ("lockstep_time_to_first_token_seconds", "lockstep_inter_token_latency_seconds",
+                       "lockstep_requests_admitted_total", "lockstep_requests_finished_total",
+                       "lockstep_generation_tokens_total")
+    for p in dashboard_panels():
+        for t in p["targets"]:
+            for name in re.findall(r"\b(lockstep_[a-z0-9_]+)(\{[^}]*\})?", t["expr"]):
+                if name[0].startswith(request_metrics):
+                    assert 'model=~"$model"' in name[1] and 'protocol=~"$protocol"' in name[1], (p["title"], name)
+
+
 def test_rule_names_follow_the_convention():
     names = [r["record"] for r in rules()]
     assert len(names) == len(set(names))
     for expected in ("lockstep:ttft_seconds:p50_1m", "lockstep:ttft_seconds:p99_1m", "lockstep:itl_seconds:p50_1m",
                      "lockstep:itl_seconds:p99_1m", "lockstep:generation_tokens:rate1m", "lockstep:requests_waiting",
                      "lockstep:kv_slot_utilization", "lockstep:tick_overrun_ratio:rate1m",
-                     "lockstep:step_measured_over_predicted:ratio1m"):
+                     "lockstep:step_measured_over_predicted:ratio1m", "lockstep:requests_finished:rate1m",
+                     "lockstep:ttft_under_250ms:ratio1m"):
         assert expected in names
     assert all(re.fullmatch(r"lockstep(:[a-z0-9_]+){1,2}", n) for n in names), names
 
@@ -142,13 +184,14 @@ def stack():
     """(server, Prom, /metrics text after the load): a loaded server scraped every second."""
     if shutil.which("prometheus") is None:
         pytest.skip("no `prometheus` binary on PATH (Debian: apt-get install --no-install-recommends prometheus)")
+    from protos.lockstep.v1 import lockstep_pb2 as pb
     from tests.server.test_app import Running, request, stream
     from tests.server.helpers import random_prompt
 
     # Not tmp_path_factory: a concurrent pytest run prunes old pytest-N dirs, TSDB included.
     tmpdir = tempfile.TemporaryDirectory(prefix="lockstep-prometheus-")
     tmp = Path(tmpdir.name)
-    server = Running(max_queue=8, max_tokens=200, deterministic=False)
+    server = Running(max_queue=8, max_tokens=200, deterministic=False, http_port=0)
     proc = None
     log = tmp / "prometheus.log"
     try:
@@ -173,22 +216,31 @@ def stack():
         wait_for("up == 1", lambda: prom.value('up{job="lockstep"}') == 1, 30, log, proc)
 
         prompts = [random_prompt(8 + 5 * i, seed=i) for i in range(REQUESTS)]
+        bodies = [{"model": MODEL, "prompt": f"question {i}", "max_tokens": TOKENS, "temperature": 0}
+                  for i in range(HTTP_REQUESTS)]
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            results = list(pool.map(lambda p: stream(server.stub, request(p, TOKENS), timeout=30), prompts))
+            grpc_results = pool.map(lambda p: stream(server.stub, request(p, TOKENS), timeout=30), prompts)
+            http_results = pool.map(lambda b: http_post(server.info["http"], b), bodies)
+            results, answers = list(grpc_results), list(http_results)
         assert all(len(tokens) == TOKENS and fin.finish_reason == "length" for tokens, fin in results)
+        assert all(status == 200 and a["usage"]["completion_tokens"] == TOKENS for status, a in answers), answers
+        # One refusal at each door, so the refusal series exist.
+        assert http_post(server.info["http"], {"model": "not-served", "prompt": "x"})[0] == 404
+        with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+            stream(server.stub, pb.GenerateRequest(max_tokens=1), timeout=30)  # no prompt
         with urllib.request.urlopen(server.info["metrics"], timeout=5) as resp:
             exposition = resp.read().decode()
-        total = REQUESTS * TOKENS
+        total = (REQUESTS + HTTP_REQUESTS) * TOKENS
 
         # Two scrapes after the load: the first to see the final count, then one more.
         seen_at = wait_for(
             "a scrape with every generated token",
-            lambda: (prom.value("lockstep_generation_tokens_total") == total
-                     and prom.value("timestamp(lockstep_generation_tokens_total)")),
+            lambda: (prom.value("sum(lockstep_generation_tokens_total)") == total
+                     and prom.value("max(timestamp(lockstep_generation_tokens_total))")),
             30, log, proc,
         )  # fmt: skip
         wait_for("a second scrape after the load",
-                 lambda: (prom.value("timestamp(lockstep_generation_tokens_total)") or 0) > seen_at, 10, log, proc)
+                 lambda: (prom.value("max(timestamp(lockstep_generation_tokens_total))") or 0) > seen_at, 10, log, proc)
         yield server, prom, exposition, log
     finally:
         if proc is not None:
@@ -200,6 +252,16 @@ def stack():
                 proc.wait(5)
         server.close()
         tmpdir.cleanup()
+
+
+def http_post(address: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{address}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def assert_query_has_series(prom: Prom, name: str, expr: str):
@@ -276,3 +338,42 @@ def test_the_load_shows_up_in_the_rules(stack):
         phases = {s["metric"]["phase"] for s in result}
         assert {"prefill", "decode"} <= phases <= {"prefill", "decode", "mixed"}, record
         assert all(check(float(s["value"][1])) for s in result), (record, result)
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_every_dashboard_variable_resolves(stack):
+    """The model variable's label_values() query, the protocol choices and the SLO
+    thresholds each name label values Prometheus holds for the request series."""
+    _, prom, _, _ = stack
+    for v in variables():
+        if v["type"] == "query":
+            metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", v["query"]["query"]).groups()
+            held = prom.get(f"/api/v1/label/{label}/values", **{"match[]": metric})["data"]
+            assert held == [MODEL], (v["name"], held)
+    held = prom.get("/api/v1/label/protocol/values", **{"match[]": "lockstep_requests_admitted_total"})["data"]
+    assert sorted(held) == sorted(next(v for v in variables() if v["name"] == "protocol")["query"].split(","))
+    for name, metric in (("ttft_slo", "lockstep_time_to_first_token_seconds_bucket"),
+                         ("itl_slo", "lockstep_inter_token_latency_seconds_bucket")):
+        held = set(prom.get("/api/v1/label/le/values", **{"match[]": metric})["data"])
+        choices = next(v for v in variables() if v["name"] == name)["query"].split(",")
+        assert set(choices) <= held, (name, sorted(set(choices) - held))
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_both_front_doors_show_up_per_protocol_under_the_model(stack):
+    _, prom, _, _ = stack
+    expr = {r["record"]: r["expr"] for r in rules()}
+    finished = prom.query(expr["lockstep:requests_finished:rate1m"])["data"]["result"]
+    ok = {s["metric"]["protocol"] for s in finished if s["metric"]["reason"] == "length" and float(s["value"][1]) > 0}
+    refused = {(s["metric"]["protocol"], s["metric"]["code"]) for s in finished if s["metric"]["reason"] == "rejected"}
+    assert ok == {"grpc", "http"}
+    assert refused == {("http", "NOT_FOUND"), ("grpc", "INVALID_ARGUMENT")}
+    assert {s["metric"]["model"] for s in finished} == {MODEL}
+    admitted = prom.query('sum by (protocol) (lockstep_requests_admitted_total)')["data"]["result"]
+    assert {s["metric"]["protocol"]: float(s["value"][1]) for s in admitted} == {"grpc": REQUESTS,
+                                                                                 "http": HTTP_REQUESTS}
+    for record in ("lockstep:ttft_under_250ms:ratio1m", "lockstep:itl_under_50ms:ratio1m"):
+        (series,) = prom.query(expr[record])["data"]["result"]
+        assert series["metric"]["model"] == MODEL and 0 <= float(series["value"][1]) <= 1, record

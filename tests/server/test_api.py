@@ -56,7 +56,7 @@ def server():
 def finished_counts(s: Running) -> dict[tuple[str, str], float]:
     text = urllib.request.urlopen(s.info["metrics"], timeout=5).read().decode()
     return {(x.labels["reason"], x.labels["code"]): x.value for f in text_string_to_metric_families(text)
-            for x in f.samples if x.name == "lockstep_requests_finished_total"}
+            for x in f.samples if x.name == "lockstep_requests_finished_total" and x.labels["protocol"] == "grpc"}
 
 
 def wait_counted(s: Running, key: tuple[str, str], n: float, timeout_s: float = 5.0) -> dict:

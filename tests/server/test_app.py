@@ -203,9 +203,11 @@ def test_metrics_endpoint_counts_what_happened(live):
     text = urllib.request.urlopen(live.info["metrics"], timeout=5).read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
-    assert samples[("lockstep_generation_tokens_total", ())] >= 5
-    assert samples[("lockstep_requests_finished_total", (("code", "OK"), ("reason", "length")))] >= 1
-    assert samples[("lockstep_time_to_first_token_seconds_count", ())] >= 1
+    # Request series carry the served model's name and the front door (gRPC here).
+    grpc_, model = ("protocol", "grpc"), ("model", live.stub.GetModelInfo(pb.GetModelInfoRequest()).model)
+    assert samples[("lockstep_generation_tokens_total", (model, grpc_))] >= 5
+    assert samples[("lockstep_requests_finished_total", (("code", "OK"), model, grpc_, ("reason", "length")))] >= 1
+    assert samples[("lockstep_time_to_first_token_seconds_count", (model, grpc_))] >= 1
     assert samples[("lockstep_ticks_total", (("phase", "decode"),))] >= 4
     assert any(name == "lockstep_server_info" for name, _ in samples)
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import GRPC_CODES, LATENCY_BUCKETS_S, Metrics
+from server.metrics import GRPC_CODES, LATENCY_BUCKETS_S, PROTOCOLS, Metrics
 
 LATENCIES = (
     "lockstep_time_to_first_token_seconds",
@@ -83,9 +83,17 @@ def key(name: str, **labels) -> tuple:
     return (name, tuple(sorted(labels.items())))
 
 
+MODEL = "tiny"
+
+
+def req(name: str, protocol: str = "grpc", **labels) -> tuple:
+    """A request series' key: every one carries the served model and the protocol."""
+    return key(name, model=MODEL, protocol=protocol, **labels)
+
+
 @pytest.fixture
 def served():
-    with Metrics() as m:
+    with Metrics(MODEL) as m:
         yield m, m.serve()
 
 
@@ -98,22 +106,33 @@ def test_every_metric_is_served_under_lockstep_prefix(served):
     for phase in ("prefill", "decode"):
         assert values[key("lockstep_ticks_total", phase=phase)] == 0
         assert values[key("lockstep_step_measured_seconds_count", phase=phase)] == 0
+    # So do the request series of both protocols, under the served model's name.
+    for protocol in PROTOCOLS:
+        assert values[req("lockstep_requests_admitted_total", protocol)] == 0
+        assert values[req("lockstep_time_to_first_token_seconds_count", protocol)] == 0
 
 
-def test_latency_buckets_cover_100us_to_5min(served):
+def test_latency_buckets_hold_the_slo_edges_and_sub_millisecond_steps(served):
     m, port = served
     assert LATENCY_BUCKETS_S[0] <= 1e-4 and LATENCY_BUCKETS_S[-1] >= 300
-    assert all(b / a == pytest.approx(2) for a, b in zip(LATENCY_BUCKETS_S, LATENCY_BUCKETS_S[1:]))
+    assert list(LATENCY_BUCKETS_S) == sorted(LATENCY_BUCKETS_S)
+    # No bucket spans more than a factor of 2: bounds histogram_quantile's interpolation.
+    assert all(b / a <= 2 + 1e-12 for a, b in zip(LATENCY_BUCKETS_S, LATENCY_BUCKETS_S[1:]))
+    assert len([b for b in LATENCY_BUCKETS_S if b < 1e-3]) >= 3
     families = {f.name: f for f in scrape_families(port)}
     for name in LATENCIES:
         family = families[name]
-        edges = sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
-        assert edges == sorted(LATENCY_BUCKETS_S) + [math.inf], name
-    # 100 us lands in the first bucket, 5 minutes in a finite one.
-    delta = moved(port, lambda: [m.token_emitted(1e-4), m.token_emitted(300.0)])
+        edges = sorted({s.labels["le"] for s in family.samples if s.name.endswith("_bucket")}, key=float)
+        # Exact text, as a PromQL selector would name them ({le="0.25"}).
+        for slo in ("0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"):
+            assert slo in edges, (name, slo)
+        assert [float(e) for e in edges] == sorted(LATENCY_BUCKETS_S) + [math.inf], name
+    # 100 us lands in the first bucket, 5 minutes in a finite one; 250 ms on its edge.
+    delta = moved(port, lambda: [m.token_emitted("grpc", g) for g in (1e-4, 300.0, 0.25)])
     itl = "lockstep_inter_token_latency_seconds_bucket"
-    assert delta[key(itl, le=str(LATENCY_BUCKETS_S[0]))] == 1
-    assert delta[key(itl, le=str(LATENCY_BUCKETS_S[-1]))] == 2
+    assert delta[req(itl, le=str(LATENCY_BUCKETS_S[0]))] == 1
+    assert delta[req(itl, le="0.2")] == 1 and delta[req(itl, le="0.25")] == 2
+    assert delta[req(itl, le=str(LATENCY_BUCKETS_S[-1]))] == 3
 
 
 def test_observe_tick_moves_the_phase_series_batch_and_ratio(served):
@@ -168,14 +187,29 @@ def test_state_gauges(served):
 
 def test_admission_and_tokens(served):
     m, port = served
-    delta = moved(port, lambda: [m.request_admitted(17), m.request_admitted(3)])
-    assert delta == {key("lockstep_requests_admitted_total"): 2, key("lockstep_prompt_tokens_total"): 20}
+    delta = moved(port, lambda: [m.request_admitted("grpc", 17), m.request_admitted("grpc", 3)])
+    assert delta == {req("lockstep_requests_admitted_total"): 2, req("lockstep_prompt_tokens_total"): 20}
 
-    delta = moved(port, lambda: [m.token_emitted(None), m.token_emitted(0.02), m.token_emitted(0.03)])
+    delta = moved(port, lambda: [m.token_emitted("grpc", None), m.token_emitted("grpc", 0.02),
+                                 m.token_emitted("grpc", 0.03)])
     assert names(delta) == {"lockstep_generation_tokens_total", "lockstep_inter_token_latency_seconds"}
-    assert delta[key("lockstep_generation_tokens_total")] == 3
-    assert delta[key("lockstep_inter_token_latency_seconds_count")] == 2  # the first token has no gap
-    assert delta[key("lockstep_inter_token_latency_seconds_sum")] == pytest.approx(0.05)
+    assert delta[req("lockstep_generation_tokens_total")] == 3
+    assert delta[req("lockstep_inter_token_latency_seconds_count")] == 2  # the first token has no gap
+    assert delta[req("lockstep_inter_token_latency_seconds_sum")] == pytest.approx(0.05)
+
+
+def test_each_protocol_counts_in_its_own_series(served):
+    m, port = served
+    delta = moved(port, lambda: [m.request_admitted("http", 5), m.token_emitted("http", 0.01),
+                                 m.request_finished("http", "stop", "OK", 0.1, None, 0.2, None, None, None, 1),
+                                 m.request_rejected("http", "RESOURCE_EXHAUSTED")])
+    assert {dict(labels).get("protocol") for _, labels in delta} == {"http"}
+    assert all(dict(labels)["model"] == MODEL for _, labels in delta)
+    assert delta[req("lockstep_requests_finished_total", "http", reason="stop", code="OK")] == 1
+    assert delta[req("lockstep_requests_finished_total", "http", reason="rejected", code="RESOURCE_EXHAUSTED")] == 1
+    for bad in ("HTTP", "grpc ", "", "websocket"):
+        with pytest.raises(ValueError, match="protocol"):
+            m.request_admitted(bad, 1)
 
 
 def test_finished_request_observes_each_latency_beside_its_prediction(served):
@@ -188,44 +222,44 @@ def test_finished_request_observes_each_latency_beside_its_prediction(served):
         "lockstep_predicted_time_to_first_token_seconds": 0.2,
         "lockstep_predicted_time_per_output_token_seconds": 0.005,
     }
-    delta = moved(port, lambda: m.request_finished("length", "OK", *given.values(), completion_tokens=300))
+    delta = moved(port, lambda: m.request_finished("grpc", "length", "OK", *given.values(), completion_tokens=300))
     assert names(delta) == set(given) | {"lockstep_requests_finished_total"}
-    assert delta[key("lockstep_requests_finished_total", reason="length", code="OK")] == 1
+    assert delta[req("lockstep_requests_finished_total", reason="length", code="OK")] == 1
     for name, seconds in given.items():
-        assert delta[key(f"{name}_count")] == 1
-        assert delta[key(f"{name}_sum")] == pytest.approx(seconds)
+        assert delta[req(f"{name}_count")] == 1
+        assert delta[req(f"{name}_sum")] == pytest.approx(seconds)
 
     # grpc.StatusCode members count under their name, in the same series as the string.
-    delta = moved(port, lambda: m.request_finished("stop", grpc.StatusCode.OK, *given.values(), 300))
-    assert delta[key("lockstep_requests_finished_total", reason="stop", code="OK")] == 1
+    delta = moved(port, lambda: m.request_finished("grpc", "stop", grpc.StatusCode.OK, *given.values(), 300))
+    assert delta[req("lockstep_requests_finished_total", reason="stop", code="OK")] == 1
 
 
 def test_cancelled_before_first_token_observes_no_latency(served):
     m, port = served
-    delta = moved(port, lambda: m.request_finished("cancelled", "CANCELLED", None, None, None, 0.5, 0.2, None, 0))
+    delta = moved(port, lambda: m.request_finished("grpc", "cancelled", "CANCELLED", None, None, None, 0.5, 0.2, None, 0))
     assert names(delta) == {
         "lockstep_requests_finished_total",
         "lockstep_queue_time_seconds",
         "lockstep_predicted_time_to_first_token_seconds",
     }
-    assert delta[key("lockstep_requests_finished_total", reason="cancelled", code="CANCELLED")] == 1
+    assert delta[req("lockstep_requests_finished_total", reason="cancelled", code="CANCELLED")] == 1
     # One token has no TPOT, even when the caller passes one.
-    delta = moved(port, lambda: m.request_finished("error", "INTERNAL", 0.1, 0.0, 0.1, None, None, None, 1))
+    delta = moved(port, lambda: m.request_finished("grpc", "error", "INTERNAL", 0.1, 0.0, 0.1, None, None, None, 1))
     assert "lockstep_time_per_output_token_seconds" not in names(delta)
 
 
 def test_rejection_counts_only_the_finished_series(served):
     m, port = served
-    delta = moved(port, lambda: m.request_rejected("RESOURCE_EXHAUSTED"))
-    assert delta == {key("lockstep_requests_finished_total", reason="rejected", code="RESOURCE_EXHAUSTED"): 1}
+    delta = moved(port, lambda: m.request_rejected("grpc", "RESOURCE_EXHAUSTED"))
+    assert delta == {req("lockstep_requests_finished_total", reason="rejected", code="RESOURCE_EXHAUSTED"): 1}
 
 
 def test_bad_labels_are_refused_with_the_bad_value(served):
     m, _ = served
     with pytest.raises(ValueError, match="'timeout'"):
-        m.request_finished("timeout", "OK", None, None, None, None, None, None, 0)
+        m.request_finished("grpc", "timeout", "OK", None, None, None, None, None, None, 0)
     with pytest.raises(ValueError, match="'NOPE'"):
-        m.request_rejected("NOPE")
+        m.request_rejected("grpc", "NOPE")
     with pytest.raises(ValueError, match="colour"):
         m.set_info(colour="blue")
     with pytest.raises(ValueError, match="'fast'"):
@@ -245,12 +279,12 @@ def test_server_info_labels(served):
 
 
 def test_two_instances_have_independent_registries_and_ports():
-    with Metrics() as a, Metrics() as b:
+    with Metrics(MODEL) as a, Metrics(MODEL) as b:
         port_a, port_b = a.serve(), b.serve()
         assert port_a != port_b
-        a.request_admitted(10)
-        assert scrape(port_a)[key("lockstep_prompt_tokens_total")] == 10
-        assert scrape(port_b)[key("lockstep_prompt_tokens_total")] == 0
+        a.request_admitted("grpc", 10)
+        assert scrape(port_a)[req("lockstep_prompt_tokens_total")] == 10
+        assert scrape(port_b)[req("lockstep_prompt_tokens_total")] == 0
 
 
 def test_close_frees_the_port():

@@ -11,6 +11,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import scheduler
 from protos.lockstep.v1 import lockstep_pb2 as pb
@@ -36,6 +37,13 @@ def tiny():
     s.close()
 
 
+def counted(exposition: str, name: str, protocol: str, **labels) -> float:
+    """The sample `name` of `protocol` with `labels` (0 if absent) in a /metrics text."""
+    want = {"model": "tiny", "protocol": protocol, **labels}
+    return sum(x.value for f in text_string_to_metric_families(exposition) for x in f.samples
+               if x.name == name and x.labels.items() >= want.items())
+
+
 def grpc_text(s: Live, prompt: str, n: int) -> str:
     with grpc.insecure_channel(s.info["grpc"]) as ch:
         msgs = list(pb_grpc.LockstepStub(ch).Generate(pb.GenerateRequest(text=prompt, max_tokens=n)))
@@ -56,6 +64,28 @@ def test_a_completion_is_the_grpc_generation_with_usage(tiny):
     assert out.choices[0].text == grpc_text(tiny, "hello lockstep", 8)
     assert out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len("hello lockstep".encode()), 8)
+
+
+def test_both_front_doors_count_in_one_set_of_metrics_told_apart_by_protocol(tiny):
+    def scrape() -> str:
+        return urllib.request.urlopen(tiny.info["metrics"], timeout=5).read().decode()
+
+    names = ("lockstep_requests_admitted_total", "lockstep_generation_tokens_total",
+             "lockstep_time_to_first_token_seconds_count", "lockstep_predicted_time_to_first_token_seconds_count")
+    before = scrape()
+    tiny.client.completions.create(model="tiny", prompt="count me", max_tokens=6, temperature=0)
+    grpc_text(tiny, "count me too", 4)
+    assert tiny.post("/completions", json.dumps({"prompt": "x", "model": "gpt-4"}).encode())[0] == 404
+    after = scrape()
+
+    def moved(name: str, protocol: str, **labels) -> float:
+        return counted(after, name, protocol, **labels) - counted(before, name, protocol, **labels)
+
+    assert [moved(n, "http") for n in names] == [1, 6, 1, 1]
+    assert [moved(n, "grpc") for n in names] == [1, 4, 1, 1]
+    assert moved("lockstep_requests_finished_total", "http", reason="length", code="OK") == 1
+    assert moved("lockstep_requests_finished_total", "http", reason="rejected", code="NOT_FOUND") == 1
+    assert moved("lockstep_requests_finished_total", "grpc", reason="length", code="OK") == 1
 
 
 def test_a_streamed_completion_is_the_same_text_and_ends_with_usage_and_done(tiny):
@@ -226,6 +256,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_is_counted():
             status = stub.GetServerStatus(pb.GetServerStatusRequest())
         assert status.slots_in_use == 0 and status.ticks < 60, "freed before the request could finish"
         metrics = urllib.request.urlopen(slow.info["metrics"], timeout=5).read().decode()
-        assert 'lockstep_requests_finished_total{code="CANCELLED",reason="disconnected"} 1.0' in metrics
+        assert counted(metrics, "lockstep_requests_finished_total", "http", code="CANCELLED",
+                       reason="disconnected") == 1
     finally:
         slow.close()
