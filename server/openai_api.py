@@ -19,6 +19,7 @@ back the last (longest stop - 1) characters until they cannot start one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -27,6 +28,7 @@ import time
 import grpc
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.api import Refused, Sent, admit, outcome, record
@@ -55,6 +57,11 @@ class HTTPError(Exception):
     def __init__(self, status: int, kind: str, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.kind, self.param = status, kind, param
+
+
+def _gone() -> JSONResponse:
+    """The answer to a client that has gone: nobody reads it (499, as nginx logs it)."""
+    return JSONResponse(_error_body(HTTPError(499, "invalid_request_error", "client disconnected")), 499)
 
 
 def _bad(message: str, param: str | None = None) -> HTTPError:
@@ -226,6 +233,8 @@ class OpenAIFrontEnd:
                 self.metrics.request_rejected(PROTOCOL, exc.code.name)
             error = _from_grpc(exc)
             return JSONResponse(_error_body(error), error.status)
+        except ClientDisconnect:  # gone before its body arrived: nothing was admitted, nobody to answer
+            return _gone()
         except HTTPError as exc:
             if self.metrics is not None and exc.status != 401:
                 self.metrics.request_rejected(PROTOCOL, _CODE.get(exc.status, "UNKNOWN"))
@@ -236,8 +245,32 @@ class OpenAIFrontEnd:
                    "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}", "x-request-id": r.request_id}
         run = _Run(self, r, queue, parsed.stop, chat, include_usage)
         if stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
-        return await run.whole(headers)
+            return _EventStream(run, headers)
+        return await run.whole(request, headers)
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns once the client has gone (the body is read: the next ASGI message is the
+    disconnect, sent by uvicorn when the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of one run. Starlette cancels a stream whose client left, possibly
+    before its generator ever started (then no `finally` in it runs); closing the
+    generator here and `abandon()` make every run end with one outcome and its slot freed."""
+
+    def __init__(self, run: _Run, headers: dict):
+        super().__init__(run.sse(), media_type="text/event-stream", headers=headers)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # runs sse()'s cleanup if it started; a no-op if it ended
+            self.run.abandon()
 
 
 class _Run:
@@ -252,6 +285,16 @@ class _Run:
         self.sent, self.decoder = Sent(), IncrementalDecoder(front.tokenizer)
         self.text, self.emitted = "", 0  # all text so far; characters of it sent
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.outcome = None  # set once, when the run ends
+
+    def abandon(self) -> None:
+        """Ends a run whose events were never read (its client left first): the request is
+        cancelled, its slot freed next tick, and it counts as disconnected."""
+        if self.outcome is None:
+            self.outcome = outcome(self.r, self.sent, "disconnected", grpc.StatusCode.CANCELLED, "", None)
+            self.r.cancelled = True
+            self.front.engine.wake()
+            record(self.front.metrics, PROTOCOL, self.r, self.outcome)
 
     def _cut_at_stop(self) -> bool:
         """Ends the text before the first stop string in it (searching only where a new one
@@ -332,8 +375,10 @@ class _Run:
     async def sse(self):
         if self.chat:
             yield self._chunk([self._choice("", None, True, first=True)])
-        async for delta in self._events():
-            yield self._chunk([self._choice(delta, None, True)])
+        # aclosing: closing sse() (the client left) closes _events() at once, which frees the slot.
+        async with contextlib.aclosing(self._events()) as events:
+            async for delta in events:
+                yield self._chunk([self._choice(delta, None, True)])
         if self.error is not None:
             yield f"data: {json.dumps({'error': {'message': self.error, 'type': 'server_error', 'code': 503}})}\n\n"
         else:
@@ -342,9 +387,25 @@ class _Run:
                 yield self._chunk([], self.usage())
         yield "data: [DONE]\n\n"
 
-    async def whole(self, headers: dict):
-        async for _ in self._events():
-            pass
+    async def _drain(self) -> None:
+        async with contextlib.aclosing(self._events()) as events:
+            async for _ in events:
+                pass
+
+    async def whole(self, request: HTTPRequest, headers: dict):
+        """The whole answer; a client that leaves first cancels the request (Starlette does
+        not cancel a handler whose client left, so the run would hold its slot to the end)."""
+        drain, gone = asyncio.ensure_future(self._drain()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((drain, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not drain.done():  # the client left (or this handler was cancelled): end the run
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+        if drain.cancelled():
+            return _gone()
+        drain.result()  # a front-end error inside it is raised here
         if self.error is not None:
             status = 503 if self.outcome.code == grpc.StatusCode.UNAVAILABLE else 500
             exc = HTTPError(status, "server_error" if status == 500 else "service_unavailable", self.error)

@@ -5,8 +5,12 @@ real model for chat."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import http.client
 import json
+import socket
+import time
 import urllib.request
 
 import grpc
@@ -233,30 +237,85 @@ def test_chat_with_a_seed_gives_the_same_text_under_load(smol):
         assert list(pool.map(lambda _: ask(), range(4))) == [alone] * 4
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot_and_is_counted():
-    import http.client
-    import socket
-    import time
+@pytest.fixture(scope="module")
+def slow():
+    s = served(TINY, max_tokens=64, deterministic=True, time_scale=50.0)  # ticks of ~10s of ms
+    yield s
+    s.close()
 
-    slow = served(TINY, max_tokens=64, deterministic=True, time_scale=50.0)  # ticks of ~10s of ms
-    try:
-        host, port = slow.info["http"].rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": "leave", "max_tokens": 60, "stream": True}),
-                     {"content-type": "application/json"})
+
+def server_status(s: Live) -> pb.ServerStatus:
+    with grpc.insecure_channel(s.info["grpc"]) as ch:
+        return pb_grpc.LockstepStub(ch).GetServerStatus(pb.GetServerStatusRequest())
+
+
+def disconnected(s: Live) -> float:
+    metrics = urllib.request.urlopen(s.info["metrics"], timeout=5).read().decode()
+    return counted(metrics, "lockstep_requests_finished_total", "http", code="CANCELLED", reason="disconnected")
+
+
+def assert_freed_early_and_counted(s: Live, ticks_before: int, counted_before: float):
+    """The slot is free well before its 60 tokens could have been made, and the request
+    counts once as disconnected."""
+    deadline = time.monotonic() + 20
+    while (status := server_status(s)).slots_in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status.slots_in_use == 0 and status.ticks - ticks_before < 60, "freed before the request could finish"
+    deadline = time.monotonic() + 5
+    while disconnected(s) == counted_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert disconnected(s) == counted_before + 1
+
+
+def leave_over_http(s: Live, stream: bool):
+    """A real client on a socket that goes away mid-answer."""
+    host, port = s.info["http"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "leave", "max_tokens": 60, "stream": stream}),
+                 {"content-type": "application/json"})
+    if stream:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
-        conn.sock.shutdown(socket.SHUT_RDWR)  # gone, mid-stream (close() alone keeps the fd: resp holds it)
-        conn.close()
-        with grpc.insecure_channel(slow.info["grpc"]) as ch:
-            stub = pb_grpc.LockstepStub(ch)
-            deadline = time.monotonic() + 20
-            while stub.GetServerStatus(pb.GetServerStatusRequest()).slots_in_use and time.monotonic() < deadline:
-                time.sleep(0.05)
-            status = stub.GetServerStatus(pb.GetServerStatusRequest())
-        assert status.slots_in_use == 0 and status.ticks < 60, "freed before the request could finish"
-        metrics = urllib.request.urlopen(slow.info["metrics"], timeout=5).read().decode()
-        assert counted(metrics, "lockstep_requests_finished_total", "http", code="CANCELLED",
-                       reason="disconnected") == 1
-    finally:
-        slow.close()
+    else:  # the answer comes only at the end: leave once the request holds its slot
+        deadline = time.monotonic() + 20
+        while not server_status(s).slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+    conn.sock.shutdown(socket.SHUT_RDWR)  # gone (close() alone keeps the fd while a response holds it)
+    conn.close()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "waiting-for-the-whole-answer"])
+def test_a_client_that_leaves_frees_its_slot_and_is_counted(slow, stream):
+    ticks, before = server_status(slow).ticks, disconnected(slow)
+    leave_over_http(slow, stream)
+    assert_freed_early_and_counted(slow, ticks, before)
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_client_gone_before_its_stream_began_frees_its_slot_and_is_counted(slow, spec_version):
+    """At the ASGI interface, as a server speaks it: the request is admitted, then the
+    client is gone before a byte of the answer leaves. Under ASGI 2.3 (uvicorn's) Starlette
+    hears the disconnect and cancels the stream task, whether or not its generator began;
+    under 2.4 the first send fails and Starlette leaves the generator suspended, unclosed
+    (this case held the slot to the last token before `_EventStream`)."""
+    app = slow.server.http.config.app
+    body = json.dumps({"prompt": "never read", "max_tokens": 60, "stream": True}).encode()
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        if spec_version == "2.4":
+            raise OSError("connection reset")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    ticks, before = server_status(slow).ticks, disconnected(slow)
+    try:
+        asyncio.run_coroutine_threadsafe(app(scope, receive, send), slow.loop).result(30)
+    except Exception as exc:  # 2.4: Starlette raises ClientDisconnect, as uvicorn would see it
+        assert type(exc).__name__ == "ClientDisconnect", exc
+    assert_freed_early_and_counted(slow, ticks, before)
