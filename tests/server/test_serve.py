@@ -33,6 +33,7 @@ def start(*extra: str) -> tuple[subprocess.Popen, str]:
         if line.startswith("lockstep serve: ready"):
             timer.cancel()
             proc.ready_pid = int(line.split("pid=")[1].split()[0])
+            proc.http = line.split("http=")[1].split()[0]
             return proc, line.split("grpc=")[1].split()[0]
     timer.cancel()
     raise AssertionError(f"server exited with {proc.wait()} before it was ready")
@@ -193,6 +194,69 @@ def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray)
             worker.join(10)
         assert took <= grace_s, f"exited {took:.2f} s after SIGTERM; grace {grace_s} s"
         assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray", [False, True])
+def test_sigterm_under_http_load_exits_0_within_the_grace_period(ray):
+    """HTTP streams and a whole-answer request still running at SIGTERM, an idle
+    keep-alive connection and a request whose headers never finish: the server still
+    exits 0 within the grace period, and each running client is told why."""
+    import http.client
+    import json
+    import socket
+
+    grace_s = 3.0
+    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
+    host, port = proc.http.rsplit(":", 1)
+    answers: dict[str, object] = {}
+
+    def ask(name: str, stream: bool):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "still running", "max_tokens": 220,
+                                                                "stream": stream}),
+                         {"content-type": "application/json"})
+            resp = conn.getresponse()
+            answers[name] = (resp.status, resp.read().decode())
+        except Exception as exc:  # noqa: BLE001 - checked below
+            answers[name] = exc
+        finally:
+            conn.close()
+
+    try:
+        idle = http.client.HTTPConnection(host, int(port), timeout=30)
+        idle.request("GET", "/health")
+        assert idle.getresponse().read()  # kept alive, then left idle
+        half = socket.create_connection((host, int(port)))
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        workers = [threading.Thread(target=ask, args=(f"{kind}{i}", kind == "stream"))
+                   for i in range(2) for kind in ("stream", "whole")]
+        for w in workers:
+            w.start()
+        with LockstepClient(target) as client:
+            while client.status().running < len(workers):
+                time.sleep(0.01)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - sent
+        for w in workers:
+            w.join(10)
+        half.close()
+        idle.close()
+        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM; grace {grace_s} s"
+        for name, answer in sorted(answers.items()):
+            assert isinstance(answer, tuple), (name, answer)
+            status, body = answer
+            if name.startswith("stream"):  # the error arrives as the stream's last event
+                assert status == 200 and "shutting down" in body and "[DONE]" in body, (name, body[-300:])
+            else:
+                assert status == 503 and "shutting down" in body, (name, body)
     finally:
         if proc.poll() is None:
             proc.kill()
