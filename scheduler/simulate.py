@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler.program import ProgramView
-from scheduler.ticks import DECODE, MIXED, Seq, StepKey, TickScheduler, key_bucket
+from scheduler.ticks import DECODE, MIXED, Seq, StepKey, TickPlan, TickScheduler, key_bucket
 
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
 
@@ -51,14 +51,27 @@ def _decode_run(sched: TickScheduler) -> int:
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
-                    tick_s: Callable[[StepKey], float], clone: bool = True) -> tuple[float, float]:
+                    tick_s: Callable[[StepKey], float], clone: bool = True,
+                    in_flight: TickPlan | None = None, elapsed_s: float = 0.0) -> tuple[float, float]:
     """(TTFT, end-to-end) in seconds for a request arriving now, from a clone of `sched`
     (left untouched; `clone=False` runs `sched` itself forward, for a caller that passes a
-    copy already); the queue bound does not apply (the caller checks it)."""
+    copy already); the queue bound does not apply (the caller checks it).
+
+    `in_flight`: the plan of the tick running now (planned from `sched`, not yet applied),
+    `elapsed_s` into it. It finishes first, in what is left of it, and the new request
+    joins the tick after, as in the engine (a request arriving mid-tick is admitted at the
+    tick's end): without it, the new request would be planned into a tick already running."""
     sim = sched.clone() if clone else sched
+    t, ttft = 0.0, None
+    if in_flight is not None:
+        by_id = {s.seq_id: s for s in sim.running}
+        # Rows aborted during the tick are no longer running: stand-ins keep the rows' order
+        # (the slice row is the last), and update() skips them.
+        rows = tuple(by_id.get(s.seq_id) or replace(s) for s in in_flight.rows)
+        t = max(0.0, tick_s(in_flight.key) - elapsed_s)
+        sim.update(replace(in_flight, rows=rows))
     new = Seq(NEW_ID, prompt_len, max_tokens)
     sim.waiting.append(new)
-    t, ttft = 0.0, None
     while new.finish_reason is None:
         plan = sim.schedule()
         if plan is None:

@@ -118,6 +118,7 @@ class Engine:
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
+        self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._stop = False
         self.accepting = True
         self.ticks = 0
@@ -148,12 +149,16 @@ class Engine:
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
-        current state run forward over the paced tick times (the tick in flight counts
-        whole, so the promise errs late by at most one tick)."""
+        current state run forward over the paced tick times, from what is left of the
+        tick in flight (a request arriving mid-tick is admitted at its end)."""
         with self._lock:
-            snapshot = self.sched.clone()
+            snapshot, in_flight = self.sched.clone(), self._in_flight
         ticks = self._ticks  # the pace now, read once
-        return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False)
+        if in_flight is None:
+            return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False)
+        plan, began = in_flight
+        return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
+                               elapsed_s=time.perf_counter() - began)
 
     @property
     def up(self) -> bool:
@@ -242,6 +247,7 @@ class Engine:
                     self._finish(r, "cancelled")
                 plan = self.sched.schedule()
                 now = time.perf_counter()
+                self._in_flight = None if plan is None else (plan, now)
                 for seq in self.sched.running:
                     r = self._requests[seq.seq_id]
                     r.admitted_s = r.admitted_s or now
@@ -330,6 +336,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
         with self._lock:
+            self._in_flight = None
             for out in self.sched.update(plan, tokens):
                 r = self._requests[out.seq.seq_id]
                 if out.token is not None:
