@@ -140,6 +140,44 @@ def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None)
     return r, queue
 
 
+class LocalAdmission:
+    """The front ends' way in to an engine in this process: admit, cancel, predict, status.
+    A router (server/router.py) offers the same to replicas elsewhere."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def up(self) -> bool:
+        return self.engine.up
+
+    @property
+    def accepting(self) -> bool:
+        return self.engine.accepting
+
+    def status(self) -> dict:
+        return self.engine.status()
+
+    async def admit(self, parsed: Parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
+        return admit(self.engine, parsed, time_remaining_s)
+
+    def cancel(self, r: Request) -> None:
+        """The client left or a stop string ended it: its slot is freed next tick."""
+        r.cancelled = True
+        self.engine.wake()
+
+    def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
+        """What admission would promise such a request now, queueing nothing."""
+        engine, s = self.engine, self.engine.status()
+        outstanding = s["running"] + s["queue_length"]
+        refusal = ("engine stopped" if not engine.up else "server is shutting down" if not engine.accepting
+                   else engine.queue_full())
+        if refusal:
+            return pb.ArrivalPrediction(admissible=False, refusal=refusal, outstanding=outstanding)
+        ttft, e2e = engine.predict(prompt_tokens, max_tokens)
+        return pb.ArrivalPrediction(admissible=True, ttft_s=ttft, e2e_s=e2e, outstanding=outstanding)
+
+
 def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: float | None) -> Outcome:
     """The one record of how an admitted request ended (times on the engine's clock)."""
     end_s = end_s if end_s is not None else time.perf_counter()
@@ -159,15 +197,18 @@ def record(metrics, protocol: str, r: Request, o: Outcome) -> None:
 
 
 class LockstepService:
-    def __init__(self, engine: Engine, info: pb.ModelInfo, tokenizer, limits: Limits, metrics=None):
-        self.engine, self.info, self.tokenizer, self.limits, self.metrics = engine, info, tokenizer, limits, metrics
+    def __init__(self, admission, info: pb.ModelInfo, tokenizer, limits: Limits, metrics=None):
+        """admission: a LocalAdmission (an engine here) or a router's (replicas elsewhere)."""
+        self.admission, self.info, self.tokenizer, self.limits = admission, info, tokenizer, limits
+        self.metrics = metrics
         self.started = time.monotonic()
 
     def add_to_server(self, server) -> None:
         """Registers the three RPCs with request deserializers that turn malformed bytes
         into INVALID_ARGUMENT (the generated stubs' deserializer raises, which grpc
         answers with UNKNOWN and the exception's name)."""
-        out = {"Generate": pb.GenerateResponse, "GetModelInfo": pb.ModelInfo, "GetServerStatus": pb.ServerStatus}
+        out = {"Generate": pb.GenerateResponse, "GetModelInfo": pb.ModelInfo, "GetServerStatus": pb.ServerStatus,
+               "PredictArrival": pb.ArrivalPrediction}
         handlers = {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 self.Generate, _lenient(pb.GenerateRequest), out["Generate"].SerializeToString),
@@ -175,6 +216,8 @@ class LockstepService:
                 self.GetModelInfo, _lenient(pb.GetModelInfoRequest), out["GetModelInfo"].SerializeToString),
             "GetServerStatus": grpc.unary_unary_rpc_method_handler(
                 self.GetServerStatus, _lenient(pb.GetServerStatusRequest), out["GetServerStatus"].SerializeToString),
+            "PredictArrival": grpc.unary_unary_rpc_method_handler(
+                self.PredictArrival, _lenient(pb.PredictArrivalRequest), out["PredictArrival"].SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -191,7 +234,7 @@ class LockstepService:
                                                                           f"GenerateRequest ({request.error})")
         try:
             parsed = parse_request(request, self.limits, self.tokenizer, self.info.model)
-            r, queue = admit(self.engine, parsed, context.time_remaining())
+            r, queue = await self.admission.admit(parsed, context.time_remaining())
         except (BadRequest, Refused) as exc:
             await self._refuse(context, exc.code, str(exc))
         return parsed, r, queue
@@ -243,8 +286,7 @@ class LockstepService:
             raise
         finally:
             if not ended_by_engine:  # stop string, or the client went away: free the slot next tick
-                r.cancelled = True
-                self.engine.wake()
+                self.admission.cancel(r)
             if cut:  # cancelled or disconnected: the transport tells once it has settled
                 asyncio.get_running_loop().call_later(SETTLE_S, self._record_cut, r, outcome, peer)
             elif outcome is not None:
@@ -280,12 +322,27 @@ class LockstepService:
     async def GetServerStatus(self, request, context):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not valid ({request.error})")
-        s = self.engine.status()
+        s = self.admission.status()
         return pb.ServerStatus(queue_length=s["queue_length"], slots_in_use=s["slots_in_use"],
                                max_slots=s["max_slots"], running=s["running"], ticks=s["ticks"],
                                overruns=s["overruns"], accepting=s["accepting"],
                                uptime_s=time.monotonic() - self.started, max_queue=s["max_queue"],
                                engine_up=s["engine_up"], pace_factor=s["pace_factor"], repaces=s["repaces"])
 
+    async def PredictArrival(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not valid ({request.error})")
+        limits = self.limits
+        for name, value, most in (("prompt_tokens", request.prompt_tokens, limits.max_prompt_tokens),
+                                  ("max_tokens", request.max_tokens, limits.max_tokens)):
+            if not 1 <= value <= most:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: must be in 1..{most}, got {value}")
+        if request.prompt_tokens + request.max_tokens > limits.max_context:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt_tokens + max_tokens: {request.prompt_tokens + request.max_tokens} is over "
+                                f"the context of {limits.max_context}")
+        return self.admission.predict_arrival(request.prompt_tokens, request.max_tokens)
 
-__all__ = ["Limits", "LockstepService", "Outcome", "PROTOCOL", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]
+
+__all__ = ["Limits", "LocalAdmission", "LockstepService", "Outcome", "PROTOCOL", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]
+

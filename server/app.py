@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from scheduler.program import Program, ProgramView
-from server.api import PROTOCOL as GRPC, SERVICE_NAME, LockstepService
+from server.api import PROTOCOL as GRPC, SERVICE_NAME, LocalAdmission, LockstepService
 from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
@@ -200,11 +200,12 @@ class LockstepServer:
         limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
                         eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
-        self.server, port = self._grpc_server(LockstepService(self.engine, info, tokenizer, limits, self.metrics))
+        admission = LocalAdmission(self.engine)
+        self.server, port = self._grpc_server(LockstepService(admission, info, tokenizer, limits, self.metrics))
         http = ""
         if cfg.http_port >= 0:
             http = await self._http_server(OpenAIFrontEnd(
-                self.engine, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
+                admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
                 read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
                               executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")

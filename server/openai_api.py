@@ -2,7 +2,7 @@
 its own): `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, streamed
 as server-sent events (`data: {...}` chunks, then `data: [DONE]`) or not.
 
-Same engine, same admission by prediction and same metrics as gRPC (server/api.admit,
+Same engine, same admission by prediction and same metrics as gRPC (server/api.LocalAdmission,
 outcome, record): a body is translated into a GenerateRequest and checked by the same
 `parse_request`, so every field is validated as the gRPC one is. The prediction is in the
 response headers (`lockstep-predicted-ttft-s`, `lockstep-predicted-e2e-s`). Errors are
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.api import Refused, Sent, admit, outcome, record
+from server.api import Refused, Sent, outcome, record
 from server.engine import Finished
 from server.tokenizer import ChatTemplate, IncrementalDecoder
 from server.validate import BadRequest, Limits, parse_request
@@ -107,11 +107,11 @@ def _messages(body: dict) -> list[dict]:
 
 
 class OpenAIFrontEnd:
-    """The FastAPI app; one per server, sharing the gRPC service's engine and metrics."""
+    """The FastAPI app; one per server, sharing the gRPC service's admission (engine or router) and metrics."""
 
-    def __init__(self, engine, model: str, limits: Limits, tokenizer, metrics=None, chat: ChatTemplate | None = None,
+    def __init__(self, admission, model: str, limits: Limits, tokenizer, metrics=None, chat: ChatTemplate | None = None,
                  auth_token: bytes = b""):
-        self.engine, self.model, self.limits, self.tokenizer = engine, model, limits, tokenizer
+        self.admission, self.model, self.limits, self.tokenizer = admission, model, limits, tokenizer
         self.metrics, self.chat, self.auth_token = metrics, chat, auth_token
         self.created = int(time.time())
         self.app = FastAPI(title="Lockstep (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
@@ -124,9 +124,9 @@ class OpenAIFrontEnd:
     async def health(self):
         """As vLLM's: 200 while admitting (load balancers and benchmark tools probe it;
         no token needed, as gRPC health), 503 while draining or once the engine died."""
-        if self.engine.up and self.engine.accepting:
+        if self.admission.up and self.admission.accepting:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "draining" if self.engine.up else "engine stopped"}, 503)
+        return JSONResponse({"status": "draining" if self.admission.up else "engine stopped"}, 503)
 
     async def models(self, request: HTTPRequest):
         try:
@@ -227,7 +227,7 @@ class OpenAIFrontEnd:
                 raise _bad("x-lockstep-deadline-s: must be seconds") from None
             if remaining is not None and not (math.isfinite(remaining) and remaining > 0):
                 raise _bad("x-lockstep-deadline-s: must be a positive number of seconds")
-            r, queue = admit(self.engine, parsed, remaining)
+            r, queue = await self.admission.admit(parsed, remaining)
         except (BadRequest, Refused) as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(PROTOCOL, exc.code.name)
@@ -292,8 +292,7 @@ class _Run:
         cancelled, its slot freed next tick, and it counts as disconnected."""
         if self.outcome is None:
             self.outcome = outcome(self.r, self.sent, "disconnected", grpc.StatusCode.CANCELLED, "", None)
-            self.r.cancelled = True
-            self.front.engine.wake()
+            self.front.admission.cancel(self.r)
             record(self.front.metrics, PROTOCOL, self.r, self.outcome)
 
     def _cut_at_stop(self) -> bool:
@@ -348,8 +347,7 @@ class _Run:
             o = o or outcome(self.r, self.sent, "error", grpc.StatusCode.INTERNAL, "front end error", None)
             self.outcome = o
             if not ended_by_engine:  # a stop string or a client gone: free the slot next tick
-                self.r.cancelled = True
-                self.front.engine.wake()
+                self.front.admission.cancel(self.r)
             record(self.front.metrics, PROTOCOL, self.r, o)
 
     def usage(self) -> dict:

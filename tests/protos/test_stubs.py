@@ -66,13 +66,13 @@ def test_generate_request_round_trips_with_prompt_oneof():
     assert parsed.WhichOneof("prompt") == "text" and not parsed.HasField("token_ids")
 
 
-def test_service_has_three_methods_and_generate_streams():
+def test_service_has_four_methods_and_generate_streams():
     service = pb.DESCRIPTOR.services_by_name["Lockstep"]
     assert service.full_name == "lockstep.v1.Lockstep"
     methods = {m.name: m for m in service.methods}
-    assert sorted(methods) == ["Generate", "GetModelInfo", "GetServerStatus"]
+    assert sorted(methods) == ["Generate", "GetModelInfo", "GetServerStatus", "PredictArrival"]
     assert (methods["Generate"].client_streaming, methods["Generate"].server_streaming) == (False, True)
-    for name in ("GetModelInfo", "GetServerStatus"):
+    for name in ("GetModelInfo", "GetServerStatus", "PredictArrival"):
         assert not methods[name].client_streaming and not methods[name].server_streaming
     assert methods["Generate"].output_type.name == "GenerateResponse"
 

@@ -281,3 +281,28 @@ def test_the_front_end_is_lowered_and_threads_it_starts_inherit_it_but_the_engin
     assert seen["own_after"] == seen["started_after"] == seen["own_before"] + seen["added"]
     assert seen["engine_after"] == seen["engine_before"]
     assert _lower_front_end(0) == 0
+
+
+def test_predict_arrival_promises_what_admission_would_and_queues_nothing(live):
+    before = live.stub.GetServerStatus(pb.GetServerStatusRequest())
+    ask = live.stub.PredictArrival(pb.PredictArrivalRequest(prompt_tokens=5, max_tokens=6))
+    assert ask.admissible and not ask.refusal and ask.outstanding == 0
+    assert 0 < ask.ttft_s <= ask.e2e_s
+    after = live.stub.GetServerStatus(pb.GetServerStatusRequest())
+    assert (after.queue_length, after.running, after.ticks) == (before.queue_length, before.running, before.ticks)
+    # Sent now, on the idle server, the same shape is promised the same times.
+    call = live.stub.Generate(request([3, 1, 4, 1, 5], 6))
+    promised = dict(call.initial_metadata())
+    list(call)
+    assert float(promised["lockstep-predicted-ttft-s"]) == pytest.approx(ask.ttft_s, abs=1e-6)  # sent as %.6f
+    assert float(promised["lockstep-predicted-e2e-s"]) == pytest.approx(ask.e2e_s, abs=1e-6)
+
+
+@pytest.mark.parametrize("prompt_tokens, max_tokens, field", [
+    (0, 4, "prompt_tokens"), (2**63, 4, "prompt_tokens"), (4, 0, "max_tokens"), (4, 2**64 - 1, "max_tokens"),
+    (200, 200, "over the context"),
+])
+def test_predict_arrival_names_a_bad_shape(live, prompt_tokens, max_tokens, field):
+    with pytest.raises(grpc.RpcError) as err:
+        live.stub.PredictArrival(pb.PredictArrivalRequest(prompt_tokens=prompt_tokens, max_tokens=max_tokens))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()

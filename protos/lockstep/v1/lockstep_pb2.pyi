@@ -156,6 +156,28 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     def __init__(self, model: _Optional[str] = ..., plan_hash: _Optional[str] = ..., pool: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., max_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., dtype: _Optional[str] = ..., time_scale: _Optional[float] = ..., deterministic: _Optional[bool] = ..., guard_band_s: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., executor: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
+class PredictArrivalRequest(_message.Message):
+    __slots__ = ("prompt_tokens", "max_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    max_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class ArrivalPrediction(_message.Message):
+    __slots__ = ("admissible", "refusal", "ttft_s", "e2e_s", "outstanding")
+    ADMISSIBLE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    E2E_S_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
+    admissible: bool
+    refusal: str
+    ttft_s: float
+    e2e_s: float
+    outstanding: int
+    def __init__(self, admissible: _Optional[bool] = ..., refusal: _Optional[str] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., outstanding: _Optional[int] = ...) -> None: ...
+
 class ServerStatus(_message.Message):
     __slots__ = ("queue_length", "slots_in_use", "max_slots", "running", "ticks", "overruns", "accepting", "uptime_s", "max_queue", "engine_up", "pace_factor", "repaces")
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class LockstepStub:
                 request_serializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.GetServerStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ServerStatus.FromString,
                 _registered_method=True)
+        self.PredictArrival = channel.unary_unary(
+                '/lockstep.v1.Lockstep/PredictArrival',
+                request_serializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.PredictArrivalRequest.SerializeToString,
+                response_deserializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ArrivalPrediction.FromString,
+                _registered_method=True)
 
 
 class LockstepServicer:
@@ -77,6 +82,15 @@ class LockstepServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictArrival(self, request, context):
+        """When a request of this shape sent now would get its first and last token, without
+        sending it: nothing is queued. A router asks each replica and sends the request to
+        the one whose first token comes soonest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LockstepServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_LockstepServicer_to_server(servicer, server):
                     servicer.GetServerStatus,
                     request_deserializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.GetServerStatusRequest.FromString,
                     response_serializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ServerStatus.SerializeToString,
+            ),
+            'PredictArrival': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictArrival,
+                    request_deserializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.PredictArrivalRequest.FromString,
+                    response_serializer=protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ArrivalPrediction.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +197,33 @@ class Lockstep:
             '/lockstep.v1.Lockstep/GetServerStatus',
             protos_dot_lockstep_dot_v1_dot_lockstep__pb2.GetServerStatusRequest.SerializeToString,
             protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ServerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictArrival(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.v1.Lockstep/PredictArrival',
+            protos_dot_lockstep_dot_v1_dot_lockstep__pb2.PredictArrivalRequest.SerializeToString,
+            protos_dot_lockstep_dot_v1_dot_lockstep__pb2.ArrivalPrediction.FromString,
             options,
             channel_credentials,
             insecure,
