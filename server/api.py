@@ -166,7 +166,7 @@ class LocalAdmission:
         r.cancelled = True
         self.engine.wake()
 
-    def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
+    async def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
         """What admission would promise such a request now, queueing nothing."""
         engine, s = self.engine, self.engine.status()
         outstanding = s["running"] + s["queue_length"]
@@ -188,6 +188,17 @@ def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: floa
     return Outcome(reason, code, message, sent.n,
                    None if sent.first_s is None else sent.first_s - r.arrival_s, tpot, end_s - r.arrival_s,
                    None if admitted is None else admitted - r.arrival_s)
+
+
+def replica_metadata(r: Request) -> tuple:
+    """For a request a router sent to a replica: ("lockstep-replica", its index) and
+    ("lockstep-route-ttft-s", "0=0.012000,1=0.004500"), each replica's predicted TTFT when
+    it was routed (inf: not asked); () otherwise."""
+    replica = getattr(r, "replica", None)
+    if replica is None:
+        return ()
+    route = ",".join(f"{i}={t:.6f}" for i, t in sorted(getattr(r, "route", {}).items()))
+    return (("lockstep-replica", str(replica)), ("lockstep-route-ttft-s", route))
 
 
 def record(metrics, protocol: str, r: Request, o: Outcome) -> None:
@@ -255,7 +266,8 @@ class LockstepService:
         try:
             await context.send_initial_metadata((("lockstep-request-id", r.request_id),
                                                  ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
-                                                 ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}")))
+                                                 ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"),
+                                                 *replica_metadata(r)))
             while outcome is None:
                 item, tick, t = await queue.get()
                 if isinstance(item, Finished):
@@ -341,7 +353,7 @@ class LockstepService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt_tokens + max_tokens: {request.prompt_tokens + request.max_tokens} is over "
                                 f"the context of {limits.max_context}")
-        return self.admission.predict_arrival(request.prompt_tokens, request.max_tokens)
+        return await self.admission.predict_arrival(request.prompt_tokens, request.max_tokens)
 
 
 __all__ = ["Limits", "LocalAdmission", "LockstepService", "Outcome", "PROTOCOL", "Refused", "Sent", "SERVICE_NAME", "admit", "outcome", "quote", "record"]

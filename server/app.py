@@ -17,7 +17,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -43,6 +43,9 @@ MAX_MESSAGE_BYTES = 1 << 20  # a request is a prompt: 1 MiB is ~250k tokens of t
 # Of the shutdown grace period, what is kept for tearing down (engine, gRPC, executor)
 # after draining, so the process exits within the grace period, not after it.
 TEARDOWN_RESERVE_S = 1.0
+
+
+NODE_IP = "node-ip"  # ServeConfig.host of a replica on a Ray cluster: its node's address
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,10 @@ class _Uvicorn(uvicorn.Server):
 
 
 class LockstepServer:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, router=None, router_bundle: dict | None = None):
+        """router: a server/router.RoutedAdmission: serve its replicas instead of an engine here."""
         self.config = config
+        self.router, self.router_bundle = router, router_bundle
         self.program = ProgramView.parse(Program.from_json(config.program_json).data)
         self.metrics = Metrics(self.program.model.name)
         self.server = None
@@ -155,6 +160,59 @@ class LockstepServer:
 
     async def start(self) -> dict:
         """Builds and starts everything; returns the bound addresses and settings."""
+        cfg, program = self.config, self.program
+        if self.router is None:
+            admission, scale = await self._start_engine()
+        else:  # the engines are replicas elsewhere; this process is their front end
+            first = await self.router.start(self.router_bundle)
+            admission, scale = self.router, first["time_scale"]
+            from server.router import ReplicaCollector
+
+            self.metrics.registry.register(ReplicaCollector(self.router))
+            self.failed = asyncio.Event()  # replicas that die are restarted; the front end stays up
+        vocab = program.model.vocab_size
+        tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)
+        limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
+                        eos_ids(cfg.checkpoint or None))
+        info = self._model_info(scale, limits)
+        self.server, port = self._grpc_server(LockstepService(admission, info, tokenizer, limits, self.metrics))
+        http = ""
+        if cfg.http_port >= 0:
+            http = await self._http_server(OpenAIFrontEnd(
+                admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
+                read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
+        self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
+                              executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
+        self.metrics.set_time_scale(scale)
+        self.metrics.set_slots_total(program.max_slots * (self.router.n if self.router else 1))
+        self.metrics.set_accepting(True)
+        self.metrics.set_engine_up(True)
+        if self.engine is not None:
+            for phase, pacer in self.engine.pacers.items():
+                self.metrics.set_pace(phase, pacer.factor)
+        metrics_host = cfg.metrics_host or cfg.host
+        metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
+        # Everything built so far (torch modules, protobuf descriptors, grpc) lives as long as
+        # the server: out of the collector's sight, a full collection no longer walks it.
+        # Measured with `small` loaded: ~180k objects, a full collection 37-48 ms with the
+        # GIL held, which stalls the step in flight past its tick; after freeze() ~0 ms.
+        gc.collect()
+        gc.freeze()
+        if self.engine is not None:
+            if cfg.deterministic:
+                self.front_end_nice = _lower_front_end(cfg.front_end_nice)
+            self.engine.start(self.device_thread)
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
+                "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
+                "mode": "deterministic" if cfg.deterministic else "throughput", "pid": os.getpid(),
+                "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file),
+                "replicas": [r.target for r in self.router.replicas] if self.router else []}
+
+    async def _start_engine(self) -> tuple[LocalAdmission, float]:
+        """The engine in this process, built, measured and warmed up (not yet started)."""
         cfg, program = self.config, self.program
         # The engine thread dispatches ~1,000 torch ops a step and needs the GIL back at
         # once after each; the default 5 ms switch interval lets the gRPC thread hold it
@@ -195,44 +253,7 @@ class LockstepServer:
         self.engine = Engine(self.executor, program, config, self.metrics)
         self.failed = asyncio.Event()
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
-        vocab = program.model.vocab_size
-        tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)
-        limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
-                        eos_ids(cfg.checkpoint or None))
-        info = self._model_info(scale, limits)
-        admission = LocalAdmission(self.engine)
-        self.server, port = self._grpc_server(LockstepService(admission, info, tokenizer, limits, self.metrics))
-        http = ""
-        if cfg.http_port >= 0:
-            http = await self._http_server(OpenAIFrontEnd(
-                admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
-                read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
-        self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
-                              executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
-        self.metrics.set_time_scale(scale)
-        self.metrics.set_slots_total(program.max_slots)
-        self.metrics.set_accepting(True)
-        self.metrics.set_engine_up(True)
-        for phase, pacer in self.engine.pacers.items():
-            self.metrics.set_pace(phase, pacer.factor)
-        metrics_host = cfg.metrics_host or cfg.host
-        metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
-        # Everything built so far (torch modules, protobuf descriptors, grpc) lives as long as
-        # the server: out of the collector's sight, a full collection no longer walks it.
-        # Measured with `small` loaded: ~180k objects, a full collection 37-48 ms with the
-        # GIL held, which stalls the step in flight past its tick; after freeze() ~0 ms.
-        gc.collect()
-        gc.freeze()
-        if cfg.deterministic:
-            self.front_end_nice = _lower_front_end(cfg.front_end_nice)
-        self.engine.start(self.device_thread)
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
-                "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "mode": "deterministic" if cfg.deterministic else "throughput", "pid": os.getpid(),
-                "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file)}
+        return LocalAdmission(self.engine), scale
 
     async def _http_server(self, front: OpenAIFrontEnd) -> str:
         """Starts uvicorn on this event loop, on a socket bound here (so port 0 works and a
@@ -315,6 +336,10 @@ class LockstepServer:
             # Ends what is left with "shutdown" (after the tick in flight) before the
             # transport closes, so those clients get UNAVAILABLE with a reason.
             await asyncio.to_thread(self.engine.stop, max(0.1, deadline - time.monotonic()))
+        if self.router is not None:
+            self.metrics.set_accepting(False)
+            await self.health.enter_graceful_shutdown()
+            await self.router.stop(max(0.1, drain_until - time.monotonic()))
         if self.http is not None:
             self.http.should_exit = True
             await asyncio.wait([self.http_task], timeout=max(0.1, deadline - time.monotonic()))
@@ -333,6 +358,10 @@ class EngineActor:
         self.server: LockstepServer | None = None
 
     async def start(self, config: ServeConfig) -> dict:
+        if config.host == NODE_IP:  # a replica on a cluster: reachable from the router's node
+            import ray
+
+            config = replace(config, host=ray.util.get_node_ip_address())
         self.server = LockstepServer(config)
         return await self.server.start()
 

@@ -165,6 +165,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one "
                                                      "(a local one listens on 127.0.0.1 only, no dashboard)")
     p.add_argument("--no-ray", action="store_true", help="run the engine in this process, without Ray")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines, each a whole server in a Ray actor on its own devices (a placement group "
+                        "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "
+                        "engine, no router)")
+    p.add_argument("--route", default="prediction", choices=("prediction", "round-robin", "least-outstanding"),
+                   help="with --replicas > 1: send each request to the replica with the lowest predicted TTFT "
+                        "(default), or round-robin, or to the one with the fewest requests outstanding")
     p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, in-flight streams get this long to "
                    "finish (the rest get UNAVAILABLE) and the process exits 0 within it (default 10)")
     p.add_argument("--duration-s", type=float, default=0.0, help="stop by itself after this long (0: run until signalled)")

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.api import Refused, Sent, outcome, record
+from server.api import Refused, Sent, outcome, record, replica_metadata
 from server.engine import Finished
 from server.tokenizer import ChatTemplate, IncrementalDecoder
 from server.validate import BadRequest, Limits, parse_request
@@ -242,7 +242,8 @@ class OpenAIFrontEnd:
         if self.metrics is not None:
             self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
         headers = {"lockstep-predicted-ttft-s": f"{r.predicted_ttft_s:.6f}",
-                   "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}", "x-request-id": r.request_id}
+                   "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}", "x-request-id": r.request_id,
+                   **dict(replica_metadata(r))}
         run = _Run(self, r, queue, parsed.stop, chat, include_usage)
         if stream:
             return _EventStream(run, headers)

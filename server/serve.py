@@ -85,6 +85,10 @@ def _validate(args) -> None:
         raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
     if min(args.time_scale, args.guard_band_ms, args.guard_band_pct, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
+    if args.replicas < 1:
+        raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas > 1 and args.no_ray:
+        raise SpecError("--replicas places engines with Ray; drop --no-ray")
     if args.dtype not in ("fp32", "bf16", "fp16"):
         raise SpecError(f"serve runs fp32, bf16 or fp16 weights, not {args.dtype!r}")
 
@@ -117,7 +121,8 @@ def _ready_line(info: dict) -> str:
     return (f"lockstep serve: ready grpc={info['grpc']} http={info['http'] or 'off'} metrics={info['metrics']} model={info['model']} "
             f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
             f"time_scale={info['time_scale']:.3f} tls={'on' if info['tls'] else 'off'} "
-            f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}")
+            f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}"
+            + (f" replicas={','.join(info['replicas'])}" if info.get("replicas") else ""))
 
 
 def serve(args) -> int:
@@ -126,6 +131,8 @@ def serve(args) -> int:
     if args.no_ray:
         _on_signals(stop)
         return asyncio.run(_serve_here(config, args, stop))
+    if args.replicas > 1:
+        return _serve_replicas(config, program, args, stop)
     return _serve_in_ray(config, program, args, stop)
 
 
@@ -144,11 +151,12 @@ def _until(stop: threading.Event, duration_s: float, failed=lambda: False) -> bo
     return failed()
 
 
-async def _serve_here(config: ServeConfig, args, stop: threading.Event) -> int:
-    server = LockstepServer(config)
+async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=None, bundle=None,
+                      grace_s: float | None = None) -> int:
+    server = LockstepServer(config, router=router, router_bundle=bundle)
     print(_ready_line(await server.start()), flush=True)
     died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
-    await server.stop(0.5 if died else args.grace_s)
+    await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)
     if died:
         print(f"lockstep serve: engine died ({server.engine.failure!r}); exiting", file=sys.stderr, flush=True)
         return EXIT_ENGINE_DIED
@@ -156,8 +164,29 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event) -> int:
     return 0
 
 
-def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
+def _serve_replicas(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
+    """N replicas in Ray actors (server/router.py); this process is their front end."""
+    from server.router import RoutedAdmission, replica_config
+
     view = program.view()
+    ray, _ = _init_ray(view, args)
+    _on_signals(stop)
+    gpus = len({s.devices[0] for s in view.stages if s.kind == "gpu"})
+    bundle = {"CPU": 1, **({"GPU": gpus} if gpus and config.executor == "local" else {})}
+    token = read_secret(config.auth_token_file, "--auth-token-file") if config.auth_token_file else b""
+    router = RoutedAdmission(replica_config(config, args.replicas, bool(args.ray_address), os.cpu_count() or 1),
+                             args.replicas, args.route, token)
+    try:
+        # Ray's teardown after the drain is kept out of the grace period, as for one engine.
+        return asyncio.run(_serve_here(config, args, stop, router, bundle, max(0.5, args.grace_s - RAY_TEARDOWN_S)))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _init_ray(view, args):
+    """Joins --ray-address, or starts a local Ray on 127.0.0.1 with this host's cores and
+    a custom resource per simulated chip kind; (the ray module, whether it started it)."""
     if not args.ray_address:
         # A local Ray binds every service (GCS, raylet, workers, agents) to 127.0.0.1 only
         # when this is 0; read when ray is imported. Ray's default is all interfaces,
@@ -165,8 +194,8 @@ def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: t
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
+    started = not ray.is_initialized()
+    if started:
         if args.ray_address:
             ray.init(address=args.ray_address, log_to_driver=False)
         else:
@@ -175,6 +204,12 @@ def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: t
                 if kind == "simulated":
                     chips[name] = chips.get(name, 0) + count
             ray.init(num_cpus=os.cpu_count(), resources=chips or None, include_dashboard=False, log_to_driver=False)
+    return ray, started
+
+
+def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
+    view = program.view()
+    ray, started_ray = _init_ray(view, args)
     _on_signals(stop)  # after ray.init, which installs handlers of its own that end the driver
     gpus = len({s.devices[0] for s in view.stages if s.kind == "gpu"})
     options = {"num_cpus": 1, "max_concurrency": 1000}

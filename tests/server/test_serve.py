@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -86,6 +87,9 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--auth-token-file", "/etc/os-release"], "must hold one token"),  # spaces, several lines
     (["--front-end-nice", "-1"], "--front-end-nice must be in 0..19"),
     (["--front-end-nice", "20"], "--front-end-nice must be in 0..19"),
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--replicas", "2"], "--replicas places engines with Ray; drop --no-ray"),
+    (["--route", "random"], "--route: invalid choice"),
 ])
 def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
@@ -257,6 +261,40 @@ def test_sigterm_under_http_load_exits_0_within_the_grace_period(ray):
                 assert status == 200 and "shutting down" in body and "[DONE]" in body, (name, body[-300:])
             else:
                 assert status == 503 and "shutting down" in body, (name, body)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_serve_two_replicas_routes_both_and_exits_0_on_sigterm():
+    import grpc
+
+    from protos.lockstep.v1 import lockstep_pb2 as pb
+    from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+
+    grace_s = 4.0
+    proc, target = start("--replicas", "2", "--time-scale", "20", "--grace-s", str(grace_s))
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.LockstepStub(ch)
+
+            def ask(seed: int) -> tuple[list[int], str]:
+                call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[seed, 2, 3]), max_tokens=30),
+                                     timeout=60)
+                tokens = [m.token.id for m in call if m.WhichOneof("kind") == "token"]
+                return tokens, dict(call.initial_metadata())["lockstep-replica"]
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(ask, range(4)))
+            assert all(len(tokens) == 30 for tokens, _ in answers)
+            assert {replica for _, replica in answers} == {"0", "1"}
+            status = stub.GetServerStatus(pb.GetServerStatusRequest())
+            assert status.max_slots == 2 * 8 and status.engine_up  # the replicas', summed
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - sent <= grace_s
     finally:
         if proc.poll() is None:
             proc.kill()

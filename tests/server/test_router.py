@@ -1,0 +1,185 @@
+"""Replicas behind a router that routes by prediction, on a two-node Ray cluster on
+loopback (ray.cluster_utils.Cluster): one replica per node, each a whole server in its
+own actor; the router's gRPC and HTTP front end in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import scheduler
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+from server.app import LockstepServer, ServeConfig
+from server.router import RoutedAdmission, replica_config
+from tests.server.helpers import OPTIONS, random_prompt
+
+PROGRAM = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
+
+
+class Fleet:
+    """The router's server on an event loop in a background thread."""
+
+    def __init__(self, replicas: int = 2, policy: str = "prediction", **config):
+        cfg = ServeConfig(PROGRAM.to_json(), http_port=0, **config)
+        self.router = RoutedAdmission(replica_config(cfg, replicas, False, 2), replicas, policy)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = LockstepServer(cfg, router=self.router, router_bundle={"CPU": 1})
+        self.info = self.call(self.server.start(), 180)
+        self.channel = grpc.insecure_channel(self.info["grpc"])
+        self.stub = pb_grpc.LockstepStub(self.channel)
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def replica_stub(self, i: int) -> pb_grpc.LockstepStub:
+        return pb_grpc.LockstepStub(grpc.insecure_channel(self.router.replicas[i].target))
+
+    def close(self):
+        self.channel.close()
+        self.call(self.server.stop(grace_s=3.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    # Paced ticks of ~12 ms (a fixed time scale), so long streams are still running when
+    # the tests act on them.
+    f = Fleet(deterministic=True, time_scale=20.0, max_tokens=250)
+    yield f
+    f.close()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def generate(stub, prompt, n, timeout=60, **sampling) -> tuple[list[int], dict]:
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=n,
+                                            sampling=pb.SamplingParams(**sampling)), timeout=timeout)
+    tokens = [m.token.id for m in call if m.WhichOneof("kind") == "token"]
+    return tokens, dict(call.initial_metadata())
+
+
+def route(metadata: dict) -> dict[int, float]:
+    return {int(i): float(t) for i, t in (x.split("=") for x in metadata["lockstep-route-ttft-s"].split(","))}
+
+
+@pytest.mark.slow
+def test_replicas_sit_on_both_nodes_and_serve_the_same_tokens(fleet):
+    nodes = {ray.get(r.actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+             for r in fleet.router.replicas}
+    assert len(nodes) == 2
+    prompt = random_prompt(20, seed=3)
+    # The same request straight to each replica, and through the router: the same tokens.
+    direct = [generate(fleet.replica_stub(i), prompt, 12, temperature=0.8, seed=5)[0] for i in range(2)]
+    assert direct[0] == direct[1] and len(direct[0]) == 12
+    with ThreadPoolExecutor(4) as pool:
+        routed = list(pool.map(lambda _: generate(fleet.stub, prompt, 12, temperature=0.8, seed=5), range(4)))
+    assert all(tokens == direct[0] for tokens, _ in routed)
+    assert {md["lockstep-replica"] for _, md in routed} == {"0", "1"}  # concurrent streams use both
+
+
+@pytest.mark.slow
+def test_each_request_goes_to_the_replica_with_the_lowest_predicted_ttft(fleet):
+    # Replica 0 (ties go to the lowest index) takes a long prompt; then a burst arrives.
+    long = threading.Thread(target=generate, args=(fleet.stub, random_prompt(150, seed=1), 100))
+    long.start()
+    try:
+        deadline = time.monotonic() + 30
+        while fleet.router.replicas[0].outstanding == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with ThreadPoolExecutor(4) as pool:
+            burst = list(pool.map(lambda i: generate(fleet.stub, random_prompt(8, seed=10 + i), 4), range(4)))
+    finally:
+        long.join(60)
+    for tokens, md in burst:
+        predicted = route(md)
+        assert set(predicted) == {0, 1} and len(tokens) == 4
+        chosen = int(md["lockstep-replica"])
+        assert predicted[chosen] == min(predicted.values())
+        assert chosen == min(i for i, t in predicted.items() if t == predicted[chosen])  # ties: lowest index
+        assert float(md["lockstep-predicted-ttft-s"]) == pytest.approx(predicted[chosen], abs=0.05)
+    assert any(md["lockstep-replica"] == "1" for _, md in burst)
+
+
+@pytest.mark.slow
+def test_http_is_routed_too_and_counted_per_replica(fleet):
+    body = json.dumps({"model": "tiny", "prompt": "routed", "max_tokens": 5, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://{fleet.info['http']}/v1/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200 and resp.headers["lockstep-replica"] in ("0", "1")
+        assert json.loads(resp.read())["usage"]["completion_tokens"] == 5
+    metrics = urllib.request.urlopen(fleet.info["metrics"], timeout=5).read().decode()
+    assert 'lockstep_replica_up{replica="0"} 1.0' in metrics and 'lockstep_replica_up{replica="1"} 1.0' in metrics
+    assert "lockstep_replica_requests_routed_total" in metrics
+
+
+@pytest.mark.slow
+def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(fleet):
+    results: dict[int, object] = {}
+
+    def long_stream(i: int):
+        try:
+            results[i] = generate(fleet.stub, random_prompt(8, seed=40 + i), 240, timeout=120)
+        except grpc.RpcError as exc:
+            results[i] = exc
+
+    workers = [threading.Thread(target=long_stream, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+        deadline = time.monotonic() + 30  # one at a time: the second goes to the other replica
+        while sum(r.outstanding for r in fleet.router.replicas) < len([x for x in workers if x.is_alive()]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert [r.outstanding for r in fleet.router.replicas] == [1, 1]
+    restarts = fleet.router.replicas[0].restarts
+    ray.kill(fleet.router.replicas[0].actor, no_restart=False)
+    # While it is down, new requests go to the other replica.
+    tokens, md = generate(fleet.stub, random_prompt(6, seed=7), 3)
+    assert len(tokens) == 3 and md["lockstep-replica"] == "1"
+    for w in workers:
+        w.join(120)
+    failed = [r for r in results.values() if isinstance(r, grpc.RpcError)]
+    served = [r for r in results.values() if isinstance(r, tuple)]
+    assert len(failed) == 1 and failed[0].code() == grpc.StatusCode.UNAVAILABLE, results
+    assert len(served) == 1 and len(served[0][0]) == 240
+    # Ray restarts the actor; the router starts its server again and routes to it.
+    deadline = time.monotonic() + 120
+    while not (fleet.router.replicas[0].up and fleet.router.replicas[0].restarts > restarts) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fleet.router.replicas[0].up
+    assert generate(fleet.replica_stub(0), [1, 2, 3], 4)[0] == generate(fleet.replica_stub(1), [1, 2, 3], 4)[0]
+    with ThreadPoolExecutor(4) as pool:
+        mds = [md for _, md in pool.map(lambda i: generate(fleet.stub, random_prompt(8, seed=i), 20), range(4))]
+    assert {md["lockstep-replica"] for md in mds} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_a_deadline_no_replica_can_meet_is_refused_at_once_and_bad_input_never_reaches_one(fleet):
+    routed = [r.routed for r in fleet.router.replicas]
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        generate(fleet.stub, random_prompt(100, seed=2), 150, timeout=0.5)  # 150 ticks of ~12 ms: > 0.5 s
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no replica can finish" in err.value.details()
+    assert time.monotonic() - start < 0.4  # at once, not when the deadline passed
+    with pytest.raises(grpc.RpcError) as err:
+        generate(fleet.stub, [1, 2, 10**9], 4)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [r.routed for r in fleet.router.replicas] == routed
