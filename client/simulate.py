@@ -23,6 +23,7 @@ from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
 from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
+from scheduler.fleet import POLICIES, simulate_fleet
 from scheduler.simulate import SimRequest, paced_ticks, simulate_load
 
 
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", type=_pace, default=None,
                    help="wall seconds per program second of a tick, as a server's lockstep_pace_factor: "
                         "F, or PHASE=F,... for prefill, decode, mixed (default: 1 + the guard band)")
+    p.add_argument("--replicas", type=int, default=1, help="engines behind a router, as serve --replicas "
+                                                           "(open loop only; default 1)")
+    p.add_argument("--route", default="prediction", choices=POLICIES,
+                   help="with --replicas > 1: the router's policy, as serve --route (default prediction)")
     p.add_argument("--concurrency", type=int, default=0, help="closed loop: clients (default 1); open loop: cap")
     p.add_argument("--rate", type=float, default=None, help="open loop: mean arrivals per second")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, < 1 burstier")
@@ -100,8 +105,12 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     factor = 1 + args.guard_band_pct / 100
     factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
     ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, not args.throughput)
-    sched = program.tick_scheduler(args.max_queue)
-    results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
+    if args.replicas > 1:
+        scheds = [program.tick_scheduler(args.max_queue) for _ in range(args.replicas)]
+        results, duration = simulate_fleet(scheds, requests, ticks.__getitem__, args.route)
+    else:
+        sched = program.tick_scheduler(args.max_queue)
+        results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -122,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("requests", "max_slots", "max_context", "prefill_chunk"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
+            raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not args.guard_band_pct >= 0 or not args.guard_band_ms >= 0:
             raise ValueError("--concurrency, --max-queue and the guard bands must be >= 0")
         rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
@@ -142,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                                     calibration).view()
     except (ValueError, SpecError, FitError) as exc:
         parser.error(str(exc))
+    fleet = f", {args.replicas} replicas routed by {args.route}" if args.replicas > 1 else ""
     print(f"lockstep simulate: {args.model} on {program.pool}, plan {program.plan_hash[:16]}, "
-          f"{args.requests} requests per run", flush=True)
+          f"{args.requests} requests per run{fleet}", flush=True)
     run_rates("lockstep simulate", args, rates, lambda rate: (*run(args, program, rate), {"plan_hash": program.plan_hash}),
               _line)
     return 0

@@ -22,10 +22,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from scheduler.simulate import SimRequest, SimResult, _decode_run, predict_arrival
-from scheduler.ticks import DECODE, Seq, StepKey, TickPlan, TickScheduler
+from scheduler.simulate import SimRequest, SimResult, predict_arrival, run_length, skip
+from scheduler.ticks import Seq, StepKey, TickPlan, TickScheduler
 
 POLICIES = ("prediction", "round-robin", "least-outstanding")
 
@@ -97,7 +97,7 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
         if plan is None:
             return
         dt = tick_s(plan.key)
-        run = _decode_run(rep.sched) if plan.phase == DECODE else 1
+        run = run_length(rep.sched, plan)
         if run > 1 and a < len(arrivals):  # stop at the first tick boundary at or after the next arrival
             run = min(run, max(1, math.ceil((arrivals[a][0] - now) / dt)))
         rep.run, rep.end_s = run, now + run * dt
@@ -106,9 +106,10 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
     def end_tick(rep: _Replica) -> None:
         plan, dt = rep.plan, (rep.end_s - rep.start_s) / rep.run
         if rep.run > 1:
-            for seq in plan.rows:
-                seq.generated += rep.run - 1
-                results[seq.seq_id].token_s.extend(rep.start_s + k * dt for k in range(1, rep.run))
+            for i, seq in enumerate(plan.rows):
+                if not plan.is_slice(i):
+                    results[seq.seq_id].token_s.extend(rep.start_s + k * dt for k in range(1, rep.run))
+            skip(plan, rep.run - 1)
         before = {s.seq_id: s.generated for s in plan.rows}
         for out in rep.sched.update(plan):
             if out.seq.generated > before[out.seq.seq_id]:
@@ -123,9 +124,11 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
         t, i = arrivals[a]
         a += 1
         r = requests[i]
-        candidates = [Candidate(rep.index, _predict(rep, r, t, tick_s) if policy == "prediction" else math.inf,
-                                len(rep.sched.waiting) + len(rep.sched.running),
-                                len(rep.sched.waiting) >= rep.sched.max_queue) for rep in replicas]
+        candidates = []
+        for rep in replicas:
+            full = len(rep.sched.waiting) >= rep.sched.max_queue
+            ttft = _predict(rep, r, t, tick_s) if policy == "prediction" and not full else math.inf
+            candidates.append(Candidate(rep.index, ttft, len(rep.sched.waiting) + len(rep.sched.running), full))
         chosen = pick(policy, candidates, turn)
         turn += 1
         if chosen is None:
@@ -144,11 +147,12 @@ def _predict(rep: _Replica, r: SimRequest, now: float, tick_s: Callable[[StepKey
     """The replica's TTFT prediction, as its engine makes it: its scheduler state cloned
     and run forward from the tick in flight (what is left of it), then the new request."""
     if rep.plan is None:
-        return predict_arrival(rep.sched, r.prompt_len, r.max_tokens, tick_s)[0]
+        return predict_arrival(rep.sched, r.prompt_len, r.max_tokens, tick_s, first_token_only=True)[0]
     sim, dt = rep.sched.clone(), (rep.end_s - rep.start_s) / rep.run
-    done = min(rep.run - 1, int((now - rep.start_s) / dt))  # inside a stretch of equal decode ticks
-    for seq in sim.running:
-        seq.generated += done
+    by_id = {s.seq_id: s for s in sim.running}
+    plan = replace(rep.plan, rows=tuple(by_id.get(s.seq_id) or replace(s) for s in rep.plan.rows))
+    done = min(rep.run - 1, int((now - rep.start_s) / dt))  # inside a run of equal ticks
+    skip(plan, done)
     start = rep.start_s + done * dt
-    return predict_arrival(sim, r.prompt_len, r.max_tokens, tick_s, clone=False, in_flight=rep.plan,
-                           elapsed_s=now - start)[0]
+    return predict_arrival(sim, r.prompt_len, r.max_tokens, tick_s, clone=False, in_flight=plan,
+                           elapsed_s=now - start, first_token_only=True)[0]

@@ -50,9 +50,45 @@ def _decode_run(sched: TickScheduler) -> int:
     return max(1, min(finish, same_keys))
 
 
+def _mixed_run(sched: TickScheduler, plan: TickPlan) -> int:
+    """Ticks a mixed plan would repeat unchanged (>= 1): its prompt takes whole slices of
+    the same length, no decoding row finishes before the last of them, and no row's
+    context passes the plan's key bucket; nothing waiting can be admitted meanwhile.
+    (A long prompt going in beside decoding streams is a long run of such ticks.)"""
+    if sched.waiting and sched.free_slots:
+        return 1
+    *decoding, seq = plan.rows
+    n, keys = plan.length, plan.keys
+    run = min((seq.prompt_len - seq.prefilled) // n, (keys - seq.prefilled) // n)
+    for s in decoding:
+        context = s.prompt_len + s.generated
+        run = min(run, s.max_tokens - s.generated, sched.max_context - context, keys - context + 1)
+    return max(1, run)
+
+
+def run_length(sched: TickScheduler, plan: TickPlan) -> int:
+    """How many ticks `plan` stands for: the same step, repeated, with the same rows."""
+    if plan.phase == DECODE:
+        return _decode_run(sched)
+    if plan.phase == MIXED:
+        return _mixed_run(sched, plan)
+    return 1
+
+
+def skip(plan: TickPlan, ticks: int) -> None:
+    """Applies `ticks` of `plan` at once (all but the last tick of a run; update() does
+    that one): decoding rows gain a token each tick, the prompt row a slice."""
+    for i, seq in enumerate(plan.rows):
+        if plan.is_slice(i):
+            seq.prefilled += ticks * plan.length
+        else:
+            seq.generated += ticks
+
+
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
                     tick_s: Callable[[StepKey], float], clone: bool = True,
-                    in_flight: TickPlan | None = None, elapsed_s: float = 0.0) -> tuple[float, float]:
+                    in_flight: TickPlan | None = None, elapsed_s: float = 0.0,
+                    first_token_only: bool = False) -> tuple[float, float]:
     """(TTFT, end-to-end) in seconds for a request arriving now, from a clone of `sched`
     (left untouched; `clone=False` runs `sched` itself forward, for a caller that passes a
     copy already); the queue bound does not apply (the caller checks it).
@@ -60,7 +96,8 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
     `in_flight`: the plan of the tick running now (planned from `sched`, not yet applied),
     `elapsed_s` into it. It finishes first, in what is left of it, and the new request
     joins the tick after, as in the engine (a request arriving mid-tick is admitted at the
-    tick's end): without it, the new request would be planned into a tick already running."""
+    tick's end): without it, the new request would be planned into a tick already running.
+    `first_token_only`: stop at the first token (a router choosing by TTFT); e2e is then NaN."""
     sim = sched.clone() if clone else sched
     t, ttft = 0.0, None
     if in_flight is not None:
@@ -76,16 +113,16 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
         plan = sim.schedule()
         if plan is None:
             raise RuntimeError("the scheduler stalled with a request waiting")  # a bug, not an input
-        if plan.phase == DECODE:
-            run = _decode_run(sim)
-            if run > 1:  # all but the last tick of the stretch at once
-                for seq in plan.rows:  # decoding rows, `new` among them, have their first token
-                    seq.generated += run - 1
-                t += (run - 1) * tick_s(plan.key)
+        run = run_length(sim, plan)
+        if run > 1:  # all but the last tick of the run at once
+            skip(plan, run - 1)
+            t += (run - 1) * tick_s(plan.key)
         t += tick_s(plan.key)
         sim.update(plan)
         if ttft is None and new.generated:
             ttft = t
+            if first_token_only:
+                return ttft, math.nan
     return ttft, t
 
 
@@ -166,13 +203,14 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             t = max(t, upcoming[0][0])
             continue
         dt = tick_s(plan.key)
-        run = _decode_run(sched) if jumps and plan.phase == DECODE else 1
+        run = run_length(sched, plan) if jumps else 1
         if upcoming:  # stop at the first tick boundary at or after the next arrival
             run = min(run, max(1, math.ceil((upcoming[0][0] - t) / dt)))
         if run > 1:
-            for seq in plan.rows:
-                seq.generated += run - 1
-                results[seq.seq_id].token_s.extend(t + k * dt for k in range(1, run))
+            for i, seq in enumerate(plan.rows):
+                if not plan.is_slice(i):
+                    results[seq.seq_id].token_s.extend(t + k * dt for k in range(1, run))
+            skip(plan, run - 1)
             t += (run - 1) * dt
         before = {s.seq_id: s.generated for s in plan.rows}
         t += dt

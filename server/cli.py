@@ -192,6 +192,8 @@ def _add_passthrough(sub) -> None:
                                 "(lockstep load --help)")
     sub.add_parser("simulate", help="the same load tests without a server: the tick scheduler over the "
                                     "compiled step times (lockstep simulate --help)")
+    sub.add_parser("plan", help="the cheapest pool and replica count that meets a latency SLO at a rate, from "
+                                "the compiler and the serving simulation (lockstep plan --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that take another program's flags as they are (argparse's REMAINDER
 # cannot start with an option): `lockstep load ...` and `lockstep demo [serve flags]`.
-PASSTHROUGH = {"load": "client.loadgen", "demo": "client.demo", "simulate": "client.simulate"}
+PASSTHROUGH = {"load": "client.loadgen", "demo": "client.demo", "simulate": "client.simulate", "plan": "client.plan"}
 
 
 def main(argv: list[str] | None = None) -> int:

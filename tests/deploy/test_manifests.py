@@ -14,7 +14,7 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent
-GRPC_PORT, METRICS_PORT = 50051, 9464
+GRPC_PORT, METRICS_PORT, HTTP_PORT = 50051, 9464, 8000
 PINNED = re.compile(r"^[\w./-]+:(?!latest$)[\w.-]+$")
 
 
@@ -59,14 +59,19 @@ def test_kuberay_cluster_has_a_gpu_worker_group_and_serves_the_ports():
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["containerPort"] for p in head["ports"]}
     assert {6379, GRPC_PORT, METRICS_PORT} <= ports
-    assert "lockstep serve" in " ".join(head["args"]) and "--ray-address" in " ".join(head["args"])
+    command = " ".join(head["args"]).split()
+    assert "lockstep serve" in " ".join(command) and "--ray-address" in command
     (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    # One replica per one-GPU worker: the placement group's bundles need that many.
+    replicas = int(command[command.index("--replicas") + 1])
+    assert command[command.index("--pool") + 1] == "h100:1" and 1 < replicas <= gpu["replicas"]
+    assert HTTP_PORT in ports and command[command.index("--http-port") + 1] == str(HTTP_PORT)
     worker = gpu["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and gpu["rayStartParams"]["num-gpus"] == "1"
     for container in (head, worker):
         assert PINNED.match(container["image"]), container["image"]
     service = next(d for d in docs if d["kind"] == "Service")
-    assert {p["port"] for p in service["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+    assert {p["port"] for p in service["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT, HTTP_PORT}
 
 
 def test_grafana_provisioning_points_at_the_shipped_dashboard():
