@@ -169,6 +169,7 @@ class LockstepServer:
             from server.router import ReplicaCollector
 
             self.metrics.registry.register(ReplicaCollector(self.router))
+            self.metrics.targets = self.router.scrape_targets
             self.failed = asyncio.Event()  # replicas that die are restarted; the front end stays up
         vocab = program.model.vocab_size
         tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)

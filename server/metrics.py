@@ -12,8 +12,10 @@ Request series are labelled `model` and `protocol` (grpc, http), tick series `ph
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -56,6 +58,7 @@ _POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds c
 MAX_CONNECTIONS = 8
 READ_TIMEOUT_S = 5.0
 METRICS_PATH = "/metrics"
+TARGETS_PATH = "/targets"  # Prometheus http_sd_configs: what else to scrape (a router's replicas)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -65,16 +68,22 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _only_metrics(app):
-    """The WSGI app on METRICS_PATH; 404 on any other path, 405 for methods but GET/HEAD."""
+def _only_metrics(app, targets: Callable[[], list[dict]]):
+    """The WSGI app on METRICS_PATH, and on TARGETS_PATH the scrape targets behind this
+    server (Prometheus HTTP service discovery: a router's replicas; [] for one engine);
+    404 on any other path, 405 for methods but GET/HEAD."""
 
     def wsgi(environ, start_response):
-        if environ.get("PATH_INFO") != METRICS_PATH:
+        path = environ.get("PATH_INFO")
+        if path not in (METRICS_PATH, TARGETS_PATH):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: only /metrics is served here\n"]
+            return [b"not found: only /metrics and /targets are served here\n"]
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
             return [b"method not allowed\n"]
+        if path == TARGETS_PATH:
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(targets()).encode()]
         return app(environ, start_response)
 
     return wsgi
@@ -212,6 +221,8 @@ class Metrics:
         self._server_info = Info("lockstep_server", "What this server runs", registry=r)
         self._info_labels: dict[str, str] = {}
 
+        # Scrape targets behind this server, in Prometheus HTTP SD form; a router sets it.
+        self.targets: Callable[[], list[dict]] = lambda: []
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -223,7 +234,8 @@ class Metrics:
             raise RuntimeError(f"metrics already served on port {self._httpd.server_port}")
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = _Server6 if family == socket.AF_INET6 else _Server
-        httpd = make_server(host, port, _only_metrics(make_wsgi_app(self.registry)), server_class, _QuietHandler)
+        httpd = make_server(host, port, _only_metrics(make_wsgi_app(self.registry), lambda: self.targets()),
+                            server_class, _QuietHandler)
         thread = threading.Thread(
             target=httpd.serve_forever, args=(_POLL_INTERVAL_S,), name="lockstep-metrics", daemon=True
         )

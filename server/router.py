@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import grpc
 import ray
@@ -49,6 +50,7 @@ from server.validate import Parsed
 log = logging.getLogger("lockstep.router")
 
 PREDICT_TIMEOUT_S = 1.0  # a replica that cannot say in this long is passed over for this request
+ADMIT_TIMEOUT_S = 5.0  # a chosen replica that has not admitted the request by then: refused, UNAVAILABLE
 WATCH_INTERVAL_S = 0.25  # how often the supervisor refreshes each replica's status
 RESTART_BACKOFF_S = 0.5
 _FINISHED = {"length": "length", "stop": "stop"}
@@ -168,6 +170,12 @@ class RoutedAdmission:
         if self.pg is not None:
             remove_placement_group(self.pg)
 
+    def scrape_targets(self) -> list[dict]:
+        """Each replica's own /metrics, labelled with its index (Prometheus HTTP SD): its
+        engine series (ticks, steps, overruns, slots), per replica; summed by a query."""
+        return [{"targets": [urlsplit(r.info["metrics"]).netloc], "labels": {"replica": str(r.index)}}
+                for r in self.replicas if r.up and r.info.get("metrics")]
+
     # -- the admission interface (server/api.LocalAdmission) --------------------------------
     @property
     def up(self) -> bool:
@@ -264,7 +272,12 @@ class RoutedAdmission:
         timeout = None if time_remaining_s is None else max(0.001, time_remaining_s - (time.perf_counter() - arrival))
         call = rep.stub.Generate(req, timeout=timeout, metadata=rep.metadata)
         try:
-            md = dict(await call.initial_metadata())
+            # Bounded: routing waits for this answer with its lock held.
+            md = dict(await asyncio.wait_for(call.initial_metadata(), ADMIT_TIMEOUT_S))
+        except asyncio.TimeoutError:
+            call.cancel()
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"replica {rep.index} did not admit the request within "
+                                                       f"{ADMIT_TIMEOUT_S:g} s") from None
         except grpc.aio.AioRpcError as exc:
             raise Refused(exc.code(), f"replica {rep.index}: {exc.details()}") from None
         if "lockstep-predicted-ttft-s" not in md:  # refused there: the status says why

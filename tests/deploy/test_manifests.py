@@ -48,8 +48,11 @@ def test_compose_names_existing_files_pinned_images_and_the_servers_ports():
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus_cmd
     # The shipped scrape config targets the metrics port the server container listens on.
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [t for job in scrape["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
     assert any(t.endswith(f":{METRICS_PORT}") for t in targets)
+    # The replicas are found through the same port's /targets.
+    sd = [c["url"] for job in scrape["scrape_configs"] for c in job.get("http_sd_configs", [])]
+    assert sd == [f"http://127.0.0.1:{METRICS_PORT}/targets"]
 
 
 def test_kuberay_cluster_has_a_gpu_worker_group_and_serves_the_ports():

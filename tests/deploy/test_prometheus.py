@@ -198,9 +198,10 @@ def stack():
         target = urllib.parse.urlsplit(server.info["metrics"]).netloc  # "127.0.0.1:PORT"
         config = yaml.safe_load(PROMETHEUS_YML.read_text())
         config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-        (job,) = config["scrape_configs"]
-        assert job["job_name"] == "lockstep"
+        job, replicas = config["scrape_configs"]
+        assert job["job_name"] == "lockstep" and replicas["job_name"] == "lockstep-replicas"
         job["static_configs"] = [{"targets": [target]}]
+        replicas["http_sd_configs"] = [{"url": f"http://{target}/targets", "refresh_interval": "1s"}]
         config["rule_files"] = [str(RULES_YML)]  # the relative rules.yml, made absolute
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
 

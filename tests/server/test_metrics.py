@@ -310,6 +310,17 @@ def test_only_the_metrics_path_answers(served, path):
     assert err.value.code == 404
 
 
+def test_targets_lists_what_is_behind_the_server_for_prometheus_service_discovery(served):
+    m, port = served
+    import json
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/targets", timeout=5) as resp:
+        assert resp.headers["Content-Type"] == "application/json" and json.loads(resp.read()) == []
+    m.targets = lambda: [{"targets": ["127.0.0.1:1"], "labels": {"replica": "0"}}]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/targets", timeout=5) as resp:
+        assert json.loads(resp.read()) == [{"targets": ["127.0.0.1:1"], "labels": {"replica": "0"}}]
+
+
 def test_idle_connections_take_a_bounded_number_of_threads_and_scrapes_still_answer(served):
     """100 clients that connect and send nothing: at most MAX_CONNECTIONS threads hold
     them (it was one thread each, with no read timeout)."""

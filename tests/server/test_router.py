@@ -131,6 +131,58 @@ def test_http_is_routed_too_and_counted_per_replica(fleet):
 
 
 @pytest.mark.slow
+def test_a_real_prometheus_scrapes_the_router_and_each_replica_it_lists(fleet, tmp_path):
+    """The shipped scrape config: the router's /metrics (requests as clients saw them)
+    and, found through its /targets, each replica's own (its engine), labelled `replica`."""
+    import shutil
+    import subprocess
+    from urllib.parse import urlsplit
+
+    yaml = pytest.importorskip("yaml")
+    if shutil.which("prometheus") is None:
+        pytest.skip("no `prometheus` binary on PATH (Debian: apt-get install --no-install-recommends prometheus)")
+    from tests.deploy.test_prometheus import PROMETHEUS_YML, Prom, free_port, wait_for
+
+    target = urlsplit(fleet.info["metrics"]).netloc
+    listed = json.loads(urllib.request.urlopen(f"http://{target}/targets", timeout=5).read())
+    assert sorted(t["labels"]["replica"] for t in listed) == ["0", "1"]
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config.pop("rule_files", None)
+    router_job, replicas_job = config["scrape_configs"]
+    router_job["static_configs"] = [{"targets": [target]}]
+    replicas_job["http_sd_configs"] = [{"url": f"http://{target}/targets", "refresh_interval": "1s"}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port, log = free_port(), tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        prom = Prom(f"http://127.0.0.1:{port}")
+        wait_for("both replicas scraped", lambda: prom.value('count(up{job="lockstep-replicas"} == 1)') == 2,
+                 30, log, proc)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: generate(fleet.stub, random_prompt(8, seed=60 + i), 10), range(4)))
+        per_replica = 'sum by (replica) (lockstep_ticks_total{job="lockstep-replicas"})'
+
+        def ticked():
+            result = prom.query(per_replica)["data"]["result"]
+            return len(result) == 2 and all(float(r["value"][1]) > 0 for r in result) and result
+
+        result = wait_for("ticks on both replicas", ticked, 30, log, proc)
+        assert sorted(r["metric"]["replica"] for r in result) == ["0", "1"]
+        # Summed over the replicas, and the router's count of the same requests.
+        assert prom.value('sum(lockstep_ticks_total{job="lockstep-replicas"})') == sum(
+            float(r["value"][1]) for r in result)
+        wait_for("the router's admissions", lambda: (prom.value(
+            'sum(lockstep_requests_admitted_total{job="lockstep"})') or 0) >= 4, 30, log, proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
 def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(fleet):
     results: dict[int, object] = {}
 
