@@ -8,8 +8,9 @@ static, so this is exact up to what cannot be known: early stops (a stop token o
 ends a sequence sooner; the promise is then pessimistic) and steps that overrun.
 
 Cost: a stretch of decode ticks with nothing to admit or prefill repeats the same plan
-until the first row finishes or moves to a bigger key bucket, so it is taken in one jump: the run is O(requests x prompt
-chunks) events, not O(ticks).
+until the first row finishes or moves to a bigger key bucket, and a stretch of mixed ticks
+repeats it while one prompt goes in in whole slices beside the same decoding rows: each
+is taken in one jump (`run_length`, `skip`), so a run is O(requests) events, not O(ticks).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     end, as in the engine; one that finds the queue full is refused. Returns (results by
     index, seconds until the last token).
 
-    Stretches of identical decode ticks are taken at once up to the next arrival (`jumps`),
+    Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
     closed = any(r.arrival_s is None for r in requests)
     if closed and concurrency < 1:
