@@ -1,6 +1,7 @@
 """Routing by prediction against round-robin and least-outstanding-requests, on the same
 replicas and the same bursty load (gamma arrivals, mixed prompt lengths).
 
+    hop   what routing costs a lone request: through the router against straight to a replica;
     sim   the fleet simulation (scheduler/fleet.py, as `lockstep simulate --replicas`), at
           scale: e.g. 16 replicas of llama-2-70b int8 on lpu:576;
     real  `--replicas` engines of a real model on this host behind one in-process router;
@@ -14,6 +15,7 @@ routing by prediction.
     .venv/bin/python bench/routing.py sim --replicas 16 --model llama-2-70b --dtype int8 --pool lpu:576 \\
         --rate 16 --requests 2000
     .venv/bin/python bench/routing.py real --replicas 2 --model small --rate 3 --requests 60 --rounds 2
+    .venv/bin/python bench/routing.py hop --replicas 2 --model small --rate 1 --requests 40
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from scheduler.fleet import POLICIES  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("where", choices=("sim", "real"))
+    p.add_argument("where", choices=("sim", "real", "hop"))
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--model", default="small")
     p.add_argument("--pool", default="cpu")
@@ -101,25 +103,9 @@ def sim(args) -> list[dict]:
 
 
 def real(args) -> list[dict]:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on loopback only
     import ray
 
-    from server.app import LockstepServer
-    from server.cli import build_parser
-    from server.router import RoutedAdmission, replica_config
-    from server.serve import build_config
-
-    serve = build_parser().parse_args(
-        ["serve", "--model", args.model, "--pool", args.pool, "--dtype", args.dtype,
-         "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk), "--calibration", "auto",
-         "--port", "0", "--metrics-port", "0", "--http-port", "-1", "--replicas", str(args.replicas)])
-    config, _ = build_config(serve)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    router = RoutedAdmission(replica_config(config, args.replicas, False, os.cpu_count() or 1), args.replicas)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = LockstepServer(config, router=router, router_bundle={"CPU": 1})
-    info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
+    router, info, loop, server = start_fleet(args)
     print(f"{args.replicas} replicas of {args.model} at {', '.join(info['replicas'])}; router {info['grpc']}; "
           f"time scale {info['time_scale']:.3f}", flush=True)
     runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
@@ -149,9 +135,72 @@ def real(args) -> list[dict]:
     return rows + [r for rs in runs.values() for r in rs]
 
 
+def start_fleet(args):
+    """`--replicas` replicas of `--model` behind an in-process router: (router, server
+    info, event loop, server)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on loopback only
+    import ray
+
+    from server.app import LockstepServer
+    from server.cli import build_parser
+    from server.router import RoutedAdmission, replica_config
+    from server.serve import build_config
+
+    serve = build_parser().parse_args(
+        ["serve", "--model", args.model, "--pool", args.pool, "--dtype", args.dtype,
+         "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk), "--calibration", "auto",
+         "--port", "0", "--metrics-port", "0", "--http-port", "-1", "--replicas", str(args.replicas)])
+    config, _ = build_config(serve)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    router = RoutedAdmission(replica_config(config, args.replicas, False, os.cpu_count() or 1), args.replicas)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = LockstepServer(config, router=router, router_bundle={"CPU": 1})
+    info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
+    return router, info, loop, server
+
+
+def hop(args) -> list[dict]:
+    """What the router costs a lone request: the same requests, one at a time, straight to
+    replica 0 and through the router (which then also picks replica 0: ties go to the
+    lowest index), alternating; TTFT and inter-token gaps as the client measures them."""
+    import ray
+    import numpy as np
+
+    from client.client import LockstepClient
+
+    router, info, loop, server = start_fleet(args)
+    via = {"replica 0 direct": router.replicas[0].target, "through the router": info["grpc"]}
+    seen: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "itl": []} for k in via}
+    try:
+        clients = {k: LockstepClient(t) for k, t in via.items()}
+        for i in range(args.requests):
+            for name, client in (clients.items() if i % 2 else reversed(list(clients.items()))):
+                g = client.generate([1 + i % 50, 2, 3, 4], 16, seed=i)
+                seen[name]["ttft"].append(g.ttft_s)
+                seen[name]["itl"].extend(g.itl_s)
+        for c in clients.values():
+            c.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(5.0), loop).result(60)
+        ray.shutdown()
+    rows = []
+    print(f"{args.model}, {args.requests} lone requests each way (4-token prompts, 16 tokens), alternating")
+    print(f"{'path':<22}{'ttft_p50':>10}{'ttft_p99':>10}{'itl_p50':>10}{'itl_p99':>10}")
+    for name, m in seen.items():
+        q = {f"{k}_p{p}_ms": float(np.percentile(v, p)) * 1e3 for k, v in m.items() for p in (50, 99)}
+        rows.append({"path": name, **q})
+        print(f"{name:<22}{q['ttft_p50_ms']:>10.2f}{q['ttft_p99_ms']:>10.2f}{q['itl_p50_ms']:>10.2f}"
+              f"{q['itl_p99_ms']:>10.2f}")
+    d, r = rows
+    print(f"router - direct: TTFT p50 {r['ttft_p50_ms'] - d['ttft_p50_ms']:+.2f} ms, "
+          f"ITL p50 {r['itl_p50_ms'] - d['itl_p50_ms']:+.2f} ms")
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = sim(args) if args.where == "sim" else real(args)
+    rows = {"sim": sim, "real": real, "hop": hop}[args.where](args)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                         indent=2) + "\n")
