@@ -200,14 +200,15 @@ class RoutedAdmission:
         except grpc.aio.AioRpcError:
             return None
 
-    async def candidates(self, prompt_tokens: int, max_tokens: int) -> list[tuple[Candidate, float]]:
-        """(Candidate, predicted e2e) for every replica that is up and answered."""
+    async def candidates(self, prompt_tokens: int, max_tokens: int, ask: bool) -> list[tuple[Candidate, float]]:
+        """(Candidate, predicted e2e) for every replica that is up (and, if `ask`, answered
+        PredictArrival; else TTFT inf: round-robin and least-outstanding do not ask)."""
         up = [r for r in self.replicas if r.up]
         asked = (await asyncio.gather(*(self._ask(r, prompt_tokens, max_tokens) for r in up))
-                 if self.policy == "prediction" else [None] * len(up))
+                 if ask else [None] * len(up))
         out = []
         for rep, a in zip(up, asked):
-            if self.policy == "prediction" and a is None:
+            if ask and a is None:
                 continue
             full = a is not None and not a.admissible
             ttft = a.ttft_s if a is not None and a.admissible else math.inf
@@ -217,8 +218,7 @@ class RoutedAdmission:
 
     async def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
         """The best any replica would promise now (what routing would choose)."""
-        cands = [(c, e2e) for c, e2e in await self._candidates_for_prediction(prompt_tokens, max_tokens)
-                 if not c.full]
+        cands = [(c, e2e) for c, e2e in await self.candidates(prompt_tokens, max_tokens, ask=True) if not c.full]
         outstanding = sum(r.outstanding for r in self.replicas)
         if not self.accepting or not cands:
             return pb.ArrivalPrediction(admissible=False, outstanding=outstanding,
@@ -227,13 +227,6 @@ class RoutedAdmission:
         c, e2e = min(cands, key=lambda x: (x[0].ttft_s, x[0].index))
         return pb.ArrivalPrediction(admissible=True, ttft_s=c.ttft_s, e2e_s=e2e, outstanding=outstanding)
 
-    async def _candidates_for_prediction(self, prompt_tokens: int, max_tokens: int):
-        policy, self.policy = self.policy, "prediction"
-        try:
-            return await self.candidates(prompt_tokens, max_tokens)
-        finally:
-            self.policy = policy
-
     async def admit(self, parsed: Parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
         arrival = time.perf_counter()
         if not self.accepting:
@@ -241,7 +234,7 @@ class RoutedAdmission:
         if not self.up:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "no replica is up; try again shortly")
         async with self._route:
-            cands = await self.candidates(len(parsed.prompt), parsed.max_tokens)
+            cands = await self.candidates(len(parsed.prompt), parsed.max_tokens, ask=self.policy == "prediction")
             if time_remaining_s is not None and self.policy == "prediction":
                 meeting = [(c, e2e) for c, e2e in cands if not c.full and e2e <= time_remaining_s]
                 if cands and not meeting and any(not c.full for c, _ in cands):

@@ -118,6 +118,18 @@ def test_each_request_goes_to_the_replica_with_the_lowest_predicted_ttft(fleet):
 
 
 @pytest.mark.slow
+def test_the_router_answers_predict_arrival_with_the_best_replicas_promise(fleet):
+    ask = pb.PredictArrivalRequest(prompt_tokens=12, max_tokens=6)
+    routed = fleet.stub.PredictArrival(ask)
+    direct = [fleet.replica_stub(i).PredictArrival(ask) for i in range(2)]
+    assert routed.admissible and all(d.admissible for d in direct)
+    assert routed.ttft_s == pytest.approx(min(d.ttft_s for d in direct), abs=0.05)  # idle: both the same
+    with pytest.raises(grpc.RpcError) as err:
+        fleet.stub.PredictArrival(pb.PredictArrivalRequest(prompt_tokens=0, max_tokens=6))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.slow
 def test_http_is_routed_too_and_counted_per_replica(fleet):
     body = json.dumps({"model": "tiny", "prompt": "routed", "max_tokens": 5, "temperature": 0}).encode()
     req = urllib.request.Request(f"http://{fleet.info['http']}/v1/completions", data=body,
