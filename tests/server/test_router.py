@@ -214,7 +214,13 @@ def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(f
     assert [r.outstanding for r in fleet.router.replicas] == [1, 1]
     restarts = fleet.router.replicas[0].restarts
     ray.kill(fleet.router.replicas[0].actor, no_restart=False)
-    # While it is down, new requests go to the other replica.
+    # Once the router has seen it go (its watch runs every 0.25 s; a request routed in the
+    # instant before, while the dying replica still answered, would end UNAVAILABLE), new
+    # requests go to the other replica.
+    deadline = time.monotonic() + 10
+    while fleet.router.replicas[0].up and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fleet.router.replicas[0].up
     tokens, md = generate(fleet.stub, random_prompt(6, seed=7), 3)
     assert len(tokens) == 3 and md["lockstep-replica"] == "1"
     for w in workers:
