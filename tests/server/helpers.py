@@ -110,15 +110,24 @@ def hf_plan(folder, **plan_kw):
 
 
 class Live:
-    """A LockstepServer with HTTP on a free port, on an event loop in a background thread."""
+    """A LockstepServer with HTTP on a free port, on an event loop in a background thread.
+    `router` (with its `router_bundle`): serve that RoutedAdmission's replicas instead of
+    an engine here."""
 
-    def __init__(self, program, **config):
+    def __init__(self, program, router=None, router_bundle=None, **config):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = LockstepServer(ServeConfig(program.to_json(), http_port=0, **config))
-        self.info = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(120)
+        self.config = ServeConfig(program.to_json(), http_port=0, **config)
+        if router is not None:
+            router = router(self.config)
+        self.router = router
+        self.server = LockstepServer(self.config, router=router, router_bundle=router_bundle)
+        self.info = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(180)
         self.base = f"http://{self.info['http']}/v1"
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
         req = urllib.request.Request(self.base + path, data=body, headers={"content-type": "application/json",

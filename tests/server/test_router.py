@@ -4,7 +4,6 @@ own actor; the router's gRPC and HTTP front end in this process."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -19,38 +18,28 @@ from ray.cluster_utils import Cluster
 import scheduler
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-from server.app import LockstepServer, ServeConfig
 from server.router import RoutedAdmission, replica_config
-from tests.server.helpers import OPTIONS, random_prompt
+from tests.server.helpers import OPTIONS, Live, random_prompt
 
 PROGRAM = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
 
 
-class Fleet:
-    """The router's server on an event loop in a background thread."""
+class Fleet(Live):
+    """The router's server (gRPC, HTTP, metrics) over `replicas` replicas, in this process."""
 
     def __init__(self, replicas: int = 2, policy: str = "prediction", **config):
-        cfg = ServeConfig(PROGRAM.to_json(), http_port=0, **config)
-        self.router = RoutedAdmission(replica_config(cfg, replicas, False, 2), replicas, policy)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = LockstepServer(cfg, router=self.router, router_bundle={"CPU": 1})
-        self.info = self.call(self.server.start(), 180)
+        super().__init__(PROGRAM, lambda cfg: RoutedAdmission(replica_config(cfg, replicas, False, 2), replicas,
+                                                              policy),
+                         {"CPU": 1}, **config)
         self.channel = grpc.insecure_channel(self.info["grpc"])
         self.stub = pb_grpc.LockstepStub(self.channel)
-
-    def call(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def replica_stub(self, i: int) -> pb_grpc.LockstepStub:
         return pb_grpc.LockstepStub(grpc.insecure_channel(self.router.replicas[i].target))
 
     def close(self):
         self.channel.close()
-        self.call(self.server.stop(grace_s=3.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().close()
 
 
 @pytest.fixture(scope="module")
