@@ -51,7 +51,8 @@ log = logging.getLogger("lockstep.router")
 
 PREDICT_TIMEOUT_S = 1.0  # a replica that cannot say in this long is passed over for this request
 ADMIT_TIMEOUT_S = 5.0  # a chosen replica that has not admitted the request by then: refused, UNAVAILABLE
-WATCH_INTERVAL_S = 0.25  # how often the supervisor refreshes each replica's status
+WATCH_INTERVAL_S = 0.05  # how often the supervisor looks for a replica that died (a local check)
+STATUS_EVERY = 5  # and every this many looks, refreshes each replica's status (an actor call)
 RESTART_BACKOFF_S = 0.5
 _FINISHED = {"length": "length", "stop": "stop"}
 
@@ -66,6 +67,9 @@ class Replica:
         self.info: dict = {}
         self.status: dict = {}
         self.outstanding = 0  # routed here and not finished
+        # A call to it failed UNAVAILABLE: passed over until then (perf_counter s). Ray takes
+        # ~1.6 s to report a killed actor (measured); its gRPC port refuses at once.
+        self.suspect_until = 0.0
         self.routed = 0
         self.restarts = 0
 
@@ -76,6 +80,7 @@ class Replica:
         self.channel = grpc.aio.insecure_channel(self.target)
         self.stub = pb_grpc.LockstepStub(self.channel)
         self.metadata = metadata
+        self.suspect_until = 0.0
         self.up = True
 
 
@@ -123,12 +128,14 @@ class RoutedAdmission:
         return info
 
     async def _supervise(self) -> None:
+        looks = 0
         while True:
+            looks += 1
             for rep in self.replicas:
                 try:
                     if rep.up and _done(rep.failed):
                         await self._lost(rep)
-                    elif rep.up:
+                    elif rep.up and looks % STATUS_EVERY == 0:
                         rep.status = await asyncio.wait_for(rep.actor.status.remote(), PREDICT_TIMEOUT_S)
                 except Exception:  # noqa: BLE001 - never let one replica's trouble stop the watch
                     log.exception("replica %d: watch failed", rep.index)
@@ -182,7 +189,7 @@ class RoutedAdmission:
         return any(r.up for r in self.replicas)
 
     def status(self) -> dict:
-        """The replicas' last statuses (refreshed every WATCH_INTERVAL_S), summed."""
+        """The replicas' last statuses (refreshed every STATUS_EVERY x WATCH_INTERVAL_S), summed."""
         up = [r.status for r in self.replicas if r.up and r.status]
         total = lambda k: sum(s.get(k, 0) for s in up)  # noqa: E731
         return {"queue_length": total("queue_length"), "running": total("running"),
@@ -197,13 +204,15 @@ class RoutedAdmission:
             return await rep.stub.PredictArrival(pb.PredictArrivalRequest(prompt_tokens=prompt_tokens,
                                                                           max_tokens=max_tokens),
                                                  timeout=PREDICT_TIMEOUT_S, metadata=rep.metadata)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            _suspect(rep, exc)
             return None
 
     async def candidates(self, prompt_tokens: int, max_tokens: int, ask: bool) -> list[tuple[Candidate, float]]:
         """(Candidate, predicted e2e) for every replica that is up (and, if `ask`, answered
         PredictArrival; else TTFT inf: round-robin and least-outstanding do not ask)."""
-        up = [r for r in self.replicas if r.up]
+        now = time.perf_counter()
+        up = [r for r in self.replicas if r.up and r.suspect_until <= now]
         asked = (await asyncio.gather(*(self._ask(r, prompt_tokens, max_tokens) for r in up))
                  if ask else [None] * len(up))
         out = []
@@ -272,6 +281,7 @@ class RoutedAdmission:
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"replica {rep.index} did not admit the request within "
                                                        f"{ADMIT_TIMEOUT_S:g} s") from None
         except grpc.aio.AioRpcError as exc:
+            _suspect(rep, exc)
             raise Refused(exc.code(), f"replica {rep.index}: {exc.details()}") from None
         if "lockstep-predicted-ttft-s" not in md:  # refused there: the status says why
             code, details = await call.code(), await call.details()
@@ -301,6 +311,7 @@ class RoutedAdmission:
             call.cancel()
             raise
         except grpc.aio.AioRpcError as exc:
+            _suspect(rep, exc)
             code = exc.code()
             reason = ("unavailable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                       else "error")
@@ -316,6 +327,14 @@ class RoutedAdmission:
         task = self._calls.get(r.request_id)
         if task is not None:
             task.cancel()
+
+
+SUSPECT_S = 1.0  # how long a replica whose call failed UNAVAILABLE is passed over
+
+
+def _suspect(rep: Replica, exc: grpc.aio.AioRpcError) -> None:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        rep.suspect_until = time.perf_counter() + SUSPECT_S
 
 
 def _done(ref) -> bool:
