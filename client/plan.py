@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 
 import scheduler
-from client.loadgen import LengthDist, arrival_times
+from client.loadgen import _UNITS_S, LengthDist, arrival_times
+from client.simulate import PHASES
 from scheduler.errors import FitError, SpecError
 from scheduler.fleet import simulate_fleet
 from scheduler.program import ProgramView
 from scheduler.simulate import SimRequest, paced_ticks, simulate_load
 
-_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-PHASES = ("prefill", "decode", "mixed")
 BISECTIONS = 8  # capacity to within (hi - lo) / 2^8 of the bracket
 VERIFY = 2  # cheapest pools checked as whole fleets
 PATIENCE = 2  # bigger pools tried after the chips per req/s stopped improving
