@@ -170,12 +170,13 @@ def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk:
     ttft = timeline.ttft(options.prompt_len, chunk)
     keys = key_bucket(options.prompt_len + 1, options.max_context)
     tpot = view.cadence_s(keys)
+    issue = view.issue_s(keys)
     out = []
     for b in options.buckets:
-        sched = timeline.schedule("decode", b, 1, keys - 1)
-        # Pipelined: m micro-batches of b in flight; one leaves every bottleneck interval.
+        # Pipelined: m row groups of b in flight, each ticking every max(tick, m x issue),
+        # as the pipelined engine paces them (scheduler/pipeline.py).
         m = max(1, min(num_stages, options.max_slots // b))
-        interval = max(tpot, m * sched["bottleneck_s"])
+        interval = max(tpot, m * issue)
         out.append({"batch": b, "prompt_len": options.prompt_len, "ttft_s": ttft, "tpot_s": tpot,
                     "tokens_per_s": b / tpot, "tokens_per_s_per_user": 1 / tpot,
                     "pipelined_tokens_per_s": m * b / interval})
@@ -211,13 +212,15 @@ def _step_table(timeline: Timeline, options: CompileOptions, chunk: int, keys: l
     """Seconds of every step shape the runtime runs (ticks.StepKey): decode and mixed per
     bucket and key bucket, prefill per slice shape and key bucket (the slice ending at the
     bucket's last key)."""
+    time = timeline.step_and_bottleneck_s
     rows = []
     for k in keys:
         for b in options.buckets:
-            rows.append(("decode", b, k, 1, timeline.step_s("decode", b, 1, k - 1)))
-            rows.append(("mixed", b, k, slices[b], timeline.step_s("mixed", b, slices[b], k - 1)))
-        rows += [("prefill", 1, k, p, timeline.step_s("prefill", 1, p, k - p)) for p in slice_sizes(chunk) if p <= k]
-    return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s} for ph, b, k, t, s in sorted(rows)]
+            rows.append(("decode", b, k, 1, *time("decode", b, 1, k - 1)))
+            rows.append(("mixed", b, k, slices[b], *time("mixed", b, slices[b], k - 1)))
+        rows += [("prefill", 1, k, p, *time("prefill", 1, p, k - p)) for p in slice_sizes(chunk) if p <= k]
+    return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s, "bottleneck_s": neck}
+            for ph, b, k, t, s, neck in sorted(rows)]
 
 
 def _prompt_lens(options: CompileOptions) -> list[int]:

@@ -19,7 +19,10 @@ Runtime contract the times assume:
   (`ProgramView.cadence_s`): the lockstep cadence, whatever the batch;
 - a prompt's chunks pipeline through the stages (chunk k+1 enters stage 0 while chunk
   k is on stage 1);
-- after the last stage the sampled ids (int32) go back to the first stage's device.
+- after the last stage the sampled ids (int32) go back to the first stage's device;
+- with pipelined stages, row groups' steps follow each other into the first stage one
+  bottleneck apart (`ProgramView.issue_s`): each step's `bottleneck_s` is its longest stage
+  (incoming transfer included), the time the stage is busy with it.
 
 Serialized as JSON with sorted keys; `plan_hash` is the SHA-256 of the canonical JSON of
 everything else, so the same inputs give the same bytes and the same hash.
@@ -39,7 +42,7 @@ from scheduler.model import ModelSpec
 from scheduler.placement import Placement, Stage
 from scheduler.ticks import StepKey, TickScheduler
 
-SCHEMA_VERSION = 2  # 2: steps per key bucket and slice shape, slices, stage kinds
+SCHEMA_VERSION = 3  # 2: steps per key bucket and slice shape, slices, stage kinds; 3: bottleneck_s per step
 
 
 def canonical_json(data) -> str:
@@ -117,6 +120,7 @@ class ProgramView:
     key_buckets: tuple[int, ...]
     slices: dict  # decode bucket -> prompt tokens its mixed step carries
     steps: dict  # StepKey -> program seconds
+    bottlenecks: dict  # StepKey -> program seconds of its longest stage
     tick_target_s: float
     predictions: tuple[dict, ...]  # the compile table's rows (batch, prompt_len, ttft_s, tpot_s, ...)
 
@@ -128,13 +132,15 @@ class ProgramView:
                                      st["tp"]) for st in data["stages"])
             groups = tuple((g["device"]["name"], g["device"]["kind"], g["count"]) for g in data["pool"]["spec"]["groups"])
             steps = {StepKey(x["phase"], x["batch"], x["keys"], x["tokens"]): x["step_s"] for x in data["steps"]}
+            bottlenecks = {StepKey(x["phase"], x["batch"], x["keys"], x["tokens"]): x["bottleneck_s"]
+                           for x in data["steps"]}
             view = ProgramView(
                 plan_hash=data.get("plan_hash", ""), model=ModelSpec(**data["model"]["spec"]),
                 weight_dtype=data["model"]["weight_dtype"], pool=data["pool"]["description"], pool_devices=groups,
                 stages=stages, max_slots=opts["max_slots"], max_context=opts["max_context"],
                 prefill_chunk=data["prefill_chunk"], buckets=tuple(data["buckets"]),
                 key_buckets=tuple(data["key_buckets"]), slices={x["batch"]: x["tokens"] for x in data["slices"]},
-                steps=steps, tick_target_s=data["tick_target_s"], predictions=tuple(data.get("predictions", ())))
+                steps=steps, bottlenecks=bottlenecks, tick_target_s=data["tick_target_s"], predictions=tuple(data.get("predictions", ())))
         except (KeyError, TypeError) as exc:
             raise SpecError(f"program is missing or mistypes {exc} (compiled by another version? "
                             f"run lockstep compile again)") from None
@@ -163,6 +169,16 @@ class ProgramView:
         f = factors or {}
         return max(self.steps[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])] * f.get(phase, 1.0)
                    for b in self.buckets for phase in ("decode", "mixed"))
+
+    def issue_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
+        """With pipelined stages, how long one row group's deterministic tick at key bucket
+        `keys` holds the busiest stage: the longest stage of any decode or mixed step
+        there (as `cadence_s` takes the longest step), so the next group's step may enter
+        the first stage that much later without ever queueing behind it. P groups then
+        tick every max(cadence, P x issue) (docs/architecture.md, "Pipelined stages")."""
+        f = factors or {}
+        return max(self.bottlenecks[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])]
+                   * f.get(phase, 1.0) for b in self.buckets for phase in ("decode", "mixed"))
 
 
 def hash_body(body: dict) -> str:
@@ -210,6 +226,10 @@ class Timeline:
     def step_s(self, phase: str, batch: int, new: int, past: int) -> float:
         """`schedule(...)["step_s"]`, the same sums, without building the ops (the step
         table times ~100 shapes per program)."""
+        return self._walk(phase, batch, new, past, record=False)[0]
+
+    def step_and_bottleneck_s(self, phase: str, batch: int, new: int, past: int) -> tuple[float, float]:
+        """(`step_s`, `bottleneck_s`) of `schedule(...)`, without building the ops."""
         return self._walk(phase, batch, new, past, record=False)
 
     def _walk(self, phase: str, batch: int, new: int, past: int, record: bool):
@@ -253,7 +273,7 @@ class Timeline:
         hops = self.pool.hops(last.device_end - 1, first.device_start)
         end = clock + self.feedback_time(rows)
         if not record:
-            return end
+            return end, bottleneck
         if hops:
             transfers.append(_transfer(last, first, hops, rows * 4, clock, end))
         return {"phase": phase, "batch": batch, "new_tokens": new, "context": past + (1 if mixed else new),

@@ -79,11 +79,11 @@ def test_from_json_rejects_tampering(staged_program):
 def test_from_json_rejects_other_documents(staged_program):
     with pytest.raises(SpecError, match="not JSON"):
         Program.from_json("{")
-    with pytest.raises(SpecError, match="schema_version must be 2"):
+    with pytest.raises(SpecError, match="schema_version must be 3"):
         Program.from_json("[]")
     data = json.loads(staged_program.to_json())
     data["schema_version"] = 1
-    with pytest.raises(SpecError, match="schema_version must be 2"):
+    with pytest.raises(SpecError, match="schema_version must be 3"):
         Program.from_json(json.dumps(data))
 
 
@@ -307,9 +307,13 @@ def test_the_step_table_is_the_schedules_own_sums(program, staged_inputs):
     timeline = plan(model, pool, options)
     for phase, batch, new, past in (("decode", 1, 1, 0), ("decode", 4, 1, 40), ("prefill", 1, 16, 0),
                                     ("prefill", 1, 8, 30), ("mixed", 2, 8, 20), ("mixed", 4, 4, 50)):
-        assert timeline.step_s(phase, batch, new, past) == timeline.schedule(phase, batch, new, past)["step_s"]
+        sched = timeline.schedule(phase, batch, new, past)
+        assert timeline.step_s(phase, batch, new, past) == sched["step_s"]
+        assert timeline.step_and_bottleneck_s(phase, batch, new, past) == (sched["step_s"], sched["bottleneck_s"])
     view = program.view()
     for sched in program.data["schedules"]:  # the trace's steps at the longest context are in the table
         if sched["phase"] != "prefill":
-            tokens = 1 if sched["phase"] == "decode" else sched["new_tokens"]
-            assert view.step_s(StepKey(sched["phase"], sched["batch"], view.max_context, tokens)) == sched["step_s"]
+            key = StepKey(sched["phase"], sched["batch"], view.max_context,
+                          1 if sched["phase"] == "decode" else sched["new_tokens"])
+            assert view.step_s(key) == sched["step_s"]
+            assert view.bottlenecks[key] == sched["bottleneck_s"]
