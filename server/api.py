@@ -120,7 +120,7 @@ def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None)
     full = engine.queue_full()
     if full is not None:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
-    ttft, e2e = engine.predict(len(parsed.prompt), parsed.max_tokens)
+    ttft, e2e, group = engine.predict_placed(len(parsed.prompt), parsed.max_tokens)
     if time_remaining_s is not None and e2e > time_remaining_s:
         raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
                       f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past the "
@@ -129,7 +129,8 @@ def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None)
     r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
                 parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item),
                 predicted_ttft_s=ttft, predicted_e2e_s=e2e,
-                predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0)
+                predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0,
+                group=group)
     try:
         engine.submit(r)
     except OverflowError as exc:

@@ -31,6 +31,7 @@ from server.api import PROTOCOL as GRPC, SERVICE_NAME, LocalAdmission, LockstepS
 from server.auth import BearerAuth, read_secret, tls_credentials
 from server.engine import Engine, EngineConfig
 from server.executor import make_executor, plan_from_program
+from server.pipelined import PipelinedEngine
 from server.gguf import eos_ids
 from server.metrics import Metrics
 from server.openai_api import OpenAIFrontEnd
@@ -74,6 +75,7 @@ class ServeConfig:
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 19
     http_port: int = -1  # OpenAI-compatible HTTP (server/openai_api.py) on this port; 0: any free one; -1: off
+    pipeline: bool = False  # one row group per stage, their steps in flight together (server/pipelined.py)
 
 
 
@@ -182,8 +184,9 @@ class LockstepServer:
             http = await self._http_server(OpenAIFrontEnd(
                 admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
                 read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
+        mode = ("deterministic" if cfg.deterministic else "throughput") + ("+pipelined" if cfg.pipeline else "")
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
-                              executor=cfg.executor, mode="deterministic" if cfg.deterministic else "throughput")
+                              executor=cfg.executor, mode=mode)
         self.metrics.set_time_scale(scale)
         self.metrics.set_slots_total(program.max_slots * (self.router.n if self.router else 1))
         self.metrics.set_accepting(True)
@@ -208,7 +211,7 @@ class LockstepServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "mode": "deterministic" if cfg.deterministic else "throughput", "pid": os.getpid(),
+                "mode": mode, "pid": os.getpid(),
                 "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file),
                 "replicas": [r.target for r in self.router.replicas] if self.router else []}
 
@@ -229,7 +232,10 @@ class LockstepServer:
         # the host's cores, so it takes them back (prefill of `small` ran 2x slower).
         threads = cfg.torch_threads or os.cpu_count() or 1
         await loop.run_in_executor(self.device_thread, torch.set_num_threads, threads)
-        self.executor = await loop.run_in_executor(self.device_thread, make_executor, plan, cfg.executor)
+        groups = len(program.stages) if cfg.pipeline else 1
+        options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
+        self.executor = await loop.run_in_executor(self.device_thread,
+                                                   lambda: make_executor(plan, cfg.executor, **options))
         keys = program.key_buckets
         if program.simulated and not cfg.time_scale:
             # The chip's times against the host's, at the shortest and the longest contexts.
@@ -251,7 +257,10 @@ class LockstepServer:
         config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                               max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
                               adaptive_pacing=cfg.adaptive_pacing)
-        self.engine = Engine(self.executor, program, config, self.metrics)
+        if cfg.pipeline:
+            self.engine = PipelinedEngine(self.executor, program, config, self.metrics, groups=groups)
+        else:
+            self.engine = Engine(self.executor, program, config, self.metrics)
         self.failed = asyncio.Event()
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
         return LocalAdmission(self.engine), scale

@@ -132,6 +132,9 @@ def _add_serve(sub) -> None:
                                                           "one or measure quickly), or 'none'")
     p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="pipelined stages: split the KV slots into one row group per stage and keep the groups' "
+                        "steps in the stage actors together (needs --executor ray and 2+ stages)")
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
     p.add_argument("--guard-band-ms", type=float, default=1.5,
                    help="opens every paced tick: the event loop sends the last tick's tokens before the next "

@@ -91,6 +91,7 @@ class Request:
     predicted_e2e_s: float = 0.0
     predicted_tpot_s: float = 0.0  # (e2e - TTFT) / (max_tokens - 1) of the admission prediction; 0 for one token
     cancelled: bool = False  # set by the client side; the engine retires it next tick
+    group: int = -1  # pipelined engine: the row group admission chose (-1: let submit choose)
     # Engine state.
     seq: Seq | None = None  # the scheduler's view, from submit on
     out: list[int] = field(default_factory=list)
@@ -159,6 +160,10 @@ class Engine:
         plan, began = in_flight
         return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
                                elapsed_s=time.perf_counter() - began)
+
+    def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
+        """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
+        return (*self.predict(prompt_len, max_tokens), 0)
 
     @property
     def up(self) -> bool:
@@ -232,7 +237,7 @@ class Engine:
     def _end_all(self, reason: str, message: str) -> None:
         with self._lock:
             for r in list(self._requests.values()):
-                self.sched.abort(r.seq)
+                self._sched_of(r.seq).abort(r.seq)
                 self._finish(r, reason, message)
 
     def _run(self) -> None:
@@ -271,26 +276,32 @@ class Engine:
             if not decode:  # the slice alone: a prefill step of it
                 return StepBatch(PREFILL, 1, plan.shape, (rows[-1].slot,), tuple(tokens), tuple(positions),
                                  (reqs[-1].sampling,))
-            phase, bucket, chunk = MIXED, self.sched.bucket_for(len(decode)), plan.shape
+            phase, bucket, chunk = MIXED, self._bucket_for(len(decode)), plan.shape
         else:
-            phase, bucket, chunk = DECODE, self.sched.bucket_for(len(decode)), 1
+            phase, bucket, chunk = DECODE, self._bucket_for(len(decode)), 1
         return StepBatch(phase, bucket, chunk, tuple(s.slot for s in rows), tuple(tokens), tuple(positions),
                          tuple(r.sampling for r in reqs))
 
+    def _bucket_for(self, rows: int) -> int:
+        return next(b for b in self.program.buckets if b >= rows)
+
     def _step(self, plan: TickPlan) -> dict[int, int]:
-        """Runs the plan; returns seq_id -> sampled id for the rows that succeeded. A step
-        that raises is run again row by row (rows are independent and rewriting a KV
-        position writes the same values, so the survivors' tokens are those of the
-        batched step); a row that fails alone ends with reason "error"."""
+        """Runs the plan; returns seq_id -> sampled id for the rows that succeeded."""
         try:
             ids = self.executor.step(self._batch(plan, plan.rows)).token_ids
             return {s.seq_id: t for s, t in zip(plan.rows, ids)}
         except ExecutorFailed:
             raise
         except Exception as exc:
-            if len(plan.rows) == 1:
-                self._fail_row(plan.rows[0], exc)
-                return {}
+            return self._rows_alone(plan, exc)
+
+    def _rows_alone(self, plan: TickPlan, exc: Exception) -> dict[int, int]:
+        """After the plan's batched step raised `exc`: runs it again row by row (rows are
+        independent and rewriting a KV position writes the same values, so the survivors'
+        tokens are those of the batched step); a row that fails alone ends with reason "error"."""
+        if len(plan.rows) == 1:
+            self._fail_row(plan.rows[0], exc)
+            return {}
         done = {}
         for seq in plan.rows:
             try:
@@ -301,11 +312,15 @@ class Engine:
                 self._fail_row(seq, exc)
         return done
 
+    def _sched_of(self, seq: Seq):
+        """The tick scheduler `seq` is in (the pipelined engine has one per row group)."""
+        return self.sched
+
     def _fail_row(self, seq: Seq, exc: Exception) -> None:
         traceback.print_exception(exc)
         with self._lock:
             r = self._requests[seq.seq_id]
-            self.sched.abort(seq)
+            self._sched_of(seq).abort(seq)
             self._finish(r, "error", f"request {r.request_id!r} failed in its step: {type(exc).__name__}: {exc}"[:300])
 
     def _tick(self, plan: TickPlan) -> None:

@@ -127,6 +127,14 @@ class LocalExecutor:
         ids = sample(x, list(batch.sampling), batch.sample_positions())
         return StepResult(tuple(ids), tuple(times), time.perf_counter() - start)
 
+    def submit(self, batch: StepBatch) -> StepResult:
+        """The pipelined engine's interface (see RayExecutor.submit): here the stages run
+        one after another in this thread, so the step is done on return."""
+        return self.step(batch)
+
+    def collect(self, submitted: StepResult) -> StepResult:
+        return submitted
+
     def close(self) -> None:
         self.runners = []
 

@@ -51,7 +51,7 @@ GRPC_CODES = frozenset((
 # the front door the request came in by. Both are exported from the start, at 0.
 PROTOCOLS = ("grpc", "http")
 INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
-MODES = ("deterministic", "throughput")
+MODES = ("deterministic", "deterministic+pipelined", "throughput")  # +pipelined: row groups per stage (server/pipelined.py)
 _POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds close()'s wait
 # The endpoint's bounds: a scrape is one short request, so a handful of connections at
 # once is plenty; more are closed at once, and an idle one is dropped after the timeout.

@@ -89,6 +89,9 @@ def _validate(args) -> None:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
     if args.replicas > 1 and args.no_ray:
         raise SpecError("--replicas places engines with Ray; drop --no-ray")
+    if args.pipeline and (args.executor != "ray" or args.throughput):
+        raise SpecError("--pipeline keeps steps of several row groups in the stage actors at once: it needs "
+                        "--executor ray, and paced ticks (drop --throughput)")
     if args.dtype not in ("fp32", "bf16", "fp16"):
         raise SpecError(f"serve runs fp32, bf16 or fp16 weights, not {args.dtype!r}")
 
@@ -105,6 +108,10 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                                        prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
                                        itl_target_ms=args.itl_target_ms)
     program = scheduler.compile(model, pool, options, _calibration(args, model, pool))
+    stages = len(program.data["stages"])
+    if args.pipeline and not 2 <= stages <= args.max_slots:
+        raise SpecError(f"--pipeline needs a program of 2 to --max-slots ({args.max_slots}) stages, one row group "
+                        f"each; {model.name} on {args.pool} compiles to {stages}")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=args.guard_band_pct / 100,
@@ -113,6 +120,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
                          reflection=not args.no_reflection, front_end_nice=args.front_end_nice,
+                         pipeline=args.pipeline,
                          http_port=args.http_port)
     return config, program
 

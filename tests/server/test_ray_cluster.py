@@ -80,3 +80,52 @@ def test_lockstep_serves_over_grpc_from_stages_on_two_nodes(two_nodes, tmp_path)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@pytest.mark.slow
+def test_pipelined_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_path):
+    """`--pipeline`: a row group per stage, their steps in the two nodes' stage actors
+    together. Concurrent streams in both groups get the tokens of the unpipelined
+    in-process executor."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from protos.lockstep.v1 import lockstep_pb2 as pb
+    from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
+    from server.app import LockstepServer, ServeConfig
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
+    program = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool(str(pool)), OPTIONS)
+    prompts = [random_prompt(5 + 7 * i, seed=20 + i) for i in range(4)]  # one prefill step each
+    params = [SamplingParams(), SamplingParams(temperature=0.5, seed=3), SamplingParams(),
+              SamplingParams(temperature=1.25, seed=8)]  # exact in the proto's float32
+    plan = plan_from_program(program.view())
+    expected = [generate(LocalExecutor(plan), [(0, tuple(p))], [sp], steps=11)[0][0] for p, sp in zip(prompts, params)]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = LockstepServer(ServeConfig(program.to_json(), executor="ray", pipeline=True, max_tokens=50))
+    try:
+        info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
+        assert info["mode"] == "deterministic+pipelined" and server.engine.groups == 2
+
+        def stream(i):
+            with grpc.insecure_channel(info["grpc"]) as channel:
+                sp = params[i]
+                req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), max_tokens=12,
+                                         sampling=pb.SamplingParams(temperature=sp.temperature, seed=sp.seed))
+                return [m.token.id for m in pb_grpc.LockstepStub(channel).Generate(req, timeout=60)
+                        if m.WhichOneof("kind") == "token"]
+
+        with ThreadPoolExecutor(4) as pool_:
+            got = list(pool_.map(stream, range(4)))
+        assert got == expected
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

@@ -1,0 +1,197 @@
+"""`PipelinedEngine`: the lockstep engine with P row groups in flight across the stages.
+
+On a multi-stage program the unpipelined engine sends one step at a time through every
+stage, so each stage idles while the others work. Here the KV slots are split into P
+groups (slots g, g + P, ...), each with its own tick scheduler, and their steps are in the
+stages together (RayExecutor.submit / collect; Ray Compiled Graphs keep several
+executions in flight). The turn clock, admission's group choice and every prediction
+come from scheduler/pipeline.py, the model `lockstep compile` predicts pipelined
+tokens/s with (docs/architecture.md, "Pipelined stages").
+
+A group's turn: collect the step it had in the stages (waiting for it if need be: an
+overrun), hand out its tokens, then plan and submit its next step. A row's tokens do not
+depend on which group or batch it is in (rows are batch-invariant), so a request gets the
+tokens the unpipelined engine gives it.
+
+Deterministic mode only: the turns are paced, and the pacers observe each step from its
+submission to its last stage's end.
+"""
+
+from __future__ import annotations
+
+import time
+
+from scheduler.pipeline import Pipeline, paced_issues
+from scheduler.ticks import DECODE, Seq, TickPlan
+from server.engine import Engine, EngineConfig, EngineDown, Request, _sleep_until
+from server.step import ExecutorFailed
+
+# The engine thread waits on its condition until this close to a turn, then sleeps the
+# rest (a submit in between may bring an earlier turn: it notifies the condition).
+WAKE_EARLY_S = 0.001
+
+
+class PipelinedEngine(Engine):
+    def __init__(self, executor, program, config: EngineConfig = EngineConfig(), metrics=None, groups: int = 2):
+        if not config.deterministic:
+            raise ValueError("pipelined stages are paced turns: deterministic mode only")
+        if len(program.stages) < 2:
+            raise ValueError(f"pipelined stages need a program of 2 or more stages; this one has {len(program.stages)}")
+        self.pipe = Pipeline.for_program(program, groups, config.max_queue)  # ValueError past max_slots
+        self._issues: dict = {}
+        super().__init__(executor, program, config, metrics)
+        self.sched = None  # the groups' schedulers replace it
+        self._group_of: dict[int, int] = {}  # seq_id -> group, waiting or running
+        self._pending: list = [None] * groups  # per group: what executor.submit returned, or the exception it raised
+
+    @property
+    def groups(self) -> int:
+        return len(self.pipe.groups)
+
+    def _repace(self) -> None:
+        super()._repace()
+        factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        self._issues = paced_issues(self.program, factors, self.config.guard_band_s)
+
+    def issue_s(self, key) -> float:
+        """Wall seconds a step of this shape holds the busiest stage, at the pace now."""
+        return self._issues[key]
+
+    # -- client side ------------------------------------------------------------------
+    def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
+        """(TTFT, end-to-end, group) for a request arriving now, from the groups' state and
+        the steps in the stages: the group whose first token would come soonest."""
+        with self._lock:
+            pipe = self.pipe.clone(now=time.perf_counter())
+        ticks, issues = self._ticks, self._issues  # the pace now, read once
+        return pipe.predict(prompt_len, max_tokens, ticks.__getitem__, issues.__getitem__)
+
+    def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
+        return self.predict_placed(prompt_len, max_tokens)[:2]
+
+    def queue_full(self) -> str | None:
+        with self._lock:
+            if self.pipe.waiting() < self.config.max_queue:
+                return None
+            at, ttft = self._last_promise
+        return (f"queue full ({self.config.max_queue} waiting); the last request admitted "
+                f"{time.perf_counter() - at:.3f} s ago was promised its first token in {ttft:.3f} s")
+
+    def submit(self, request: Request) -> None:
+        """Queues a request on the group admission chose (`request.group`; -1: chooses now)."""
+        group = request.group
+        if not 0 <= group < self.groups:
+            group = self.predict_placed(len(request.prompt), request.max_tokens)[2]
+        with self._lock:
+            if self.failure is not None:
+                raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
+            if self.pipe.waiting() >= self.config.max_queue:
+                raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
+            seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids)
+            self.pipe.groups[group].sched.add(seq)
+            request.seq, request.group = seq, group
+            self._requests[seq.seq_id] = request
+            self._group_of[seq.seq_id] = group
+            self._last_promise = (request.arrival_s, request.predicted_ttft_s)
+            self._lock.notify()
+
+    def status(self) -> dict:
+        with self._lock:
+            scheds = [g.sched for g in self.pipe.groups]
+            return {"queue_length": self.pipe.waiting(), "running": sum(len(s.running) for s in scheds),
+                    "slots_in_use": self.max_slots - sum(len(s.free_slots) for s in scheds),
+                    "max_slots": self.max_slots, "ticks": self.ticks, "overruns": self.overruns,
+                    "accepting": self.accepting, "max_queue": self.config.max_queue, "engine_up": self.up,
+                    "pace_factor": self.pacers[DECODE].factor,
+                    "repaces": sum(p.repaces for p in self.pacers.values()), "groups": self.groups}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not any(g.busy for g in self.pipe.groups)
+
+    def _sched_of(self, seq: Seq):
+        return self.pipe.groups[self._group_of[seq.seq_id]].sched
+
+    def _finish(self, r: Request, reason: str, message: str = "") -> None:
+        super()._finish(r, reason, message)
+        self._group_of.pop(r.seq.seq_id, None)
+
+    # -- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                turn = None
+                while not self._stop:
+                    for r in [r for r in self._requests.values() if r.cancelled]:
+                        self._sched_of(r.seq).abort(r.seq)
+                        self._finish(r, "cancelled")
+                    turn = self.pipe.next_turn()
+                    wait = None if turn is None else turn[0] - time.perf_counter() - WAKE_EARLY_S
+                    if wait is not None and wait <= 0:
+                        break
+                    self._lock.wait(wait)
+                if self._stop:
+                    break
+            at, g = turn
+            _sleep_until(at)
+            self._turn(g, max(at, time.perf_counter()))
+        self._end_all("shutdown", "server is shutting down")
+
+    def _turn(self, g: int, at: float) -> None:
+        group = self.pipe.groups[g]
+        plan = group.in_flight
+        if plan is not None:
+            self._apply(g, plan)
+        with self._lock:
+            plan = self.pipe.issue(g, at, self.tick_s, self.issue_s)
+            now = time.perf_counter()
+            for seq in group.sched.running:
+                r = self._requests[seq.seq_id]
+                r.admitted_s = r.admitted_s or now
+        if plan is not None:
+            try:
+                self._pending[g] = self.executor.submit(self._batch(plan, plan.rows))
+            except ExecutorFailed:
+                raise
+            except Exception as exc:  # the batch's fault (LocalExecutor runs it here): retried at collect
+                self._pending[g] = exc
+
+    def _collect(self, g: int, plan: TickPlan) -> tuple[dict[int, int], float]:
+        """(seq_id -> sampled id for the rows that succeeded, the step's seconds from submission)."""
+        pending, self._pending[g] = self._pending[g], None
+        try:
+            if isinstance(pending, Exception):
+                raise pending
+            result = self.executor.collect(pending)
+            return {s.seq_id: t for s, t in zip(plan.rows, result.token_ids)}, result.step_time_s
+        except ExecutorFailed:
+            raise
+        except Exception as exc:
+            return self._rows_alone(plan, exc), 0.0
+
+    def _apply(self, g: int, plan: TickPlan) -> None:
+        """The group's step in the stages: its tokens out, its rows advanced."""
+        tokens, measured = self._collect(g, plan)
+        now = time.perf_counter()
+        tick = self.tick_s(plan.key)
+        overrun = measured > tick  # its tokens could not leave at the tick's end
+        self.ticks += 1
+        self.overruns += overrun
+        pacer, program_s = self.pacers[plan.phase], self.program.step_s(plan.key)
+        if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
+            self._repace()
+            if self.metrics is not None:
+                self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
+        with self._lock:
+            for out in self.pipe.groups[g].sched.update(plan, tokens):
+                r = self._requests[out.seq.seq_id]
+                if out.token is not None:
+                    self._emit(r, out.token, now)
+                if out.finish_reason is not None:
+                    self._finish(r, out.finish_reason)
+            if self.metrics is not None:
+                scheds = [x.sched for x in self.pipe.groups]
+                self.metrics.set_queue(sum(len(x.running) for x in scheds), self.pipe.waiting(),
+                                       self.max_slots - sum(len(x.free_slots) for x in scheds))
+        if self.metrics is not None:
+            self.metrics.observe_tick(plan.phase, len(plan.rows), measured, program_s * self.config.time_scale, overrun)
