@@ -19,7 +19,7 @@ actors against the calibration, measured once at start as `serve` does for real 
 and the same formula over the engine's ticks at its final pace (the pace factors follow
 the measured steps; that is what it promised the requests).
 
-    .venv/bin/python bench/pipeline.py --model small --slots 8 --tokens 96 --rounds 2
+    .venv/bin/python bench/pipeline.py --model small --slots 8 --tokens 100 --rounds 3
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device-memory", type=float, default=7e8, help="bytes per device: small enough for 2 stages")
     p.add_argument("--slots", type=int, default=8, help="KV slots = the largest batch (even)")
-    p.add_argument("--tokens", type=int, default=96, help="tokens per stream")
+    p.add_argument("--tokens", type=int, default=100,
+                   help="tokens per stream (default 100: 16 + 100 keys stay in the 128-key bucket)")
     p.add_argument("--rounds", type=int, default=2)
     return p.parse_args(argv)
 

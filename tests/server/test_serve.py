@@ -90,6 +90,7 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--replicas", "0"], "--replicas must be >= 1"),
     (["--replicas", "2"], "--replicas places engines with Ray; drop --no-ray"),
     (["--route", "random"], "--route: invalid choice"),
+    (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
 ])
 def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
@@ -298,3 +299,18 @@ def test_serve_two_replicas_routes_both_and_exits_0_on_sigterm():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("pool, message", [
+    ("cpu", "--pipeline needs a program of 2 to --max-slots (8) stages, one row group each; tiny on cpu compiles to 1"),
+])
+def test_pipeline_needs_a_multi_stage_program(pool, message):
+    from scheduler.errors import SpecError
+    from server.cli import build_parser
+    from server.serve import build_config
+
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--pool", pool, "--calibration", "none",
+                                      "--executor", "ray", "--pipeline"])
+    with pytest.raises(SpecError) as exc:
+        build_config(args)
+    assert str(exc.value) == message
