@@ -67,8 +67,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(engine: Engine, streams: int, tokens: int) -> tuple[float, list[list[int]], dict]:
-    """(decode tokens/s, each stream's tokens, engine status)."""
+def run(engine: Engine, streams: int, tokens: int) -> tuple[float, list[list[int]], dict, list[float]]:
+    """(decode tokens/s, each stream's tokens, engine status, each stream's first token
+    minus the one promised at admission, and last token minus its promise, in seconds)."""
     times: list[list[float]] = [[] for _ in range(streams)]
     out: list[list[int]] = [[] for _ in range(streams)]
     left = [streams]
@@ -86,6 +87,7 @@ def run(engine: Engine, streams: int, tokens: int) -> tuple[float, list[list[int
         return emit
 
     engine.start()
+    requests = []
     try:
         for i in range(streams):
             prompt = torch.randint(0, 512, (PROMPT_LEN,), generator=torch.Generator().manual_seed(i)).tolist()
@@ -93,6 +95,7 @@ def run(engine: Engine, streams: int, tokens: int) -> tuple[float, list[list[int
             ttft, e2e, r.group = engine.predict_placed(len(prompt), tokens)
             r.predicted_ttft_s, r.predicted_e2e_s = ttft, e2e
             engine.submit(r)
+            requests.append(r)
         if not done.wait(600):
             raise RuntimeError("streams did not finish in 600 s")
         status = engine.status()
@@ -101,7 +104,9 @@ def run(engine: Engine, streams: int, tokens: int) -> tuple[float, list[list[int
     start = max(t[3] for t in times)
     end = min(t[-1] for t in times)
     counted = sum(start < x <= end for t in times for x in t)
-    return counted / (end - start), out, status
+    late = [t[0] - r.arrival_s - r.predicted_ttft_s for t, r in zip(times, requests)]
+    late += [t[-1] - r.arrival_s - r.predicted_e2e_s for t, r in zip(times, requests)]
+    return counted / (end - start), out, status, late
 
 
 def back_to_back(executor: RayExecutor, view, batch: int, in_flight: int, steps: int = 30) -> float:
@@ -173,14 +178,16 @@ def main(argv=None) -> int:
                     config_ = EngineConfig(time_scale=scale)
                     engine = (PipelinedEngine(executor, view, config_, groups=2) if groups == 2
                               else Engine(executor, view, config_))
-                    rate, out, status = run(engine, streams, args.tokens)
+                    rate, out, status, late = run(engine, streams, args.tokens)
                 finally:
                     executor.close()
                 measured[config].append(rate)
                 paced[config].append(predicted_wall(engine, view, groups, streams // groups))
                 tokens.setdefault(streams, out)
                 same = tokens[streams] == out
-                print(f"round {rnd}: {name:11s} x {streams}: {rate:8.1f} tok/s  (overruns {status['overruns']} of "
+                promise = max(late, key=abs)
+                print(f"round {rnd}: {name:11s} x {streams}: {rate:8.1f} tok/s  (first and last tokens against their "
+                      f"promises: worst {promise * 1e3:+.1f} ms; overruns {status['overruns']} of "
                       f"{status['ticks']} ticks, pace x{status['pace_factor']:.1f}; same tokens as the first "
                       f"{streams}-stream run: {same})", flush=True)
                 if not same:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from scheduler.pipeline import Pipeline, paced_issues
+from scheduler.pipeline import Pipeline, cadence_gap, pipelined_tables
 from scheduler.ticks import DECODE, Seq, TickPlan
 from server.engine import Engine, EngineConfig, EngineDown, Request, _sleep_until
 from server.step import ExecutorFailed
@@ -49,9 +49,11 @@ class PipelinedEngine(Engine):
         return len(self.pipe.groups)
 
     def _repace(self) -> None:
-        super()._repace()
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
-        self._issues = paced_issues(self.program, factors, self.config.guard_band_s)
+        # Swapped whole, as in Engine._repace: `predict` on another thread reads one pair or the other.
+        self._ticks, self._issues = ticks, issues = pipelined_tables(self.program, factors, self.config.guard_band_s)
+        self._gap = cadence_gap(issues)
+        self._tables = (ticks, issues, self._gap)
 
     def issue_s(self, key) -> float:
         """Wall seconds a step of this shape holds the busiest stage, at the pace now."""
@@ -63,8 +65,8 @@ class PipelinedEngine(Engine):
         the steps in the stages: the group whose first token would come soonest."""
         with self._lock:
             pipe = self.pipe.clone(now=time.perf_counter())
-        ticks, issues = self._ticks, self._issues  # the pace now, read once
-        return pipe.predict(prompt_len, max_tokens, ticks.__getitem__, issues.__getitem__)
+        ticks, issues, gap = self._tables  # the pace now, read once
+        return pipe.predict(prompt_len, max_tokens, ticks.__getitem__, issues.__getitem__, gap)
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         return self.predict_placed(prompt_len, max_tokens)[:2]
@@ -125,7 +127,7 @@ class PipelinedEngine(Engine):
                     for r in [r for r in self._requests.values() if r.cancelled]:
                         self._sched_of(r.seq).abort(r.seq)
                         self._finish(r, "cancelled")
-                    turn = self.pipe.next_turn()
+                    turn = self.pipe.next_turn(self._gap)
                     wait = None if turn is None else turn[0] - time.perf_counter() - WAKE_EARLY_S
                     if wait is not None and wait <= 0:
                         break

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import CompileOptions, compile, get_model
-from scheduler.pipeline import Group, Pipeline, group_slots, paced_issues
+from scheduler.pipeline import Group, Pipeline, cadence_gap, group_slots, pipeline_chunk, pipelined_tables
 from scheduler.simulate import paced_ticks, predict_arrival
-from scheduler.ticks import Seq, TickScheduler
+from scheduler.ticks import Seq, StepKey, TickScheduler
 from tests.scheduler.conftest import SMALL_LPU_POOL
 from tests.scheduler.test_simulate import busy, tick_s
 
@@ -20,11 +20,19 @@ def issue_s(key):
     return 0.4 * tick_s(key)
 
 
-def drive(pipe: Pipeline, tick, issue, turns: int) -> dict[int, list[float]]:
-    """Runs `turns` turns as the engine does, with no real steps: seq_id -> token times."""
+LONGEST = 0.4 * 0.050 * 1.25  # the longest issue_s: a prefill tick at 512 keys
+
+
+def drive(pipe: Pipeline, tick, issue, turns: int, longest: float = LONGEST,
+          arrivals: dict | None = None) -> dict[int, list[float]]:
+    """Runs `turns` turns as the engine does, with no real steps: seq_id -> token times.
+    `arrivals`: turn index -> (group, Seq) queued just before that turn."""
     tokens: dict[int, list[float]] = {}
-    for _ in range(turns):
-        turn = pipe.next_turn()
+    for n in range(turns):
+        if arrivals and n in arrivals:
+            group, seq = arrivals[n]
+            pipe.groups[group].sched.add(seq)
+        turn = pipe.next_turn(longest)
         if turn is None:
             break
         at, g = turn
@@ -59,7 +67,7 @@ def test_one_group_is_the_unpipelined_schedule(arrivals, warm, prompt_len, max_t
         expected = predict_arrival(sched, prompt_len, max_tokens, tick_s, in_flight=plan, elapsed_s=elapsed)
         pipe = Pipeline([Group(sched, tick_s(plan.key), plan)], issue_s(plan.key)).clone(now=elapsed)
     before = (len(sched.waiting), len(sched.running), [s.generated for s in sched.running])
-    ttft, e2e, group = pipe.predict(prompt_len, max_tokens, tick_s, issue_s)
+    ttft, e2e, group = pipe.predict(prompt_len, max_tokens, tick_s, issue_s, LONGEST)
     assert group == 0
     assert ttft == pytest.approx(expected[0], rel=1e-9)
     assert e2e == pytest.approx(expected[1], rel=1e-9)
@@ -95,11 +103,12 @@ def test_the_runtime_clock_realizes_the_compilers_pipelined_tokens_per_s():
     view = program.view()
     assert len(view.stages) == 2 and view.key_buckets == (64,)
     factors = {"prefill": 1.0, "decode": 1.0, "mixed": 1.0}
-    ticks, issues = paced_ticks(view, factors, 0.0), paced_issues(view, factors, 0.0)
+    ticks, issues = pipelined_tables(view, factors, 0.0)
+    assert all(ticks[k] == paced_ticks(view, factors, 0.0)[k] for k in view.steps if k.phase != "prefill")
     pipe = Pipeline.for_program(view, 2)
     for i in range(8):
         pipe.groups[i % 2].sched.add(Seq(i, 4, 60))
-    tokens = drive(pipe, ticks.__getitem__, issues.__getitem__, turns=400)
+    tokens = drive(pipe, ticks.__getitem__, issues.__getitem__, turns=400, longest=cadence_gap(issues))
     assert len(tokens) == 8
     start, end = max(t[10] for t in tokens.values()), min(t[40] for t in tokens.values())
     counted = sum(start < x <= end for t in tokens.values() for x in t)
@@ -111,10 +120,60 @@ def test_the_runtime_clock_realizes_the_compilers_pipelined_tokens_per_s():
 def test_a_request_goes_to_the_group_whose_first_token_comes_first():
     pipe = full_groups(2, 2, prompt_len=4, max_tokens=50)
     pipe.groups[0].sched.add(Seq(10, 200, 5))  # group 0 has a long prompt queued
-    ttft, e2e, group = pipe.clone().predict(8, 4, tick_s, issue_s)
+    ttft, e2e, group = pipe.clone().predict(8, 4, tick_s, issue_s, LONGEST)
     assert group == 1
-    ttft0 = pipe.clone()._run(0, 8, 4, tick_s, issue_s, first_token_only=True)[0]
+    ttft0 = pipe.clone()._run(0, 8, 4, tick_s, issue_s, LONGEST, first_token_only=True)[0]
     assert ttft < ttft0 and e2e > ttft
     # Ties go to the lower group.
-    even = full_groups(2, 2, prompt_len=4, max_tokens=50)
-    assert even.predict(8, 4, tick_s, issue_s)[2] == 0
+    idle = Pipeline([Group(TickScheduler(2, 512, 16, (1, 2, 4), 64, {}, free_slots=slots)) for slots in group_slots(4, 2)])
+    assert idle.predict(8, 4, tick_s, issue_s, LONGEST)[2] == 0
+
+
+def uniform_tick(key) -> float:
+    """One period for every step at a key bucket, as `pipelined_tables` gives."""
+    return 0.012 * (1 + (key.keys.bit_length() - 8) / 8)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 40), st.integers(1, 60), st.integers(1, 40), st.sampled_from([0.2, 0.3, 0.5]),
+       st.integers(1, 4), st.sampled_from([2, 3]), st.integers(0, 12))
+def test_a_group_that_starts_does_not_move_the_other_groups_tokens(at_turn, prompt_len, max_tokens, frac, streams,
+                                                                   groups, late):
+    """The promise holds under load: the other groups' token times are the same whether
+    or not group 1 starts a request at any turn, at any pace (rows within one key
+    bucket). With 3 groups the last one starts `late` turns in, off the first's beat."""
+    def issue(key):
+        return frac * uniform_tick(key)
+
+    gap = issue(StepKey("decode", 4, 128, 1))
+    before = {late: (2, lambda: Seq(50, 12, 30))} if groups == 3 else {}  # fresh seqs for each run
+    after = {at_turn + (at_turn in before): (1, lambda: Seq(99, prompt_len, max_tokens))}
+    alone = drive(_two(streams, groups), uniform_tick, issue, 300, gap, {n: (g, f()) for n, (g, f) in before.items()})
+    joined = drive(_two(streams, groups), uniform_tick, issue, 300, gap,
+                   {n: (g, f()) for n, (g, f) in (before | after).items()})
+    if groups == 3 and late >= at_turn:
+        del alone[50]  # it came after the newcomer: its promise counted it
+    assert 99 in joined and alone.keys() <= joined.keys() - {99}
+    for seq_id, times in alone.items():
+        assert joined[seq_id] == pytest.approx(times, abs=1e-12)
+
+
+def _two(streams: int, groups: int = 2) -> Pipeline:
+    """Groups of 4 slots (mixed steps on); group 0 has `streams` requests, the others none."""
+    pipe = Pipeline([Group(TickScheduler(4, 512, 16, (1, 2, 4), 64, {1: 8, 2: 8, 4: 4}, free_slots=slots))
+                     for slots in group_slots(4 * groups, groups)])
+    for i in range(streams):
+        pipe.groups[0].sched.add(Seq(i, 20 + 7 * i, 40))
+    return pipe
+
+
+def test_a_pipelined_prompt_goes_in_slices_that_fit_the_cadence():
+    program = compile(get_model("tiny"), SMALL_LPU_POOL,
+                      CompileOptions(max_slots=8, max_context=64, prompt_len=40, prefill_chunk=16))
+    view = program.view()
+    chunk = pipeline_chunk(view)
+    assert 4 <= chunk <= view.prefill_chunk
+    for key in view.steps:
+        if key.phase == "prefill" and key.tokens == chunk:
+            assert view.steps[key] <= view.cadence_s(key.keys) and view.bottlenecks[key] <= view.issue_s(key.keys)
+    assert all(g.sched.chunk == chunk for g in Pipeline.for_program(view, 2).groups)
