@@ -175,7 +175,7 @@ class Engine:
         refusal ~2 ms of the event loop); the message gives the promise made to the last
         request admitted instead."""
         with self._lock:
-            if len(self.sched.waiting) < self.config.max_queue:
+            if self._occupancy()[1] < self.config.max_queue:
                 return None
             at, ttft = self._last_promise
         return (f"queue full ({self.config.max_queue} waiting); the last request admitted "
@@ -196,8 +196,9 @@ class Engine:
 
     def status(self) -> dict:
         with self._lock:
-            return {"queue_length": len(self.sched.waiting), "running": len(self.sched.running),
-                    "slots_in_use": self.max_slots - len(self.sched.free_slots), "max_slots": self.max_slots,
+            running, waiting, free = self._occupancy()
+            return {"queue_length": waiting, "running": running,
+                    "slots_in_use": self.max_slots - free, "max_slots": self.max_slots,
                     "ticks": self.ticks, "overruns": self.overruns, "accepting": self.accepting,
                     "max_queue": self.config.max_queue, "engine_up": self.up,
                     "pace_factor": self.pacers[DECODE].factor,
@@ -338,32 +339,42 @@ class Engine:
         overrun = self.config.deterministic and step_start + measured > start + tick
         if self.config.deterministic and not overrun:
             _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
-        now = time.perf_counter()
+        self._account(plan, self.sched, tokens, measured, overrun, time.perf_counter())
+
+    def _account(self, plan: TickPlan, sched, tokens: dict[int, int], measured: float, overrun: bool,
+                 now: float) -> None:
+        """After a step of `plan` (planned by `sched`) that took `measured` seconds: counts
+        it, lets its phase's pacer see it, hands out its tokens (at `now`) and ends the
+        requests it finished."""
         self.ticks += 1
         self.overruns += overrun
+        program_s = self.program.step_s(plan.key)
         if overrun:  # rare by design (the pace covers the 95th percentile + 10%): each one is worth a line
             log.warning("tick %d overran: %s step took %.2f ms of a %.2f ms tick (program %.2f ms)", self.ticks,
-                        tuple(plan.key), measured * 1e3, tick * 1e3, self.program.step_s(plan.key) * 1e3)
+                        tuple(plan.key), measured * 1e3, self.tick_s(plan.key) * 1e3, program_s * 1e3)
         # Rows that failed ran again alone: such a tick says nothing about the pace.
-        pacer, program_s = self.pacers[plan.phase], self.program.step_s(plan.key)
+        pacer = self.pacers[plan.phase]
         if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
             self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
         with self._lock:
             self._in_flight = None
-            for out in self.sched.update(plan, tokens):
+            for out in sched.update(plan, tokens):
                 r = self._requests[out.seq.seq_id]
                 if out.token is not None:
                     self._emit(r, out.token, now)
                 if out.finish_reason is not None:
                     self._finish(r, out.finish_reason)
             if self.metrics is not None:
-                self.metrics.set_queue(len(self.sched.running), len(self.sched.waiting),
-                                       self.max_slots - len(self.sched.free_slots))
+                running, waiting, free = self._occupancy()
+                self.metrics.set_queue(running, waiting, self.max_slots - free)
         if self.metrics is not None:
-            predicted = program_s * self.config.time_scale
-            self.metrics.observe_tick(plan.phase, len(plan.rows), measured, predicted, overrun)
+            self.metrics.observe_tick(plan.phase, len(plan.rows), measured, program_s * self.config.time_scale, overrun)
+
+    def _occupancy(self) -> tuple[int, int, int]:
+        """(running, waiting, free slots), under the lock."""
+        return len(self.sched.running), len(self.sched.waiting), len(self.sched.free_slots)
 
     def _emit(self, r: Request, token: int, now: float) -> None:
         if r.first_token_s is None:

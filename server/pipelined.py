@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from scheduler.pipeline import Pipeline, cadence_gap, pipelined_tables
-from scheduler.ticks import DECODE, Seq, TickPlan
+from scheduler.ticks import Seq, TickPlan
 from server.engine import Engine, EngineConfig, EngineDown, Request, _sleep_until
 from server.step import ExecutorFailed
 
@@ -71,14 +71,6 @@ class PipelinedEngine(Engine):
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         return self.predict_placed(prompt_len, max_tokens)[:2]
 
-    def queue_full(self) -> str | None:
-        with self._lock:
-            if self.pipe.waiting() < self.config.max_queue:
-                return None
-            at, ttft = self._last_promise
-        return (f"queue full ({self.config.max_queue} waiting); the last request admitted "
-                f"{time.perf_counter() - at:.3f} s ago was promised its first token in {ttft:.3f} s")
-
     def submit(self, request: Request) -> None:
         """Queues a request on the group admission chose (`request.group`; -1: chooses now)."""
         group = request.group
@@ -98,14 +90,11 @@ class PipelinedEngine(Engine):
             self._lock.notify()
 
     def status(self) -> dict:
-        with self._lock:
-            scheds = [g.sched for g in self.pipe.groups]
-            return {"queue_length": self.pipe.waiting(), "running": sum(len(s.running) for s in scheds),
-                    "slots_in_use": self.max_slots - sum(len(s.free_slots) for s in scheds),
-                    "max_slots": self.max_slots, "ticks": self.ticks, "overruns": self.overruns,
-                    "accepting": self.accepting, "max_queue": self.config.max_queue, "engine_up": self.up,
-                    "pace_factor": self.pacers[DECODE].factor,
-                    "repaces": sum(p.repaces for p in self.pacers.values()), "groups": self.groups}
+        return {**super().status(), "groups": self.groups}
+
+    def _occupancy(self) -> tuple[int, int, int]:
+        scheds = [g.sched for g in self.pipe.groups]
+        return (sum(len(s.running) for s in scheds), self.pipe.waiting(), sum(len(s.free_slots) for s in scheds))
 
     def idle(self) -> bool:
         with self._lock:
@@ -174,26 +163,5 @@ class PipelinedEngine(Engine):
     def _apply(self, g: int, plan: TickPlan) -> None:
         """The group's step in the stages: its tokens out, its rows advanced."""
         tokens, measured = self._collect(g, plan)
-        now = time.perf_counter()
-        tick = self.tick_s(plan.key)
-        overrun = measured > tick  # its tokens could not leave at the tick's end
-        self.ticks += 1
-        self.overruns += overrun
-        pacer, program_s = self.pacers[plan.phase], self.program.step_s(plan.key)
-        if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
-            self._repace()
-            if self.metrics is not None:
-                self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
-        with self._lock:
-            for out in self.pipe.groups[g].sched.update(plan, tokens):
-                r = self._requests[out.seq.seq_id]
-                if out.token is not None:
-                    self._emit(r, out.token, now)
-                if out.finish_reason is not None:
-                    self._finish(r, out.finish_reason)
-            if self.metrics is not None:
-                scheds = [x.sched for x in self.pipe.groups]
-                self.metrics.set_queue(sum(len(x.running) for x in scheds), self.pipe.waiting(),
-                                       self.max_slots - sum(len(x.free_slots) for x in scheds))
-        if self.metrics is not None:
-            self.metrics.observe_tick(plan.phase, len(plan.rows), measured, program_s * self.config.time_scale, overrun)
+        overrun = measured > self.tick_s(plan.key)  # its tokens could not leave at the tick's end
+        self._account(plan, self.pipe.groups[g].sched, tokens, measured, overrun, time.perf_counter())
