@@ -12,7 +12,7 @@ import scheduler
 from server.executor import LocalExecutor, plan_from_program
 from server.ray_executor import RayExecutor
 from server.sampling import SamplingParams
-from tests.server.helpers import OPTIONS, random_prompt
+from tests.server.helpers import OPTIONS, Live, random_prompt
 from tests.server.test_ray_executor import generate
 
 
@@ -48,14 +48,11 @@ def test_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_path):
 @pytest.mark.slow
 def test_lockstep_serves_over_grpc_from_stages_on_two_nodes(two_nodes, tmp_path):
     """The whole server (engine + gRPC) with `--executor ray` on the two-node cluster."""
-    import asyncio
-    import threading
 
     import grpc
 
     from protos.lockstep.v1 import lockstep_pb2 as pb
     from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-    from server.app import LockstepServer, ServeConfig
 
     pool = tmp_path / "pool.toml"
     pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
@@ -63,23 +60,16 @@ def test_lockstep_serves_over_grpc_from_stages_on_two_nodes(two_nodes, tmp_path)
     prompt = random_prompt(25, seed=8)
     expected = generate(LocalExecutor(plan_from_program(program.view())), [(0, tuple(prompt))], [SamplingParams()],
                         steps=9)[0][0]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = LockstepServer(ServeConfig(program.to_json(), executor="ray", deterministic=False, max_tokens=50))
+    live = Live(program, executor="ray", deterministic=False, max_tokens=50)
     try:
-        info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
-        assert len(set(server.executor.stage_nodes())) == 2
-        with grpc.insecure_channel(info["grpc"]) as channel:
+        assert len(set(live.server.executor.stage_nodes())) == 2
+        with grpc.insecure_channel(live.info["grpc"]) as channel:
             stub = pb_grpc.LockstepStub(channel)
             req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=10)
             tokens = [m.token.id for m in stub.Generate(req, timeout=60) if m.WhichOneof("kind") == "token"]
         assert tokens == expected
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+        live.close()
 
 
 @pytest.mark.slow
@@ -87,15 +77,12 @@ def test_pipelined_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_pa
     """`--pipeline`: a row group per stage, their steps in the two nodes' stage actors
     together. Concurrent streams in both groups get the tokens of the unpipelined
     in-process executor."""
-    import asyncio
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
     from protos.lockstep.v1 import lockstep_pb2 as pb
     from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-    from server.app import LockstepServer, ServeConfig
 
     pool = tmp_path / "pool.toml"
     pool.write_text('topology = "chain"\n[[devices]]\npreset = "lpu"\ncount = 2\nmemory_bytes = 6e6\n')
@@ -105,16 +92,12 @@ def test_pipelined_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_pa
               SamplingParams(temperature=1.25, seed=8)]  # exact in the proto's float32
     plan = plan_from_program(program.view())
     expected = [generate(LocalExecutor(plan), [(0, tuple(p))], [sp], steps=11)[0][0] for p, sp in zip(prompts, params)]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = LockstepServer(ServeConfig(program.to_json(), executor="ray", pipeline=True, max_tokens=50))
+    live = Live(program, executor="ray", pipeline=True, max_tokens=50)
     try:
-        info = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
-        assert info["mode"] == "deterministic+pipelined" and server.engine.groups == 2
+        assert live.info["mode"] == "deterministic+pipelined" and live.server.engine.groups == 2
 
         def stream(i):
-            with grpc.insecure_channel(info["grpc"]) as channel:
+            with grpc.insecure_channel(live.info["grpc"]) as channel:
                 sp = params[i]
                 req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), max_tokens=12,
                                          sampling=pb.SamplingParams(temperature=sp.temperature, seed=sp.seed))
@@ -125,7 +108,4 @@ def test_pipelined_stages_on_two_nodes_stream_the_local_tokens(two_nodes, tmp_pa
             got = list(pool_.map(stream, range(4)))
         assert got == expected
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+        live.close()
