@@ -31,11 +31,11 @@ With P = 1 this is the unpipelined engine's schedule, and `Pipeline.predict` giv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import NEW_ID
+from scheduler.simulate import NEW_ID, rebind
 from scheduler.ticks import PREFILL, Seq, StepKey, TickPlan, TickScheduler, slice_sizes
 
 TickTable = Callable[[StepKey], float]
@@ -113,10 +113,7 @@ class Pipeline:
         out = Pipeline([], max(0.0, self.free_s - now))
         for g in self.groups:
             sched = g.sched.clone()
-            plan = g.in_flight
-            if plan is not None:  # its rows as the copy's seqs (an aborted row: a stand-in, skipped by update)
-                by_id = {s.seq_id: s for s in sched.running}
-                plan = replace(plan, rows=tuple(by_id.get(s.seq_id) or replace(s) for s in plan.rows))
+            plan = None if g.in_flight is None else rebind(g.in_flight, sched)
             due = None if g.due_s is None else g.due_s - now
             out.groups.append(Group(sched, max(0.0, g.ready_s - now), plan, g.hold_s, g.period_s, due))
         return out

@@ -86,6 +86,14 @@ def skip(plan: TickPlan, ticks: int) -> None:
             seq.generated += ticks
 
 
+def rebind(plan: TickPlan, sched: TickScheduler) -> TickPlan:
+    """`plan` (planned from another copy of `sched`) over `sched`'s own seqs. Rows aborted
+    since are no longer running: stand-ins keep the rows' order (the slice row is the
+    last), and update() skips them."""
+    by_id = {s.seq_id: s for s in sched.running}
+    return replace(plan, rows=tuple(by_id.get(s.seq_id) or replace(s) for s in plan.rows))
+
+
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
                     tick_s: Callable[[StepKey], float], clone: bool = True,
                     in_flight: TickPlan | None = None, elapsed_s: float = 0.0,
@@ -102,12 +110,8 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
     sim = sched.clone() if clone else sched
     t, ttft = 0.0, None
     if in_flight is not None:
-        by_id = {s.seq_id: s for s in sim.running}
-        # Rows aborted during the tick are no longer running: stand-ins keep the rows' order
-        # (the slice row is the last), and update() skips them.
-        rows = tuple(by_id.get(s.seq_id) or replace(s) for s in in_flight.rows)
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
-        sim.update(replace(in_flight, rows=rows))
+        sim.update(rebind(in_flight, sim))
     new = Seq(NEW_ID, prompt_len, max_tokens)
     sim.waiting.append(new)
     while new.finish_reason is None:

@@ -188,7 +188,7 @@ class Engine:
             if self.failure is not None:
                 raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
             seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids)
-            self.sched.add(seq)  # OverflowError when the queue is full
+            self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             self._requests[seq.seq_id] = request
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
@@ -313,8 +313,13 @@ class Engine:
                 self._fail_row(seq, exc)
         return done
 
+    def _sched_for(self, request: Request):
+        """Under the lock: the tick scheduler `request` goes to (the pipelined engine has
+        one per row group)."""
+        return self.sched
+
     def _sched_of(self, seq: Seq):
-        """The tick scheduler `seq` is in (the pipelined engine has one per row group)."""
+        """The tick scheduler `seq` is in (while its request is in the engine)."""
         return self.sched
 
     def _fail_row(self, seq: Seq, exc: Exception) -> None:

@@ -23,7 +23,7 @@ import time
 
 from scheduler.pipeline import Pipeline, cadence_gap, pipelined_tables
 from scheduler.ticks import Seq, TickPlan
-from server.engine import Engine, EngineConfig, EngineDown, Request, _sleep_until
+from server.engine import Engine, EngineConfig, Request, _sleep_until
 from server.step import ExecutorFailed
 
 # The engine thread waits on its condition until this close to a turn, then sleeps the
@@ -41,7 +41,6 @@ class PipelinedEngine(Engine):
         self._issues: dict = {}
         super().__init__(executor, program, config, metrics)
         self.sched = None  # the groups' schedulers replace it
-        self._group_of: dict[int, int] = {}  # seq_id -> group, waiting or running
         self._pending: list = [None] * groups  # per group: what executor.submit returned, or the exception it raised
 
     @property
@@ -73,21 +72,17 @@ class PipelinedEngine(Engine):
 
     def submit(self, request: Request) -> None:
         """Queues a request on the group admission chose (`request.group`; -1: chooses now)."""
-        group = request.group
-        if not 0 <= group < self.groups:
-            group = self.predict_placed(len(request.prompt), request.max_tokens)[2]
-        with self._lock:
-            if self.failure is not None:
-                raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
-            if self.pipe.waiting() >= self.config.max_queue:
-                raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
-            seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids)
-            self.pipe.groups[group].sched.add(seq)
-            request.seq, request.group = seq, group
-            self._requests[seq.seq_id] = request
-            self._group_of[seq.seq_id] = group
-            self._last_promise = (request.arrival_s, request.predicted_ttft_s)
-            self._lock.notify()
+        if not 0 <= request.group < self.groups:
+            request.group = self.predict_placed(len(request.prompt), request.max_tokens)[2]
+        super().submit(request)
+
+    def _sched_for(self, request: Request):
+        if self.pipe.waiting() >= self.config.max_queue:  # the bound is the engine's, over all groups
+            raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
+        return self.pipe.groups[request.group].sched
+
+    def _sched_of(self, seq: Seq):
+        return self.pipe.groups[self._requests[seq.seq_id].group].sched
 
     def status(self) -> dict:
         return {**super().status(), "groups": self.groups}
@@ -99,13 +94,6 @@ class PipelinedEngine(Engine):
     def idle(self) -> bool:
         with self._lock:
             return not any(g.busy for g in self.pipe.groups)
-
-    def _sched_of(self, seq: Seq):
-        return self.pipe.groups[self._group_of[seq.seq_id]].sched
-
-    def _finish(self, r: Request, reason: str, message: str = "") -> None:
-        super()._finish(r, reason, message)
-        self._group_of.pop(r.seq.seq_id, None)
 
     # -- engine thread ------------------------------------------------------------------
     def _run(self) -> None:
