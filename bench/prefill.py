@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 import scheduler
-from server.calibrate import _median_time, measure_matmul_flops
-from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.model import TORCH_DTYPES, Linear
-from server.sampling import GREEDY
-from server.step import StepBatch
+from server.runtime.calibrate import _median_time, measure_matmul_flops
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import RuntimePlan, StageSpec
+from server.runtime.model import TORCH_DTYPES, Linear
+from server.runtime.sampling import GREEDY
+from server.runtime.step import StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 

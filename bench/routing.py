@@ -143,7 +143,7 @@ def start_fleet(args):
 
     from server.app import LockstepServer
     from server.cli import build_parser
-    from server.router import RoutedAdmission, replica_config
+    from server.frontend.router import RoutedAdmission, replica_config
     from server.serve import build_config
 
     serve = build_parser().parse_args(

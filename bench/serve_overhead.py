@@ -27,11 +27,12 @@ import sys
 
 from client.client import LockstepClient
 from scheduler.program import ProgramView
-from server.executor import LocalExecutor, plan_from_program
-from server.sampling import GREEDY
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import plan_from_program
+from server.runtime.sampling import GREEDY
 from server.serve import build_config
 from server.cli import build_parser
-from server.step import StepBatch
+from server.runtime.step import StepBatch
 
 
 def percentile(xs: list[float], q: float) -> float:

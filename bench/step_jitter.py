@@ -12,9 +12,10 @@ import argparse
 import time
 
 import scheduler
-from server.executor import LocalExecutor, RuntimePlan, StageSpec
-from server.sampling import GREEDY
-from server.step import StepBatch
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import RuntimePlan, StageSpec
+from server.runtime.sampling import GREEDY
+from server.runtime.step import StepBatch
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.folder / "tokenizer.json").is_file():
         p.error(f"--folder {str(args.folder)!r} has no tokenizer.json")
-    from server.tokenizer import ChatTemplate  # after the arguments: a usage error should not wait for transformers
+    from server.frontend.tokenizer import ChatTemplate  # after the arguments: a usage error should not wait for transformers
 
     try:
         template = ChatTemplate(args.folder)

@@ -38,8 +38,8 @@ def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
     (the server then finds it cached)."""
     if CHAT_MODEL not in server_args:
         return None
-    from server import gguf
-    from server.tokenizer import ChatTemplate
+    from server.runtime import gguf
+    from server.frontend.tokenizer import ChatTemplate
 
     template = ChatTemplate(gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL))
     return [template.question(q) for q in QUESTIONS]

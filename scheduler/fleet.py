@@ -1,7 +1,7 @@
 """Several replicas of one program behind a router: the routing policies, and a
 discrete-event run of the fleet over the program's tick times.
 
-The router (server/router.py) and this simulation choose with the same `pick`, and the
+The router (server/frontend/router.py) and this simulation choose with the same `pick`, and the
 prediction they choose by is the same `predict_arrival` each engine answers admission
 with (scheduler/simulate.py): one timing model behind every prediction.
 

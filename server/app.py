@@ -13,103 +13,35 @@ import gc
 import contextlib
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
-import torch
 import uvicorn
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from scheduler.program import Program, ProgramView
-from server.api import PROTOCOL as GRPC, SERVICE_NAME, LocalAdmission, LockstepService
-from server.auth import BearerAuth, read_secret, tls_credentials
-from server.engine import Engine, EngineConfig
-from server.executor import make_executor, plan_from_program
-from server.pipelined import PipelinedEngine
-from server.gguf import eos_ids
-from server.metrics import Metrics
-from server.openai_api import OpenAIFrontEnd
-from server.step import full_batch
-from server.tokenizer import ChatTemplate, load_tokenizer
-from server.validate import Limits
+from server.frontend.api import PROTOCOL as GRPC, SERVICE_NAME, LocalAdmission, LockstepService, health_handler
+from server.frontend.auth import BearerAuth, read_secret, tls_credentials
+from server.core.build import build_engine
+from server.config import NODE_IP, ServeConfig
+from server.core.client import CoreClient
+from server.runtime.gguf import eos_ids
+from server.runtime.signals import exit_on_signal
+from server.frontend.metrics import Metrics
+from server.frontend.openai_api import OpenAIFrontEnd
+from server.frontend.tokenizer import ChatTemplate, load_tokenizer
+from server.frontend.validate import Limits
 
 SWITCH_INTERVAL_S = 0.0002
 MAX_MESSAGE_BYTES = 1 << 20  # a request is a prompt: 1 MiB is ~250k tokens of text
 # Of the shutdown grace period, what is kept for tearing down (engine, gRPC, executor)
 # after draining, so the process exits within the grace period, not after it.
 TEARDOWN_RESERVE_S = 1.0
-
-
-NODE_IP = "node-ip"  # ServeConfig.host of a replica on a Ray cluster: its node's address
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    program_json: str  # the compiled Program document
-    executor: str = "local"  # local | ray
-    seed: int = 0
-    checkpoint: str = ""
-    deterministic: bool = True
-    time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
-    guard_band_s: float = EngineConfig.guard_band_s
-    guard_band_frac: float = EngineConfig.guard_band_frac
-    adaptive_pacing: bool = EngineConfig.adaptive_pacing
-    host: str = "127.0.0.1"
-    port: int = 0
-    metrics_host: str = ""  # "" : the same as host
-    metrics_port: int = 0
-    tls_cert: str = ""  # PEM files: serve gRPC over TLS when both are set
-    tls_key: str = ""
-    auth_token_file: str = ""  # require `authorization: Bearer <token>` on every RPC but health
-    reflection: bool = True
-    max_queue: int = EngineConfig.max_queue
-    max_tokens: int = 1024
-    torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
-    # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
-    # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
-    front_end_nice: int = 19
-    http_port: int = -1  # OpenAI-compatible HTTP (server/openai_api.py) on this port; 0: any free one; -1: off
-    pipeline: bool = False  # one row group per stage, their steps in flight together (server/pipelined.py)
-
-
-
-
-def _shapes(program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...]):
-    """(program seconds, a StepBatch of that shape with every row real) for the program's
-    steps of these phases at these key buckets; rows end at the bucket's last key."""
-    for key, predicted in sorted(program.steps.items()):
-        if key.phase in phases and key.keys in keys:
-            yield predicted, full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)
-
-
-def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...],
-                       repeats: int = 5, margin: float = 1.1, warmup: int = 8) -> float:
-    """Runs the program's step shapes of these phases at these key buckets on the host and
-    returns the smallest factor by which their program times must be slowed so the host
-    keeps up: max over steps of measured / predicted (median of `repeats`), times
-    `margin`. Each step shape first runs `warmup` times untimed: a fresh executor's first
-    steps of a shape take 100x longer (measured: 250 ms, then 3 ms, for `tiny`: oneDNN
-    primitives, first touches)."""
-    worst = 0.0
-    for predicted, step in _shapes(program, keys, phases):
-        for _ in range(warmup):
-            executor.step(step)
-        measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
-        worst = max(worst, measured / predicted)
-    return worst * margin
-
-
-def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...], runs: int = 2) -> None:
-    """Runs each of the program's step shapes of these phases at these key buckets `runs` times, untimed."""
-    for _, step in _shapes(program, keys, phases):
-        for _ in range(runs):
-            executor.step(step)
 
 
 def _lower_front_end(nice: int) -> int:
@@ -146,14 +78,16 @@ class _Uvicorn(uvicorn.Server):
 
 class LockstepServer:
     def __init__(self, config: ServeConfig, router=None, router_bundle: dict | None = None):
-        """router: a server/router.RoutedAdmission: serve its replicas instead of an engine here."""
+        """router: a server/frontend/router.RoutedAdmission: serve its replicas instead of an engine here."""
         self.config = config
         self.router, self.router_bundle = router, router_bundle
         self.program = ProgramView.parse(Program.from_json(config.program_json).data)
         self.metrics = Metrics(self.program.model.name)
         self.server = None
-        self.engine = None
+        self.engine = None  # an engine on a thread of this process (engine_process=False)
+        self.core = None  # the client of the engine core process (server/core/client.py)
         self.executor = None
+        self.on_shutdown_request = None  # called (no arguments) when a signal to the engine core asks the server to stop
         self.http = self.http_task = None
         self.health = health.aio.HealthServicer()
         self.failed: asyncio.Event | None = None  # set when the engine loop dies
@@ -168,10 +102,7 @@ class LockstepServer:
         else:  # the engines are replicas elsewhere; this process is their front end
             first = await self.router.start(self.router_bundle)
             admission, scale = self.router, first["time_scale"]
-            from server.router import ReplicaCollector
-
-            self.metrics.registry.register(ReplicaCollector(self.router))
-            self.metrics.targets = self.router.scrape_targets
+            self.router.export(self.metrics)
             self.failed = asyncio.Event()  # replicas that die are restarted; the front end stays up
         vocab = program.model.vocab_size
         tokenizer = load_tokenizer(cfg.checkpoint or None, vocab)
@@ -194,6 +125,9 @@ class LockstepServer:
         if self.engine is not None:
             for phase, pacer in self.engine.pacers.items():
                 self.metrics.set_pace(phase, pacer.factor)
+        if self.core is not None:
+            for phase, factor in self.core.pace.items():
+                self.metrics.set_pace(phase, factor)
         metrics_host = cfg.metrics_host or cfg.host
         metrics_port = self.metrics.serve(metrics_host, cfg.metrics_port)
         # Everything built so far (torch modules, protobuf descriptors, grpc) lives as long as
@@ -211,57 +145,24 @@ class LockstepServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "mode": mode, "pid": os.getpid(),
+                "mode": mode, "pid": os.getpid(), "core_pid": self.core.pid if self.core else 0,
                 "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file),
                 "replicas": [r.target for r in self.router.replicas] if self.router else []}
 
-    async def _start_engine(self) -> tuple[LocalAdmission, float]:
-        """The engine in this process, built, measured and warmed up (not yet started)."""
-        cfg, program = self.config, self.program
-        # The engine thread dispatches ~1,000 torch ops a step and needs the GIL back at
-        # once after each; the default 5 ms switch interval lets the gRPC thread hold it
-        # that long while the step waits (ticks then overrun).
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
-        plan = plan_from_program(program, seed=cfg.seed, checkpoint=cfg.checkpoint)
-        # Every torch op runs on this one thread: building, warm-up, then the engine loop.
-        # Measured: a step run from a second thread that uses torch is ~30% slower
-        # (28.8 -> 37.9 ms for `small`), as each thread gets its own OpenMP team and the
-        # two teams fight over 2 cores; with one torch thread it costs nothing.
-        loop = asyncio.get_running_loop()
-        # Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 here): a local executor owns
-        # the host's cores, so it takes them back (prefill of `small` ran 2x slower).
-        threads = cfg.torch_threads or os.cpu_count() or 1
-        await loop.run_in_executor(self.device_thread, torch.set_num_threads, threads)
-        groups = len(program.stages) if cfg.pipeline else 1
-        options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
-        self.executor = await loop.run_in_executor(self.device_thread,
-                                                   lambda: make_executor(plan, cfg.executor, **options))
-        keys = program.key_buckets
-        if program.simulated and not cfg.time_scale:
-            # The chip's times against the host's, at the shortest and the longest contexts.
-            scale = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, program,
-                                               (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
-        else:
-            # Real devices run at their own speed: 1, unless the host, serving, runs slower
-            # than its calibration said (measured: ~25% inside a Ray actor on a 2-core host
-            # whose cores Ray's own processes share); then ticks stretch to what it keeps
-            # up with, and the factor is reported, rather than every tick overrunning.
-            # Decode and mixed steps (the cadence) at the shortest context, where most ticks run.
-            measured = await loop.run_in_executor(self.device_thread, measure_time_scale, self.executor, program,
-                                                  keys[:1], ("decode", "mixed"), 5, 1.0)
-            scale = cfg.time_scale or max(1.0, measured)
-            # Prefill shapes are not timed (their predictions err differently, and the
-            # prefill pacer follows them) but run once each: a shape's first step builds
-            # its oneDNN primitives (the demo's first prefill tick overran).
-            await loop.run_in_executor(self.device_thread, warm_up, self.executor, program, keys[:1], ("prefill",))
-        config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
-                              max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
-                              adaptive_pacing=cfg.adaptive_pacing)
-        if cfg.pipeline:
-            self.engine = PipelinedEngine(self.executor, program, config, self.metrics, groups=groups)
-        else:
-            self.engine = Engine(self.executor, program, config, self.metrics)
+    async def _start_engine(self) -> tuple[object, float]:
+        """The engine core: in a process of its own (the default), or on a thread of this
+        one (`engine_process=False`: tests that reach into the engine); built, measured and
+        warmed up, not yet ticking. Returns the front ends' admission and the time scale."""
+        cfg, loop = self.config, asyncio.get_running_loop()
         self.failed = asyncio.Event()
+        if cfg.engine_process:
+            self.core = CoreClient(cfg, self.metrics)
+            await self.core.start()
+            self.core.on_death = self._engine_died
+            self.core.on_shutdown = self._core_asked_shutdown
+            return self.core, self.core.time_scale
+        self.engine, self.executor, scale = await loop.run_in_executor(self.device_thread, build_engine, cfg,
+                                                                       self.program, self.metrics)
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
         return LocalAdmission(self.engine), scale
 
@@ -297,7 +198,7 @@ class LockstepServer:
                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         service.add_to_server(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((health_handler(self.health),))
         if cfg.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
@@ -317,6 +218,18 @@ class LockstepServer:
         for name in ("", SERVICE_NAME):
             asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
         self.failed.set()
+
+    def _core_asked_shutdown(self, why: str) -> None:
+        print(f"lockstep serve: {why}; shutting down", file=sys.stderr, flush=True)
+        if self.on_shutdown_request is not None:
+            self.on_shutdown_request()
+
+    @property
+    def failure(self) -> str:
+        """Why the engine died ("" while it runs)."""
+        if self.core is not None:
+            return self.core.failure or ""
+        return repr(self.engine.failure) if self.engine is not None and self.engine.failure is not None else ""
 
     def _model_info(self, scale: float, limits: Limits) -> pb.ModelInfo:
         p, cfg = self.program, self.config
@@ -346,6 +259,10 @@ class LockstepServer:
             # Ends what is left with "shutdown" (after the tick in flight) before the
             # transport closes, so those clients get UNAVAILABLE with a reason.
             await asyncio.to_thread(self.engine.stop, max(0.1, deadline - time.monotonic()))
+        if self.core is not None:
+            self.metrics.set_accepting(False)
+            await self.health.enter_graceful_shutdown()
+            await self.core.stop(max(0.1, deadline - time.monotonic() - 0.3))
         if self.router is not None:
             self.metrics.set_accepting(False)
             await self.health.enter_graceful_shutdown()
@@ -365,6 +282,7 @@ class EngineActor:
     """The Ray actor `lockstep serve` runs the server in (wrapped with ray.remote there)."""
 
     def __init__(self):
+        exit_on_signal("replica")  # a SIGTERM ends it: the router sees a dead replica (Ray's handler never runs)
         self.server: LockstepServer | None = None
 
     async def start(self, config: ServeConfig) -> dict:
@@ -380,9 +298,11 @@ class EngineActor:
             await self.server.stop(grace_s)
 
     async def status(self) -> dict:
-        return self.server.engine.status() if self.server and self.server.engine else {}
+        if self.server is None:
+            return {}
+        return self.server.core.status() if self.server.core else self.server.engine.status() if self.server.engine else {}
 
     async def wait_failed(self) -> str:
         """Returns (with the reason) once the engine loop has died; the driver exits non-zero."""
         await self.server.failed.wait()
-        return repr(self.server.engine.failure)[:300]
+        return self.server.failure[:300]

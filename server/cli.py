@@ -99,7 +99,7 @@ def _run_calibrate(args) -> int:
                              prefill_chunk=args.prefill_chunk, prompt_len=1)
     if args.max_context > model.max_position:
         raise SpecError(f"max-context {args.max_context} exceeds {model.name}'s max_position {model.max_position}")
-    from server.calibrate import calibrate
+    from server.runtime.calibrate import calibrate
 
     data = calibrate(model, args.dtype, args.max_slots, args.max_context, args.prefill_chunk, args.repeats,
                      progress=lambda line: print(line, file=sys.stderr))

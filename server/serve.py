@@ -1,9 +1,11 @@
-"""`lockstep serve`: calibrate (or load a calibration), compile, start the engine actor,
-print one ready line, run until SIGTERM / SIGINT (or --duration-s), shut down cleanly.
+"""`lockstep serve`: calibrate (or load a calibration), compile, start the front end here
+and the engine core in a child process (docs/architecture.md, "The engine core process"),
+print one ready line (`pid=`: this process, which owns shutdown; `core_pid=`: the core's),
+run until SIGTERM / SIGINT to either (or --duration-s), shut down cleanly.
 
 Exit codes: 0 after a signal or --duration-s (within --grace-s); 1 when the engine died
-(its loop, or in Ray mode its actor's process): the server does not try to limp on, so
-a supervisor (systemd, Kubernetes, a Ray job) restarts it. See docs/security.md.
+(its loop, its process, a stage actor): the server does not try to limp on, so a
+supervisor (systemd, Kubernetes, a Ray job) restarts it. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 import scheduler
 from scheduler.errors import SpecError
 from scheduler.program import fingerprint
-from server.app import EngineActor, LockstepServer, ServeConfig
-from server import gguf
-from server.auth import read_secret
+from server.app import LockstepServer
+from server.config import ServeConfig
+from server.runtime import gguf
+from server.frontend.auth import read_secret
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 # Part of the cached calibration's name: bump it when the runtime's step costs change, so
@@ -132,6 +135,7 @@ def _ready_line(info: dict) -> str:
             f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
             f"time_scale={info['time_scale']:.3f} tls={'on' if info['tls'] else 'off'} "
             f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}"
+            + (f" core_pid={info['core_pid']}" if info.get("core_pid") else "")
             + (f" replicas={','.join(info['replicas'])}" if info.get("replicas") else ""))
 
 
@@ -176,19 +180,20 @@ def _until(stop: threading.Event, duration_s: float, failed=lambda: False) -> bo
 async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=None, bundle=None,
                       grace_s: float | None = None) -> int:
     server = LockstepServer(config, router=router, router_bundle=bundle)
+    server.on_shutdown_request = stop.set
     print(_ready_line(await server.start()), flush=True)
     died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
     await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)
     if died:
-        print(f"lockstep serve: engine died ({server.engine.failure!r}); exiting", file=sys.stderr, flush=True)
+        print(f"lockstep serve: engine died ({server.failure}); exiting", file=sys.stderr, flush=True)
         return EXIT_ENGINE_DIED
     print("lockstep serve: stopped", flush=True)
     return 0
 
 
 def _serve_replicas(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
-    """N replicas in Ray actors (server/router.py); this process is their front end."""
-    from server.router import RoutedAdmission, replica_config
+    """N replicas in Ray actors (server/frontend/router.py); this process is their front end."""
+    from server.frontend.router import RoutedAdmission, replica_config
 
     view = program.view()
     ray, _ = _init_ray(view, args)
@@ -230,33 +235,14 @@ def _init_ray(view, args):
 
 
 def _serve_in_ray(config: ServeConfig, program: scheduler.Program, args, stop: threading.Event) -> int:
-    view = program.view()
-    ray, started_ray = _init_ray(view, args)
+    """One engine, Ray up for what uses it (`--executor ray` stage actors, a cluster named by
+    --ray-address). This process is the front end and owns shutdown: the pid the ready line
+    prints. The engine core is its child process, and joins this Ray (server/core/client.py)."""
+    ray, started_ray = _init_ray(program.view(), args)
     _on_signals(stop)  # after ray.init, which installs handlers of its own that end the driver
-    gpus = len({s.devices[0] for s in view.stages if s.kind == "gpu"})
-    options = {"num_cpus": 1, "max_concurrency": 1000}
-    if gpus and config.executor == "local":
-        options["num_gpus"] = gpus
-    actor = ray.remote(EngineActor).options(**options).remote()
     try:
-        info = ray.get(actor.start.remote(config))
-        print(_ready_line(info), flush=True)
-        watch = actor.wait_failed.remote()  # returns if the engine dies; raises if the actor does
-
-        def failed() -> bool:
-            return bool(ray.wait([watch], timeout=0)[0])
-
-        if _until(stop, args.duration_s, failed):
-            try:
-                why = ray.get(watch)
-            except ray.exceptions.RayError as exc:  # the actor's process died (killed, OOM)
-                why = f"engine actor died: {type(exc).__name__}"
-            print(f"lockstep serve: engine died ({why}); exiting", file=sys.stderr, flush=True)
-            return EXIT_ENGINE_DIED
-        ray.get(actor.stop.remote(max(0.5, args.grace_s - RAY_TEARDOWN_S)))
-        print("lockstep serve: stopped", flush=True)
+        # Ray's teardown after the drain is kept out of the grace period.
+        return asyncio.run(_serve_here(config, args, stop, grace_s=max(0.5, args.grace_s - RAY_TEARDOWN_S)))
     finally:
-        ray.kill(actor)
         if started_ray:
             ray.shutdown()
-    return 0

@@ -45,8 +45,8 @@ def test_peer_model_matches_lockstep_weights():
     pytest.importorskip("transformers")
     peer = _load("peer_rayserve")
     import scheduler
-    from server.model import StageModel
-    from server.weights import init_random
+    from server.runtime.model import StageModel
+    from server.runtime.weights import init_random
 
     spec, hf = peer.build_hf_model("tiny", 0)
     stage = StageModel(spec, 0, spec.num_layers + 2, slots=1, max_context=16, dtype=torch.float32)

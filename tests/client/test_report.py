@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from client.report import scrape
-from server.metrics import Metrics
+from server.frontend.metrics import Metrics
 
 
 def test_scrape_reads_every_sample_with_its_labels():

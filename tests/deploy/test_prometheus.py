@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from server.metrics import LATENCY_BUCKETS_S, PROTOCOLS
+from server.frontend.metrics import LATENCY_BUCKETS_S, PROTOCOLS
 
 yaml = pytest.importorskip("yaml")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import scheduler
-from server.executor import plan_from_program
+from server.runtime.stage import plan_from_program
 from tests.server.helpers import OPTIONS, save_hf_model
 
 

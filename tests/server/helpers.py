@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import scheduler
-from server.app import LockstepServer, ServeConfig
-from server.executor import LocalExecutor, plan_from_program
-from server.sampling import GREEDY, SamplingParams, sample
-from server.step import StepBatch, tensorize
+from server.app import LockstepServer
+from server.config import ServeConfig
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import plan_from_program
+from server.runtime.sampling import GREEDY, SamplingParams, sample
+from server.runtime.step import StepBatch, tensorize
 
 OPTIONS = scheduler.CompileOptions(dtype="fp32", max_slots=8, max_context=256, prefill_chunk=32, prompt_len=16)
 HF_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,

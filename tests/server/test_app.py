@@ -19,9 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import scheduler
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-from server.app import LockstepServer, ServeConfig
-from server.executor import LocalExecutor, plan_from_program
-from server.sampling import SamplingParams
+from server.app import LockstepServer
+from server.config import ServeConfig
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import plan_from_program
+from server.runtime.sampling import SamplingParams
 from tests.server.helpers import generate, random_prompt
 
 OPTIONS = scheduler.CompileOptions(dtype="fp32", max_slots=4, max_context=256, prefill_chunk=32, prompt_len=16)
@@ -196,6 +198,17 @@ def test_health_and_reflection_answer(live):
     (answer,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in answer.list_services_response.service}
     assert {"lockstep.v1.Lockstep", "grpc.health.v1.Health"} <= names
+
+
+def test_health_check_with_malformed_bytes_is_invalid_argument(live):
+    check = live.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+    valid = health_pb2.HealthCheckRequest(service="lockstep.v1.Lockstep").SerializeToString()
+    for raw in (b"\xff\xff\xff\xff", valid[:-1], b"\x0a\x02\xff\xfe"):  # garbage, truncated, bad UTF-8
+        with pytest.raises(grpc.RpcError) as err:
+            check(raw, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "HealthCheckRequest" in err.value.details()
+    assert check(valid, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_metrics_endpoint_counts_what_happened(live):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import scheduler
-from server.executor import LocalExecutor, plan_from_program
-from server.sampling import GREEDY
+from server.runtime.executor import LocalExecutor
+from server.runtime.stage import plan_from_program
+from server.runtime.sampling import GREEDY
 from tests.server.helpers import OPTIONS, generate, random_prompt
 
 pytestmark = pytest.mark.gpu

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.sampling import MIN_TEMPERATURE
+from server.runtime.sampling import MIN_TEMPERATURE
 from tests.server.test_app import Running
 
 VOCAB, LIMIT, HANG_S, MAX_DETAILS = 512, 64, 30.0, 600  # tiny's vocabulary; the server's max_tokens

@@ -22,7 +22,8 @@ SERVE = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--pool
 
 def start(*extra: str) -> tuple[subprocess.Popen, str]:
     """`lockstep serve` with `extra` flags, once ready: (process, gRPC target). The
-    process's `ready_pid` is the engine's process (the Ray actor's, in Ray mode) and
+    process's `ready_pid` is the one that owns shutdown (the front end's), `core_pid` the
+    engine core's, and
     `stderr_text()` reads what it wrote to stderr (a file: nothing blocks on a pipe)."""
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([*SERVE, *extra], stdout=subprocess.PIPE, stderr=err, text=True,
@@ -33,7 +34,8 @@ def start(*extra: str) -> tuple[subprocess.Popen, str]:
     for line in proc.stdout:
         if line.startswith("lockstep serve: ready"):
             timer.cancel()
-            proc.ready_pid = int(line.split("pid=")[1].split()[0])
+            proc.ready_pid = int(line.split(" pid=")[1].split()[0])  # the process that owns shutdown
+            proc.core_pid = int(line.split("core_pid=")[1].split()[0]) if "core_pid=" in line else 0
             proc.http = line.split("http=")[1].split()[0]
             return proc, line.split("grpc=")[1].split()[0]
     timer.cancel()
@@ -144,7 +146,7 @@ def test_ray_mode_listens_on_loopback_only():
 
 
 @pytest.mark.slow
-def test_killing_the_engine_actor_mid_stream_gives_unavailable_and_the_server_exits_1():
+def test_killing_the_engine_core_mid_stream_gives_unavailable_and_the_server_exits_1():
     proc, target = start("--time-scale", "20")
     try:
         with LockstepClient(target) as client:
@@ -160,7 +162,7 @@ def test_killing_the_engine_actor_mid_stream_gives_unavailable_and_the_server_ex
             worker = threading.Thread(target=long_stream)
             worker.start()
             assert started.wait(30)
-            os.kill(proc.ready_pid, signal.SIGKILL)  # the engine actor's process (the ready line's pid)
+            os.kill(proc.core_pid, signal.SIGKILL)  # the engine core's process (the ready line's core_pid)
             killed = time.monotonic()
             worker.join(10)
             assert result.get("error") == grpc.StatusCode.UNAVAILABLE and result["at"] - killed < 1.0
@@ -199,6 +201,42 @@ def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray)
             worker.join(10)
         assert took <= grace_s, f"exited {took:.2f} s after SIGTERM; grace {grace_s} s"
         assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray", [False, True])
+def test_sigterm_to_the_engine_core_shuts_the_server_down_within_the_grace_period(ray):
+    """A signal to the engine core's process (the ready line's core_pid) is not ignored:
+    the server drains and exits 0 within the grace period, and the stream still running is
+    told it is shutting down."""
+    grace_s = 3.0
+    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
+    try:
+        assert proc.core_pid and proc.core_pid != proc.ready_pid
+        with LockstepClient(target) as client:
+            errors = []
+
+            def long_stream():
+                try:
+                    client.generate([4, 5], 220)
+                except Exception as exc:  # noqa: BLE001 - checked below
+                    errors.append(exc)
+
+            worker = threading.Thread(target=long_stream)
+            worker.start()
+            while client.status().running == 0:
+                time.sleep(0.01)
+            os.kill(proc.core_pid, signal.SIGTERM)
+            sent = time.monotonic()
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - sent
+            worker.join(10)
+        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM to the core; grace {grace_s} s"
+        assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
+        assert "got SIGTERM; shutting down" in proc.stderr_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,0 +1,42 @@
+"""`ServeConfig`: everything `lockstep serve` decided, as one frozen value that both the
+front end and the engine core process read (it crosses the process boundary as a dict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.core.engine import EngineConfig
+
+NODE_IP = "node-ip"  # ServeConfig.host of a replica on a Ray cluster: its node's address
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    program_json: str  # the compiled Program document
+    executor: str = "local"  # local | ray
+    seed: int = 0
+    checkpoint: str = ""
+    deterministic: bool = True
+    time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
+    guard_band_s: float = EngineConfig.guard_band_s
+    guard_band_frac: float = EngineConfig.guard_band_frac
+    adaptive_pacing: bool = EngineConfig.adaptive_pacing
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_host: str = ""  # "" : the same as host
+    metrics_port: int = 0
+    tls_cert: str = ""  # PEM files: serve gRPC over TLS when both are set
+    tls_key: str = ""
+    auth_token_file: str = ""  # require `authorization: Bearer <token>` on every RPC but health
+    reflection: bool = True
+    max_queue: int = EngineConfig.max_queue
+    max_tokens: int = 1024
+    torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
+    # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
+    # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
+    front_end_nice: int = 19
+    http_port: int = -1  # OpenAI-compatible HTTP (server/frontend/openai_api.py) on this port; 0: any free one; -1: off
+    pipeline: bool = False  # one row group per stage, their steps in flight together (server/core/pipelined.py)
+    # The engine core (tick loop, scheduler, pacer, executor) in a process of its own
+    # (server/core/process.py); False: on a thread of the front end's process (tests).
+    engine_process: bool = True

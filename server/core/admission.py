@@ -1,0 +1,58 @@
+"""Admission by prediction, engine side: the one place a request is refused or queued with
+its promise. The front end's in-process path (server/frontend/api.LocalAdmission) and the
+engine core process (server/core/process.py) both call it, so both refuse the same
+requests with the same words.
+"""
+
+from __future__ import annotations
+
+from server.core.engine import Engine, EngineDown, Request
+
+
+class Refusal(Exception):
+    """A valid request the engine will not take now, with the gRPC status name that says
+    why (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def refusal(engine: Engine) -> tuple[str, str] | None:
+    """(code, message) if a request arriving now would be refused before any prediction."""
+    if not engine.up:
+        return "UNAVAILABLE", "engine stopped; the server is exiting"
+    if not engine.accepting:
+        return "UNAVAILABLE", "server is shutting down; not admitting"
+    full = engine.queue_full()
+    return None if full is None else ("RESOURCE_EXHAUSTED", full)
+
+
+def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
+    """Predicts `r`'s first token and finish, refuses it (Refusal, nothing queued) or queues
+    it with that promise in `r.predicted_*`."""
+    why = refusal(engine)
+    if why is not None:
+        raise Refusal(*why)
+    ttft, e2e, group = engine.predict_placed(len(r.prompt), r.max_tokens)
+    if time_remaining_s is not None and e2e > time_remaining_s:
+        raise Refusal("DEADLINE_EXCEEDED", f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past "
+                                           f"the deadline of {time_remaining_s:.3f} s")
+    r.predicted_ttft_s, r.predicted_e2e_s, r.group = ttft, e2e, group
+    r.predicted_tpot_s = (e2e - ttft) / (r.max_tokens - 1) if r.max_tokens > 1 else 0.0
+    try:
+        engine.submit(r)
+    except OverflowError as exc:
+        raise Refusal("RESOURCE_EXHAUSTED", f"{exc}; a request now would get its first token in {ttft:.3f} s") from None
+    except EngineDown as exc:
+        raise Refusal("UNAVAILABLE", str(exc)) from None
+
+
+def predict(engine: Engine, prompt_len: int, max_tokens: int) -> tuple[float, float, str]:
+    """(TTFT, e2e, "") that admission would promise such a request now, or (0, 0, why not)."""
+    why = refusal(engine)
+    if why is not None:
+        return 0.0, 0.0, ("engine stopped" if not engine.up else "server is shutting down" if not engine.accepting
+                          else why[1])
+    ttft, e2e = engine.predict(prompt_len, max_tokens)
+    return ttft, e2e, ""

@@ -1,0 +1,100 @@
+"""Building the engine core: the executor on this host's devices, the time scale measured,
+every step shape warmed up, and the engine (plain or pipelined) over them. The same
+function serves the core's own process (server/core/process.py) and an engine on a thread
+of the front end's process (tests); it runs on the thread that will run every torch op.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import torch
+
+from scheduler.program import ProgramView
+from server.config import ServeConfig
+from server.core.engine import Engine, EngineConfig
+from server.core.pipelined import PipelinedEngine
+from server.runtime.executor import make_executor
+from server.runtime.stage import plan_from_program
+from server.runtime.step import full_batch
+
+# The engine thread dispatches ~1,000 torch ops a step and needs the GIL back at once after
+# each; the default 5 ms switch interval lets another thread hold it that long while the
+# step waits (ticks then overrun).
+SWITCH_INTERVAL_S = 0.0002
+
+
+def _shapes(program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...]):
+    """(program seconds, a StepBatch of that shape with every row real) for the program's
+    steps of these phases at these key buckets; rows end at the bucket's last key."""
+    for key, predicted in sorted(program.steps.items()):
+        if key.phase in phases and key.keys in keys:
+            yield predicted, full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)
+
+
+def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...],
+                       repeats: int = 5, margin: float = 1.1, warmup: int = 8) -> float:
+    """Runs the program's step shapes of these phases at these key buckets on the host and
+    returns the smallest factor by which their program times must be slowed so the host
+    keeps up: max over steps of measured / predicted (median of `repeats`), times
+    `margin`. Each step shape first runs `warmup` times untimed: a fresh executor's first
+    steps of a shape take 100x longer (measured: 250 ms, then 3 ms, for `tiny`: oneDNN
+    primitives, first touches)."""
+    worst = 0.0
+    for predicted, step in _shapes(program, keys, phases):
+        for _ in range(warmup):
+            executor.step(step)
+        measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
+        worst = max(worst, measured / predicted)
+    return worst * margin
+
+
+def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...], runs: int = 2) -> None:
+    """Runs each of the program's step shapes of these phases at these key buckets `runs` times, untimed."""
+    for _, step in _shapes(program, keys, phases):
+        for _ in range(runs):
+            executor.step(step)
+
+
+
+
+def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tuple[Engine, object, float]:
+    """(engine, executor, time scale), built and measured on the calling thread, not started."""
+    cfg = config
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    plan = plan_from_program(program, seed=cfg.seed, checkpoint=cfg.checkpoint)
+    # Every torch op runs on this one thread: building, warm-up, then the engine loop.
+    # Measured: a step run from a second thread that uses torch is ~30% slower (28.8 ->
+    # 37.9 ms for `small`), as each thread gets its own OpenMP team and the two teams
+    # fight over 2 cores; with one torch thread it costs nothing. Ray sets OMP_NUM_THREADS
+    # to an actor's num_cpus (1 in a replica): a local executor owns the host's cores, so
+    # it takes them back (prefill of `small` ran 2x slower).
+    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+    groups = len(program.stages) if cfg.pipeline else 1
+    options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
+    executor = make_executor(plan, cfg.executor, **options)
+    keys = program.key_buckets
+    if program.simulated and not cfg.time_scale:
+        # The chip's times against the host's, at the shortest and the longest contexts.
+        scale = measure_time_scale(executor, program, (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
+    else:
+        # Real devices run at their own speed: 1, unless the host, serving, runs slower than
+        # its calibration said; then ticks stretch to what it keeps up with, and the factor
+        # is reported, rather than every tick overrunning. Decode and mixed steps (the
+        # cadence) at the shortest context, where most ticks run.
+        measured = measure_time_scale(executor, program, keys[:1], ("decode", "mixed"), 5, 1.0)
+        scale = cfg.time_scale or max(1.0, measured)
+        # Prefill shapes are not timed (their predictions err differently, and the prefill
+        # pacer follows them) but run once each: a shape's first step builds its oneDNN
+        # primitives (the demo's first prefill tick overran).
+        warm_up(executor, program, keys[:1], ("prefill",))
+    engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
+                                 max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
+                                 adaptive_pacing=cfg.adaptive_pacing)
+    if cfg.pipeline:
+        engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
+    else:
+        engine = Engine(executor, program, engine_config, metrics)
+    return engine, executor, scale

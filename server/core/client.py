@@ -1,0 +1,259 @@
+"""The front end's client of the engine core process (server/core/process.py): it starts the
+core, and offers the front doors the same admission interface as an engine on a thread of
+this process (server/frontend/api.LocalAdmission): `admit`, `cancel`, `predict_arrival`,
+`status`, `up`, `accepting`. One `_read` task on the event loop turns the core's
+messages into each request's token queue, the metric calls and the answers awaited.
+
+Sends go straight to the socket from the event loop: its queue is unbounded (high-water
+mark 0), so a send never blocks, whatever the core is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import msgspec
+import zmq
+import zmq.asyncio
+
+from protos.lockstep.v1 import lockstep_pb2 as pb
+from server.config import ServeConfig
+from server.core.engine import Finished, Request, new_request_id
+from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Refused,
+                                  Shutdown, Start, Stop, ToFrontEnd)
+from server.core.process import MetricsRelay, sockets
+
+START_TIMEOUT_S = 600.0  # building: weights, the time scale's steps, every shape warmed up (a 7B model on CPU: minutes)
+EXIT_WAIT_S = 2.0  # after Stop, for the core to exit by itself before it is killed
+
+
+def _core_env() -> dict:
+    """The core's environment: this one, and the address of the Ray this process joined, if
+    any (`--executor ray` stage actors are placed on the same cluster)."""
+    env = dict(os.environ)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
+class CoreDied(RuntimeError):
+    """The engine core process is gone (it exited, was killed, or said it cannot go on)."""
+
+
+class CoreClient:
+    def __init__(self, config: ServeConfig, metrics=None):
+        self.config, self.metrics = config, metrics
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+        self.time_scale = 1.0
+        self.pace: dict[str, float] = {}
+        self.accepting = True
+        self.failure: str | None = None  # why the core is gone, once it is
+        self.on_death = None  # called once on the event loop with the reason (str) when the core dies
+        self.on_shutdown = None  # called on the event loop when the core was signalled to stop the server
+        self._status: dict = {}
+        self._requests: dict[int, tuple[Request, asyncio.Queue]] = {}
+        self._answers: dict[int, asyncio.Future] = {}  # rid or -qid -> the core's answer
+        self._rids = itertools.count()
+        self._stopping = False
+        self._dir = tempfile.TemporaryDirectory(prefix="lockstep-core-")  # 0700: only this user reaches the sockets
+        self._ctx = zmq.asyncio.Context()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._reader: asyncio.Task | None = None
+
+    # -- life -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Starts the core and waits until it has built and warmed up its engine."""
+        to_core, to_front = (f"ipc://{self._dir.name}/{name}" for name in ("to-core", "to-front"))
+        self.pull, self.push = sockets(self._ctx, True, to_front, to_core)
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.core.process", to_core, to_front, str(os.getpid())],
+                                     stdin=subprocess.DEVNULL, env=_core_env())
+        self.pid = self.proc.pid
+        self._send(Start(dataclasses.asdict(self.config)))
+        decoder = msgspec.msgpack.Decoder(ToFrontEnd)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:  # the first message is Ready, or why not
+            if await self.pull.poll(200) and (msg := decoder.decode(await self.pull.recv())):
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self._kill()
+                raise CoreDied(f"engine core process exited with code {self.proc.returncode} before it was ready")
+        if isinstance(msg, Fatal):
+            self._kill()
+            raise CoreDied(msg.why)
+        self.time_scale, self.pace, self._status = msg.time_scale, msg.pace, msg.status
+        self._reader = asyncio.ensure_future(self._read(decoder))
+
+    @property
+    def up(self) -> bool:
+        return self.failure is None
+
+    def status(self) -> dict:
+        return dict(self._status, accepting=self.accepting, engine_up=self.up)
+
+    def idle(self) -> bool:
+        return not self._requests
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops admitting, lets the requests in flight finish until `grace_s` is nearly
+        up, then tells the core to end what is left ("shutdown") and exit; every wait is bounded."""
+        deadline = time.monotonic() + grace_s
+        self.drain()
+        while self._requests and self.up and time.monotonic() < deadline - 0.5:
+            await asyncio.sleep(0.01)
+        self._stopping = True
+        if self.up:
+            self._send(Stop(max(0.1, deadline - time.monotonic() - 0.2)))
+            while self._requests and self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await asyncio.to_thread(self._wait_exit, max(0.1, min(EXIT_WAIT_S, deadline - time.monotonic())))
+        self._end_all("shutdown", "server is shutting down")
+        if self._reader is not None:
+            self._reader.cancel()
+        self.pull.close(linger=0)
+        self.push.close(linger=0)
+        self._dir.cleanup()
+
+    def _wait_exit(self, timeout_s: float) -> None:
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def drain(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            if self.up:
+                self._send(Drain())
+
+    # -- the admission interface ----------------------------------------------------
+    async def admit(self, parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
+        from server.frontend.api import Refused as RefusedError  # the front door's error type
+
+        if not self.up:
+            raise RefusedError(grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
+        if not self.accepting:
+            raise RefusedError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
+        rid, queue = next(self._rids), asyncio.Queue()
+        r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
+                    parsed.stop_ids, queue.put_nowait)
+        answer = self._ask(rid)
+        self._requests[rid] = (r, queue)  # before the send: the core's events for it may follow its answer at once
+        self._send(Admit(rid, list(r.prompt), r.max_tokens, r.sampling, sorted(r.stop_ids), r.arrival_s,
+                         time_remaining_s))
+        r.rid = rid
+        msg = await answer
+        if isinstance(msg, Refused):
+            self._requests.pop(rid, None)
+            raise RefusedError(grpc.StatusCode[msg.code], msg.message)
+        r.predicted_ttft_s, r.predicted_e2e_s = msg.ttft_s, msg.e2e_s
+        r.predicted_tpot_s = (msg.e2e_s - msg.ttft_s) / (r.max_tokens - 1) if r.max_tokens > 1 else 0.0
+        return r, queue
+
+    def cancel(self, r: Request) -> None:
+        r.cancelled = True
+        if self.up and getattr(r, "rid", None) is not None:
+            self._send(Cancel(r.rid))
+
+    async def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
+        from server.frontend.api import arrival_prediction
+
+        outstanding = len(self._requests)
+        if not self.up or not self.accepting:
+            return arrival_prediction(0, 0, "engine stopped" if not self.up else "server is shutting down", outstanding)
+        qid = next(self._rids)
+        answer = self._ask(-1 - qid)
+        self._send(Predict(qid, prompt_tokens, max_tokens))
+        msg = await answer
+        return arrival_prediction(msg.ttft_s, msg.e2e_s, msg.refusal, outstanding)
+
+    # -- plumbing -------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        self.push.send(self._encoder.encode(msg), copy=False)  # HWM 0: queued, never blocks
+
+    def _ask(self, key: int) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._answers[key] = future
+        return future
+
+    async def _read(self, decoder: msgspec.msgpack.Decoder) -> None:
+        """The core's messages, in order, until it exits."""
+        try:
+            while True:
+                if not await self.pull.poll(100):
+                    if self.proc.poll() is not None:
+                        self._died(f"engine core process exited with code {self.proc.returncode}")
+                        return
+                    continue
+                msg = decoder.decode(await self.pull.recv())
+                if isinstance(msg, Events):
+                    self._events(msg)
+                elif isinstance(msg, (Admitted, Refused)):
+                    self._answer(msg.rid, msg)
+                elif isinstance(msg, Prediction):
+                    self._answer(-1 - msg.qid, msg)
+                elif isinstance(msg, Shutdown):
+                    if self.on_shutdown is not None:
+                        self.on_shutdown(msg.why)
+                elif isinstance(msg, Fatal):
+                    self._died(msg.why)
+                    return
+        except asyncio.CancelledError:
+            pass
+
+    def _answer(self, key: int, msg) -> None:
+        future = self._answers.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    def _events(self, ev: Events) -> None:
+        for rid, t in ev.admitted:
+            entry = self._requests.get(rid)
+            if entry is not None:
+                entry[0].admitted_s = t
+        for rid, token, tick, t in ev.tokens:
+            entry = self._requests.get(rid)
+            if entry is not None:
+                entry[1].put_nowait((token, tick, t))
+        for rid, reason, message, tick, t in ev.finished:
+            entry = self._requests.pop(rid, None)
+            if entry is not None:
+                entry[1].put_nowait((Finished(reason, message), tick, t))
+        if self.metrics is not None:
+            for name, args in ev.metrics:
+                if name in MetricsRelay.CALLS:
+                    getattr(self.metrics, name)(*args)
+        if ev.status is not None:
+            self._status = ev.status
+
+    def _end_all(self, reason: str, message: str) -> None:
+        now = time.perf_counter()
+        for rid, (r, queue) in list(self._requests.items()):
+            queue.put_nowait((Finished(reason, message), -1, now))
+        self._requests.clear()
+        for future in self._answers.values():
+            if not future.done():
+                future.set_result(Refused(-1, "UNAVAILABLE", f"engine stopped: {self.failure}"))
+        self._answers.clear()
+
+    def _died(self, why: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure, self.accepting = why, False
+        self._end_all("unavailable", why if self._stopping else f"engine stopped: {why}")
+        if not self._stopping and self.on_death is not None:
+            self.on_death(why)

@@ -1,0 +1,57 @@
+"""The engine's pacing: in deterministic mode one cadence per key bucket, whatever the
+batch; each phase's pace follows its own steps."""
+
+from __future__ import annotations
+
+import pytest
+
+import scheduler
+from scheduler.ticks import StepKey
+from server.core.engine import Engine, EngineConfig
+from tests.server.helpers import OPTIONS
+
+VIEW = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS).view()
+EXACT = EngineConfig(deterministic=True, guard_band_frac=0.0, guard_band_s=0.0)
+
+
+def keys_of(view, phase=None, keys=None):
+    return [k for k in view.steps if (phase is None or k.phase == phase) and (keys is None or k.keys == keys)]
+
+
+@pytest.mark.parametrize("keys", VIEW.key_buckets)
+def test_every_decode_and_mixed_tick_at_a_key_bucket_lasts_one_cadence_when_deterministic(keys):
+    """A stream's tokens come at the same pace whether a prompt goes in beside it or other
+    streams join (its batch grows)."""
+    paced = Engine(None, VIEW, EXACT)
+    steady = keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys)
+    assert len(steady) == 2 * len(VIEW.buckets)
+    assert {paced.tick_s(k) for k in steady} == {max(VIEW.step_s(k) for k in steady)}
+    free = Engine(None, VIEW, EngineConfig(deterministic=False, guard_band_frac=0.0, guard_band_s=0.0))
+    assert all(free.tick_s(k) == VIEW.step_s(k) for k in steady)
+
+
+def test_a_prefill_tick_is_paced_for_its_own_slice_and_keys():
+    paced = Engine(None, VIEW, EXACT)
+    for key in keys_of(VIEW, "prefill"):
+        assert paced.tick_s(key) == VIEW.step_s(key)
+    small, big = (StepKey("prefill", 1, VIEW.key_buckets[0], t) for t in (4, VIEW.prefill_chunk))
+    assert paced.tick_s(small) < paced.tick_s(big)
+
+
+def test_the_cadence_grows_with_the_keys_attended():
+    paced = Engine(None, VIEW, EXACT)
+    cadence = [paced.tick_s(StepKey("decode", 1, k, 1)) for k in VIEW.key_buckets]
+    assert len(cadence) > 1 and cadence == sorted(cadence) and cadence[0] < cadence[-1]
+
+
+def test_slow_prefill_steps_do_not_slow_the_decode_cadence():
+    engine = Engine(None, VIEW, EngineConfig(deterministic=True))
+    decode = keys_of(VIEW, "decode")
+    before = {k: engine.tick_s(k) for k in decode}
+    pacer, prefill = engine.pacers["prefill"], StepKey("prefill", 1, VIEW.key_buckets[0], VIEW.prefill_chunk)
+    for _ in range(512):  # prefill steps 1.5x their prediction: its own pace follows
+        if pacer.observe(1.5 * VIEW.step_s(prefill), VIEW.step_s(prefill)):
+            engine._repace()
+    assert pacer.factor == pytest.approx(1.5 * (1 + pacer.margin))
+    assert engine.tick_s(prefill) == pytest.approx(VIEW.step_s(prefill) * pacer.factor + engine.config.guard_band_s)
+    assert {k: engine.tick_s(k) for k in decode} == before

@@ -1,0 +1,57 @@
+"""Drift-aware pacing: the tick's factor follows a high quantile of the measured steps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server.core.pacing import Pacer
+
+
+def feed(pacer: Pacer, ratios) -> list[bool]:
+    return [pacer.observe(r * 0.010, 0.010) for r in ratios]
+
+
+def test_a_pessimistic_start_tightens_to_what_the_host_measures():
+    pacer = Pacer(factor=1.2 * 1.3)  # a start-up time scale of 1.3 and a 20% guard band
+    rng = random.Random(0)
+    ratios = [rng.uniform(0.95, 1.05) for _ in range(512)]
+    changed = feed(pacer, ratios)
+    assert sum(changed) == pacer.repaces >= 1
+    assert 1.0 * (1 + pacer.margin) < pacer.factor <= 1.05 * (1 + pacer.margin)
+    assert sum(r > pacer.factor for r in ratios) == 0  # the margin covers the whole spread here
+
+
+def test_a_few_outliers_do_not_set_the_pace():
+    pacer = Pacer(factor=1.5)
+    ratios = [1.0] * 500 + [3.0] * 5  # 1% of steps three times as long (a new shape, a stall)
+    feed(pacer, ratios)
+    assert pacer.factor == pytest.approx(1.0 * (1 + pacer.margin))
+
+
+def test_a_host_that_drifts_slower_is_followed():
+    pacer = Pacer(factor=1.1)
+    feed(pacer, [1.0] * 256)
+    before = pacer.factor
+    feed(pacer, [1.4] * 512)
+    assert pacer.factor == pytest.approx(1.4 * (1 + pacer.margin)) and pacer.factor > before
+
+
+def test_the_factor_waits_for_enough_samples_and_ignores_small_moves():
+    pacer = Pacer(factor=1.0 * 1.10)
+    assert not any(feed(pacer, [3.0] * (pacer.min_samples - 1)))  # fewer than min_samples
+    pacer = Pacer(factor=1.0 * 1.10)
+    assert not any(feed(pacer, [1.01] * 600))  # 1.01 x 1.10 is within 2% of 1.10
+    assert pacer.repaces == 0
+
+
+def test_fixed_pacing_never_moves():
+    pacer = Pacer(factor=1.5, adaptive=False)
+    assert not any(feed(pacer, [3.0] * 600)) and pacer.factor == 1.5
+
+
+@pytest.mark.parametrize("kw", [dict(factor=0.0), dict(factor=1.0, quantile=0.0), dict(factor=1.0, margin=-0.1)])
+def test_bad_settings_are_refused(kw):
+    with pytest.raises(ValueError):
+        Pacer(**kw)
