@@ -18,7 +18,7 @@ from server.core.engine import Engine, EngineConfig
 from server.core.pipelined import PipelinedEngine
 from server.runtime.executor import make_executor
 from server.runtime.stage import plan_from_program
-from server.runtime.step import full_batch
+from server.runtime.step import ExecutorFailed, full_batch
 
 # The engine thread dispatches ~1,000 torch ops a step and needs the GIL back at once after
 # each; the default 5 ms switch interval lets another thread hold it that long while the
@@ -97,4 +97,6 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:
         engine = Engine(executor, program, engine_config, metrics)
+    if hasattr(executor, "watch"):  # stage actors: a dead one ends the engine at once
+        executor.watch(lambda why: engine.fail(ExecutorFailed(why)))
     return engine, executor, scale

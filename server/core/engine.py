@@ -219,6 +219,19 @@ class Engine:
         with self._lock:
             return self.sched.idle()
 
+    def fail(self, exc: BaseException) -> None:
+        """From any thread: the executor is broken (a stage actor died while no step ran).
+        The engine dies as if a step had raised it, and its loop ends."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure, self.accepting, self._stop = exc, False, True
+            self._lock.notify()
+        log.error("engine stopped: %s", exc)
+        self._end_all("unavailable", f"engine stopped: {type(exc).__name__}: {exc}"[:300])
+        if self.on_death is not None:
+            self.on_death(exc)
+
     # -- engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
         try:
@@ -259,7 +272,8 @@ class Engine:
                     r.admitted_s = r.admitted_s or now
             if plan is not None:
                 self._tick(plan)
-        self._end_all("shutdown", "server is shutting down")
+        if self.failure is None:  # else fail() ended them "unavailable"
+            self._end_all("shutdown", "server is shutting down")
 
     def _batch(self, plan: TickPlan, rows: tuple[Seq, ...]) -> StepBatch:
         reqs = [self._requests[s.seq_id] for s in rows]

@@ -85,6 +85,13 @@ class Replica:
         self.up = True
 
 
+STOP_SLACK_S = 1.0  # past a replica's own grace period, for its answer to come back
+
+
+async def _awaited(ref):
+    return await ref
+
+
 class RoutedAdmission:
     """What the front ends admit through when the engines are replicas elsewhere."""
 
@@ -169,8 +176,9 @@ class RoutedAdmission:
         self.accepting = False
         if self._supervisor is not None:
             self._supervisor.cancel()
-        await asyncio.gather(*(r.actor.stop.remote(grace_s) for r in self.replicas if r.up),
-                             return_exceptions=True)
+        stops = [asyncio.ensure_future(_awaited(r.actor.stop.remote(grace_s))) for r in self.replicas if r.up]
+        if stops:  # bounded: a replica that does not answer is killed below all the same
+            await asyncio.wait(stops, timeout=grace_s + STOP_SLACK_S)
         for rep in self.replicas:
             if rep.channel is not None:
                 await rep.channel.close()

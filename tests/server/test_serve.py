@@ -242,6 +242,44 @@ def test_sigterm_to_the_engine_core_shuts_the_server_down_within_the_grace_perio
             proc.kill()
 
 
+def _descendants_named(root: int, prefix: str) -> list[int]:
+    """Pids under `root` (any depth) whose command line starts with `prefix`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            pid = int(entry)
+            while pid > 1:
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent's pid
+                if pid == root:
+                    if cmd.startswith(prefix):
+                        found.append(int(entry))
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_stage_actor_ends_the_server_as_an_engine_death():
+    """Ray's SIGTERM handler never runs in an actor; the stage actor exits anyway, and the
+    idle server notices at once (not at its next step): exit 1, the reason on stderr."""
+    proc, target = start("--time-scale", "20", "--executor", "ray")
+    try:
+        stages = _descendants_named(proc.pid, "ray::StageActor")
+        assert stages, "no stage actor found under the server"
+        os.kill(stages[0], signal.SIGTERM)
+        assert proc.wait(timeout=20) == 1
+        assert "stage actor 0 died" in proc.stderr_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ray", [False, True])
 def test_sigterm_under_http_load_exits_0_within_the_grace_period(ray):
