@@ -49,7 +49,7 @@ from server.core.pipelined import PipelinedEngine  # noqa: E402
 from server.runtime.ray_executor import RayExecutor  # noqa: E402
 from server.runtime.sampling import GREEDY  # noqa: E402
 from server.runtime.step import full_batch  # noqa: E402
-from server.serve import _calibration  # noqa: E402
+from server.programs import calibration as _calibration  # noqa: E402
 
 POOL = 'topology = "chain"\n[[devices]]\npreset = "cpu"\ncount = 2\nmemory_bytes = {memory}\nlink_latency_s = 1e-3\n'
 PROMPT_LEN = 16

@@ -4,10 +4,11 @@ really does?
 
 Starts `lockstep serve --model small --pool cpu --no-ray` (deterministic mode, this
 host's cached calibration), drives it with `lockstep load` (closed loop 1 and 8, Poisson
-2 req/s), reads the server's pace factors (`lockstep_pace_factor{phase}`) after each run,
-then runs `lockstep simulate` for the same program, load and seed with those factors, and
-prints TTFT and ITL p50/p99 side by side with simulated/measured ratios. Goal: p50 within
-10%, p99 within 20%.
+2 req/s, and bursty gamma arrivals at 2 req/s, shape 0.25), then runs `lockstep simulate`
+with exactly the serve command's flags plus the load command's (nothing else: simulate
+reads the time scale that serve measured and recorded for this program), and prints TTFT
+and ITL p50/p99 side by side with simulated/measured ratios, and the server's pace factors
+after each run. Goal: p50 within 10%, p99 within 20%.
 
     .venv/bin/python bench/simulate_vs_measured.py [--requests 24] [--out out/sim-vs-load]
 """
@@ -50,8 +51,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "out" / "sim-vs-load")
     args = p.parse_args()
     compare = _compare_module()
-    loads = [("c=1", ["--concurrency", "1"]), ("c=8", ["--concurrency", "8"]), ("2 req/s", ["--rate", "2"])]
-    cmd = [sys.executable, "-m", "server.cli", "serve", *SERVE_FLAGS, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    loads = [("c=1", ["--concurrency", "1"]), ("c=8", ["--concurrency", "8"]), ("2 req/s", ["--rate", "2"]),
+             ("bursty", ["--rate", "2", "--arrival", "gamma", "--burstiness", "0.25"])]
+    serve = [*SERVE_FLAGS, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "server.cli", "serve", *serve]
     proc, target = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
     metrics_url = next(line for line in (args.out / "serve.log").read_text().splitlines()
                        if "ready" in line).split("metrics=")[1].split()[0]
@@ -62,12 +65,13 @@ def main() -> int:
             common = ["--prompt-len", args.prompt_len, "--output-len", args.output_len, "--seed", str(args.seed),
                       "--requests", str(args.requests), *extra]
             load_out, sim_out = args.out / "load" / name, args.out / "simulate" / name
-            subprocess.run([sys.executable, "-m", "client.loadgen", "--target", target, "--warmup", "2",
-                            *common, "--output", str(load_out)], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+            load = ["--target", target, "--warmup", "2", *common]
+            subprocess.run([sys.executable, "-m", "client.loadgen", *load, "--output", str(load_out)], cwd=REPO,
+                           check=True, stderr=subprocess.DEVNULL)
             pace = pace_factors(metrics_url)
-            subprocess.run([sys.executable, "-m", "server.cli", "simulate", *SERVE_FLAGS, "--calibration", "auto",
-                            "--pace", pace, "--warmup", "2", *common, "--output", str(sim_out)], cwd=REPO, check=True,
-                           stdout=subprocess.DEVNULL)
+            # Exactly serve's flags and load's: no pace, no time scale given.
+            subprocess.run([sys.executable, "-m", "server.cli", "simulate", *serve, *load, "--output", str(sim_out)],
+                           cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             measured = json.loads((load_out / "summary.json").read_text())["summary"]
             simulated = json.loads((sim_out / "summary.json").read_text())["summary"]
             rows.append((label, pace, measured, simulated))
@@ -84,7 +88,7 @@ def main() -> int:
                 ok = "met" if abs(ratio - 1) <= limit else "MISSED"
                 print(f"{label:<8} {metric[:-2] + ' ' + q:<9} {a * 1e3:>12.1f} {b * 1e3:>13.1f} {ratio:>9.2f}  "
                       f"within {limit:.0%}: {ok}")
-        print(f"{'':<8} pace {pace}")
+        print(f"{'':<8} server's pace after the run: {pace}")
     return 0
 
 

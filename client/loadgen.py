@@ -187,7 +187,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lockstep load", description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="server address, HOST:PORT")
+    add_load_args(p)
+    return p
+
+
+def add_load_args(p, target_required: bool = True) -> None:
+    """`lockstep load`'s flags (`lockstep simulate` takes them too, with the same defaults)."""
+    p.add_argument("--target", required=target_required, help="server address, HOST:PORT")
     p.add_argument("--concurrency", type=int, default=0,
                    help="closed loop: workers (default 1); open loop: most requests in flight (default no cap)")
     p.add_argument("--requests", type=int, default=100, help="measured requests per run")
@@ -209,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=200ms,tpot=20ms (for goodput)")
     p.add_argument("--request-timeout-s", type=float, default=120.0)
     p.add_argument("--connect-timeout-s", type=float, default=30.0)
-    return p
 
 
 def _line(rate: float | None, summary: dict) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import scheduler
+from server.programs import MODEL_HELP, resolve_model
 from client.loadgen import _UNITS_S, LengthDist, arrival_times
 from client.simulate import PHASES
 from scheduler.errors import FitError, SpecError
@@ -55,9 +56,9 @@ def parse_slo(text: str) -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lockstep plan", description=__doc__.splitlines()[0])
     p.error = lambda message: p.exit(2, f"lockstep plan: error: {message}\n")  # one line, exit 2
-    p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--device", required=True, help="device preset, e.g. lpu, h100")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="fp32", help="weight dtype, as serve (default fp32)")
     p.add_argument("--rate", type=float, required=True, help="mean arrivals per second to serve")
     p.add_argument("--slo", type=parse_slo, required=True, help="e.g. ttft=500ms,itl=50ms")
     p.add_argument("--quantile", type=float, default=99.0, help="the SLO bounds this percentile (default 99)")
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--growth", type=float, default=1.25, help="ratio between pool sizes tried (default 1.25)")
     p.add_argument("--max-replicas", type=int, default=64, help="most replicas a plan may use (default 64)")
     p.add_argument("--max-slots", type=int, default=8)
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-context", type=int, default=1024)  # serve's defaults (server/programs.py)
+    p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--guard-band-pct", type=float, default=20.0)
     p.add_argument("--guard-band-ms", type=float, default=1.5)
@@ -161,7 +162,7 @@ def grid(args) -> list[int]:
 
 
 def plan(args) -> tuple[list[Point], Point | None]:
-    model = scheduler.get_model(args.model)
+    model = resolve_model(args)  # presets, the packaged model, HF configs and GGUF files, as serve
     scheduler.get_device(args.device)  # a clear error for an unknown one, before the search
     options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
                                        prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1))

@@ -14,53 +14,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-import scheduler
-from client.loadgen import LengthDist, arrival_times, make_specs, parse_slo
+from client.loadgen import add_load_args, arrival_times, make_specs
 from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
-from scheduler.fleet import POLICIES, simulate_fleet
+from scheduler.fleet import simulate_fleet
 from scheduler.simulate import SimRequest, paced_ticks, simulate_load
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Serve's flags and `lockstep load`'s, with their defaults: a serve command line plus a
+    load command line simulate the server that serve would run under that load (flags that
+    do not change ticks, such as ports, TLS or --target, are accepted and ignored)."""
+    from server.cli import add_runtime_args, add_serving_args
+    from server.programs import add_program_args
+
     p = argparse.ArgumentParser(prog="lockstep simulate", description=__doc__.splitlines()[0])
     p.error = lambda message: p.exit(2, f"lockstep simulate: error: {message}\n")  # one line, exit 2
-    p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
-    p.add_argument("--pool", required=True, help="e.g. lpu:576, h100:8, cpu")
-    p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
-    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`, or 'auto': the one "
-                                         "`lockstep serve` caches for these flags on this host")
-    p.add_argument("--max-slots", type=int, default=8)
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--itl-target-ms", type=float, default=0.0, help="as for compile")
-    p.add_argument("--max-queue", type=int, default=64, help="as for serve (default 64)")
-    p.add_argument("--guard-band-pct", type=float, default=20.0, help="tick margin over the step (default 20)")
-    p.add_argument("--guard-band-ms", type=float, default=1.5, help="and this per tick (default 1.5, as serve)")
-    p.add_argument("--throughput", action="store_true", help="ticks paced per step, not one tick for every batch")
+    add_program_args(p)
+    add_serving_args(p)
+    add_runtime_args(p)
+    add_load_args(p, target_required=False)  # its --seed seeds the draws (serve's weight seed changes no tick)
     p.add_argument("--pace", type=_pace, default=None,
-                   help="wall seconds per program second of a tick, as a server's lockstep_pace_factor: "
-                        "F, or PHASE=F,... for prefill, decode, mixed (default: 1 + the guard band)")
-    p.add_argument("--replicas", type=int, default=1, help="engines behind a router, as serve --replicas "
-                                                           "(open loop only; default 1)")
-    p.add_argument("--route", default="prediction", choices=POLICIES,
-                   help="with --replicas > 1: the router's policy, as serve --route (default prediction)")
-    p.add_argument("--concurrency", type=int, default=0, help="closed loop: clients (default 1); open loop: cap")
-    p.add_argument("--rate", type=float, default=None, help="open loop: mean arrivals per second")
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, < 1 burstier")
-    p.add_argument("--sweep", default="", help="comma-separated rates: one open-loop run per rate")
-    p.add_argument("--requests", type=int, default=1000, help="requests per run (default 1000)")
-    p.add_argument("--prompt-len", type=LengthDist.parse, default=LengthDist.parse("128"))
-    p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist.parse("128"))
-    p.add_argument("--seed", type=int, default=0, help="as for lockstep load: the same lengths and arrivals")
-    p.add_argument("--warmup", type=int, default=0, help="as for lockstep load (its draws come first)")
-    p.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=200ms,tpot=20ms (for goodput)")
-    p.add_argument("--output", type=Path, required=True, help="folder for the outputs")
+                   help="pace factors instead of time scale x (1 + guard band): F or PHASE=F,... (phases: "
+                        "prefill, decode, mixed)")
     return p
 
 
@@ -102,7 +82,8 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     ctx = program.max_context
     requests = [SimRequest(min(p, ctx - 1), max(1, min(m, ctx - min(p, ctx - 1))), None if a is None else float(a))
                 for (p, m), a in zip(lengths, arrivals)]
-    factor = 1 + args.guard_band_pct / 100
+    # As serve's pacers start: the time scale x (1 + the guard band).
+    factor = args.time_scale * (1 + args.guard_band_pct / 100)
     factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
     ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, not args.throughput)
     if args.replicas > 1:
@@ -137,27 +118,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not args.guard_band_pct >= 0 or not args.guard_band_ms >= 0:
             raise ValueError("--concurrency, --max-queue and the guard bands must be >= 0")
+        if not 0 <= args.time_scale < float("inf"):
+            raise ValueError(f"--time-scale must be finite and >= 0 (0: what serve measured), got {args.time_scale}")
         rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
         if any(r is not None and not 0 < r < float("inf") for r in rates) or not 0 < args.burstiness < float("inf"):
             raise ValueError("rates and --burstiness must be finite and > 0")
-        options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
-                                           prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
-                                           itl_target_ms=args.itl_target_ms)
-        calibration = None
-        if args.calibration == "auto":
-            from server.serve import _calibration  # the serve path's cache (imports the runtime)
+        from server.programs import compile_program, recorded_time_scale
 
-            model, pool = scheduler.get_model(args.model), scheduler.parse_pool(args.pool)
-            calibration = _calibration(args, model, pool)
-        elif args.calibration:
-            calibration = scheduler.Calibration.load(args.calibration)
-        program = scheduler.compile(scheduler.get_model(args.model), scheduler.parse_pool(args.pool), options,
-                                    calibration).view()
+        program = compile_program(args)[0].view()
+        if args.arrival == "poisson":  # as lockstep load
+            args.burstiness = 1.0
+        if not args.time_scale:  # as serve: measured there; the last measurement for this program
+            args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
     except (ValueError, SpecError, FitError) as exc:
         parser.error(str(exc))
     fleet = f", {args.replicas} replicas routed by {args.route}" if args.replicas > 1 else ""
-    print(f"lockstep simulate: {args.model} on {program.pool}, plan {program.plan_hash[:16]}, "
-          f"{args.requests} requests per run{fleet}", flush=True)
+    print(f"lockstep simulate: {program.model.name} on {program.pool}, plan {program.plan_hash[:16]}, "
+          f"time scale {args.time_scale:.3f}, {args.requests} requests per run{fleet}", flush=True)
     run_rates("lockstep simulate", args, rates, lambda rate: (*run(args, program, rate), {"plan_hash": program.plan_hash}),
               _line)
     return 0

