@@ -163,8 +163,9 @@ class OpenAIFrontEnd:
             raise _bad("body: must be a JSON object")
         return body
 
-    def _translate(self, body: dict, chat: bool) -> tuple[pb.GenerateRequest, bool, bool]:
-        """The body as a GenerateRequest (checked by parse_request after), stream, include_usage."""
+    def _translate(self, body: dict, chat: bool) -> tuple[pb.GenerateRequest, bool, bool, bool]:
+        """The body as a GenerateRequest (checked by parse_request after), stream, include_usage,
+        ignore_eos (vLLM's extension: run to max_tokens past the model's end-of-sequence)."""
         model = body.get("model")
         if model is not None and model != self.model:
             raise HTTPError(404, "invalid_request_error", f"model: {json.dumps(model)[:60]} is not served here "
@@ -213,13 +214,16 @@ class OpenAIFrontEnd:
         user_id = body.get("user")
         if user_id is not None and not isinstance(user_id, str):
             raise _bad("user: must be a string", "user")
-        return req, stream, options.get("include_usage", False)
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise _bad("ignore_eos: must be true or false", "ignore_eos")
+        return req, stream, options.get("include_usage", False), ignore_eos
 
     async def _serve(self, request: HTTPRequest, chat: bool):
         try:
             self._authorize(request)
-            req, stream, include_usage = self._translate(await self._body(request), chat)
-            parsed = parse_request(req, self.limits, self.tokenizer, self.model)
+            req, stream, include_usage, ignore_eos = self._translate(await self._body(request), chat)
+            parsed = parse_request(req, self.limits, self.tokenizer, self.model, ignore_eos)
             deadline = request.headers.get("x-lockstep-deadline-s")
             try:
                 remaining = float(deadline) if deadline is not None else None

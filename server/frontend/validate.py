@@ -129,8 +129,10 @@ def _stops(req: pb.GenerateRequest, vocab: int) -> tuple[tuple[str, ...], frozen
     return tuple(req.stop), frozenset(req.stop_token_ids)
 
 
-def parse_request(req: pb.GenerateRequest, limits: Limits, tokenizer, model: str) -> Parsed:
-    """Checks every field, cheapest first; raises BadRequest naming the first bad one."""
+def parse_request(req: pb.GenerateRequest, limits: Limits, tokenizer, model: str, ignore_eos: bool = False) -> Parsed:
+    """Checks every field, cheapest first; raises BadRequest naming the first bad one.
+    `ignore_eos` (HTTP's vLLM extension): the model's end-of-sequence ids do not end the
+    request (its own stop ids still do), so it runs to max_tokens: fixed-length benchmarks."""
     if req.model and req.model != model:
         raise _invalid(f"model: {quote(req.model)} is not served here (this server serves {model!r})")
     request_id = _request_id(req.request_id)
@@ -144,4 +146,5 @@ def parse_request(req: pb.GenerateRequest, limits: Limits, tokenizer, model: str
     if len(ids) + req.max_tokens > limits.max_context:
         raise _out_of_range(f"max_tokens: prompt {len(ids)} + max_tokens {req.max_tokens} exceeds "
                             f"the context of {limits.max_context}")
-    return Parsed(ids, int(req.max_tokens), sampling, stop, stop_ids | limits.eos_ids, request_id)
+    return Parsed(ids, int(req.max_tokens), sampling, stop, stop_ids | (frozenset() if ignore_eos else limits.eos_ids),
+                  request_id)

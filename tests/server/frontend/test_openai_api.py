@@ -148,6 +148,8 @@ def test_a_stop_string_ends_the_text_before_it(tiny):
     ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "stop": [1, 2]}, 400, "stop"),
+    ({"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ({"prompt": "x", "ignore_eos": 1}, 400, "ignore_eos"),
     ({"prompt": 7}, 400, "prompt"),
     ({"prompt": [1, -2]}, 400, "prompt"),
     ({}, 400, "prompt"),

