@@ -55,9 +55,7 @@ def main() -> int:
              ("bursty", ["--rate", "2", "--arrival", "gamma", "--burstiness", "0.25"])]
     serve = [*SERVE_FLAGS, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
     cmd = [sys.executable, "-m", "server.cli", "serve", *serve]
-    proc, target = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
-    metrics_url = next(line for line in (args.out / "serve.log").read_text().splitlines()
-                       if "ready" in line).split("metrics=")[1].split()[0]
+    proc, target, metrics_url = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
     rows = []
     try:
         for label, extra in loads:

@@ -33,6 +33,7 @@ from server.core.process import MetricsRelay, sockets
 
 START_TIMEOUT_S = 600.0  # building: weights, the time scale's steps, every shape warmed up (a 7B model on CPU: minutes)
 EXIT_WAIT_S = 2.0  # after Stop, for the core to exit by itself before it is killed
+HOLD_MIN_S = 0.0005  # a token due sooner than this goes at once (a timer costs more than it saves)
 
 
 def _core_env() -> dict:
@@ -228,17 +229,44 @@ class CoreClient:
         for rid, token, tick, t in ev.tokens:
             entry = self._requests.get(rid)
             if entry is not None:
-                entry[1].put_nowait((token, tick, t))
+                self._release(*entry, token, tick, t)
         for rid, reason, message, tick, t in ev.finished:
             entry = self._requests.pop(rid, None)
             if entry is not None:
-                entry[1].put_nowait((Finished(reason, message), tick, t))
+                self._release(*entry, Finished(reason, message), tick, t)
         if self.metrics is not None:
             for name, args in ev.metrics:
                 if name in MetricsRelay.CALLS:
                     getattr(self.metrics, name)(*args)
         if ev.status is not None:
             self._status = ev.status
+
+    def _release(self, r: Request, queue: asyncio.Queue, item, tick: int, t: float) -> None:
+        """Hands a token (or the end) to its stream, no sooner than promised (deterministic
+        mode): token k at arrival + TTFT + k x TPOT of the request's promise. A token the
+        engine made early (after a re-pace to a faster pace, or when the promise was
+        pessimistic) waits for its time; a late one goes at once. Each request's items keep
+        their order: each is released strictly after the one before it."""
+        now = time.perf_counter()
+        when = now
+        if isinstance(item, Finished):
+            n = None
+        else:
+            n = r.out_count = getattr(r, "out_count", 0) + 1
+            if self.config.deterministic and r.predicted_ttft_s:
+                when = max(now, r.arrival_s + r.predicted_ttft_s + (n - 1) * r.predicted_tpot_s)
+        when = max(when, getattr(r, "released_at", 0.0) + 1e-6)
+        r.released_at = when
+        if when - now < HOLD_MIN_S and not getattr(r, "held", 0):
+            queue.put_nowait((item, tick, t))
+            return
+        r.held = getattr(r, "held", 0) + 1
+
+        def release() -> None:
+            r.held -= 1
+            queue.put_nowait((item, tick, t if n is None or when - t < HOLD_MIN_S else time.perf_counter()))
+
+        asyncio.get_running_loop().call_at(asyncio.get_running_loop().time() + (when - now), release)
 
     def _end_all(self, reason: str, message: str) -> None:
         now = time.perf_counter()

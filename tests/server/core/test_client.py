@@ -1,0 +1,47 @@
+"""The front end's client of the engine core (server/core/client.py), without a core."""
+
+import asyncio
+import time
+
+from server.config import ServeConfig
+from server.core.client import CoreClient
+from server.core.engine import Finished, Request
+from server.runtime.sampling import SamplingParams
+
+
+def _request(ttft_s: float, tpot_s: float, arrival_s: float) -> Request:
+    r = Request("r", [1, 2], 4, SamplingParams(), frozenset(), None, arrival_s=arrival_s)
+    r.predicted_ttft_s, r.predicted_tpot_s = ttft_s, tpot_s
+    return r
+
+
+def _deliver(deterministic: bool, arrival_offset_s: float) -> list[tuple[object, float]]:
+    async def scenario():
+        client = CoreClient(ServeConfig("{}", deterministic=deterministic))
+        r = _request(0.05, 0.03, time.perf_counter() + arrival_offset_s)
+        queue = asyncio.Queue()
+        for k in range(4):  # the engine made all four at once, before any was due
+            client._release(r, queue, 100 + k, k, time.perf_counter())
+        client._release(r, queue, Finished("length"), 4, time.perf_counter())
+        got = []
+        for _ in range(5):
+            item = await asyncio.wait_for(queue.get(), 2)
+            got.append((item[0], time.perf_counter() - r.arrival_s))
+        return got
+
+    return asyncio.run(scenario())
+
+
+def test_an_early_token_waits_for_its_promised_time_and_order_holds():
+    got = _deliver(True, 0.0)
+    assert [item for item, _ in got[:4]] == [100, 101, 102, 103] and isinstance(got[4][0], Finished)
+    for k, (_, at) in enumerate(got[:4]):
+        assert at >= 0.05 + k * 0.03 - 0.001, f"token {k} went at {at:.4f} s, promised {0.05 + k * 0.03:.4f} s"
+    assert got[4][1] >= got[3][1]
+
+
+def test_a_late_token_goes_at_once_and_throughput_mode_never_holds():
+    for deterministic, offset in ((True, -10.0), (False, 0.0)):  # promised 10 s ago; or no holding at all
+        got = _deliver(deterministic, offset)
+        assert [item for item, _ in got[:4]] == [100, 101, 102, 103]
+        assert got[3][1] - got[0][1] < 0.02
