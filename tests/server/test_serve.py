@@ -176,10 +176,15 @@ def test_killing_the_engine_core_mid_stream_gives_unavailable_and_the_server_exi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ray", [False, True])
-def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray):
+@pytest.mark.parametrize("to", ["front end", "core"])
+def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray, to):
+    """To the pid the ready line prints (the front end, which owns shutdown), or to the
+    engine core's (`core_pid=`): either way the server drains and exits 0 in the grace
+    period, and the stream still running is told it is shutting down."""
     grace_s = 3.0
     proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
     try:
+        assert proc.core_pid and proc.core_pid != proc.ready_pid
         with LockstepClient(target) as client:
             errors = []
 
@@ -194,74 +199,31 @@ def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray)
             while client.status().running == 0:
                 time.sleep(0.01)
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            os.kill(proc.ready_pid if to == "front end" else proc.core_pid, signal.SIGTERM)
             sent = time.monotonic()
             assert proc.wait(timeout=30) == 0
             took = time.monotonic() - sent
             worker.join(10)
-        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM; grace {grace_s} s"
+        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM to the {to}; grace {grace_s} s"
         assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
+        if to == "core":
+            assert "got SIGTERM; shutting down" in proc.stderr_text()
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ray", [False, True])
-def test_sigterm_to_the_engine_core_shuts_the_server_down_within_the_grace_period(ray):
-    """A signal to the engine core's process (the ready line's core_pid) is not ignored:
-    the server drains and exits 0 within the grace period, and the stream still running is
-    told it is shutting down."""
-    grace_s = 3.0
-    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
-    try:
-        assert proc.core_pid and proc.core_pid != proc.ready_pid
-        with LockstepClient(target) as client:
-            errors = []
-
-            def long_stream():
-                try:
-                    client.generate([4, 5], 220)
-                except Exception as exc:  # noqa: BLE001 - checked below
-                    errors.append(exc)
-
-            worker = threading.Thread(target=long_stream)
-            worker.start()
-            while client.status().running == 0:
-                time.sleep(0.01)
-            os.kill(proc.core_pid, signal.SIGTERM)
-            sent = time.monotonic()
-            assert proc.wait(timeout=30) == 0
-            took = time.monotonic() - sent
-            worker.join(10)
-        assert took <= grace_s, f"exited {took:.2f} s after SIGTERM to the core; grace {grace_s} s"
-        assert errors and isinstance(errors[0], Unavailable) and "shutting down" in str(errors[0])
-        assert "got SIGTERM; shutting down" in proc.stderr_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _descendants_named(root: int, prefix: str) -> list[int]:
-    """Pids under `root` (any depth) whose command line starts with `prefix`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def _named(pids: set[int], prefix: str) -> list[int]:
+    """Those of `pids` whose command line starts with `prefix`."""
+    out = []
+    for pid in sorted(pids):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            pid = int(entry)
-            while pid > 1:
-                with open(f"/proc/{pid}/stat") as f:
-                    pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent's pid
-                if pid == root:
-                    if cmd.startswith(prefix):
-                        found.append(int(entry))
-                    break
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().replace(b"\0", b" ").decode(errors="replace").startswith(prefix):
+                    out.append(pid)
+        except OSError:
             continue
-    return found
+    return out
 
 
 @pytest.mark.slow
@@ -270,7 +232,7 @@ def test_sigterm_to_a_stage_actor_ends_the_server_as_an_engine_death():
     idle server notices at once (not at its next step): exit 1, the reason on stderr."""
     proc, target = start("--time-scale", "20", "--executor", "ray")
     try:
-        stages = _descendants_named(proc.pid, "ray::StageActor")
+        stages = _named(descendants(proc.pid), "ray::StageActor")
         assert stages, "no stage actor found under the server"
         os.kill(stages[0], signal.SIGTERM)
         assert proc.wait(timeout=20) == 1
