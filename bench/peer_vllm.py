@@ -13,13 +13,18 @@ Prints tokens/s, TTFT and ITL per server and load, the ratios the issue asks for
 Lockstep how far each token came from its promise (the `lockstep-predicted-*` headers:
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
-    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,thr,vllm]
+    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,thr,vllm] \\
+        [--guidellm /path/to/venv/bin/guidellm]
+
+With --guidellm, GuideLLM (bench/guidellm_vs_load.py's invocation) also measures each
+server at concurrency 8, 32 requests, after the loads: a client nobody here wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -31,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -42,6 +48,7 @@ MODEL = "smollm2-135m"
 PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy night "
           "and decides to answer it.")  # 24 words
 OUTPUT_TOKENS = 32
+JUDGE = "GuideLLM c=8"  # the second judge's row: its own client and synthetic prompts
 
 
 @dataclass
@@ -209,7 +216,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def run_server(name: str, start, out: Path) -> dict:
+def _guidellm_module():
+    spec = importlib.util.spec_from_file_location("guidellm_vs_load", REPO / "bench" / "guidellm_vs_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def second_judge(guidellm: str, folder: str, base: str, out: Path) -> dict:
+    """GuideLLM (its own client, synthetic prompts) at concurrency 8, 32 requests."""
+    g = SimpleNamespace(guidellm=guidellm, http=base.split("//")[1], model=MODEL, folder=folder,
+                        prompt_len=len(PROMPT.split()) + 6, output_len=OUTPUT_TOKENS)
+    r = _guidellm_module().guidellm(g, 8, 32, out)
+    return {"ok": 32, "errors": 0, **r, "itl_ratio": r["itl_p99"] / r["itl_p50"]}
+
+
+def run_server(name: str, start, out: Path, guidellm: str = "", folder: str = "") -> dict:
     proc, base, metrics = start()
     results = {}
     try:
@@ -224,6 +246,10 @@ def run_server(name: str, start, out: Path) -> dict:
                 results[load]["overruns"] = over / total if total else 0.0
             print(f"{name:>12} {load:<11} {json.dumps({k: round(v, 3) for k, v in results[load].items()})}",
                   flush=True)
+        if guidellm:
+            results[JUDGE] = second_judge(guidellm, folder, base, out / f"guidellm-{name}.json")
+            print(f"{name:>12} {JUDGE:<11} {json.dumps({k: round(v, 3) for k, v in results[JUDGE].items()})}",
+                  flush=True)
     finally:
         stop(proc)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
@@ -235,6 +261,8 @@ def main() -> int:
     p.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     p.add_argument("--vllm-port", type=int, default=18011)
     p.add_argument("--servers", default="det,thr,vllm")
+    p.add_argument("--guidellm", default="", help="a guidellm executable (0.7.3, in a venv of its own): also "
+                                                  "measure each server with it at c=8, as a second judge")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,12 +273,13 @@ def main() -> int:
               "thr": lambda: start_lockstep(["--throughput"], args.out / "thr.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
-    res = {name: run_server(name, starts[name], args.out) for name in names}
+    res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
+    loads = [load for load, _ in LOADS] + ([JUDGE] if args.guidellm else [])
     print(f"\nSmolLM2-135M fp32, {len(PROMPT.split())}-word prompt, {OUTPUT_TOKENS} tokens, same client; "
           f"tok/s, TTFT and ITL in ms")
     print(f"{'load':<11} {'server':<6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
           f"{'p99/p50':>8} {'|promise miss| p99':>19} {'within bound':>13} {'overruns':>9}")
-    for load, _ in LOADS:
+    for load in loads:
         for name in names:
             r = res[name][load]
             miss = f"{r['miss_p99_ms']:.1f} ms" if "miss_p99_ms" in r else "-"
@@ -264,7 +293,7 @@ def main() -> int:
         for other in ("thr", "vllm"):
             if other not in res:
                 continue
-            for load, _ in LOADS:
+            for load in loads:
                 d, o = res["det"][load], res[other][load]
                 print(f"  {other:<5} {load:<11} tok/s {d['tok_s'] / o['tok_s']:.2f}  TTFT p50 "
                       f"{d['ttft_p50'] / o['ttft_p50']:.2f}  TTFT p99 {d['ttft_p99'] / o['ttft_p99']:.2f}")

@@ -88,6 +88,7 @@ class LockstepServer:
         self.core = None  # the client of the engine core process (server/core/client.py)
         self.executor = None
         self.on_shutdown_request = None  # called (no arguments) when a signal to the engine core asks the server to stop
+        self.signalled = ""  # what the core said when a signal asked it to stop
         self.http = self.http_task = None
         self.health = health.aio.HealthServicer()
         self.failed: asyncio.Event | None = None  # set when the engine loop dies
@@ -225,14 +226,19 @@ class LockstepServer:
 
     def _core_asked_shutdown(self, why: str) -> None:
         print(f"lockstep serve: {why}; shutting down", file=sys.stderr, flush=True)
+        self.signalled = why
         if self.on_shutdown_request is not None:
             self.on_shutdown_request()
+
+    def failed_by_signal(self) -> None:
+        """A replica's answer to a signal to its core: it ends as an engine death does."""
+        self.failed.set()
 
     @property
     def failure(self) -> str:
         """Why the engine died ("" while it runs)."""
         if self.core is not None:
-            return self.core.failure or ""
+            return self.core.failure or self.signalled
         return repr(self.engine.failure) if self.engine is not None and self.engine.failure is not None else ""
 
     def _model_info(self, scale: float, limits: Limits) -> pb.ModelInfo:
@@ -283,7 +289,8 @@ class LockstepServer:
 
 
 class EngineActor:
-    """The Ray actor `lockstep serve` runs the server in (wrapped with ray.remote there)."""
+    """A replica: a whole server in a Ray actor (`lockstep serve --replicas N`, wrapped with
+    ray.remote in server/frontend/router.py), its engine core a child process of the actor."""
 
     def __init__(self):
         exit_on_signal("replica")  # a SIGTERM ends it: the router sees a dead replica (Ray's handler never runs)
@@ -295,6 +302,9 @@ class EngineActor:
 
             config = replace(config, host=ray.util.get_node_ip_address())
         self.server = LockstepServer(config)
+        # A signal to this replica's engine core ends the replica as an engine death does:
+        # the router takes it out of routing and Ray restarts it.
+        self.server.on_shutdown_request = self.server.failed_by_signal
         return await self.server.start()
 
     async def stop(self, grace_s: float) -> None:

@@ -247,6 +247,23 @@ def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(f
 
 
 @pytest.mark.slow
+def test_sigterm_to_a_replicas_engine_core_restarts_that_replica(fleet):
+    """Not ignored: the replica ends as an engine death does, leaves routing, and comes back."""
+    import os
+    import signal
+
+    rep = fleet.router.replicas[0]
+    restarts, core_pid = rep.restarts, rep.info["core_pid"]
+    assert core_pid
+    os.kill(core_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while not (rep.up and rep.restarts > restarts) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rep.up and rep.restarts > restarts and rep.info["core_pid"] != core_pid
+    assert generate(fleet.replica_stub(0), [1, 2, 3], 4)[0] == generate(fleet.replica_stub(1), [1, 2, 3], 4)[0]
+
+
+@pytest.mark.slow
 def test_a_deadline_no_replica_can_meet_is_refused_at_once_and_bad_input_never_reaches_one(fleet):
     routed = [r.routed for r in fleet.router.replicas]
     start = time.monotonic()
