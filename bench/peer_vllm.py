@@ -265,6 +265,7 @@ def main() -> int:
                                                   "measure each server with it at c=8, as a second judge")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
     args = p.parse_args()
+    args.out = args.out.resolve()  # GuideLLM runs in another folder
     args.out.mkdir(parents=True, exist_ok=True)
     from server.runtime.gguf import resolve
 
