@@ -261,6 +261,8 @@ def main() -> int:
     p.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     p.add_argument("--vllm-port", type=int, default=18011)
     p.add_argument("--servers", default="det,thr,vllm")
+    p.add_argument("--lockstep-flags", default="", help="more `lockstep serve` flags for both Lockstep servers "
+                                                        "(an A/B of a setting), e.g. '--guard-band-pct 10'")
     p.add_argument("--guidellm", default="", help="a guidellm executable (0.7.3, in a venv of its own): also "
                                                   "measure each server with it at c=8, as a second judge")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
@@ -270,8 +272,9 @@ def main() -> int:
     from server.runtime.gguf import resolve
 
     folder, _ = resolve(MODEL, "")
-    starts = {"det": lambda: start_lockstep([], args.out / "det.log"),
-              "thr": lambda: start_lockstep(["--throughput"], args.out / "thr.log"),
+    flags = args.lockstep_flags.split()
+    starts = {"det": lambda: start_lockstep(flags, args.out / "det.log"),
+              "thr": lambda: start_lockstep(["--throughput", *flags], args.out / "thr.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
     res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
