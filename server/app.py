@@ -137,11 +137,11 @@ class LockstepServer:
         # GIL held, which stalls the step in flight past its tick; after freeze() ~0 ms.
         gc.collect()
         gc.freeze()
-        if cfg.deterministic and self.engine is not None:
-            # Only for an engine on a thread of this process. With the core in its own
-            # process, a lowered front end could not deliver a tick's tokens while the next
-            # step held both cores: measured with bench/peer_vllm.py at concurrency 8, ITL
-            # p99/p50 1.70 and tokens up to 129 ms past their promise at nice 19.
+        if cfg.deterministic and (self.engine is not None or self.core is not None):
+            # Default 0 (config.py): beside a core process, nice 19 kept the front end from
+            # delivering a tick's tokens while the next step held both cores (measured with
+            # bench/peer_vllm.py at concurrency 8: ITL p99/p50 1.70, tokens up to 129 ms
+            # past their promise; BENCHMARKS.md).
             self.front_end_nice = _lower_front_end(cfg.front_end_nice)
         if self.engine is not None:
             self.engine.start(self.device_thread)

@@ -140,9 +140,10 @@ def add_runtime_args(p) -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="pipelined stages: split the KV slots into one row group per stage and keep the groups' "
                         "steps in the stage actors together (needs --executor ray and 2+ stages)")
-    p.add_argument("--front-end-nice", type=int, default=19,
+    p.add_argument("--front-end-nice", type=int, default=0,
                    help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
-                        "this niceness so a busy front end cannot stretch the engine's steps (default 19; 0: off)")
+                        "this niceness, below the engine core (default 0: off; 19 delayed token deliveries "
+                        "beside the core process, BENCHMARKS.md)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP port (/v1/models, /v1/completions, /v1/chat/completions); "
                         "0: any free port; -1: no HTTP (default 8000)")

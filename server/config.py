@@ -34,7 +34,7 @@ class ServeConfig:
     torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
     # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
-    front_end_nice: int = 19
+    front_end_nice: int = 0  # 19 measured best with the engine in this process; 0 beside a core process (BENCHMARKS.md)
     http_port: int = -1  # OpenAI-compatible HTTP (server/frontend/openai_api.py) on this port; 0: any free one; -1: off
     pipeline: bool = False  # one row group per stage, their steps in flight together (server/core/pipelined.py)
     # The engine core (tick loop, scheduler, pacer, executor) in a process of its own
