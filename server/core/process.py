@@ -199,7 +199,7 @@ class Core:
                     self.push.send(encoder.encode(events))
                     events = None
                 self.push.send(encoder.encode(item))
-                if isinstance(item, (Fatal,)) or item == "bye":
+                if isinstance(item, Fatal):
                     return
             if events is not None:
                 if self.engine is not None:
