@@ -178,8 +178,7 @@ class Engine:
             if self._occupancy()[1] < self.config.max_queue:
                 return None
             at, ttft = self._last_promise
-        return (f"queue full ({self.config.max_queue} waiting); the last request admitted "
-                f"{time.perf_counter() - at:.3f} s ago was promised its first token in {ttft:.3f} s")
+        return queue_full_message(self.config.max_queue, time.perf_counter() - at, ttft)
 
     def submit(self, request: Request) -> None:
         """Queues a request (the caller validated it). Raises OverflowError past max_queue
@@ -418,6 +417,12 @@ def _sleep_until(deadline: float) -> None:
             return
         if left > 0.0003:
             time.sleep(left - 0.0002)
+
+
+def queue_full_message(max_queue: int, ago_s: float, ttft_s: float) -> str:
+    """The refusal for room: what the last request admitted was promised, and when."""
+    return (f"queue full ({max_queue} waiting); the last request admitted {ago_s:.3f} s ago was promised its "
+            f"first token in {ttft_s:.3f} s")
 
 
 _ids = itertools.count()

@@ -167,14 +167,18 @@ class Core:
         # Under the engine's lock: the answer is in the outbox before the request's first
         # token can be (the engine emits under the same lock).
         with self.engine._lock:
+            # The prediction runs from now; the promise counts from the front end's arrival,
+            # which may be long before in a burst (the Admit waited in the socket's queue).
+            waited = max(0.0, time.perf_counter() - msg.arrival_s)
+            remaining = None if msg.time_remaining_s is None else msg.time_remaining_s - waited
             try:
                 self.requests[rid] = r
-                admission.admit(self.engine, r, msg.time_remaining_s)
+                admission.admit(self.engine, r, remaining)
             except admission.Refusal as exc:
                 self.requests.pop(rid, None)
                 outbox.put(Refused(rid, exc.code, str(exc)))
                 return
-            outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
+            outbox.put(Admitted(rid, waited + r.predicted_ttft_s, waited + r.predicted_e2e_s))
 
     # -- output thread --------------------------------------------------------------
     def _send_loop(self) -> None:

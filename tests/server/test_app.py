@@ -307,8 +307,11 @@ def test_predict_arrival_promises_what_admission_would_and_queues_nothing(live):
     call = live.stub.Generate(request([3, 1, 4, 1, 5], 6))
     promised = dict(call.initial_metadata())
     list(call)
-    assert float(promised["lockstep-predicted-ttft-s"]) == pytest.approx(ask.ttft_s, abs=1e-6)  # sent as %.6f
-    assert float(promised["lockstep-predicted-e2e-s"]) == pytest.approx(ask.e2e_s, abs=1e-6)
+    # A promise counts from the request's arrival at the front end; the prediction ran in
+    # the engine core a message later (server/core/process.py), so they differ by that hop.
+    for name, asked in (("ttft", ask.ttft_s), ("e2e", ask.e2e_s)):
+        hop = float(promised[f"lockstep-predicted-{name}-s"]) - asked
+        assert -1e-6 <= hop < 0.005, (name, hop)
 
 
 @pytest.mark.parametrize("prompt_tokens, max_tokens, field", [
