@@ -238,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                        f"within {args.connect_timeout_s:g} s\n")
 
 
+def burstiness(args) -> float:
+    """The gamma shape of the arrivals: --burstiness, or 1 (Poisson) with --arrival poisson."""
+    return 1.0 if args.arrival == "poisson" else args.burstiness
+
+
 def _run(args) -> int:
-    if args.arrival == "poisson":
-        args.burstiness = 1.0
+    args.burstiness = burstiness(args)
     rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
     run_rates("lockstep load", args, rates, lambda rate: load_at(args, rate), _line)
     return 0

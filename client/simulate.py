@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from client.loadgen import add_load_args, arrival_times, make_specs
+from client.loadgen import add_load_args, arrival_times, burstiness, make_specs
 from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.programs import compile_program, recorded_time_scale
 
         program = compile_program(args)[0].view()
-        if args.arrival == "poisson":  # as lockstep load
-            args.burstiness = 1.0
+        args.burstiness = burstiness(args)  # as lockstep load
         if not args.time_scale:  # as serve: measured there; the last measurement for this program
             args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
     except (ValueError, SpecError, FitError) as exc:

@@ -37,7 +37,6 @@ from server.frontend.openai_api import OpenAIFrontEnd
 from server.frontend.tokenizer import ChatTemplate, load_tokenizer
 from server.frontend.validate import Limits
 
-SWITCH_INTERVAL_S = 0.0002
 MAX_MESSAGE_BYTES = 1 << 20  # a request is a prompt: 1 MiB is ~250k tokens of text
 # Of the shutdown grace period, what is kept for tearing down (engine, gRPC, executor)
 # after draining, so the process exits within the grace period, not after it.
@@ -87,6 +86,7 @@ class LockstepServer:
         self.engine = None  # an engine on a thread of this process (engine_process=False)
         self.core = None  # the client of the engine core process (server/core/client.py)
         self.executor = None
+        self.admission = None  # what the front doors admit through: LocalAdmission, CoreClient or a router's
         self.on_shutdown_request = None  # called (no arguments) when a signal to the engine core asks the server to stop
         self.signalled = ""  # what the core said when a signal asked it to stop
         self.http = self.http_task = None
@@ -99,10 +99,10 @@ class LockstepServer:
         """Builds and starts everything; returns the bound addresses and settings."""
         cfg, program = self.config, self.program
         if self.router is None:
-            admission, scale = await self._start_engine()
+            self.admission, scale = await self._start_engine()
         else:  # the engines are replicas elsewhere; this process is their front end
             first = await self.router.start(self.router_bundle)
-            admission, scale = self.router, first["time_scale"]
+            self.admission, scale = self.router, first["time_scale"]
             self.router.export(self.metrics)
             self.failed = asyncio.Event()  # replicas that die are restarted; the front end stays up
         vocab = program.model.vocab_size
@@ -110,11 +110,11 @@ class LockstepServer:
         limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
                         eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
-        self.server, port = self._grpc_server(LockstepService(admission, info, tokenizer, limits, self.metrics))
+        self.server, port = self._grpc_server(LockstepService(self.admission, info, tokenizer, limits, self.metrics))
         http = ""
         if cfg.http_port >= 0:
             http = await self._http_server(OpenAIFrontEnd(
-                admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
+                self.admission, info.model, limits, tokenizer, self.metrics, ChatTemplate.of(cfg.checkpoint or None),
                 read_secret(cfg.auth_token_file, "--auth-token-file") if cfg.auth_token_file else b""))
         mode = ("deterministic" if cfg.deterministic else "throughput") + ("+pipelined" if cfg.pipeline else "")
         self.metrics.set_info(model=info.model, pool=info.pool, plan_hash=info.plan_hash, dtype=info.dtype,
@@ -262,20 +262,18 @@ class LockstepServer:
         drain_until = deadline - min(TEARDOWN_RESERVE_S, grace_s / 2)
         if self.engine is not None:
             self.engine.accepting = False
+        if self.admission is not None:
             self.metrics.set_accepting(False)
             await self.health.enter_graceful_shutdown()
+        if self.engine is not None:
             while not self.engine.idle() and time.monotonic() < drain_until:
                 await asyncio.sleep(0.01)
             # Ends what is left with "shutdown" (after the tick in flight) before the
             # transport closes, so those clients get UNAVAILABLE with a reason.
             await asyncio.to_thread(self.engine.stop, max(0.1, deadline - time.monotonic()))
         if self.core is not None:
-            self.metrics.set_accepting(False)
-            await self.health.enter_graceful_shutdown()
             await self.core.stop(max(0.1, deadline - time.monotonic() - 0.3))
         if self.router is not None:
-            self.metrics.set_accepting(False)
-            await self.health.enter_graceful_shutdown()
             await self.router.stop(max(0.1, drain_until - time.monotonic()))
         if self.http is not None:
             self.http.should_exit = True
@@ -312,9 +310,7 @@ class EngineActor:
             await self.server.stop(grace_s)
 
     async def status(self) -> dict:
-        if self.server is None:
-            return {}
-        return self.server.core.status() if self.server.core else self.server.engine.status() if self.server.engine else {}
+        return self.server.admission.status() if self.server and self.server.admission else {}
 
     async def wait_failed(self) -> str:
         """Returns (with the reason) once the engine loop has died; the driver exits non-zero."""

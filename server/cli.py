@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from scheduler.fleet import POLICIES
 from server.programs import add_program_args, compile_program
 
 EXIT_BAD_INPUT = 2
@@ -128,7 +129,7 @@ def add_serving_args(p) -> None:
                    help="engines, each a whole server in a Ray actor on its own devices (a placement group "
                         "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "
                         "engine, no router)")
-    p.add_argument("--route", default="prediction", choices=("prediction", "round-robin", "least-outstanding"),
+    p.add_argument("--route", default="prediction", choices=POLICIES,
                    help="with --replicas > 1: send each request to the replica with the lowest predicted TTFT "
                         "(default), or round-robin, or to the one with the fewest requests outstanding")
 

@@ -18,12 +18,21 @@ class Refusal(Exception):
         self.code = code
 
 
+def closed(up: bool, accepting: bool, short: bool = False) -> str | None:
+    """Why nothing is admitted now (the engine is down, or the server drains), or None; the
+    refusal's code is UNAVAILABLE. `short`: the words PredictArrival answers with."""
+    if not up:
+        return "engine stopped" if short else "engine stopped; the server is exiting"
+    if not accepting:
+        return "server is shutting down" if short else "server is shutting down; not admitting"
+    return None
+
+
 def refusal(engine: Engine) -> tuple[str, str] | None:
     """(code, message) if a request arriving now would be refused before any prediction."""
-    if not engine.up:
-        return "UNAVAILABLE", "engine stopped; the server is exiting"
-    if not engine.accepting:
-        return "UNAVAILABLE", "server is shutting down; not admitting"
+    why = closed(engine.up, engine.accepting)
+    if why is not None:
+        return "UNAVAILABLE", why
     full = engine.queue_full()
     return None if full is None else ("RESOURCE_EXHAUSTED", full)
 
@@ -38,8 +47,8 @@ def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     if time_remaining_s is not None and e2e > time_remaining_s:
         raise Refusal("DEADLINE_EXCEEDED", f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past "
                                            f"the deadline of {time_remaining_s:.3f} s")
-    r.predicted_ttft_s, r.predicted_e2e_s, r.group = ttft, e2e, group
-    r.predicted_tpot_s = (e2e - ttft) / (r.max_tokens - 1) if r.max_tokens > 1 else 0.0
+    r.promise(ttft, e2e)
+    r.group = group
     try:
         engine.submit(r)
     except OverflowError as exc:
@@ -52,7 +61,6 @@ def predict(engine: Engine, prompt_len: int, max_tokens: int) -> tuple[float, fl
     """(TTFT, e2e, "") that admission would promise such a request now, or (0, 0, why not)."""
     why = refusal(engine)
     if why is not None:
-        return 0.0, 0.0, ("engine stopped" if not engine.up else "server is shutting down" if not engine.accepting
-                          else why[1])
+        return 0.0, 0.0, closed(engine.up, engine.accepting, short=True) or why[1]
     ttft, e2e = engine.predict(prompt_len, max_tokens)
     return ttft, e2e, ""

@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.config import ServeConfig
+from server.core import admission
 from server.core.engine import Finished, Request, new_request_id, queue_full_message
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Refused,
                                   Shutdown, Start, Stop, ToFrontEnd)
@@ -46,6 +47,17 @@ def _core_env() -> dict:
     return env
 
 
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """A request in the core, as the front end delivers it (`CoreClient._release`)."""
+
+    request: Request
+    queue: asyncio.Queue  # (token | Finished, tick, perf_counter s), read by the front door
+    tokens: int = 0  # handed out so far, held ones included
+    released_at: float = 0.0  # perf_counter s the last item was (or will be) handed out
+    held: int = 0  # items waiting for their promised time
+
+
 class CoreDied(RuntimeError):
     """The engine core process is gone (it exited, was killed, or said it cannot go on)."""
 
@@ -54,7 +66,6 @@ class CoreClient:
     def __init__(self, config: ServeConfig, metrics=None):
         self.config, self.metrics = config, metrics
         self.proc: subprocess.Popen | None = None
-        self.pid = 0
         self.time_scale = 1.0
         self.pace: dict[str, float] = {}
         self.accepting = True
@@ -63,7 +74,7 @@ class CoreClient:
         self.on_shutdown = None  # called on the event loop when the core was signalled to stop the server
         self._status: dict = {}
         self._last_promise = (time.perf_counter(), 0.0)  # (arrival, promised TTFT) of the last request admitted
-        self._requests: dict[int, tuple[Request, asyncio.Queue]] = {}
+        self._requests: dict[int, _Stream] = {}  # rid -> its stream, until its end is handed out
         self._answers: dict[int, asyncio.Future] = {}  # rid or -qid -> the core's answer
         self._rids = itertools.count()
         self._stopping = False
@@ -79,7 +90,6 @@ class CoreClient:
         self.pull, self.push = sockets(self._ctx, True, to_front, to_core)
         self.proc = subprocess.Popen([sys.executable, "-m", "server.core.process", to_core, to_front, str(os.getpid())],
                                      stdin=subprocess.DEVNULL, env=_core_env())
-        self.pid = self.proc.pid
         self._send(Start(dataclasses.asdict(self.config)))
         decoder = msgspec.msgpack.Decoder(ToFrontEnd)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -96,14 +106,16 @@ class CoreClient:
         self._reader = asyncio.ensure_future(self._read(decoder))
 
     @property
+    def pid(self) -> int:
+        """The engine core's process."""
+        return self.proc.pid if self.proc is not None else 0
+
+    @property
     def up(self) -> bool:
         return self.failure is None
 
     def status(self) -> dict:
         return dict(self._status, accepting=self.accepting, engine_up=self.up)
-
-    def idle(self) -> bool:
-        return not self._requests
 
     async def stop(self, grace_s: float) -> None:
         """Stops admitting, lets the requests in flight finish until `grace_s` is nearly
@@ -146,10 +158,9 @@ class CoreClient:
     async def admit(self, parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
         from server.frontend.api import Refused as RefusedError  # the front door's error type
 
-        if not self.up:
-            raise RefusedError(grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is exiting")
-        if not self.accepting:
-            raise RefusedError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
+        why = admission.closed(self.up, self.accepting)
+        if why is not None:
+            raise RefusedError(grpc.StatusCode.UNAVAILABLE, why)
         limit = self._status.get("max_slots", 0) + self._status.get("max_queue", 0)
         if limit and len(self._requests) >= limit:
             # Refused here, with no round trip: with every slot taken and the queue full the
@@ -159,33 +170,34 @@ class CoreClient:
             raise RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                queue_full_message(self._status["max_queue"], time.perf_counter() - at, ttft))
         rid, queue = next(self._rids), asyncio.Queue()
+        # emit: unused here (the core's events reach the queue through _release).
         r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
                     parsed.stop_ids, queue.put_nowait)
+        r.rid = rid  # what cancel() names it by
         answer = self._ask(rid)
-        self._requests[rid] = (r, queue)  # before the send: the core's events for it may follow its answer at once
+        self._requests[rid] = _Stream(r, queue)  # before the send: its events may follow its answer at once
         self._send(Admit(rid, list(r.prompt), r.max_tokens, r.sampling, sorted(r.stop_ids), r.arrival_s,
                          time_remaining_s))
-        r.rid = rid
         msg = await answer
         if isinstance(msg, Refused):
             self._requests.pop(rid, None)
             raise RefusedError(grpc.StatusCode[msg.code], msg.message)
-        r.predicted_ttft_s, r.predicted_e2e_s = msg.ttft_s, msg.e2e_s
+        r.promise(msg.ttft_s, msg.e2e_s)
         self._last_promise = (r.arrival_s, msg.ttft_s)
-        r.predicted_tpot_s = (msg.e2e_s - msg.ttft_s) / (r.max_tokens - 1) if r.max_tokens > 1 else 0.0
         return r, queue
 
     def cancel(self, r: Request) -> None:
         r.cancelled = True
-        if self.up and getattr(r, "rid", None) is not None:
+        if self.up:
             self._send(Cancel(r.rid))
 
     async def predict_arrival(self, prompt_tokens: int, max_tokens: int) -> pb.ArrivalPrediction:
         from server.frontend.api import arrival_prediction
 
         outstanding = len(self._requests)
-        if not self.up or not self.accepting:
-            return arrival_prediction(0, 0, "engine stopped" if not self.up else "server is shutting down", outstanding)
+        why = admission.closed(self.up, self.accepting, short=True)
+        if why is not None:
+            return arrival_prediction(0, 0, why, outstanding)
         qid = next(self._rids)
         answer = self._ask(-1 - qid)
         self._send(Predict(qid, prompt_tokens, max_tokens))
@@ -233,17 +245,17 @@ class CoreClient:
 
     def _events(self, ev: Events) -> None:
         for rid, t in ev.admitted:
-            entry = self._requests.get(rid)
-            if entry is not None:
-                entry[0].admitted_s = t
+            stream = self._requests.get(rid)
+            if stream is not None:
+                stream.request.admitted_s = t
         for rid, token, tick, t in ev.tokens:
-            entry = self._requests.get(rid)
-            if entry is not None:
-                self._release(*entry, token, tick, t)
+            stream = self._requests.get(rid)
+            if stream is not None:
+                self._release(stream, token, tick, t)
         for rid, reason, message, tick, t in ev.finished:
-            entry = self._requests.pop(rid, None)
-            if entry is not None:
-                self._release(*entry, Finished(reason, message), tick, t)
+            stream = self._requests.pop(rid, None)
+            if stream is not None:
+                self._release(stream, Finished(reason, message), tick, t)
         if self.metrics is not None:
             for name, args in ev.metrics:
                 if name in MetricsRelay.CALLS:
@@ -251,37 +263,35 @@ class CoreClient:
         if ev.status is not None:
             self._status = ev.status
 
-    def _release(self, r: Request, queue: asyncio.Queue, item, tick: int, t: float) -> None:
+    def _release(self, s: _Stream, item, tick: int, t: float) -> None:
         """Hands a token (or the end) to its stream, no sooner than promised (deterministic
         mode): token k at arrival + TTFT + k x TPOT of the request's promise. A token the
         engine made early (after a re-pace to a faster pace, or when the promise was
-        pessimistic) waits for its time; a late one goes at once. Each request's items keep
-        their order: each is released strictly after the one before it."""
-        now = time.perf_counter()
+        pessimistic) waits for its time, and is timed when it goes; a late one goes at once.
+        Each request's items keep their order: each is released strictly after the one
+        before it."""
+        now, r = time.perf_counter(), s.request
         when = now
-        if isinstance(item, Finished):
-            n = None
-        else:
-            n = r.out_count = getattr(r, "out_count", 0) + 1
+        if not isinstance(item, Finished):
+            s.tokens += 1
             if self.config.deterministic and r.predicted_ttft_s:
-                when = max(now, r.arrival_s + r.predicted_ttft_s + (n - 1) * r.predicted_tpot_s)
-        when = max(when, getattr(r, "released_at", 0.0) + 1e-6)
-        r.released_at = when
-        if when - now < HOLD_MIN_S and not getattr(r, "held", 0):
-            queue.put_nowait((item, tick, t))
+                when = max(now, r.arrival_s + r.predicted_ttft_s + (s.tokens - 1) * r.predicted_tpot_s)
+        when = s.released_at = max(when, s.released_at + 1e-6)
+        if when - now < HOLD_MIN_S and not s.held:
+            s.queue.put_nowait((item, tick, t))
             return
-        r.held = getattr(r, "held", 0) + 1
+        s.held += 1
 
         def release() -> None:
-            r.held -= 1
-            queue.put_nowait((item, tick, t if n is None or when - t < HOLD_MIN_S else time.perf_counter()))
+            s.held -= 1
+            s.queue.put_nowait((item, tick, time.perf_counter()))
 
-        asyncio.get_running_loop().call_at(asyncio.get_running_loop().time() + (when - now), release)
+        asyncio.get_running_loop().call_later(when - now, release)
 
     def _end_all(self, reason: str, message: str) -> None:
         now = time.perf_counter()
-        for rid, (r, queue) in list(self._requests.items()):
-            queue.put_nowait((Finished(reason, message), -1, now))
+        for s in self._requests.values():
+            s.queue.put_nowait((Finished(reason, message), -1, now))
         self._requests.clear()
         for future in self._answers.values():
             if not future.done():

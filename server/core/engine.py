@@ -99,6 +99,11 @@ class Request:
     first_token_s: float | None = None
     last_token_s: float | None = None
 
+    def promise(self, ttft_s: float, e2e_s: float) -> None:
+        """Records what admission promised: first token and last token, seconds from arrival."""
+        self.predicted_ttft_s, self.predicted_e2e_s = ttft_s, e2e_s
+        self.predicted_tpot_s = (e2e_s - ttft_s) / (self.max_tokens - 1) if self.max_tokens > 1 else 0.0
+
 
 class Engine:
     def __init__(self, executor, program: ProgramView, config: EngineConfig = EngineConfig(), metrics=None):
@@ -219,14 +224,15 @@ class Engine:
             return self.sched.idle()
 
     def fail(self, exc: BaseException) -> None:
-        """From any thread: the executor is broken (a stage actor died while no step ran).
-        The engine dies as if a step had raised it, and its loop ends."""
+        """From any thread, once: the engine stops for `exc` (its loop raised it, or the
+        executor broke while no step ran: a stage actor died). Every request ends
+        "unavailable", `submit` refuses from then on, the loop ends, `on_death` is told."""
         with self._lock:
             if self.failure is not None:
                 return
             self.failure, self.accepting, self._stop = exc, False, True
             self._lock.notify()
-        log.error("engine stopped: %s", exc)
+        traceback.print_exception(exc)
         self._end_all("unavailable", f"engine stopped: {type(exc).__name__}: {exc}"[:300])
         if self.on_death is not None:
             self.on_death(exc)
@@ -236,16 +242,8 @@ class Engine:
         try:
             self._run()
         except BaseException as exc:  # a dead engine must not look alive: stop admitting, say why
-            self._die(exc)
+            self.fail(exc)
             raise
-
-    def _die(self, exc: BaseException) -> None:
-        traceback.print_exc()
-        with self._lock:
-            self.failure, self.accepting = exc, False
-        self._end_all("unavailable", f"engine stopped: {type(exc).__name__}: {exc}"[:300])
-        if self.on_death is not None:
-            self.on_death(exc)
 
     def _end_all(self, reason: str, message: str) -> None:
         with self._lock:

@@ -73,6 +73,9 @@ class Outbox:
             self._items.append(item)
             self._cv.notify()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def take(self, timeout_s: float | None = None) -> list:
         with self._cv:
             if not self._items:
@@ -111,7 +114,7 @@ class Core:
     def start(self) -> None:
         from server.core.build import build_engine
 
-        engine, self.executor, scale = self.device.submit(build_engine, self.config, self.program,
+        engine, _, scale = self.device.submit(build_engine, self.config, self.program,
                                                           MetricsRelay(self.outbox)).result()
         self.engine = engine
         engine.on_death = self._engine_died
@@ -248,7 +251,7 @@ def main(argv: list[str]) -> int:
             return EXIT_FATAL
     # Let the output thread send the last events (the engine's ends), then go.
     deadline = time.monotonic() + 2.0
-    while core.outbox._items and time.monotonic() < deadline:
+    while len(core.outbox) and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(0.01)
     push.close(linger=2000)

@@ -55,6 +55,7 @@ ADMIT_TIMEOUT_S = 5.0  # a chosen replica that has not admitted the request by t
 WATCH_INTERVAL_S = 0.05  # how often the supervisor looks for a replica that died (a local check)
 STATUS_EVERY = 5  # and every this many looks, refreshes each replica's status (an actor call)
 RESTART_BACKOFF_S = 0.5
+STOP_SLACK_S = 1.0  # past a replica's own grace period, for its answer to come back
 _FINISHED = {"length": "length", "stop": "stop"}
 
 
@@ -83,13 +84,6 @@ class Replica:
         self.metadata = metadata
         self.suspect_until = 0.0
         self.up = True
-
-
-STOP_SLACK_S = 1.0  # past a replica's own grace period, for its answer to come back
-
-
-async def _awaited(ref):
-    return await ref
 
 
 class RoutedAdmission:
@@ -176,7 +170,7 @@ class RoutedAdmission:
         self.accepting = False
         if self._supervisor is not None:
             self._supervisor.cancel()
-        stops = [asyncio.ensure_future(_awaited(r.actor.stop.remote(grace_s))) for r in self.replicas if r.up]
+        stops = [asyncio.ensure_future(r.actor.stop.remote(grace_s)) for r in self.replicas if r.up]
         if stops:  # bounded: a replica that does not answer is killed below all the same
             await asyncio.wait(stops, timeout=grace_s + STOP_SLACK_S)
         for rep in self.replicas:

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 from server.config import ServeConfig
-from server.core.client import CoreClient
+from server.core.client import CoreClient, _Stream
 from server.core.engine import Finished, Request
 from server.runtime.sampling import SamplingParams
 
@@ -19,10 +19,11 @@ def _deliver(deterministic: bool, arrival_offset_s: float) -> list[tuple[object,
     async def scenario():
         client = CoreClient(ServeConfig("{}", deterministic=deterministic))
         r = _request(0.05, 0.03, time.perf_counter() + arrival_offset_s)
-        queue = asyncio.Queue()
+        stream = _Stream(r, asyncio.Queue())
+        queue = stream.queue
         for k in range(4):  # the engine made all four at once, before any was due
-            client._release(r, queue, 100 + k, k, time.perf_counter())
-        client._release(r, queue, Finished("length"), 4, time.perf_counter())
+            client._release(stream, 100 + k, k, time.perf_counter())
+        client._release(stream, Finished("length"), 4, time.perf_counter())
         got = []
         for _ in range(5):
             item = await asyncio.wait_for(queue.get(), 2)
