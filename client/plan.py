@@ -101,7 +101,9 @@ class Trial:
     def __init__(self, args, view: ProgramView):
         self.args, self.view = args, view
         factor = 1 + args.guard_band_pct / 100
-        self.ticks = paced_ticks(view, {p: factor for p in PHASES}, args.guard_band_ms / 1e3).__getitem__
+        # As serve paces: ticks follow the work, promised cadences bound them.
+        self.ticks = paced_ticks(view, {p: factor for p in PHASES}, args.guard_band_ms / 1e3,
+                                 deterministic=False).__getitem__
         rng = np.random.default_rng(args.seed)
         ctx = view.max_context
         self.lengths = []
@@ -127,18 +129,18 @@ class Trial:
         return all_ok and ttft <= slo.get("ttft", math.inf) and itl <= slo.get("itl", math.inf)
 
     def one(self, rate: float) -> tuple[float, float, bool]:
-        results, _ = simulate_load(self.view.tick_scheduler(self.args.max_queue), self.requests(rate), self.ticks)
+        results, _ = simulate_load(self.view.tick_scheduler(self.args.max_queue, self.ticks), self.requests(rate), self.ticks)
         return self.latency(results)
 
     def fleet(self, rate: float, replicas: int) -> tuple[float, float, bool]:
-        scheds = [self.view.tick_scheduler(self.args.max_queue) for _ in range(replicas)]
+        scheds = [self.view.tick_scheduler(self.args.max_queue, self.ticks) for _ in range(replicas)]
         results, _ = simulate_fleet(scheds, self.requests(rate), self.ticks, "prediction")
         return self.latency(results)
 
     def capacity(self, floor: float) -> tuple[float, float, float]:
         """(lone TTFT, lone ITL, the highest rate one replica serves within the SLO); the
         rate is 0 when it is below `floor` (more replicas than a plan may use)."""
-        lone = simulate_load(self.view.tick_scheduler(self.args.max_queue), [SimRequest(*self.lengths[0], 0.0)],
+        lone = simulate_load(self.view.tick_scheduler(self.args.max_queue, self.ticks), [SimRequest(*self.lengths[0], 0.0)],
                              self.ticks)[0][0]
         lone_ttft, lone_itl = lone.ttft_s, max(lone.itl_s, default=0.0)
         if not self.meets(*self.one(floor)):

@@ -85,12 +85,14 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     # As serve's pacers start: the time scale x (1 + the guard band).
     factor = args.time_scale * (1 + args.guard_band_pct / 100)
     factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
-    ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, not args.throughput)
+    # Ticks follow the work; in deterministic mode the promised cadences bound them, as in serve.
+    ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, deterministic=False)
+    promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
-        scheds = [program.tick_scheduler(args.max_queue) for _ in range(args.replicas)]
+        scheds = [program.tick_scheduler(args.max_queue, promises) for _ in range(args.replicas)]
         results, duration = simulate_fleet(scheds, requests, ticks.__getitem__, args.route)
     else:
-        sched = program.tick_scheduler(args.max_queue)
+        sched = program.tick_scheduler(args.max_queue, promises)
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
     records = _records(results)
     return summarize(records, args.slo, duration), records

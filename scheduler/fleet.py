@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from scheduler.simulate import SimRequest, SimResult, predict_arrival, run_length, skip
+from scheduler.simulate import SimRequest, SimResult, predict_arrival, run_length, skip, promise_cadence
 from scheduler.ticks import Seq, StepKey, TickPlan, TickScheduler
 
 POLICIES = ("prediction", "round-robin", "least-outstanding")
@@ -137,7 +137,9 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
         rep = replicas[chosen]
         results[i].replica = chosen
         results[i].predicted_ttft_s = candidates[chosen].ttft_s if policy == "prediction" else None
-        rep.sched.add(Seq(i, r.prompt_len, r.max_tokens))
+        seq = Seq(i, r.prompt_len, r.max_tokens)
+        seq.cadence_s = promise_cadence(rep.sched, seq)
+        rep.sched.add(seq)
         if rep.plan is None:  # idle: it starts a tick now
             start_tick(rep, t)
     return results, t

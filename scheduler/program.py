@@ -156,10 +156,11 @@ class ProgramView:
     def step_s(self, key: StepKey) -> float:
         return self.steps[key]
 
-    def tick_scheduler(self, max_queue: int = 64) -> TickScheduler:
-        """A fresh tick scheduler for this program's slots, context, buckets and slices."""
+    def tick_scheduler(self, max_queue: int = 64, tick_s=None) -> TickScheduler:
+        """A fresh tick scheduler for this program's slots, context, buckets and slices;
+        `tick_s` (paced seconds per step shape): promised cadences bound its ticks."""
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
-                             dict(self.slices))
+                             dict(self.slices), tick_s=tick_s)
 
     def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The deterministic tick at key bucket `keys`: the longest decode or mixed step of

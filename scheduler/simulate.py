@@ -15,12 +15,13 @@ is taken in one jump (`run_length`, `skip`), so a run is O(requests) events, not
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from scheduler.program import ProgramView
-from scheduler.ticks import DECODE, MIXED, Seq, StepKey, TickPlan, TickScheduler, key_bucket
+from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, TickScheduler, key_bucket, slice_sizes
 
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
 
@@ -52,14 +53,14 @@ def _decode_run(sched: TickScheduler) -> int:
 
 
 def _mixed_run(sched: TickScheduler, plan: TickPlan) -> int:
-    """Ticks a mixed plan would repeat unchanged (>= 1): its prompt takes whole slices of
-    the same length, no decoding row finishes before the last of them, and no row's
+    """Ticks a mixed plan would repeat unchanged (>= 1): its one prompt takes whole slices
+    of the same length, no decoding row finishes before the last of them, and no row's
     context passes the plan's key bucket; nothing waiting can be admitted meanwhile.
     (A long prompt going in beside decoding streams is a long run of such ticks.)"""
-    if sched.waiting and sched.free_slots:
+    if (sched.waiting and sched.free_slots) or len(plan.spans) != 1:
         return 1
     *decoding, seq = plan.rows
-    n, keys = plan.length, plan.keys
+    (_, n), keys = plan.spans[0], plan.keys
     run = min((seq.prompt_len - seq.prefilled) // n, (keys - seq.prefilled) // n)
     for s in decoding:
         context = s.prompt_len + s.generated
@@ -81,7 +82,7 @@ def skip(plan: TickPlan, ticks: int) -> None:
     that one): decoding rows gain a token each tick, the prompt row a slice."""
     for i, seq in enumerate(plan.rows):
         if plan.is_slice(i):
-            seq.prefilled += ticks * plan.length
+            seq.prefilled += ticks * plan.span(i)[1]
         else:
             seq.generated += ticks
 
@@ -92,6 +93,27 @@ def rebind(plan: TickPlan, sched: TickScheduler) -> TickPlan:
     last), and update() skips them."""
     by_id = {s.seq_id: s for s in sched.running}
     return replace(plan, rows=tuple(by_id.get(s.seq_id) or replace(s) for s in plan.rows))
+
+
+def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
+    """The TPOT promised to `seq` arriving now (docs/architecture.md, "Promises per
+    request"): alone (nothing running or waiting), its own decode step, so a lone stream
+    does not pay for a batch that is not there, and those who arrive during it wait for
+    what it leaves (their promises say so); in company, the longest tick any batch may run
+    (every decode and mixed step of every bucket), so whoever joins later, and whatever
+    prompt goes in beside it, keeps its pace. Both at the key bucket the longest stream
+    may reach. 0 without promises (`sched.tick_s` unset) or for a single token."""
+    tick_s = sched.tick_s
+    if tick_s is None or seq.max_tokens < 2:
+        return 0.0
+    others = (*sched.running, *sched.waiting)
+    keys = key_bucket(max(s.final_context for s in (*others, seq)), sched.max_context)
+    if not others:
+        return tick_s(StepKey(DECODE, sched.buckets[0], keys, 1))
+    decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
+    if not sched.slices:  # prefill ticks alternate with decode ticks
+        return decode + max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
+    return max(decode, *(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets))
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
@@ -113,6 +135,7 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
         sim.update(rebind(in_flight, sim))
     new = Seq(NEW_ID, prompt_len, max_tokens)
+    new.cadence_s = promise_cadence(sim, new)
     sim.waiting.append(new)
     while new.finish_reason is None:
         plan = sim.schedule()
@@ -128,6 +151,8 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
             ttft = t
             if first_token_only:
                 return ttft, math.nan
+            if new.cadence_s:  # the promise: each later token one cadence after the last
+                return ttft, ttft + (max_tokens - 1) * new.cadence_s
     return ttft, t
 
 
@@ -145,6 +170,10 @@ class SimResult:
     prompt_len: int
     status: str = "OK"  # or RESOURCE_EXHAUSTED (queue full at arrival)
     token_s: list[float] = field(default_factory=list)  # when each token left, seconds
+    # With promises: (first token, cadence) promised at admission, seconds from arrival; and
+    # how far after its promised time the engine computed its latest token (0: none late).
+    promise: tuple[float, float] | None = None
+    late_s: float = 0.0
 
     @property
     def ttft_s(self) -> float | None:
@@ -166,51 +195,78 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
     or closed loop (no arrival times: `concurrency` clients, each sending its next request
     when the last one ends). A request arriving during a tick is admitted at the tick's
-    end, as in the engine; one that finds the queue full is refused. Returns (results by
-    index, seconds until the last token).
+    end, as in the engine; one that finds the queue full is refused. With promises
+    (`sched.tick_s` set), each request is promised at admission as the engine promises
+    (`predict_arrival`) and its tokens are delivered no sooner than promised, as the front
+    end delivers them; a client is free when its last token is delivered. Returns (results
+    by index, seconds until the last token).
 
     Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
     closed = any(r.arrival_s is None for r in requests)
     if closed and concurrency < 1:
         raise ValueError("a closed-loop simulation needs concurrency >= 1")
+    promising = sched.tick_s is not None
     results: dict[int, SimResult] = {}
+    promises: dict[int, tuple[float, float]] = {}  # index -> (first token due, cadence), absolute seconds
+    # (when, index): open loop, every arrival; closed loop, each client's next send.
     upcoming = sorted((r.arrival_s, i) for i, r in enumerate(requests)) if not closed else []
-    waiting_to_send = list(range(len(requests))) if closed else []  # sent in order as clients free up
+    unsent = list(range(len(requests))) if closed else []
+    frees: list[float] = []  # when each request in flight is delivered in full (a heap)
+    waiting_to_send: list[int] = []
     in_flight, t = 0, 0.0
 
-    def send_next(at: float) -> None:
-        """A client is free: send the next request; a refused one frees the client at once."""
+    def send(i: int, at: float) -> None:
         nonlocal in_flight
-        while waiting_to_send:
-            i = waiting_to_send.pop(0)
-            r = requests[i]
-            results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
-            try:
-                sched.add(Seq(i, r.prompt_len, r.max_tokens))
-            except OverflowError:
-                results[i].status = "RESOURCE_EXHAUSTED"
-                continue
-            in_flight += 1
+        r = requests[i]
+        results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
+        if len(sched.waiting) >= sched.max_queue:
+            results[i].status = "RESOURCE_EXHAUSTED"
+            if closed and unsent:  # a refused client sends its next request at once
+                upcoming.append((at, unsent.pop(0)))
             return
+        seq = Seq(i, r.prompt_len, r.max_tokens)
+        if promising:
+            ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s)
+            seq.cadence_s = promise_cadence(sched, seq)
+            promises[i] = (at + ttft, seq.cadence_s)
+            results[i].promise = (at + ttft - results[i].arrival_s, seq.cadence_s)
+        sched.add(seq)
+        in_flight += 1
+
+    def delivered(i: int) -> float:
+        """When request i's last token reaches its client."""
+        token_s = results[i].token_s
+        if i in promises:
+            due, cadence = promises[i]
+            results[i].late_s = max(0.0, *(x - due - k * cadence for k, x in enumerate(token_s)))
+            token_s[:] = [max(x, due + k * cadence) for k, x in enumerate(token_s)]
+        return token_s[-1] if token_s else t
 
     for _ in range(min(concurrency, len(requests)) if closed else 0):
-        send_next(0.0)
-    while upcoming or waiting_to_send or not sched.idle():
+        upcoming.append((0.0, unsent.pop(0)))
+    while upcoming or waiting_to_send or frees or not sched.idle():
+        upcoming.sort()
+        while frees and frees[0] <= t:
+            heapq.heappop(frees)
+            in_flight -= 1
         while upcoming and upcoming[0][0] <= t:
             waiting_to_send.append(upcoming.pop(0)[1])
-        while waiting_to_send and (not concurrency or in_flight < concurrency):
-            send_next(t)
+        while waiting_to_send and (closed or not concurrency or in_flight < concurrency):
+            send(waiting_to_send.pop(0), t)
         plan = sched.schedule()
         if plan is None:
-            if not upcoming:
-                break  # closed loop at its end, or everything refused
-            t = max(t, upcoming[0][0])
+            nxt = [x for x in (upcoming[0][0] if upcoming else None, frees[0] if frees else None) if x is not None]
+            if not nxt:
+                break  # everything sent has ended, or was refused
+            t = max(t, min(nxt))
             continue
         dt = tick_s(plan.key)
         run = run_length(sched, plan) if jumps else 1
-        if upcoming:  # stop at the first tick boundary at or after the next arrival
-            run = min(run, max(1, math.ceil((upcoming[0][0] - t) / dt)))
+        nxt = min([x for x in (upcoming[0][0] if upcoming else None, frees[0] if frees else None) if x is not None],
+                  default=None)
+        if nxt is not None:  # stop at the first tick boundary at or after the next arrival or free client
+            run = min(run, max(1, math.ceil((nxt - t) / dt)))
         if run > 1:
             for i, seq in enumerate(plan.rows):
                 if not plan.is_slice(i):
@@ -220,10 +276,12 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         before = {s.seq_id: s.generated for s in plan.rows}
         t += dt
         for out in sched.update(plan):
-            if out.seq.generated > before[out.seq.seq_id]:
-                results[out.seq.seq_id].token_s.append(t)
+            i = out.seq.seq_id
+            if out.seq.generated > before[i]:
+                results[i].token_s.append(t)
             if out.finish_reason is not None:
-                in_flight -= 1
-                if closed:
-                    send_next(t)
-    return [results[i] for i in range(len(requests))], t
+                end = delivered(i)
+                heapq.heappush(frees, end)
+                if closed and unsent:
+                    upcoming.append((end, unsent.pop(0)))
+    return [results[i] for i in range(len(requests))], max([t, *(x.token_s[-1] for x in results.values() if x.token_s)])

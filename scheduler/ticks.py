@@ -10,11 +10,21 @@ same object (nano-vllm's schedule / run / postprocess split; docs/architecture.m
 
 Tick policy (static shapes): with only decoding seqs, a decode step of all of them,
 padded to the smallest compiled bucket that holds them; with only prompts to fill, one
-prefill chunk of the oldest (padded to the smallest slice shape that holds it); with both, a mixed step: every decoding seq plus a slice of
-the oldest prompt, of the size the compiler chose for that bucket (`slices`), so every
-running stream gets a token on every tick while prompts go in (stall-free batching, as
-Sarathi-Serve and chunked prefill do). A program without mixed steps (`slices` empty)
-alternates prefill and decode ticks instead.
+prefill step packing the oldest prompts (up to SLICE_ROWS of them, `chunk` tokens in all,
+padded to the smallest slice shape that holds them); with both, a mixed step: every
+decoding seq plus slices of the oldest prompts, `slices[bucket]` tokens in all (the size
+the compiler chose for that bucket), so every running stream gets a token on every tick
+while prompts go in (stall-free batching, as Sarathi-Serve and chunked prefill do). A
+program without mixed steps (`slices` empty) alternates prefill and decode ticks instead.
+
+Promises (`tick_s` set: deterministic serving; docs/architecture.md, "Promises per
+request"): each seq carries the TPOT it was promised (`cadence_s`), and ticks follow the
+work (each lasts its own paced step, `tick_s(plan.key)`), so no tick may last longer than
+the smallest cadence among the seqs holding slots (`bound`): a waiting seq takes a slot
+only when the decode tick with it stays within that bound, and prompt slices go in beside
+decoding seqs only when the mixed tick does; otherwise they wait (FIFO, no overtaking).
+Every tick is then no longer than any running stream's cadence, so each of its tokens is
+computed no later than promised, whoever arrives later.
 
 Invariants: a seq is in exactly one of waiting, running (holding `slot`), or finished;
 free slots + running slots = all slots; every decoding seq gets exactly one token per
@@ -25,13 +35,17 @@ bucket, the key bucket its longest row attends, the slice shape), which the prog
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
 MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (the matmul row multiple), up to the prefill chunk
+# Prompts one prefill or mixed step packs at most: its logit rows are padded to a multiple
+# of 4 (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
+SLICE_ROWS = 4
 
 
 def key_bucket(context: int, max_context: int) -> int:
@@ -80,30 +94,44 @@ class Seq:
     prefilled: int = 0  # prompt tokens in the KV cache
     generated: int = 0  # tokens sampled
     finish_reason: str | None = None  # length | stop | aborted
+    cadence_s: float = 0.0  # the TPOT it was promised, wall seconds (0: none; it bounds no tick)
 
     @property
     def decoding(self) -> bool:
         return self.prefilled == self.prompt_len
+
+    @property
+    def final_context(self) -> int:
+        """Positions it holds at most: the prompt and every token it may generate."""
+        return self.prompt_len + self.max_tokens
 
 
 @dataclass(frozen=True)
 class TickPlan:
     phase: str  # prefill | decode | mixed
     bucket: int  # compiled batch size the step is padded to (mixed: of its decode rows)
-    rows: tuple[Seq, ...]  # decode: every decoding seq; prefill: the one seq; mixed: both, the prompt last
-    start: int = 0  # prefill, mixed: the slice's first prompt position
-    length: int = 1  # prefill, mixed: the slice's tokens (<= chunk or the bucket's slice); decode: 1
+    rows: tuple[Seq, ...]  # decoding seqs, then the seqs with prompt slices (prefill: slices only)
+    spans: tuple[tuple[int, int], ...] = ()  # (first position, tokens) of each slice row, in row order
     keys: int = MIN_KEY_BUCKET  # the key bucket of the row that attends the most keys
-    shape: int = 1  # static prompt tokens of the step: slice_shape(length) or the bucket's slice; decode: 1
+    shape: int = 1  # static prompt tokens of the step: slice_shape(tokens) or the bucket's slice; decode: 1
 
     @property
     def key(self) -> StepKey:
         """The compiled step this tick runs: what its duration is looked up by."""
         return StepKey(self.phase, self.bucket, self.keys, self.shape)
 
+    @property
+    def decoding(self) -> int:
+        """Rows that decode one token (the first ones)."""
+        return len(self.rows) - len(self.spans)
+
     def is_slice(self, i: int) -> bool:
         """Whether row i carries prompt tokens (the others decode one token)."""
-        return self.phase == PREFILL or (self.phase == MIXED and i == len(self.rows) - 1)
+        return i >= self.decoding
+
+    def span(self, i: int) -> tuple[int, int]:
+        """(first position, tokens) of slice row i."""
+        return self.spans[i - self.decoding]
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,9 @@ class TickScheduler:
     running: list[Seq] = field(default_factory=list)  # in admission order
     free_slots: list[int] = field(default_factory=list)
     last_phase: str = DECODE
+    # Paced wall seconds of each step shape (scheduler/simulate.py, `paced_ticks`): set, the
+    # seqs' promised cadences bound the ticks (see the module's doc); None: no promises.
+    tick_s: Callable[[StepKey], float] | None = None
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
@@ -161,16 +192,32 @@ class TickScheduler:
         """An independent copy (seqs copied too) for running forward without side effects."""
         return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue, self.slices,
                              deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
-                             list(self.free_slots), self.last_phase)
+                             list(self.free_slots), self.last_phase, self.tick_s)
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
     # -- ticks ------------------------------------------------------------------------
+    def bound(self) -> float:
+        """The longest tick the running seqs' promises allow: their smallest cadence (inf
+        without promises)."""
+        if self.tick_s is None:
+            return math.inf
+        return min((s.cadence_s for s in self.running if s.cadence_s > 0), default=math.inf)
+
+    def _may_enter(self, seq: Seq) -> bool:
+        """Whether `seq` may take a slot now: the decode tick of every running seq and it,
+        at the key bucket the longest of them may reach, stays within every cadence."""
+        if self.tick_s is None or not self.running:
+            return True
+        bound = min(self.bound(), seq.cadence_s or math.inf)
+        keys = key_bucket(max(s.final_context for s in (*self.running, seq)), self.max_context)
+        return self.tick_s(StepKey(DECODE, self.bucket_for(len(self.running) + 1), keys, 1)) <= bound
+
     def schedule(self) -> TickPlan | None:
-        """Admits waiting seqs into free slots (FIFO, lowest slot first), then returns the
-        tick's work, or None when nothing runs."""
-        while self.waiting and self.free_slots:
+        """Admits waiting seqs into free slots (FIFO, lowest slot first, while promises
+        allow), then returns the tick's work, or None when nothing runs."""
+        while self.waiting and self.free_slots and self._may_enter(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
@@ -178,18 +225,39 @@ class TickScheduler:
         decoding = [s for s in self.running if s.decoding]
         keys = max((key_bucket(s.prompt_len + s.generated, self.max_context) for s in decoding), default=0)
         if prefilling and decoding and self.slices:
-            seq, bucket = prefilling[0], self.bucket_for(len(decoding))
-            n = min(self.slices[bucket], seq.prompt_len - seq.prefilled)
-            keys = max(keys, key_bucket(seq.prefilled + n, self.max_context))
-            return TickPlan(MIXED, bucket, (*decoding, seq), seq.prefilled, n, keys, self.slices[bucket])
-        if prefilling and (not decoding or self.last_phase == DECODE):
-            seq = prefilling[0]
-            n = min(self.chunk, seq.prompt_len - seq.prefilled)
-            return TickPlan(PREFILL, 1, (seq,), seq.prefilled, n, key_bucket(seq.prefilled + n, self.max_context),
-                            slice_shape(n, self.chunk))
+            bucket = self.bucket_for(len(decoding))
+            shape = self.slices[bucket]
+            slices, spans = self._pack(prefilling, shape)
+            keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
+            plan = TickPlan(MIXED, bucket, (*decoding, *slices), spans, keys, shape)
+            if self.tick_s is None or self.tick_s(plan.key) <= self.bound():
+                return plan
+        elif prefilling and (not decoding or self.last_phase == DECODE):
+            slices, spans = self._pack(prefilling, self.chunk)
+            keys = max(key_bucket(p + n, self.max_context) for p, n in spans)
+            plan = TickPlan(PREFILL, 1, tuple(slices), spans, keys, slice_shape(sum(n for _, n in spans), self.chunk))
+            # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
+            # it are one gap in their streams.
+            if not decoding or self.tick_s is None or (
+                    self.tick_s(plan.key) + self.tick_s(StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1))
+                    <= self.bound()):
+                return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)
         return None
+
+    @staticmethod
+    def _pack(prefilling: list[Seq], budget: int) -> tuple[list[Seq], tuple[tuple[int, int], ...]]:
+        """The oldest prompts' next slices, `budget` tokens and SLICE_ROWS rows at most."""
+        seqs, spans = [], []
+        for seq in prefilling[:SLICE_ROWS]:
+            n = min(budget, seq.prompt_len - seq.prefilled)
+            seqs.append(seq)
+            spans.append((seq.prefilled, n))
+            budget -= n
+            if not budget:
+                break
+        return seqs, tuple(spans)
 
     def update(self, plan: TickPlan, tokens: dict[int, int] | None = None) -> list[Output]:
         """Advances the plan's rows by what the step did. `tokens`: seq_id -> sampled id
@@ -203,7 +271,7 @@ class TickScheduler:
             if tokens is not None and seq.seq_id not in tokens:
                 continue
             if plan.is_slice(i):
-                seq.prefilled += plan.length
+                seq.prefilled += plan.span(i)[1]
                 if not seq.decoding:
                     outs.append(Output(seq, None, None))
                     continue

@@ -31,10 +31,10 @@ from server.core.engine import Finished, Request, new_request_id, queue_full_mes
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Refused,
                                   Shutdown, Start, Stop, ToFrontEnd)
 from server.core.process import MetricsRelay, sockets
+from server.frontend.delivery import Stream
 
 START_TIMEOUT_S = 600.0  # building: weights, the time scale's steps, every shape warmed up (a 7B model on CPU: minutes)
 EXIT_WAIT_S = 2.0  # after Stop, for the core to exit by itself before it is killed
-HOLD_MIN_S = 0.0005  # a token due sooner than this goes at once (a timer costs more than it saves)
 
 
 def _core_env() -> dict:
@@ -45,17 +45,6 @@ def _core_env() -> dict:
     if ray is not None and ray.is_initialized():
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     return env
-
-
-@dataclasses.dataclass(eq=False)
-class _Stream:
-    """A request in the core, as the front end delivers it (`CoreClient._release`)."""
-
-    request: Request
-    queue: asyncio.Queue  # (token | Finished, tick, perf_counter s), read by the front door
-    tokens: int = 0  # handed out so far, held ones included
-    released_at: float = 0.0  # perf_counter s the last item was (or will be) handed out
-    held: int = 0  # items waiting for their promised time
 
 
 class CoreDied(RuntimeError):
@@ -74,7 +63,7 @@ class CoreClient:
         self.on_shutdown = None  # called on the event loop when the core was signalled to stop the server
         self._status: dict = {}
         self._last_promise = (time.perf_counter(), 0.0)  # (arrival, promised TTFT) of the last request admitted
-        self._requests: dict[int, _Stream] = {}  # rid -> its stream, until its end is handed out
+        self._requests: dict[int, Stream] = {}  # rid -> its stream, until its end is handed out
         self._answers: dict[int, asyncio.Future] = {}  # rid or -qid -> the core's answer
         self._rids = itertools.count()
         self._stopping = False
@@ -170,12 +159,12 @@ class CoreClient:
             raise RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                queue_full_message(self._status["max_queue"], time.perf_counter() - at, ttft))
         rid, queue = next(self._rids), asyncio.Queue()
-        # emit: unused here (the core's events reach the queue through _release).
+        # emit: unused here (the core's events reach the queue through its Stream).
         r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
                     parsed.stop_ids, queue.put_nowait)
         r.rid = rid  # what cancel() names it by
         answer = self._ask(rid)
-        self._requests[rid] = _Stream(r, queue)  # before the send: its events may follow its answer at once
+        self._requests[rid] = Stream(r, queue, self.config.deterministic)  # before the send: its events may follow its answer at once
         self._send(Admit(rid, list(r.prompt), r.max_tokens, r.sampling, sorted(r.stop_ids), r.arrival_s,
                          time_remaining_s))
         msg = await answer
@@ -251,42 +240,17 @@ class CoreClient:
         for rid, token, tick, t in ev.tokens:
             stream = self._requests.get(rid)
             if stream is not None:
-                self._release(stream, token, tick, t)
+                stream.release(token, tick, t)
         for rid, reason, message, tick, t in ev.finished:
             stream = self._requests.pop(rid, None)
             if stream is not None:
-                self._release(stream, Finished(reason, message), tick, t)
+                stream.release(Finished(reason, message), tick, t)
         if self.metrics is not None:
             for name, args in ev.metrics:
                 if name in MetricsRelay.CALLS:
                     getattr(self.metrics, name)(*args)
         if ev.status is not None:
             self._status = ev.status
-
-    def _release(self, s: _Stream, item, tick: int, t: float) -> None:
-        """Hands a token (or the end) to its stream, no sooner than promised (deterministic
-        mode): token k at arrival + TTFT + k x TPOT of the request's promise. A token the
-        engine made early (after a re-pace to a faster pace, or when the promise was
-        pessimistic) waits for its time, and is timed when it goes; a late one goes at once.
-        Each request's items keep their order: each is released strictly after the one
-        before it."""
-        now, r = time.perf_counter(), s.request
-        when = now
-        if not isinstance(item, Finished):
-            s.tokens += 1
-            if self.config.deterministic and r.predicted_ttft_s:
-                when = max(now, r.arrival_s + r.predicted_ttft_s + (s.tokens - 1) * r.predicted_tpot_s)
-        when = s.released_at = max(when, s.released_at + 1e-6)
-        if when - now < HOLD_MIN_S and not s.held:
-            s.queue.put_nowait((item, tick, t))
-            return
-        s.held += 1
-
-        def release() -> None:
-            s.held -= 1
-            s.queue.put_nowait((item, tick, time.perf_counter()))
-
-        asyncio.get_running_loop().call_later(when - now, release)
 
     def _end_all(self, reason: str, message: str) -> None:
         now = time.perf_counter()

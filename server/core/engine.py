@@ -36,7 +36,7 @@ from typing import Callable
 
 from scheduler.program import ProgramView
 from scheduler.simulate import paced_ticks, predict_arrival
-from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan
+from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
 from server.runtime.step import ExecutorFailed, StepBatch
@@ -123,6 +123,8 @@ class Engine:
         self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing) for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
+        if config.deterministic and self.sched is not None:
+            self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._stop = False
@@ -142,16 +144,15 @@ class Engine:
 
     def tick_s(self, key: StepKey) -> float:
         """Wall seconds a paced tick of this step shape lasts (scheduler/simulate.py,
-        `paced_ticks`): in deterministic mode every decode and mixed tick at one key
-        bucket shares one cadence, so a stream's tokens come at the same pace whether or
-        not prompts go in beside it or other streams join, and the TPOT promised at
-        arrival holds under load."""
+        `paced_ticks`): its own step times its phase's pace factor, plus the fixed guard.
+        Ticks follow the work; what keeps a stream's promised pace is its cadence, which
+        bounds every tick while it runs (scheduler/ticks.py)."""
         return self._ticks[key]
 
     def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
         # Swapped whole: `predict` on another thread reads one table or the other.
-        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s, self.config.deterministic)
+        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s, deterministic=False)
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
@@ -160,6 +161,8 @@ class Engine:
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
         ticks = self._ticks  # the pace now, read once
+        if snapshot.tick_s is not None:
+            snapshot.tick_s = ticks.__getitem__
         if in_flight is None:
             return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False)
         plan, began = in_flight
@@ -191,7 +194,8 @@ class Engine:
         with self._lock:
             if self.failure is not None:
                 raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
-            seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids)
+            seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids,
+                      cadence_s=request.predicted_tpot_s if self.config.deterministic else 0.0)
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             self._requests[seq.seq_id] = request
@@ -273,26 +277,33 @@ class Engine:
             self._end_all("shutdown", "server is shutting down")
 
     def _batch(self, plan: TickPlan, rows: tuple[Seq, ...]) -> StepBatch:
-        reqs = [self._requests[s.seq_id] for s in rows]
-        if plan.phase == PREFILL:
-            (r,) = reqs
-            tokens = tuple(r.prompt[plan.start:plan.start + plan.length])
-            return StepBatch(PREFILL, 1, plan.shape, (r.seq.slot,), (tokens,), (plan.start,), (r.sampling,))
-        sliced = plan.phase == MIXED and rows[-1] is plan.rows[-1]  # a row-by-row retry may drop the slice
-        decode = reqs[:-1] if sliced else reqs
-        tokens = [(r.out[-1],) for r in decode]
-        positions = [len(r.prompt) + len(r.out) - 1 for r in decode]
-        if sliced:
-            tokens.append(tuple(reqs[-1].prompt[plan.start:plan.start + plan.length]))
-            positions.append(plan.start)
-            if not decode:  # the slice alone: a prefill step of it
-                return StepBatch(PREFILL, 1, plan.shape, (rows[-1].slot,), tuple(tokens), tuple(positions),
-                                 (reqs[-1].sampling,))
-            phase, bucket, chunk = MIXED, self._bucket_for(len(decode)), plan.shape
-        else:
-            phase, bucket, chunk = DECODE, self._bucket_for(len(decode)), 1
-        return StepBatch(phase, bucket, chunk, tuple(s.slot for s in rows), tuple(tokens), tuple(positions),
-                         tuple(r.sampling for r in reqs))
+        """The step of `plan`, for `rows` (all of its rows, or one of them when a failed step
+        is retried row by row)."""
+        reqs, kept = [], []
+        decode_tokens, decode_positions, slice_tokens, slice_positions = [], [], [], []
+        for i, seq in enumerate(plan.rows):
+            if seq not in rows:
+                continue
+            r = self._requests[seq.seq_id]
+            reqs.append(r)
+            kept.append(seq)
+            if plan.is_slice(i):
+                start, n = plan.span(i)
+                slice_tokens.append(tuple(r.prompt[start:start + n]))
+                slice_positions.append(start)
+            else:
+                decode_tokens.append((r.out[-1],))
+                decode_positions.append(len(r.prompt) + len(r.out) - 1)
+        slots, sampling = tuple(s.slot for s in kept), tuple(r.sampling for r in reqs)
+        if not decode_tokens:  # a prefill step, or a mixed step's slices alone in a retry
+            return StepBatch(PREFILL, 1, plan.shape if plan.phase == PREFILL else slice_shape(
+                sum(map(len, slice_tokens)), self.program.prefill_chunk), slots, tuple(slice_tokens),
+                tuple(slice_positions), sampling)
+        if not slice_tokens:
+            return StepBatch(DECODE, self._bucket_for(len(decode_tokens)), 1, slots, tuple(decode_tokens),
+                             tuple(decode_positions), sampling)
+        return StepBatch(MIXED, self._bucket_for(len(decode_tokens)), plan.shape, slots,
+                         (*decode_tokens, *slice_tokens), (*decode_positions, *slice_positions), sampling)
 
     def _bucket_for(self, rows: int) -> int:
         return next(b for b in self.program.buckets if b >= rows)
@@ -351,11 +362,24 @@ class Engine:
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
-        tick = self.tick_s(plan.key)
-        overrun = self.config.deterministic and step_start + measured > start + tick
-        if self.config.deterministic and not overrun:
-            _sleep_until(start + tick)  # tokens leave on the tick boundary, not when the step ends
-        self._account(plan, self.sched, tokens, measured, overrun, time.perf_counter())
+        now = time.perf_counter()
+        # Ticks follow the work: the next one starts at once. A token made early waits for
+        # its promised time at the front end (server/core/client._release); an overrun is a
+        # token made after it.
+        overrun = self.config.deterministic and self._late(plan, tokens, now)
+        self._account(plan, self.sched, tokens, measured, overrun, now)
+
+    def _late(self, plan: TickPlan, tokens: dict[int, int], now: float) -> bool:
+        """Whether any token of this tick comes after the time its request was promised it."""
+        for i, seq in enumerate(plan.rows):
+            r = self._requests.get(seq.seq_id)
+            if r is None or seq.seq_id not in tokens or not r.predicted_ttft_s:
+                continue
+            if plan.is_slice(i) and sum(plan.span(i)) < seq.prompt_len:
+                continue  # a slice that does not end its prompt: no token
+            if now > r.arrival_s + r.predicted_ttft_s + len(r.out) * r.predicted_tpot_s:
+                return True
+        return False
 
     def _account(self, plan: TickPlan, sched, tokens: dict[int, int], measured: float, overrun: bool,
                  now: float) -> None:
@@ -366,8 +390,9 @@ class Engine:
         self.overruns += overrun
         program_s = self.program.step_s(plan.key)
         if overrun:  # rare by design (the pace covers the 95th percentile + 10%): each one is worth a line
-            log.warning("tick %d overran: %s step took %.2f ms of a %.2f ms tick (program %.2f ms)", self.ticks,
-                        tuple(plan.key), measured * 1e3, self.tick_s(plan.key) * 1e3, program_s * 1e3)
+            log.warning("tick %d overran (a token came after its promised time): %s step took %.2f ms, paced "
+                        "%.2f ms (program %.2f ms)", self.ticks, tuple(plan.key), measured * 1e3,
+                        self.tick_s(plan.key) * 1e3, program_s * 1e3)
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer = self.pacers[plan.phase]
         if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):

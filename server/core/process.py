@@ -181,7 +181,10 @@ class Core:
                 self.requests.pop(rid, None)
                 outbox.put(Refused(rid, exc.code, str(exc)))
                 return
-            outbox.put(Admitted(rid, waited + r.predicted_ttft_s, waited + r.predicted_e2e_s))
+            # From here on the promise counts from the arrival, in the core as at the front end
+            # (the engine times its overruns by it).
+            r.promise(waited + r.predicted_ttft_s, waited + r.predicted_e2e_s)
+            outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
 
     # -- output thread --------------------------------------------------------------
     def _send_loop(self) -> None:

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.core import admission
+from server.frontend.delivery import Stream
 from server.core.engine import Engine, Finished, Request, new_request_id
 from server.frontend.peers import SETTLE_S, connection_open
 from server.frontend.tokenizer import IncrementalDecoder
@@ -116,7 +117,8 @@ def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None)
     its end (engine.Finished) arrive on, as (item, tick, seconds)."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
-                parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(queue.put_nowait, item))
+                parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(stream.release, *item))
+    stream = Stream(r, queue, engine.config.deterministic)  # tokens go out no sooner than promised
     try:
         admission.admit(engine, r, time_remaining_s)
     except admission.Refusal as exc:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.ticks import key_bucket
+from scheduler.ticks import SLICE_ROWS, key_bucket
 from server.runtime.model import ROW_MULTIPLE
 from server.runtime.sampling import GREEDY, SamplingParams
 
@@ -26,10 +26,11 @@ class ExecutorFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One step. prefill: `bucket` rows of <= `chunk` prompt tokens; decode: `bucket` rows
-    of one token; mixed: up to `bucket` decoding rows of one token, then one row with a
-    prompt slice of <= `chunk` tokens (stall-free batching: running streams advance while
-    a prompt goes in)."""
+    """One step. prefill: prompt slices, `bucket` x `chunk` tokens in all, in up to
+    max(`bucket`, SLICE_ROWS) rows (several prompts packed into one chunk); decode:
+    `bucket` rows of one token; mixed: up to `bucket` decoding rows of one token, then up
+    to SLICE_ROWS rows of prompt slices, `chunk` tokens in all (stall-free batching:
+    running streams advance while prompts go in)."""
 
     phase: str  # prefill | decode | mixed
     bucket: int  # compiled batch size this step is padded to (mixed: its decode rows)
@@ -43,23 +44,29 @@ class StepBatch:
         n = len(self.slot_ids)
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
-        mixed = self.phase == "mixed"
-        if not 0 < n <= self.bucket + mixed:
-            raise ValueError(f"{n} rows do not fit bucket {self.bucket}")
         if not len(self.token_ids) == len(self.positions) == len(self.sampling) == n:
             raise ValueError("slot_ids, token_ids, positions and sampling must have one entry per row")
         if any(not 0 < len(t) <= self.chunk for t in self.token_ids):
             raise ValueError(f"each row needs 1..{self.chunk} tokens")
-        if mixed and (n < 2 or any(len(t) != 1 for t in self.token_ids[:-1])):
-            raise ValueError("a mixed step is one-token decode rows, then one prompt slice")
+        rows = {"prefill": max(self.bucket, SLICE_ROWS), "decode": self.bucket, "mixed": self.bucket + SLICE_ROWS}
+        if not 0 < n <= rows[self.phase]:
+            raise ValueError(f"{n} rows do not fit a {self.phase} step of bucket {self.bucket}")
+        total = sum(map(len, self.token_ids))
+        if self.phase == "prefill" and total > self.bucket * self.chunk:
+            raise ValueError(f"{total} prompt tokens do not fit a prefill step of {self.bucket} x {self.chunk}")
+        if self.phase == "mixed" and (n < 2 or total > self.bucket + self.chunk):
+            raise ValueError(f"a mixed step is 1..{self.bucket} one-token decode rows, then prompt slices of "
+                             f"{self.chunk} tokens in all")
         if len(set(self.slot_ids)) != n:
             raise ValueError(f"slot ids repeat: {self.slot_ids}")
 
     @property
     def rows(self) -> int:
-        """Logit rows: the bucket (mixed: and the slice's row) rounded up to the matmul row
-        multiple (see model.ROW_MULTIPLE)."""
-        return _round_up(self.bucket + (self.phase == "mixed"))
+        """Logit rows: the bucket (mixed: and SLICE_ROWS slices; prefill: at least
+        SLICE_ROWS packed prompts) rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
+        if self.phase == "mixed":
+            return _round_up(self.bucket + SLICE_ROWS)
+        return _round_up(self.bucket if self.phase == "decode" else max(self.bucket, SLICE_ROWS))
 
     @property
     def tokens(self) -> int:

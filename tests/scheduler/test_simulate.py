@@ -132,3 +132,73 @@ def test_ten_thousand_requests_of_llama_70b_on_lpu_576():
     ticks = paced_ticks(view, {"prefill": 1.2, "decode": 1.2, "mixed": 1.2}, 0.0005)
     results, _ = simulate_load(view.tick_scheduler(), requests, ticks.__getitem__)
     assert all(r.status == "OK" and len(r.token_s) == 128 for r in results)
+
+
+# -- promises (deterministic serving): ticks follow the work, cadences bound them --------
+
+def promising(mixed: bool = True) -> TickScheduler:
+    sched = busy([], 0, mixed)
+    sched.tick_s = tick_s
+    return sched
+
+
+def test_a_lone_stream_is_promised_its_own_decode_step_and_company_the_longest_tick():
+    from scheduler.simulate import promise_cadence
+
+    sched = promising()
+    lone = Seq(0, 20, 10)
+    assert promise_cadence(sched, lone) == tick_s(StepKey(DECODE, 1, 128, 1))
+    sched.add(lone)
+    second = Seq(1, 20, 10)
+    assert promise_cadence(sched, second) == max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed")
+                                                 for b in (1, 2, 4))
+    assert promise_cadence(sched, Seq(2, 20, 1)) == 0.0  # one token: no cadence to keep
+
+
+def test_a_joiner_waits_while_its_decode_tick_would_break_a_lone_streams_cadence():
+    from scheduler.simulate import promise_cadence
+
+    sched = promising()
+    lone = Seq(0, 8, 6)
+    lone.cadence_s = promise_cadence(sched, lone)
+    sched.add(lone)
+    joiner = Seq(1, 8, 6)
+    joiner.cadence_s = promise_cadence(sched, joiner)
+    sched.add(joiner)
+    while lone.finish_reason is None:
+        plan = sched.schedule()
+        assert joiner not in plan.rows and tick_s(plan.key) <= lone.cadence_s or plan.phase == "prefill"
+        sched.update(plan)
+    assert sched.schedule().rows == (joiner,)  # its turn once the lone stream ends
+
+
+def test_prompts_are_packed_into_one_prefill_step():
+    sched = busy([(5, 3), (6, 3), (4, 3)], 0, mixed=True)  # chunk 16: all three fit
+    plan = sched.schedule()
+    assert plan.phase == "prefill" and [s.seq_id for s in plan.rows] == [0, 1, 2]
+    assert plan.spans == ((0, 5), (0, 6), (0, 4)) and plan.shape == 16
+    assert all(o.seq.decoding and o.seq.generated == 1 for o in sched.update(plan))  # all three start at once
+    sched.add(Seq(3, 3, 3))
+    sched.add(Seq(4, 9, 3))
+    mixed = sched.schedule()  # beside the three decoding rows: both prompts, 4 tokens in all (bucket 4's slice)
+    assert mixed.phase == "mixed" and [s.seq_id for s in mixed.rows] == [0, 1, 2, 3, 4]
+    assert mixed.spans == ((0, 3), (0, 1)) and mixed.key == ("mixed", 4, 128, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.floats(0, 2.0)), min_size=1, max_size=14),
+       st.booleans())
+def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed):
+    """The promise property of the policy: a request's promise (first token, cadence),
+    fixed at its admission by running the scheduler forward, holds whatever arrives after
+    it, because no tick lasts longer than any running stream's cadence."""
+    from scheduler.simulate import SimRequest, simulate_load
+
+    requests = [SimRequest(p, m, a) for p, m, a in reqs]
+    results, _ = simulate_load(promising(mixed), requests, tick_s)
+    for r in results:
+        if r.status == "OK":
+            assert r.late_s <= 1e-9, (r.index, r.late_s)
+            assert r.promise is not None and abs(r.ttft_s - r.promise[0]) <= 1e-9
+            if r.promise[1]:
+                assert all(abs(g - r.promise[1]) <= 1e-9 for g in r.itl_s)  # delivered on the cadence

@@ -24,6 +24,11 @@ def step(sched: TickScheduler, token: int = 7):
     return plan, sched.update(plan, {s.seq_id: token for s in plan.rows})
 
 
+def length(plan) -> int:
+    """Prompt tokens the plan carries."""
+    return sum(n for _, n in plan.spans)
+
+
 def test_a_prompt_goes_in_by_chunks_then_decodes_to_max_tokens():
     sched = make()
     seq = Seq(0, prompt_len=20, max_tokens=3)
@@ -31,9 +36,9 @@ def test_a_prompt_goes_in_by_chunks_then_decodes_to_max_tokens():
     phases = []
     while not sched.idle():
         plan, outs = step(sched)
-        phases.append((plan.phase, plan.start, plan.length, [o.token for o in outs]))
-    assert phases == [(PREFILL, 0, 8, [None]), (PREFILL, 8, 8, [None]), (PREFILL, 16, 4, [7]),
-                      (DECODE, 0, 1, [7]), (DECODE, 0, 1, [7])]
+        phases.append((plan.phase, plan.spans, [o.token for o in outs]))
+    assert phases == [(PREFILL, ((0, 8),), [None]), (PREFILL, ((8, 8),), [None]), (PREFILL, ((16, 4),), [7]),
+                      (DECODE, (), [7]), (DECODE, (), [7])]
     assert seq.finish_reason == "length" and seq.generated == 3 and sched.free_slots == [0, 1, 2, 3]
 
 
@@ -142,7 +147,7 @@ def test_the_same_arrivals_give_the_same_ticks():
             sched.add(Seq(i, rng.randint(1, 40), rng.randint(1, 20))) if len(sched.waiting) < 16 else None
             if not sched.idle():
                 plan, _ = step(sched)
-                ticks.append((plan.phase, plan.bucket, tuple((s.seq_id, s.slot) for s in plan.rows), plan.start))
+                ticks.append((plan.phase, plan.bucket, tuple((s.seq_id, s.slot) for s in plan.rows), plan.spans))
         return ticks
 
     assert run() == run()
@@ -165,7 +170,7 @@ def test_with_mixed_steps_every_decoding_stream_gets_a_token_on_every_tick_while
             assert {s.seq_id for s in decoding_rows} == set(before)
             assert all(s.generated == before[s.seq_id] + 1 for s in decoding_rows)
         if plan.phase == MIXED:  # never past its compiled shape
-            assert len(decoding_rows) <= plan.bucket and 1 <= plan.length <= SLICES[plan.bucket]
+            assert len(decoding_rows) <= plan.bucket and 1 <= length(plan) <= SLICES[plan.bucket]
     assert phases == {PREFILL, DECODE, MIXED}
 
 
@@ -182,15 +187,15 @@ def test_a_plan_names_the_key_bucket_of_its_longest_row_and_its_static_slice_sha
     while not long.decoding:
         plans.append(step(sched)[0])
     # 200 tokens: three 64-token chunks (ending at 64, 128, 192 keys), then 8 in an 8-token shape.
-    assert [(p.phase, p.length, p.shape, p.keys) for p in plans] == [
+    assert [(p.phase, length(p), p.shape, p.keys) for p in plans] == [
         (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 256), (PREFILL, 8, 8, 256)]
     sched.add(short)
     mixed = step(sched)[0]  # the long row decodes at 201 keys; the slice ends at 16
-    assert (mixed.phase, mixed.length, mixed.shape, mixed.keys) == (MIXED, 16, 16, 256)
+    assert (mixed.phase, length(mixed), mixed.shape, mixed.keys) == (MIXED, 16, 16, 256)
     assert mixed.key == (MIXED, 1, 256, 16)
     while not short.decoding:
         last = step(sched)[0]
-    assert (last.length, last.shape) == (5, 16)  # the bucket's slice shape, whatever is left of the prompt
+    assert (length(last), last.shape) == (5, 16)  # the bucket's slice shape, whatever is left of the prompt
     decode = step(sched)[0]
     assert decode.key == (DECODE, 2, 256, 1)
     while long.finish_reason is None:  # 200 + 60 tokens: 256 keys, then 512 past its 256th token
