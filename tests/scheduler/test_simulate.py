@@ -172,17 +172,21 @@ def test_a_joiner_waits_while_its_decode_tick_would_break_a_lone_streams_cadence
     assert sched.schedule().rows == (joiner,)  # its turn once the lone stream ends
 
 
-def test_prompts_are_packed_into_one_prefill_step():
+def test_prompts_are_packed_into_one_prefill_step_and_into_a_mixed_steps_slice():
     sched = busy([(5, 3), (6, 3), (4, 3)], 0, mixed=True)  # chunk 16: all three fit
     plan = sched.schedule()
     assert plan.phase == "prefill" and [s.seq_id for s in plan.rows] == [0, 1, 2]
     assert plan.spans == ((0, 5), (0, 6), (0, 4)) and plan.shape == 16
     assert all(o.seq.decoding and o.seq.generated == 1 for o in sched.update(plan))  # all three start at once
-    sched.add(Seq(3, 3, 3))
-    sched.add(Seq(4, 9, 3))
-    mixed = sched.schedule()  # beside the three decoding rows: both prompts, 4 tokens in all (bucket 4's slice)
-    assert mixed.phase == "mixed" and [s.seq_id for s in mixed.rows] == [0, 1, 2, 3, 4]
-    assert mixed.spans == ((0, 3), (0, 1)) and mixed.key == ("mixed", 4, 128, 4)
+    sched.add(Seq(3, 9, 3))
+    mixed = sched.schedule()  # beside the three decoding rows: bucket 4's 4-token slice
+    assert mixed.phase == "mixed" and mixed.spans == ((0, 4),) and mixed.key == ("mixed", 4, 128, 4)
+    sched = busy([(5, 3), (6, 3)], 1, mixed=True)  # both decode, two slots free
+    sched.add(Seq(2, 3, 3))
+    sched.add(Seq(3, 9, 3))
+    mixed = sched.schedule()  # bucket 2's 8-token slice holds the first prompt and part of the second
+    assert [s.seq_id for s in mixed.rows] == [0, 1, 2, 3] and mixed.spans == ((0, 3), (0, 5))
+    assert mixed.key == ("mixed", 2, 128, 8)
 
 
 @settings(max_examples=60, deadline=None)
