@@ -54,9 +54,12 @@ class StepBatch:
         total = sum(map(len, self.token_ids))
         if self.phase == "prefill" and total > self.bucket * self.chunk:
             raise ValueError(f"{total} prompt tokens do not fit a prefill step of {self.bucket} x {self.chunk}")
-        if self.phase == "mixed" and (n < 2 or total > self.bucket + self.chunk):
-            raise ValueError(f"a mixed step is 1..{self.bucket} one-token decode rows, then prompt slices of "
-                             f"{self.chunk} tokens in all")
+        if self.phase == "mixed":
+            # Its decode rows lead; a one-token slice may follow them (the last token of a prompt).
+            decode = min(next((i for i, t in enumerate(self.token_ids) if len(t) != 1), n), self.bucket, n - 1)
+            if decode < 1 or n - decode > SLICE_ROWS or total - decode > self.chunk:
+                raise ValueError(f"a mixed step is 1..{self.bucket} one-token decode rows, then up to {SLICE_ROWS} "
+                                 f"prompt slices of {self.chunk} tokens in all")
         if len(set(self.slot_ids)) != n:
             raise ValueError(f"slot ids repeat: {self.slot_ids}")
 

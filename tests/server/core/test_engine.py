@@ -1,5 +1,5 @@
-"""The engine's pacing: in deterministic mode one cadence per key bucket, whatever the
-batch; each phase's pace follows its own steps."""
+"""The engine's pacing: ticks follow the work, promises per request bound them in
+deterministic mode; each phase's pace follows its own steps."""
 
 from __future__ import annotations
 
@@ -19,15 +19,34 @@ def keys_of(view, phase=None, keys=None):
 
 
 @pytest.mark.parametrize("keys", VIEW.key_buckets)
-def test_every_decode_and_mixed_tick_at_a_key_bucket_lasts_one_cadence_when_deterministic(keys):
-    """A stream's tokens come at the same pace whether a prompt goes in beside it or other
-    streams join (its batch grows)."""
+def test_ticks_follow_the_work_and_only_deterministic_ticks_are_bound_by_promises(keys):
+    """Every tick lasts its own step (times the pace), in both modes; in deterministic mode
+    the promised cadences bound them (scheduler/ticks.py)."""
     paced = Engine(None, VIEW, EXACT)
     steady = keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys)
     assert len(steady) == 2 * len(VIEW.buckets)
-    assert {paced.tick_s(k) for k in steady} == {max(VIEW.step_s(k) for k in steady)}
+    assert all(paced.tick_s(k) == VIEW.step_s(k) for k in steady)
     free = Engine(None, VIEW, EngineConfig(deterministic=False, guard_band_frac=0.0, guard_band_s=0.0))
     assert all(free.tick_s(k) == VIEW.step_s(k) for k in steady)
+    assert paced.sched.tick_s is not None and free.sched.tick_s is None
+
+
+def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_longest_tick():
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+
+    engine = Engine(None, VIEW, EXACT)
+    ttft, e2e = engine.predict(20, 11)
+    keys = VIEW.key_buckets[0]
+    assert (e2e - ttft) / 10 == pytest.approx(VIEW.step_s(StepKey("decode", 1, keys, 1)))
+    r = Request("a", list(range(20)), 11, GREEDY, frozenset(), lambda *a: None)
+    r.promise(ttft, e2e)
+    engine.submit(r)
+    assert r.seq.cadence_s == pytest.approx(r.predicted_tpot_s)
+    ttft2, e2e2 = engine.predict(20, 11)
+    steady = keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys)
+    assert (e2e2 - ttft2) / 10 == pytest.approx(max(VIEW.step_s(k) for k in steady))
+    assert ttft2 > ttft + 9 * r.predicted_tpot_s  # it waits for the lone stream, whose cadence has no room for it
 
 
 def test_a_prefill_tick_is_paced_for_its_own_slice_and_keys():

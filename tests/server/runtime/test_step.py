@@ -17,7 +17,13 @@ def batch(phase="decode", bucket=4, chunk=1, slots=(0, 1), tokens=((5,), (6,)), 
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(bucket=1), "2 rows do not fit bucket 1"),
+    (dict(bucket=1), "2 rows do not fit a decode step of bucket 1"),
+    (dict(phase="prefill", bucket=1, chunk=8, slots=tuple(range(5)), tokens=((1,),) * 5, positions=(0,) * 5),
+     "5 rows do not fit a prefill step of bucket 1"),  # SLICE_ROWS prompts at most
+    (dict(phase="prefill", bucket=1, chunk=4, tokens=((1, 2, 3), (1, 2)), positions=(0, 0)),
+     "5 prompt tokens do not fit a prefill step of 1 x 4"),
+    (dict(phase="mixed", bucket=1, chunk=4, slots=(0, 1, 2), tokens=((1,), (1, 2, 3), (1, 2)), positions=(3, 0, 0)),
+     "prompt slices of 4 tokens in all"),
     (dict(slots=(), tokens=(), positions=()), "0 rows"),
     (dict(slots=(3, 3)), r"slot ids repeat: \(3, 3\)"),
     (dict(tokens=((5, 6), (7,))), "1..1 tokens"),
@@ -30,6 +36,17 @@ def batch(phase="decode", bucket=4, chunk=1, slots=(0, 1), tokens=((5,), (6,)), 
 def test_bad_batches_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         batch(**kw)
+
+
+def test_several_prompts_pack_into_one_prefill_chunk_or_mixed_slice():
+    prefill = batch(phase="prefill", bucket=1, chunk=8, slots=(0, 1, 2), tokens=((1, 2, 3), (4, 5), (6,)),
+                    positions=(0, 0, 0))
+    assert (prefill.tokens, prefill.rows) == (8, 4)  # the shape of one 8-token prompt
+    t = tensorize(prefill, SCRATCH, 64)
+    assert t.last_index.tolist() == [2, 4, 5, 7] and t.write_slots.tolist() == [0, 0, 0, 1, 1, 2, SCRATCH, SCRATCH]
+    mixed = batch(phase="mixed", bucket=2, chunk=8, slots=(0, 1, 2, 3), tokens=((1,), (2,), (3, 4, 5), (6, 7)),
+                  positions=(9, 9, 0, 0))
+    assert (mixed.tokens, mixed.rows) == (12, 8)  # 2 + 8 token rows; 2 decode + 4 slice logit rows
 
 
 @pytest.mark.parametrize("slots, message", [((0, 8), "slot 8 outside"), ((-1, 0), "slot -1 outside")])
@@ -87,7 +104,7 @@ def test_sample_positions():
 
 def test_a_mixed_step_packs_decode_rows_then_the_prompt_slice():
     b = StepBatch("mixed", 2, 8, (0, 1, 5), ((7,), (8,), (1, 2, 3, 4, 5)), (20, 30, 16), (GREEDY,) * 3)
-    assert (b.tokens, b.rows) == (12, 4)  # bucket 2 + slice 8 token rows; 3 logit rows -> 4
+    assert (b.tokens, b.rows) == (12, 8)  # bucket 2 + slice 8 token rows; 2 + SLICE_ROWS logit rows -> 8
     t = tensorize(b, SCRATCH, 256)
     assert t.tokens.tolist() == [7, 8, 1, 2, 3, 4, 5] + [0] * 5
     assert t.attend == ((0, 128, 0, 1), (1, 128, 1, 1), (5, 128, 2, 5)) and t.last_index.tolist()[:3] == [0, 1, 6]
@@ -95,9 +112,10 @@ def test_a_mixed_step_packs_decode_rows_then_the_prompt_slice():
 
 
 @pytest.mark.parametrize("tokens, message", [
-    (((7,), (8,), (1, 2), (3,)), "4 rows do not fit bucket 2"),
-    (((7, 9), (1, 2)), "one-token decode rows, then one prompt slice"),
-    (((1, 2),), "one-token decode rows, then one prompt slice"),
+    (((7,), (8,), (1, 2), (3,), (4,), (5,), (6,)), "7 rows do not fit a mixed step of bucket 2"),
+    (((7,), (8,), (1, 2, 3, 4, 5), (3, 4, 5, 6)), "then up to 4 prompt slices of 8 tokens in all"),
+    (((7, 9), (1, 2)), "one-token decode rows, then up to 4 prompt slices"),
+    (((1, 2),), "one-token decode rows, then up to 4 prompt slices"),
 ])
 def test_bad_mixed_steps_are_refused(tokens, message):
     n = len(tokens)

@@ -1,10 +1,9 @@
-"""The front end's client of the engine core (server/core/client.py), without a core."""
+"""Delivery on promise (server/frontend/delivery.py): early tokens wait for their time."""
 
 import asyncio
 import time
 
-from server.config import ServeConfig
-from server.core.client import CoreClient, _Stream
+from server.frontend.delivery import Stream
 from server.core.engine import Finished, Request
 from server.runtime.sampling import SamplingParams
 
@@ -17,13 +16,12 @@ def _request(ttft_s: float, tpot_s: float, arrival_s: float) -> Request:
 
 def _deliver(deterministic: bool, arrival_offset_s: float) -> list[tuple[object, float]]:
     async def scenario():
-        client = CoreClient(ServeConfig("{}", deterministic=deterministic))
         r = _request(0.05, 0.03, time.perf_counter() + arrival_offset_s)
-        stream = _Stream(r, asyncio.Queue())
+        stream = Stream(r, asyncio.Queue(), deterministic)
         queue = stream.queue
         for k in range(4):  # the engine made all four at once, before any was due
-            client._release(stream, 100 + k, k, time.perf_counter())
-        client._release(stream, Finished("length"), 4, time.perf_counter())
+            stream.release(100 + k, k, time.perf_counter())
+        stream.release(Finished("length"), 4, time.perf_counter())
         got = []
         for _ in range(5):
             item = await asyncio.wait_for(queue.get(), 2)
