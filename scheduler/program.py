@@ -163,13 +163,20 @@ class ProgramView:
                              dict(self.slices), tick_s=tick_s)
 
     def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
-        """The deterministic tick at key bucket `keys`: the longest decode or mixed step of
-        any bucket there, each times its phase's pace factor (1 without factors). One tick
-        for every batch size keeps the TPOT promised at arrival when other requests arrive
-        later (a cadence per bucket broke it: measured ITL p99/p50 1.50 at 2 req/s)."""
+        """The TPOT promised in company at key bucket `keys` (and the pipelined engine's
+        tick): the longest decode or mixed step of any bucket there, each times its phase's
+        pace factor (1 without factors). A stream promised it keeps its pace whoever joins
+        later (a cadence per bucket, re-chosen as the batch grew, broke it: measured ITL
+        p99/p50 1.50 at 2 req/s)."""
         f = factors or {}
         return max(self.steps[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])] * f.get(phase, 1.0)
                    for b in self.buckets for phase in ("decode", "mixed"))
+
+    def lone_cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
+        """The TPOT promised at key bucket `keys` to a request that arrives alone: its own
+        decode step (scheduler/simulate.promise_cadence; `cadence_s` is the one promised in
+        company)."""
+        return self.steps[StepKey("decode", self.buckets[0], keys, 1)] * (factors or {}).get("decode", 1.0)
 
     def issue_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """With pipelined stages, how long one row group's deterministic tick at key bucket

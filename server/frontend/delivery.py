@@ -11,6 +11,7 @@ request"). Runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 
@@ -27,27 +28,31 @@ class Stream:
     queue: asyncio.Queue  # (token | Finished, tick, perf_counter s), read by the front door
     deterministic: bool = True  # hold early tokens until promised
     tokens: int = 0  # handed out so far, held ones included
-    released_at: float = 0.0  # perf_counter s the last item was (or will be) handed out
-    held: int = 0  # items waiting for their promised time
+    # Held items in order, (due perf_counter s, item, tick): one timer drains them, so an
+    # item never overtakes the one before it (two timers 1 us apart can fire in either order).
+    held: collections.deque = dataclasses.field(default_factory=collections.deque)
 
     def release(self, item, tick: int, t: float) -> None:
         """Hands a token (or the end) to the queue, no sooner than promised. A held item is
-        timed when it goes. Items keep their order: each is released strictly after the
-        one before it."""
+        timed when it goes. Items keep their order."""
         now, r = time.perf_counter(), self.request
         when = now
         if not isinstance(item, Finished):
             self.tokens += 1
             if self.deterministic and r.predicted_ttft_s:
-                when = max(now, r.arrival_s + r.predicted_ttft_s + (self.tokens - 1) * r.predicted_tpot_s)
-        when = self.released_at = max(when, self.released_at + 1e-6)
-        if when - now < HOLD_MIN_S and not self.held:
+                when = r.arrival_s + r.predicted_ttft_s + (self.tokens - 1) * r.predicted_tpot_s
+        if not self.held and when - now < HOLD_MIN_S:
             self.queue.put_nowait((item, tick, t))
             return
-        self.held += 1
+        self.held.append((when, item, tick))
+        if len(self.held) == 1:
+            asyncio.get_running_loop().call_later(max(0.0, when - now), self._drain)
 
-        def release() -> None:
-            self.held -= 1
-            self.queue.put_nowait((item, tick, time.perf_counter()))
-
-        asyncio.get_running_loop().call_later(when - now, release)
+    def _drain(self) -> None:
+        """Hands out every held item that is due, in order; waits again for the next one."""
+        now = time.perf_counter()
+        while self.held and self.held[0][0] - now < HOLD_MIN_S:
+            _, item, tick = self.held.popleft()
+            self.queue.put_nowait((item, tick, now))
+        if self.held:
+            asyncio.get_running_loop().call_later(self.held[0][0] - now, self._drain)

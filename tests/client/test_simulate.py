@@ -24,9 +24,11 @@ def test_a_closed_loop_of_one_matches_the_program(tmp_path):
     s = doc["summary"]
     assert s["ok"] == 40 and s["errors"] == {}
     # Alone: two prefill ticks (a 32-token chunk, then the last 8 tokens in an 8-token
-    # slice), then one tick per token at the cadence of 128 keys (40 + 8 tokens attend <= 128).
+    # slice), then one tick per token at a lone stream's cadence of 128 keys (its own decode
+    # step; 40 + 8 tokens attend <= 128).
     assert s["ttft_s"]["p50"] == pytest.approx(steps[("prefill", 1, 128, 32)] + steps[("prefill", 1, 128, 8)])
-    assert s["itl_s"]["p50"] == pytest.approx(compiled["cadence"][0]["tick_s"])
+    assert s["itl_s"]["p50"] == pytest.approx(compiled["cadence"][0]["alone_s"])
+    assert compiled["cadence"][0]["alone_s"] == steps[("decode", 1, 128, 1)]
     assert compiled["cadence"][0]["keys"] == 128
     assert {p.name for p in tmp_path.iterdir()} >= {"summary.json", "requests.csv", "latency_cdf.png"}
 

@@ -44,3 +44,16 @@ def test_a_late_token_goes_at_once_and_throughput_mode_never_holds():
         got = _deliver(deterministic, offset)
         assert [item for item, _ in got[:4]] == [100, 101, 102, 103]
         assert got[3][1] - got[0][1] < 0.02
+
+
+def test_held_items_never_overtake_each_other_however_close_their_times():
+    async def scenario():
+        r = _request(0.02, 1e-7, time.perf_counter())  # 50 tokens due within 5 us of each other
+        stream = Stream(r, asyncio.Queue())
+        for k in range(50):
+            stream.release(k, k, time.perf_counter())
+        stream.release(Finished("length"), 50, time.perf_counter())
+        return [(await asyncio.wait_for(stream.queue.get(), 2))[0] for _ in range(51)]
+
+    got = asyncio.run(scenario())
+    assert got[:50] == list(range(50)) and isinstance(got[50], Finished)
