@@ -118,19 +118,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
-        if args.concurrency < 0 or args.max_queue < 0 or not args.guard_band_pct >= 0 or not args.guard_band_ms >= 0:
+        if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not args.guard_band_ms >= 0:
             raise ValueError("--concurrency, --max-queue and the guard bands must be >= 0")
         if not 0 <= args.time_scale < float("inf"):
             raise ValueError(f"--time-scale must be finite and >= 0 (0: what serve measured), got {args.time_scale}")
         rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
         if any(r is not None and not 0 < r < float("inf") for r in rates) or not 0 < args.burstiness < float("inf"):
             raise ValueError("rates and --burstiness must be finite and > 0")
-        from server.programs import compile_program, recorded_time_scale
+        from server.programs import compile_program, recorded_guard_band, recorded_time_scale
 
         program = compile_program(args)[0].view()
         args.burstiness = burstiness(args)  # as lockstep load
         if not args.time_scale:  # as serve: measured there; the last measurement for this program
             args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
+        if args.guard_band_pct is None:  # as serve: from the jitter measured there, else 20%
+            guard = recorded_guard_band(program.plan_hash)
+            args.guard_band_pct = 20.0 if guard is None else 100 * guard
     except (ValueError, SpecError, FitError) as exc:
         parser.error(str(exc))
     fleet = f", {args.replicas} replicas routed by {args.route}" if args.replicas > 1 else ""

@@ -119,9 +119,9 @@ def add_serving_args(p) -> None:
     p.add_argument("--guard-band-ms", type=float, default=1.5,
                    help="opens every paced tick: the event loop sends the last tick's tokens before the next "
                         "step starts (default 1.5)")
-    p.add_argument("--guard-band-pct", type=float, default=20.0,
+    p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
-                        "re-pace the ticks (default 20)")
+                        "re-pace the ticks (default: the step jitter measured at start, 3-30%%)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")

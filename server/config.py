@@ -19,7 +19,7 @@ class ServeConfig:
     deterministic: bool = True
     time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
     guard_band_s: float = EngineConfig.guard_band_s
-    guard_band_frac: float = EngineConfig.guard_band_frac
+    guard_band_frac: float | None = None  # None: from the step jitter measured at start (server/core/build.py)
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     host: str = "127.0.0.1"
     port: int = 0

@@ -107,13 +107,24 @@ def _time_scale_path(plan_hash: str) -> Path:
     return CACHE_DIR / f"time-scale-{plan_hash[:16]}.json"
 
 
-def record_time_scale(plan_hash: str, scale: float) -> None:
-    """Serve's measured time scale for this program, for `simulate` (best effort)."""
+def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | None = None) -> None:
+    """Serve's measured time scale and start-up guard band for this program, for
+    `simulate` (best effort)."""
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale}))
+        _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale,
+                                                           "guard_band_frac": guard_band_frac}))
     except OSError:
         pass
+
+
+def recorded_guard_band(plan_hash: str) -> float | None:
+    """The start-up guard band (a fraction) serve last used for this program here, or None."""
+    try:
+        guard = float(json.loads(_time_scale_path(plan_hash).read_text())["guard_band_frac"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return guard if 0 <= guard < 10 else None
 
 
 def recorded_time_scale(plan_hash: str) -> float | None:

@@ -57,7 +57,7 @@ def _validate(args) -> None:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.front_end_nice <= 19:
         raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
-    if min(args.time_scale, args.guard_band_ms, args.guard_band_pct, args.grace_s, args.duration_s) < 0:
+    if min(args.time_scale, args.guard_band_ms, args.guard_band_pct or 0, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
@@ -79,7 +79,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                         f"each; {model.name} on {args.pool} compiles to {stages}")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,
-                         guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=args.guard_band_pct / 100,
+                         guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing,
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
@@ -93,7 +93,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
 def _ready_line(info: dict) -> str:
     return (f"lockstep serve: ready grpc={info['grpc']} http={info['http'] or 'off'} metrics={info['metrics']} model={info['model']} "
             f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
-            f"time_scale={info['time_scale']:.3f} tls={'on' if info['tls'] else 'off'} "
+            f"time_scale={info['time_scale']:.3f} guard_band_pct={100 * (info.get('guard_band_frac') or 0):.1f} tls={'on' if info['tls'] else 'off'} "
             f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}"
             + (f" core_pid={info['core_pid']}" if info.get("core_pid") else "")
             + (f" replicas={','.join(info['replicas'])}" if info.get("replicas") else ""))
@@ -142,7 +142,8 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=N
     server = LockstepServer(config, router=router, router_bundle=bundle)
     server.on_shutdown_request = stop.set
     info = await server.start()
-    record_time_scale(info["plan_hash"], info["time_scale"])  # for `lockstep simulate` of this program
+    # For `lockstep simulate` of this program: the pace serve measured and started with.
+    record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"))
     print(_ready_line(info), flush=True)
     died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
     await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)

@@ -42,13 +42,24 @@ def measure_time_scale(executor, program: ProgramView, keys: tuple[int, ...], ph
     `margin`. Each step shape first runs `warmup` times untimed: a fresh executor's first
     steps of a shape take 100x longer (measured: 250 ms, then 3 ms, for `tiny`: oneDNN
     primitives, first touches)."""
-    worst = 0.0
+    return measure_steps(executor, program, keys, phases, repeats, warmup)[0] * margin
+
+
+def measure_steps(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...],
+                  repeats: int = 5, warmup: int = 8) -> tuple[float, float]:
+    """(time scale, jitter) of these step shapes on this host: the scale as in
+    `measure_time_scale` (no margin); the jitter, over the shapes, the largest of a
+    shape's `repeats` runs over their median, less 1 (the guard band a paced tick needs
+    for its step to finish inside it)."""
+    worst, jitter = 0.0, 0.0
     for predicted, step in _shapes(program, keys, phases):
         for _ in range(warmup):
             executor.step(step)
-        measured = statistics.median(executor.step(step).step_time_s for _ in range(repeats))
-        worst = max(worst, measured / predicted)
-    return worst * margin
+        times = [executor.step(step).step_time_s for _ in range(repeats)]
+        median = statistics.median(times)
+        worst = max(worst, median / predicted)
+        jitter = max(jitter, max(times) / median - 1)
+    return worst, jitter
 
 
 def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...], runs: int = 2) -> None:
@@ -58,6 +69,12 @@ def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple
             executor.step(step)
 
 
+
+
+# The start-up guard band, when measured: each of JITTER_REPEATS runs of the decode and mixed
+# shapes at the shortest context; the slowest over the median, within these bounds.
+JITTER_REPEATS = 9
+MIN_GUARD, MAX_GUARD = 0.03, 0.30
 
 
 def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tuple[Engine, object, float]:
@@ -76,6 +93,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
     executor = make_executor(plan, cfg.executor, **options)
     keys = program.key_buckets
+    guard = cfg.guard_band_frac if cfg.guard_band_frac is not None else EngineConfig.guard_band_frac
     if program.simulated and not cfg.time_scale:
         # The chip's times against the host's, at the shortest and the longest contexts.
         scale = measure_time_scale(executor, program, (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
@@ -84,14 +102,16 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         # its calibration said; then ticks stretch to what it keeps up with, and the factor
         # is reported, rather than every tick overrunning. Decode and mixed steps (the
         # cadence) at the shortest context, where most ticks run.
-        measured = measure_time_scale(executor, program, keys[:1], ("decode", "mixed"), 5, 1.0)
+        measured, jitter = measure_steps(executor, program, keys[:1], ("decode", "mixed"), JITTER_REPEATS)
         scale = cfg.time_scale or max(1.0, measured)
+        if cfg.guard_band_frac is None:  # the guard band from the jitter measured here, not a flat 20%
+            guard = min(MAX_GUARD, max(MIN_GUARD, jitter))
         # Prefill shapes are not timed (their predictions err differently, and the prefill
         # pacer follows them) but run once each: a shape's first step builds its oneDNN
         # primitives (the demo's first prefill tick overran).
         warm_up(executor, program, keys[:1], ("prefill",))
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
-                                 max_queue=cfg.max_queue, guard_band_frac=cfg.guard_band_frac,
+                                 max_queue=cfg.max_queue, guard_band_frac=guard,
                                  adaptive_pacing=cfg.adaptive_pacing)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)

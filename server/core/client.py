@@ -63,7 +63,8 @@ class CoreClient:
         self.on_shutdown = None  # called on the event loop when the core was signalled to stop the server
         self._status: dict = {}
         self._last_promise = (time.perf_counter(), 0.0)  # (arrival, promised TTFT) of the last request admitted
-        self._requests: dict[int, Stream] = {}  # rid -> its stream, until its end is handed out
+        self._requests: dict[int, Stream] = {}  # rid -> its stream, until the core ends it
+        self._delivering: set[Stream] = set()  # ended in the core, tokens still held for their promised times
         self._answers: dict[int, asyncio.Future] = {}  # rid or -qid -> the core's answer
         self._rids = itertools.count()
         self._stopping = False
@@ -111,8 +112,10 @@ class CoreClient:
         up, then tells the core to end what is left ("shutdown") and exit; every wait is bounded."""
         deadline = time.monotonic() + grace_s
         self.drain()
-        while self._requests and self.up and time.monotonic() < deadline - 0.5:
+        while (self._requests and self.up or self._held()) and time.monotonic() < deadline - 0.5:
             await asyncio.sleep(0.01)
+        for stream in self._held():  # still delivering at the drain's end: cut short
+            stream.cut(Finished("shutdown", "server is shutting down"))
         self._stopping = True
         if self.up:
             self._send(Stop(max(0.1, deadline - time.monotonic() - 0.2)))
@@ -125,6 +128,11 @@ class CoreClient:
         self.pull.close(linger=0)
         self.push.close(linger=0)
         self._dir.cleanup()
+
+    def _held(self) -> list[Stream]:
+        """The streams the core ended whose tokens are still held for their promised times."""
+        self._delivering = {s for s in self._delivering if s.delivering}
+        return list(self._delivering)
 
     def _wait_exit(self, timeout_s: float) -> None:
         try:
@@ -245,6 +253,8 @@ class CoreClient:
             stream = self._requests.pop(rid, None)
             if stream is not None:
                 stream.release(Finished(reason, message), tick, t)
+                if stream.delivering:
+                    self._delivering.add(stream)
         if self.metrics is not None:
             for name, args in ev.metrics:
                 if name in MetricsRelay.CALLS:
@@ -253,9 +263,8 @@ class CoreClient:
             self._status = ev.status
 
     def _end_all(self, reason: str, message: str) -> None:
-        now = time.perf_counter()
         for s in self._requests.values():
-            s.queue.put_nowait((Finished(reason, message), -1, now))
+            s.cut(Finished(reason, message))
         self._requests.clear()
         for future in self._answers.values():
             if not future.done():

@@ -120,7 +120,9 @@ class Engine:
         # 0.95-1.01 of predicted, prefill 1.18), and one factor for all let prefill ticks
         # slow the decode cadence by 20%.
         start = config.time_scale * (1 + config.guard_band_frac)
-        self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing) for phase in (PREFILL, DECODE, MIXED)}
+        # Their margin over the measured steps' 95th percentile is the guard band too.
+        self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing, margin=config.guard_band_frac)
+                       for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:

@@ -41,12 +41,31 @@ class Stream:
             self.tokens += 1
             if self.deterministic and r.predicted_ttft_s:
                 when = r.arrival_s + r.predicted_ttft_s + (self.tokens - 1) * r.predicted_tpot_s
+        if isinstance(item, Finished) and item.reason not in ("length", "stop"):
+            self.cut(item, tick)  # an end the promise did not plan: shutdown, engine down, error, cancel
+            return
         if not self.held and when - now < HOLD_MIN_S:
             self.queue.put_nowait((item, tick, t))
             return
         self.held.append((when, item, tick))
         if len(self.held) == 1:
             asyncio.get_running_loop().call_later(max(0.0, when - now), self._drain)
+
+    @property
+    def delivering(self) -> bool:
+        """Whether items are held for later."""
+        return bool(self.held)
+
+    def cut(self, end: Finished, tick: int = -1) -> None:
+        """Ends the stream now with `end`: its held tokens go at once (early: the promise is
+        cut short), a held end of its own is dropped, so no client waits past a drain's
+        grace for tokens the engine already made."""
+        now = time.perf_counter()
+        while self.held:
+            _, item, held_tick = self.held.popleft()
+            if not isinstance(item, Finished):
+                self.queue.put_nowait((item, held_tick, now))
+        self.queue.put_nowait((end, tick, now))
 
     def _drain(self) -> None:
         """Hands out every held item that is due, in order; waits again for the next one."""

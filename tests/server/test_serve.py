@@ -42,6 +42,14 @@ def start(*extra: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"server exited with {proc.wait()} before it was ready")
 
 
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    """Polls `condition` until it holds; fails after `timeout_s` instead of hanging."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout_s} s"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_serve_in_ray_streams_then_drains_on_sigterm():
     # A fixed time scale: ticks of ~12 ms, so the long stream is in flight at SIGTERM and
@@ -62,8 +70,7 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
 
             worker = threading.Thread(target=long_stream)
             worker.start()
-            while client.status().running == 0:
-                pass
+            wait_for(lambda: client.status().running > 0)
             proc.send_signal(signal.SIGTERM)
             worker.join(60)
             assert "error" not in result, result.get("error")
@@ -182,7 +189,7 @@ def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray,
     engine core's (`core_pid=`): either way the server drains and exits 0 in the grace
     period, and the stream still running is told it is shutting down."""
     grace_s = 3.0
-    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
+    proc, target = start("--time-scale", "40", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
     try:
         assert proc.core_pid and proc.core_pid != proc.ready_pid
         with LockstepClient(target) as client:
@@ -190,14 +197,13 @@ def test_sigterm_exits_0_within_the_grace_period_with_streams_still_running(ray,
 
             def long_stream():
                 try:
-                    client.generate([4, 5], 220)  # ~3 s of ticks: still running when the grace is up
+                    client.generate([4, 5], 240)  # ~5 s of ticks alone: still running when the grace is up
                 except Exception as exc:  # noqa: BLE001 - checked below
                     errors.append(exc)
 
             worker = threading.Thread(target=long_stream)
             worker.start()
-            while client.status().running == 0:
-                time.sleep(0.01)
+            wait_for(lambda: client.status().running > 0)
             time.sleep(0.5)
             os.kill(proc.ready_pid if to == "front end" else proc.core_pid, signal.SIGTERM)
             sent = time.monotonic()
@@ -253,14 +259,14 @@ def test_sigterm_under_http_load_exits_0_within_the_grace_period(ray):
     import socket
 
     grace_s = 3.0
-    proc, target = start("--time-scale", "20", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
+    proc, target = start("--time-scale", "40", "--grace-s", str(grace_s), *([] if ray else ["--no-ray"]))
     host, port = proc.http.rsplit(":", 1)
     answers: dict[str, object] = {}
 
     def ask(name: str, stream: bool):
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
-            conn.request("POST", "/v1/completions", json.dumps({"prompt": "still running", "max_tokens": 220,
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "still running", "max_tokens": 240,
                                                                 "stream": stream}),
                          {"content-type": "application/json"})
             resp = conn.getresponse()
@@ -281,8 +287,7 @@ def test_sigterm_under_http_load_exits_0_within_the_grace_period(ray):
         for w in workers:
             w.start()
         with LockstepClient(target) as client:
-            while client.status().running < len(workers):
-                time.sleep(0.01)
+            wait_for(lambda: client.status().running + client.status().queue_length >= len(workers))
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()

@@ -57,3 +57,16 @@ def test_held_items_never_overtake_each_other_however_close_their_times():
 
     got = asyncio.run(scenario())
     assert got[:50] == list(range(50)) and isinstance(got[50], Finished)
+
+
+def test_an_unplanned_end_hands_out_the_held_tokens_at_once():
+    async def scenario():
+        r = _request(5.0, 1.0, time.perf_counter())  # the first token due in 5 s
+        stream = Stream(r, asyncio.Queue())
+        for k in range(3):
+            stream.release(k, k, time.perf_counter())
+        stream.release(Finished("shutdown", "server is shutting down"), 3, time.perf_counter())
+        return [(await asyncio.wait_for(stream.queue.get(), 0.5))[0] for _ in range(4)]
+
+    got = asyncio.run(scenario())
+    assert got[:3] == [0, 1, 2] and got[3].reason == "shutdown"
