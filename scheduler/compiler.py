@@ -177,7 +177,7 @@ def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk:
         # Pipelined: m row groups of b in flight, each ticking every max(tick, m x issue),
         # as the pipelined engine paces them (scheduler/pipeline.py).
         m = max(1, min(num_stages, options.max_slots // b))
-        interval = max(tpot, m * issue)
+        interval = max(tpot, m * issue) if num_stages > 1 else tpot
         out.append({"batch": b, "prompt_len": options.prompt_len, "ttft_s": ttft, "tpot_s": tpot,
                     "tokens_per_s": b / tpot, "tokens_per_s_per_user": 1 / tpot,
                     "pipelined_tokens_per_s": m * b / interval})

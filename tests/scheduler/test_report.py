@@ -27,16 +27,17 @@ def test_summary_text_lists_every_bucket(tiny_program):
     assert rows == [str(b) for b in tiny_program.data["buckets"]]
 
 
-def test_summary_text_shows_every_step_by_key_bucket_and_the_tick(tiny_program):
+def test_summary_text_shows_every_step_by_key_bucket_and_the_promised_tpots(tiny_program):
     lines = summary_text(tiny_program).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("phase"))
     keys = [int(k) for k in lines[start].split()[3:]]
     assert keys == tiny_program.data["key_buckets"]
-    rows = [line.split() for line in lines[start + 1:-1]]
+    rows = [line.split() for line in lines[start + 1:-2]]
     shown = {(r[0], int(r[1]), int(r[2])) for r in rows}
     assert shown == {(x["phase"], x["batch"], x["tokens"]) for x in tiny_program.data["steps"]}
     assert all(len(r) == 3 + 2 * len(keys) or "-" in r for r in rows)  # "N unit" per key bucket, "-" if none
-    assert lines[-1].startswith("tick (deterministic") and len(lines[-1].split()) == 4 + 2 * len(keys)
+    assert lines[-2].startswith("promised TPOT, alone") and len(lines[-2].split()) == 3 + 2 * len(keys)
+    assert lines[-1].startswith("promised TPOT, company") and len(lines[-1].split()) == 3 + 2 * len(keys)
     summary = summary_json(tiny_program)
     assert summary["steps"] == tiny_program.data["steps"] and len(summary["cadence"]) == len(keys)
 
