@@ -89,10 +89,10 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3, deterministic=False)
     promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
-        scheds = [program.tick_scheduler(args.max_queue, promises) for _ in range(args.replicas)]
+        scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own") for _ in range(args.replicas)]
         results, duration = simulate_fleet(scheds, requests, ticks.__getitem__, args.route)
     else:
-        sched = program.tick_scheduler(args.max_queue, promises)
+        sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own")
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
     records = _records(results)
     return summarize(records, args.slo, duration), records

@@ -156,11 +156,11 @@ class ProgramView:
     def step_s(self, key: StepKey) -> float:
         return self.steps[key]
 
-    def tick_scheduler(self, max_queue: int = 64, tick_s=None) -> TickScheduler:
+    def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = True) -> TickScheduler:
         """A fresh tick scheduler for this program's slots, context, buckets and slices;
         `tick_s` (paced seconds per step shape): promised cadences bound its ticks."""
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
-                             dict(self.slices), tick_s=tick_s)
+                             dict(self.slices), tick_s=tick_s, alone_own_step=alone_own_step)
 
     def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The TPOT promised in company at key bucket `keys` (and the pipelined engine's

@@ -102,13 +102,14 @@ def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
     what it leaves (their promises say so); in company, the longest tick any batch may run
     (every decode and mixed step of every bucket), so whoever joins later, and whatever
     prompt goes in beside it, keeps its pace. Both at the key bucket the longest stream
-    may reach. 0 without promises (`sched.tick_s` unset) or for a single token."""
+    may reach. 0 without promises (`sched.tick_s` unset) or for a single token. With
+    `sched.alone_own_step` off, a request alone is promised as one in company."""
     tick_s = sched.tick_s
     if tick_s is None or seq.max_tokens < 2:
         return 0.0
     others = (*sched.running, *sched.waiting)
     keys = key_bucket(max(s.final_context for s in (*others, seq)), sched.max_context)
-    if not others:
+    if not others and sched.alone_own_step:
         return tick_s(StepKey(DECODE, sched.buckets[0], keys, 1))
     decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
     if not sched.slices:  # prefill ticks alternate with decode ticks

@@ -156,6 +156,9 @@ class TickScheduler:
     # Paced wall seconds of each step shape (scheduler/simulate.py, `paced_ticks`): set, the
     # seqs' promised cadences bound the ticks (see the module's doc); None: no promises.
     tick_s: Callable[[StepKey], float] | None = None
+    # A request that arrives alone is promised its own decode step (True), or the longest
+    # tick as in company (False: bursts after a quiet spell do not wait for the first).
+    alone_own_step: bool = True
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
@@ -192,7 +195,7 @@ class TickScheduler:
         """An independent copy (seqs copied too) for running forward without side effects."""
         return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue, self.slices,
                              deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
-                             list(self.free_slots), self.last_phase, self.tick_s)
+                             list(self.free_slots), self.last_phase, self.tick_s, self.alone_own_step)
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)

@@ -21,6 +21,7 @@ class ServeConfig:
     guard_band_s: float = EngineConfig.guard_band_s
     guard_band_frac: float | None = None  # None: from the step jitter measured at start (server/core/build.py)
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
+    alone_own_step: bool = EngineConfig.alone_own_step
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host

@@ -80,7 +80,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
-                         adaptive_pacing=not args.fixed_pacing,
+                         adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,

@@ -112,7 +112,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         warm_up(executor, program, keys[:1], ("prefill",))
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
-                                 adaptive_pacing=cfg.adaptive_pacing)
+                                 adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:

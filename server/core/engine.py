@@ -58,6 +58,9 @@ class EngineConfig:
     # ticks' margin; then the pace follows the measured steps (adaptive_pacing).
     guard_band_frac: float = 0.20
     adaptive_pacing: bool = True
+    # A request arriving alone is promised its own decode step (False: the longest tick, as
+    # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
+    alone_own_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Engine:
         self._repace()
         if config.deterministic and self.sched is not None:
             self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
+            self.sched.alone_own_step = config.alone_own_step
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._stop = False
@@ -364,10 +368,15 @@ class Engine:
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
+        if self.config.deterministic:
+            # Ticks follow the work: each lasts its own step's paced time (not the longest
+            # step's). The rest of it is left to the front end: run back to back, steps beside
+            # the front end's work took ~2x their program time on 2 cores (the pace factor
+            # followed them to 2.1; bench/peer_vllm.py, docs/architecture.md).
+            _sleep_until(start + self.tick_s(plan.key))
         now = time.perf_counter()
-        # Ticks follow the work: the next one starts at once. A token made early waits for
-        # its promised time at the front end (server/core/client._release); an overrun is a
-        # token made after it.
+        # A token made before its promised time waits for it at the front end
+        # (server/frontend/delivery.py); an overrun is a token made after it.
         overrun = self.config.deterministic and self._late(plan, tokens, now)
         self._account(plan, self.sched, tokens, measured, overrun, now)
 

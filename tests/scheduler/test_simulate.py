@@ -191,15 +191,17 @@ def test_prompts_are_packed_into_one_prefill_step_and_into_a_mixed_steps_slice()
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.floats(0, 2.0)), min_size=1, max_size=14),
-       st.booleans())
-def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed):
+       st.booleans(), st.booleans())
+def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step):
     """The promise property of the policy: a request's promise (first token, cadence),
     fixed at its admission by running the scheduler forward, holds whatever arrives after
     it, because no tick lasts longer than any running stream's cadence."""
     from scheduler.simulate import SimRequest, simulate_load
 
     requests = [SimRequest(p, m, a) for p, m, a in reqs]
-    results, _ = simulate_load(promising(mixed), requests, tick_s)
+    sched = promising(mixed)
+    sched.alone_own_step = alone_own_step
+    results, _ = simulate_load(sched, requests, tick_s)
     for r in results:
         if r.status == "OK":
             assert r.late_s <= 1e-9, (r.index, r.late_s)
