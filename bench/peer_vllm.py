@@ -13,7 +13,7 @@ Prints tokens/s, TTFT and ITL per server and load, the ratios the issue asks for
 Lockstep how far each token came from its promise (the `lockstep-predicted-*` headers:
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
-    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,thr,vllm] \\
+    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,detc,thr,vllm] \\
         [--guidellm /path/to/venv/bin/guidellm]
 
 With --guidellm, GuideLLM (bench/guidellm_vs_load.py's invocation) also measures each
@@ -188,6 +188,7 @@ def start_lockstep(extra: list[str], log: Path) -> tuple[subprocess.Popen, str, 
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     for line in proc.stdout:
         if line.startswith("lockstep serve: ready"):
+            print(f"        {line.strip()}", flush=True)  # its time scale and guard band
             http = line.split("http=")[1].split()[0]
             return proc, f"http://{http}", line.split("metrics=")[1].split()[0]
     raise RuntimeError(f"lockstep exited with {proc.wait()} before it was ready (see {log})")
@@ -275,6 +276,8 @@ def main() -> int:
     flags = args.lockstep_flags.split()
     starts = {"det": lambda: start_lockstep(flags, args.out / "det.log"),
               "thr": lambda: start_lockstep(["--throughput", *flags], args.out / "thr.log"),
+              # The other promise policy: a request alone is promised the longest tick, as in company.
+              "detc": lambda: start_lockstep(["--alone-tpot", "company", *flags], args.out / "detc.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
     res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
@@ -292,15 +295,18 @@ def main() -> int:
             print(f"{load:<11} {name:<6} {r['tok_s']:>7.1f} {r['ttft_p50']:>9.1f} {r['ttft_p99']:>9.1f} "
                   f"{r['itl_p50']:>8.1f} {r['itl_p99']:>8.1f} {r['itl_ratio']:>8.2f} {miss:>19} {within:>13} "
                   f"{over:>9}")
-    if "det" in res:
-        print("\nratios, Lockstep deterministic over:")
+    for det in ("det", "detc"):
+        if det not in res:
+            continue
+        print(f"\nratios, Lockstep deterministic ({det}) over:")
         for other in ("thr", "vllm"):
             if other not in res:
                 continue
             for load in loads:
-                d, o = res["det"][load], res[other][load]
+                d, o = res[det][load], res[other][load]
                 print(f"  {other:<5} {load:<11} tok/s {d['tok_s'] / o['tok_s']:.2f}  TTFT p50 "
-                      f"{d['ttft_p50'] / o['ttft_p50']:.2f}  TTFT p99 {d['ttft_p99'] / o['ttft_p99']:.2f}")
+                      f"{d['ttft_p50'] / o['ttft_p50']:.2f}  TTFT p99 {d['ttft_p99'] / o['ttft_p99']:.2f}  "
+                      f"ITL p99/p50 {d['itl_ratio']:.2f}")
     return 0
 
 

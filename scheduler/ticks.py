@@ -20,9 +20,9 @@ program without mixed steps (`slices` empty) alternates prefill and decode ticks
 Promises (`tick_s` set: deterministic serving; docs/architecture.md, "Promises per
 request"): each seq carries the TPOT it was promised (`cadence_s`), and ticks follow the
 work (each lasts its own paced step, `tick_s(plan.key)`), so no tick may last longer than
-the smallest cadence among the seqs holding slots (`bound`): a waiting seq takes a slot
-only when the decode tick with it stays within that bound, and prompt slices go in beside
-decoding seqs only when the mixed tick does; otherwise they wait (FIFO, no overtaking).
+the cadence of any seq holding a slot (`fits`): a waiting seq takes a slot only when the
+decode tick with it keeps every cadence, and prompt slices go in beside decoding seqs only
+when the mixed tick does; otherwise they wait (FIFO, no overtaking).
 Every tick is then no longer than any running stream's cadence, so each of its tokens is
 computed no later than promised, whoever arrives later.
 
@@ -35,7 +35,6 @@ bucket, the key bucket its longest row attends, the slice shape), which the prog
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
@@ -95,6 +94,8 @@ class Seq:
     generated: int = 0  # tokens sampled
     finish_reason: str | None = None  # length | stop | aborted
     cadence_s: float = 0.0  # the TPOT it was promised, wall seconds (0: none; it bounds no tick)
+    # The paced tick table its promise was made with (None: the scheduler's `tick_s`).
+    ticks: Callable[[StepKey], float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def decoding(self) -> bool:
@@ -201,21 +202,24 @@ class TickScheduler:
         return next(b for b in self.buckets if b >= n)
 
     # -- ticks ------------------------------------------------------------------------
-    def bound(self) -> float:
-        """The longest tick the running seqs' promises allow: their smallest cadence (inf
-        without promises)."""
+    def fits(self, *keys: StepKey, joining: Seq | None = None) -> bool:
+        """Whether a gap of these ticks (one after another) in the running seqs' streams, and
+        in `joining`'s, keeps every promised cadence, each at the pace its promise was made
+        at (`Seq.ticks`: a later re-pace does not tighten or loosen an earlier promise)."""
         if self.tick_s is None:
-            return math.inf
-        return min((s.cadence_s for s in self.running if s.cadence_s > 0), default=math.inf)
+            return True
+        for seq in (*self.running, *((joining,) if joining is not None else ())):
+            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > seq.cadence_s:
+                return False
+        return True
 
     def _may_enter(self, seq: Seq) -> bool:
         """Whether `seq` may take a slot now: the decode tick of every running seq and it,
-        at the key bucket the longest of them may reach, stays within every cadence."""
+        at the key bucket the longest of them may reach, keeps every cadence."""
         if self.tick_s is None or not self.running:
             return True
-        bound = min(self.bound(), seq.cadence_s or math.inf)
         keys = key_bucket(max(s.final_context for s in (*self.running, seq)), self.max_context)
-        return self.tick_s(StepKey(DECODE, self.bucket_for(len(self.running) + 1), keys, 1)) <= bound
+        return self.fits(StepKey(DECODE, self.bucket_for(len(self.running) + 1), keys, 1), joining=seq)
 
     def schedule(self) -> TickPlan | None:
         """Admits waiting seqs into free slots (FIFO, lowest slot first, while promises
@@ -233,7 +237,7 @@ class TickScheduler:
             slices, spans = self._pack(prefilling, shape)
             keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
             plan = TickPlan(MIXED, bucket, (*decoding, *slices), spans, keys, shape)
-            if self.tick_s is None or self.tick_s(plan.key) <= self.bound():
+            if self.fits(plan.key):
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
             slices, spans = self._pack(prefilling, self.chunk)
@@ -241,9 +245,7 @@ class TickScheduler:
             plan = TickPlan(PREFILL, 1, tuple(slices), spans, keys, slice_shape(sum(n for _, n in spans), self.chunk))
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
             # it are one gap in their streams.
-            if not decoding or self.tick_s is None or (
-                    self.tick_s(plan.key) + self.tick_s(StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1))
-                    <= self.bound()):
+            if not decoding or self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1)):
                 return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)

@@ -201,7 +201,8 @@ class Engine:
             if self.failure is not None:
                 raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
             seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids,
-                      cadence_s=request.predicted_tpot_s if self.config.deterministic else 0.0)
+                      cadence_s=request.predicted_tpot_s if self.config.deterministic else 0.0,
+                      ticks=self._ticks.__getitem__)  # the pace its promise was made at
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             self._requests[seq.seq_id] = request
@@ -368,15 +369,11 @@ class Engine:
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
-        if self.config.deterministic:
-            # Ticks follow the work: each lasts its own step's paced time (not the longest
-            # step's). The rest of it is left to the front end: run back to back, steps beside
-            # the front end's work took ~2x their program time on 2 cores (the pace factor
-            # followed them to 2.1; bench/peer_vllm.py, docs/architecture.md).
-            _sleep_until(start + self.tick_s(plan.key))
         now = time.perf_counter()
-        # A token made before its promised time waits for it at the front end
-        # (server/frontend/delivery.py); an overrun is a token made after it.
+        # Ticks follow the work, back to back: the engine runs ahead of its promises where
+        # steps are shorter than their paced ticks, and a token made early waits for its
+        # promised time at the front end (server/frontend/delivery.py); an overrun is a
+        # token made after it. The lead absorbs a slow step.
         overrun = self.config.deterministic and self._late(plan, tokens, now)
         self._account(plan, self.sched, tokens, measured, overrun, now)
 
