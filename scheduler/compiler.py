@@ -165,15 +165,16 @@ def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
 
 def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk: int, num_stages: int) -> list:
     """Per decode bucket, for a `prompt_len` prompt on an idle server: TTFT, and the TPOT
-    promised with b streams running (docs/architecture.md, "Promises per request"): alone,
-    its own decode step; in company, the longest tick any batch may run."""
+    promised (docs/architecture.md, "Promises per request"): the longest tick any batch may
+    run, alone or in company (`serve --alone-tpot own` promises a lone request its own
+    decode step, which the summary shows beside it)."""
     view = ProgramView.parse(body)
     ttft = timeline.ttft(options.prompt_len, chunk)
     keys = key_bucket(options.prompt_len + 1, options.max_context)
     issue = view.issue_s(keys)
     out = []
     for b in options.buckets:
-        tpot = view.lone_cadence_s(keys) if b == 1 and num_stages == 1 else view.cadence_s(keys)
+        tpot = view.cadence_s(keys)
         # Pipelined: m row groups of b in flight, each ticking every max(tick, m x issue),
         # as the pipelined engine paces them (scheduler/pipeline.py).
         m = max(1, min(num_stages, options.max_slots // b))

@@ -156,7 +156,7 @@ class ProgramView:
     def step_s(self, key: StepKey) -> float:
         return self.steps[key]
 
-    def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = True) -> TickScheduler:
+    def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = False) -> TickScheduler:
         """A fresh tick scheduler for this program's slots, context, buckets and slices;
         `tick_s` (paced seconds per step shape): promised cadences bound its ticks."""
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,

@@ -157,9 +157,9 @@ class TickScheduler:
     # Paced wall seconds of each step shape (scheduler/simulate.py, `paced_ticks`): set, the
     # seqs' promised cadences bound the ticks (see the module's doc); None: no promises.
     tick_s: Callable[[StepKey], float] | None = None
-    # A request that arrives alone is promised its own decode step (True), or the longest
-    # tick as in company (False: bursts after a quiet spell do not wait for the first).
-    alone_own_step: bool = True
+    # A request that arrives alone is promised the longest tick as in company (False: a
+    # burst after a quiet spell does not wait for its first), or its own decode step (True).
+    alone_own_step: bool = False
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:

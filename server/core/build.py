@@ -94,6 +94,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
     executor = make_executor(plan, cfg.executor, **options)
     keys = program.key_buckets
+    prefill_scale = 0.0  # 0: the time scale
     guard = cfg.guard_band_frac if cfg.guard_band_frac is not None else EngineConfig.guard_band_frac
     if program.simulated and not cfg.time_scale:
         # The chip's times against the host's, at the shortest and the longest contexts.
@@ -107,13 +108,16 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         scale = cfg.time_scale or max(1.0, measured)
         if cfg.guard_band_frac is None:  # the guard band from the jitter measured here, not a flat 20%
             guard = min(MAX_GUARD, max(MIN_GUARD, jitter))
-        # Prefill shapes are not timed (their predictions err differently, and the prefill
-        # pacer follows them) but run once each: a shape's first step builds its oneDNN
-        # primitives (the demo's first prefill tick overran).
-        warm_up(executor, program, keys[:1], ("prefill",))
+        # Prefill shapes get their own scale (their predictions err differently: measured
+        # 1.5x against decode's 1.2x for smollm2-135m here; at decode's scale every first
+        # token came ~10 ms past its promise, bench/peer_vllm.py). Their first runs also
+        # build their oneDNN primitives (the demo's first prefill tick overran).
+        prefill_scale = 0.0 if cfg.time_scale else max(1.0, measure_steps(executor, program, keys[:1], ("prefill",),
+                                                                          3, warmup=2)[0])
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
-                                 adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step)
+                                 adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
+                                 prefill_scale=prefill_scale)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:

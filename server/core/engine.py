@@ -48,6 +48,7 @@ log = logging.getLogger("lockstep.engine")
 class EngineConfig:
     deterministic: bool = True  # pace ticks to the program; False: run steps back to back
     time_scale: float = 1.0  # program seconds -> wall seconds (simulated pools run slower)
+    prefill_scale: float = 0.0  # the same for prefill steps, measured apart (0: time_scale)
     # Opens every paced tick, seconds: the event loop sends the last tick's tokens before the
     # next step starts. Measured, 8 streams on 2 cores: 0.5 ms gave received inter-token
     # p99/p50 1.14-1.17 (tokens sent up to 7 ms late); 1.5 ms gave 1.06-1.09 (1 ms late).
@@ -60,7 +61,7 @@ class EngineConfig:
     adaptive_pacing: bool = True
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
-    alone_own_step: bool = True
+    alone_own_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,11 @@ class Engine:
         # One pacer per phase: their predictions err differently (measured on small: decode
         # 0.95-1.01 of predicted, prefill 1.18), and one factor for all let prefill ticks
         # slow the decode cadence by 20%.
-        start = config.time_scale * (1 + config.guard_band_frac)
+        scales = {PREFILL: config.prefill_scale or config.time_scale, DECODE: config.time_scale,
+                  MIXED: config.time_scale}
         # Their margin over the measured steps' 95th percentile is the guard band too.
-        self.pacers = {phase: Pacer(start, adaptive=config.adaptive_pacing, margin=config.guard_band_frac)
-                       for phase in (PREFILL, DECODE, MIXED)}
+        self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
+                                    margin=config.guard_band_frac) for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:

@@ -14,8 +14,9 @@ ARGS = ["--model", "tiny", "--pool", "cpu:1", "--dtype", "fp32", "--max-context"
         "--requests", "40", "--prompt-len", "40", "--output-len", "8", "--guard-band-pct", "0", "--guard-band-ms", "0"]
 
 
-def test_a_closed_loop_of_one_matches_the_program(tmp_path):
-    assert main([*ARGS, "--concurrency", "1", "--output", str(tmp_path)]) == 0
+@pytest.mark.parametrize("alone", ["company", "own"])
+def test_a_closed_loop_of_one_matches_the_program(tmp_path, alone):
+    assert main([*ARGS, "--concurrency", "1", "--alone-tpot", alone, "--output", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "summary.json").read_text())
     compiled = json.loads(subprocess.run([sys.executable, "-m", "server.cli", "compile", "--model", "tiny", "--pool",
                                           "cpu:1", "--dtype", "fp32", "--max-context", "256", "--prefill-chunk", "32",
@@ -24,12 +25,12 @@ def test_a_closed_loop_of_one_matches_the_program(tmp_path):
     s = doc["summary"]
     assert s["ok"] == 40 and s["errors"] == {}
     # Alone: two prefill ticks (a 32-token chunk, then the last 8 tokens in an 8-token
-    # slice), then one tick per token at a lone stream's cadence of 128 keys (its own decode
-    # step; 40 + 8 tokens attend <= 128).
+    # slice), then one token per promised TPOT at 128 keys (40 + 8 tokens attend <= 128):
+    # the longest tick, as in company (the default), or its own decode step (`own`).
     assert s["ttft_s"]["p50"] == pytest.approx(steps[("prefill", 1, 128, 32)] + steps[("prefill", 1, 128, 8)])
-    assert s["itl_s"]["p50"] == pytest.approx(compiled["cadence"][0]["alone_s"])
-    assert compiled["cadence"][0]["alone_s"] == steps[("decode", 1, 128, 1)]
-    assert compiled["cadence"][0]["keys"] == 128
+    cadence = compiled["cadence"][0]
+    assert s["itl_s"]["p50"] == pytest.approx(cadence["alone_s"] if alone == "own" else cadence["tick_s"])
+    assert cadence["alone_s"] == steps[("decode", 1, 128, 1)] and cadence["keys"] == 128
     assert {p.name for p in tmp_path.iterdir()} >= {"summary.json", "requests.csv", "latency_cdf.png"}
 
 

@@ -136,9 +136,9 @@ def test_ten_thousand_requests_of_llama_70b_on_lpu_576():
 
 # -- promises (deterministic serving): ticks follow the work, cadences bound them --------
 
-def promising(mixed: bool = True) -> TickScheduler:
+def promising(mixed: bool = True, alone_own_step: bool = True) -> TickScheduler:
     sched = busy([], 0, mixed)
-    sched.tick_s = tick_s
+    sched.tick_s, sched.alone_own_step = tick_s, alone_own_step
     return sched
 
 

@@ -3,6 +3,8 @@ deterministic mode; each phase's pace follows its own steps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import scheduler
@@ -35,7 +37,10 @@ def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_l
     from server.core.engine import Request
     from server.runtime.sampling import GREEDY
 
-    engine = Engine(None, VIEW, EXACT)
+    engine = Engine(None, VIEW, replace(EXACT, alone_own_step=True))  # `--alone-tpot own`
+    company = Engine(None, VIEW, EXACT)  # the default: alone as in company
+    assert company.predict(20, 11)[1] - company.predict(20, 11)[0] == pytest.approx(
+        10 * max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", 128) + keys_of(VIEW, "mixed", 128)))
     ttft, e2e = engine.predict(20, 11)
     keys = VIEW.key_buckets[0]
     assert (e2e - ttft) / 10 == pytest.approx(VIEW.step_s(StepKey("decode", 1, keys, 1)))
