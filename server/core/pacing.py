@@ -8,7 +8,8 @@ it is re-estimated as the `quantile` of measured / program step time over the la
 (a re-pace: counted and exported). So a step overruns its tick rarely (less than
 1 - quantile of the time, the margin absorbing most of that tail), whether the host drifted slower (its memory bandwidth moves 25-41 GB/s here from
 minute to minute) or the start-up measurement was pessimistic; promises made after a
-re-pace use the new factor (the admission simulation reads the same ticks).
+re-pace use the new factor (the admission simulation reads the same ticks), and promises
+made before it keep theirs.
 
 Pure: no clocks or threads; the engine feeds it one (measured, program) pair per tick.
 """
@@ -29,11 +30,15 @@ class Pacer:
     quantile: float = 0.95
     margin: float = 0.10  # over the quantile
     window: int = 512  # ticks
-    min_samples: int = 128  # before the first re-estimate
-    every: int = 64  # ticks between re-estimates
-    # Relative change that triggers a re-pace. A re-pace moves every running stream's
-    # cadence, so small moves are not worth it: with 2% the factor followed each load's
-    # jitter and streams of one Poisson run saw 53.7 and 57.8 ms TPOTs (bench/compare.py).
+    # A re-pace moves no running stream (each keeps the cadence it was promised; scheduler/
+    # ticks.py), only later promises, so the pace follows the served steps soon: a burst's
+    # ticks ran 10-35% over the start-up pace long before 128 had been seen.
+    min_samples: int = 32  # before the first re-estimate
+    every: int = 16  # ticks between re-estimates
+    # Relative change that triggers a re-pace: below it the pace stays, so requests promised
+    # a moment apart are not promised different TPOTs for noise (with 2%, when a re-pace
+    # still moved running streams, streams of one Poisson run saw 53.7 and 57.8 ms TPOTs;
+    # bench/compare.py).
     tolerance: float = 0.05
     repaces: int = 0
     _ratios: deque = field(default_factory=deque, repr=False)
