@@ -125,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
         if any(r is not None and not 0 < r < float("inf") for r in rates) or not 0 < args.burstiness < float("inf"):
             raise ValueError("rates and --burstiness must be finite and > 0")
-        from server.programs import compile_program, recorded_guard_band, recorded_time_scale
+        from server.programs import compile_program, recorded_guard_band, recorded_pace, recorded_time_scale
 
         program = compile_program(args)[0].view()
         args.burstiness = burstiness(args)  # as lockstep load
+        if not args.time_scale and args.guard_band_pct is None and args.pace is None:
+            args.pace = recorded_pace(program.plan_hash)  # as serve's pacers started, phase by phase
         if not args.time_scale:  # as serve: measured there; the last measurement for this program
             args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
         if args.guard_band_pct is None:  # as serve: from the jitter measured there, else 20%

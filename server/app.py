@@ -150,10 +150,16 @@ class LockstepServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "guard_band_frac": self._guard_band(scale),
+                "guard_band_frac": self._guard_band(scale), "pace": self._start_pace(),
                 "mode": mode, "pid": os.getpid(), "core_pid": self.core.pid if self.core else 0,
                 "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file),
                 "replicas": [r.target for r in self.router.replicas] if self.router else []}
+
+    def _start_pace(self) -> dict[str, float]:
+        """Each phase's pace factor at start (prefill has its own measured scale)."""
+        if self.engine is not None:
+            return {phase: pacer.factor for phase, pacer in self.engine.pacers.items()}
+        return dict(self.core.pace) if self.core is not None else {}
 
     def _guard_band(self, scale: float) -> float | None:
         """The start-up guard band the engine paces with (a fraction of each step)."""

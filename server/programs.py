@@ -107,15 +107,26 @@ def _time_scale_path(plan_hash: str) -> Path:
     return CACHE_DIR / f"time-scale-{plan_hash[:16]}.json"
 
 
-def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | None = None) -> None:
-    """Serve's measured time scale and start-up guard band for this program, for
-    `simulate` (best effort)."""
+def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | None = None,
+                      pace: dict[str, float] | None = None) -> None:
+    """Serve's measured time scale, start-up guard band and start-up pace factors for this
+    program, for `simulate` (best effort)."""
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale,
-                                                           "guard_band_frac": guard_band_frac}))
+                                                           "guard_band_frac": guard_band_frac, "pace": pace}))
     except OSError:
         pass
+
+
+def recorded_pace(plan_hash: str) -> dict[str, float] | None:
+    """Each phase's start-up pace factor serve last used for this program here, or None."""
+    try:
+        pace = json.loads(_time_scale_path(plan_hash).read_text())["pace"]
+        pace = {str(k): float(v) for k, v in pace.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return pace if pace and all(0 < v < float("inf") for v in pace.values()) else None
 
 
 def recorded_guard_band(plan_hash: str) -> float | None:

@@ -143,7 +143,7 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=N
     server.on_shutdown_request = stop.set
     info = await server.start()
     # For `lockstep simulate` of this program: the pace serve measured and started with.
-    record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"))
+    record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), info.get("pace"))
     print(_ready_line(info), flush=True)
     died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
     await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)
