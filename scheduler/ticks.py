@@ -45,6 +45,7 @@ MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (the matmul row multipl
 # Prompts one prefill or mixed step packs at most: its logit rows are padded to a multiple
 # of 4 (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
 SLICE_ROWS = 4
+CADENCE_ULP = 1 + 1e-9  # relative slack when a tick is compared with a promised cadence
 
 
 def key_bucket(context: int, max_context: int) -> int:
@@ -209,7 +210,10 @@ class TickScheduler:
         if self.tick_s is None:
             return True
         for seq in (*self.running, *((joining,) if joining is not None else ())):
-            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > seq.cadence_s:
+            # CADENCE_ULP: a cadence that went through a promise's (TTFT, e2e) round trip is
+            # the longest tick give or take a rounding; without it that tick was refused
+            # (the server's waves at c=8, first tokens up to 1.3 s past their promise).
+            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > seq.cadence_s * CADENCE_ULP:
                 return False
         return True
 

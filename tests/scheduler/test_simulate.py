@@ -208,3 +208,26 @@ def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(re
             assert r.promise is not None and abs(r.ttft_s - r.promise[0]) <= 1e-9
             if r.promise[1]:
                 assert all(abs(g - r.promise[1]) <= 1e-9 for g in r.itl_s)  # delivered on the cadence
+
+
+def test_a_cadence_rounded_on_its_way_through_a_promise_still_admits_its_longest_tick():
+    """The engine's cadence is (e2e - TTFT) / (max_tokens - 1) of the promise (shifted by the
+    time the request waited): the longest tick give or take a rounding, which must not
+    refuse that tick (it did: waves at concurrency 8, first tokens up to 1.3 s late)."""
+    import math
+
+    from scheduler.simulate import promise_cadence
+
+    sched = promising(alone_own_step=False)
+    cadence = promise_cadence(sched, Seq(0, 8, 32))
+    assert cadence == tick_s(StepKey("mixed", 4, 128, 4))  # the longest tick: bucket 4's mixed step
+    rounded = math.nextafter(cadence, 0)  # one rounding below it
+    running = [Seq(i, 8, 32, cadence_s=rounded) for i in range(3)]
+    for s in running:
+        sched.add(s)
+    while not all(s.decoding for s in running):
+        sched.update(sched.schedule())
+    joiner = Seq(3, 8, 32, cadence_s=rounded)
+    sched.add(joiner)
+    plan = sched.schedule()  # three decoding rows and the joiner's prompt: bucket 4's mixed step
+    assert plan.key == ("mixed", 4, 128, 4) and joiner in plan.rows
