@@ -76,8 +76,7 @@ def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple
 # shapes at the shortest context; the second slowest over the median, within these bounds.
 # The floor: measured quiet at start, the jitter was 3-5%, but the same steps served beside
 # 8 streams' HTTP ran 10-35% over their start-up pace (bench/peer_vllm.py: prefill 87-112
-# ms against 85 paced; a burst's first tokens up to 1.3 s past promise with a 3% guard),
-# so the start-up guard keeps 10% until the served steps re-pace it.
+# ms against 85 paced), so the start-up guard keeps 10% until the served steps re-pace it.
 JITTER_REPEATS = 9
 MIN_GUARD, MAX_GUARD = 0.10, 0.30
 
