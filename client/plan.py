@@ -102,8 +102,7 @@ class Trial:
         self.args, self.view = args, view
         factor = 1 + args.guard_band_pct / 100
         # As serve paces: ticks follow the work, promised cadences bound them.
-        self.ticks = paced_ticks(view, {p: factor for p in PHASES}, args.guard_band_ms / 1e3,
-                                 deterministic=False).__getitem__
+        self.ticks = paced_ticks(view, {p: factor for p in PHASES}, args.guard_band_ms / 1e3).__getitem__
         rng = np.random.default_rng(args.seed)
         ctx = view.max_context
         self.lengths = []

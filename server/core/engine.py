@@ -160,7 +160,7 @@ class Engine:
     def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
         # Swapped whole: `predict` on another thread reads one table or the other.
-        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s, deterministic=False)
+        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s)
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scheduler import CompileOptions, compile, get_model
 from scheduler.pipeline import Group, Pipeline, cadence_gap, group_slots, pipeline_chunk, pipelined_tables
-from scheduler.simulate import paced_ticks, predict_arrival
+from scheduler.simulate import predict_arrival
 from scheduler.ticks import Seq, StepKey, TickScheduler
 from tests.scheduler.conftest import SMALL_LPU_POOL
 from tests.scheduler.test_simulate import busy, tick_s
@@ -104,7 +104,7 @@ def test_the_runtime_clock_realizes_the_compilers_pipelined_tokens_per_s():
     assert len(view.stages) == 2 and view.key_buckets == (64,)
     factors = {"prefill": 1.0, "decode": 1.0, "mixed": 1.0}
     ticks, issues = pipelined_tables(view, factors, 0.0)
-    assert all(ticks[k] == paced_ticks(view, factors, 0.0)[k] for k in view.steps if k.phase != "prefill")
+    assert all(ticks[k] == view.cadence_s(k.keys, factors) for k in view.steps if k.phase != "prefill")
     pipe = Pipeline.for_program(view, 2)
     for i in range(8):
         pipe.groups[i % 2].sched.add(Seq(i, 4, 60))
