@@ -205,7 +205,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     promising = sched.tick_s is not None
     results: dict[int, SimResult] = {}
     promises: dict[int, tuple[float, float]] = {}  # index -> (first token due, cadence), absolute seconds
-    # (when, index): open loop, every arrival; closed loop, each client's next send.
+    # A heap of (when, index): open loop, every arrival; closed loop, each client's next send.
     upcoming = sorted((r.arrival_s, i) for i, r in enumerate(requests)) if not closed else []
     unsent = list(range(len(requests))) if closed else []
     frees: list[float] = []  # when each request in flight is delivered in full (a heap)
@@ -219,7 +219,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         if len(sched.waiting) >= sched.max_queue:
             results[i].status = "RESOURCE_EXHAUSTED"
             if closed and unsent:  # a refused client sends its next request at once
-                upcoming.append((at, unsent.pop(0)))
+                heapq.heappush(upcoming, (at, unsent.pop(0)))
             return
         seq = Seq(i, r.prompt_len, r.max_tokens)
         if promising:
@@ -239,28 +239,29 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             token_s[:] = [max(x, due + k * cadence) for k, x in enumerate(token_s)]
         return token_s[-1] if token_s else t
 
+    def next_event() -> float | None:
+        """When the next request arrives or the next client is free, if ever."""
+        return min([x[0] for x in upcoming[:1]] + frees[:1], default=None)
+
     for _ in range(min(concurrency, len(requests)) if closed else 0):
-        upcoming.append((0.0, unsent.pop(0)))
+        heapq.heappush(upcoming, (0.0, unsent.pop(0)))
     while upcoming or waiting_to_send or frees or not sched.idle():
-        upcoming.sort()
         while frees and frees[0] <= t:
             heapq.heappop(frees)
             in_flight -= 1
         while upcoming and upcoming[0][0] <= t:
-            waiting_to_send.append(upcoming.pop(0)[1])
+            waiting_to_send.append(heapq.heappop(upcoming)[1])
         while waiting_to_send and (closed or not concurrency or in_flight < concurrency):
             send(waiting_to_send.pop(0), t)
         plan = sched.schedule()
+        nxt = next_event()
         if plan is None:
-            nxt = [x for x in (upcoming[0][0] if upcoming else None, frees[0] if frees else None) if x is not None]
-            if not nxt:
+            if nxt is None:
                 break  # everything sent has ended, or was refused
-            t = max(t, min(nxt))
+            t = max(t, nxt)
             continue
         dt = tick_s(plan.key)
         run = run_length(sched, plan) if jumps else 1
-        nxt = min([x for x in (upcoming[0][0] if upcoming else None, frees[0] if frees else None) if x is not None],
-                  default=None)
         if nxt is not None:  # stop at the first tick boundary at or after the next arrival or free client
             run = min(run, max(1, math.ceil((nxt - t) / dt)))
         if run > 1:
@@ -279,5 +280,5 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                 end = delivered(i)
                 heapq.heappush(frees, end)
                 if closed and unsent:
-                    upcoming.append((end, unsent.pop(0)))
+                    heapq.heappush(upcoming, (end, unsent.pop(0)))
     return [results[i] for i in range(len(requests))], max([t, *(x.token_s[-1] for x in results.values() if x.token_s)])
