@@ -150,7 +150,9 @@ class LockstepServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
                 "model": info.model, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
-                "guard_band_frac": self._guard_band(scale), "pace": self._start_pace(),
+                "pace": (pace := self._start_pace()),
+                # The decode pacer starts at the time scale x (1 + the band).
+                "guard_band_frac": pace["decode"] / scale - 1 if pace.get("decode") and scale else None,
                 "mode": mode, "pid": os.getpid(), "core_pid": self.core.pid if self.core else 0,
                 "tls": bool(cfg.tls_cert), "auth": bool(cfg.auth_token_file),
                 "replicas": [r.target for r in self.router.replicas] if self.router else []}
@@ -160,14 +162,6 @@ class LockstepServer:
         if self.engine is not None:
             return {phase: pacer.factor for phase, pacer in self.engine.pacers.items()}
         return dict(self.core.pace) if self.core is not None else {}
-
-    def _guard_band(self, scale: float) -> float | None:
-        """The start-up guard band the engine paces with (a fraction of each step)."""
-        if self.engine is not None:
-            return self.engine.config.guard_band_frac
-        if self.core is not None and self.core.pace.get("decode") and scale:
-            return self.core.pace["decode"] / scale - 1
-        return None
 
     async def _start_engine(self) -> tuple[object, float]:
         """The engine core: in a process of its own (the default), or on a thread of this
