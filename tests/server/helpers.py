@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+import ray
 import torch
 
 import scheduler
@@ -88,6 +90,45 @@ def generate(executor: LocalExecutor, slot: int, prompt: list[int], n: int, para
     while len(seq.out) < n:
         run_step(executor, [seq], 1, 1)
     return seq
+
+
+def start_ray(attempts: int = 3, **init_kw) -> None:
+    """`ray.init(**init_kw)`, tried again when the local node does not come up.
+
+    On a loaded 2-core host Ray's start-up sometimes misses its own fixed waits: "Timed out
+    waiting for file .../gcs_server_port_..." (RuntimeError) or "The current node timed out
+    during startup" (a bare Exception after its 30 s raylet wait; this failed a CI run).
+    Both passed at once when started again, so a test module starts its cluster here."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init_kw)
+            return
+        except Exception as exc:  # Ray raises both kinds above; anything else fails again below
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            print(f"ray.init failed ({exc}); attempt {attempt + 1} of {attempts}", file=sys.stderr)
+
+
+def start_two_nodes(head: dict, other: dict, attempts: int = 3):
+    """A two-node `ray.cluster_utils.Cluster` on loopback with the driver connected to it,
+    started again as `start_ray` is when a node misses Ray's start-up waits."""
+    from ray.cluster_utils import Cluster
+    for attempt in range(1, attempts + 1):
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args=head)
+            cluster.add_node(**other)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            return cluster
+        except Exception as exc:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+            if attempt == attempts:
+                raise
+            print(f"two-node cluster failed ({exc}); attempt {attempt + 1} of {attempts}", file=sys.stderr)
 
 
 def random_prompt(n: int, seed: int, vocab: int = 512) -> list[int]:

@@ -6,23 +6,19 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 import scheduler
 from server.runtime.executor import LocalExecutor
 from server.runtime.stage import plan_from_program
 from server.runtime.ray_executor import RayExecutor
 from server.runtime.sampling import SamplingParams
-from tests.server.helpers import OPTIONS, Live, random_prompt
+from tests.server.helpers import OPTIONS, Live, random_prompt, start_two_nodes
 from tests.server.runtime.test_ray_executor import generate
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"lpu": 1}})
-    cluster.add_node(num_cpus=1, resources={"lpu": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = start_two_nodes({"num_cpus": 1, "resources": {"lpu": 1}}, {"num_cpus": 1, "resources": {"lpu": 1}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

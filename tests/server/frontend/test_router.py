@@ -13,13 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 import scheduler
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 from server.frontend.router import RoutedAdmission, replica_config
-from tests.server.helpers import OPTIONS, Live, random_prompt
+from tests.server.helpers import OPTIONS, Live, random_prompt, start_two_nodes
 
 PROGRAM = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("cpu:1"), OPTIONS)
 
@@ -44,10 +43,7 @@ class Fleet(Live):
 
 @pytest.fixture(scope="module")
 def fleet():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = start_two_nodes({"num_cpus": 1}, {"num_cpus": 1})
     # Paced ticks of ~12 ms (a fixed time scale), so long streams are still running when
     # the tests act on them.
     f = Fleet(deterministic=True, time_scale=20.0, max_tokens=250)

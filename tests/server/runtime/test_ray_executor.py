@@ -1,6 +1,5 @@
 """RayExecutor: stages in Ray actors on a Compiled Graph give LocalExecutor's tokens."""
 
-import sys
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from server.runtime.stage import RuntimePlan, StageSpec, plan_from_program
 from server.runtime.ray_executor import RayExecutor, actor_options
 from server.runtime.sampling import GREEDY, SamplingParams
 from server.runtime.step import StepBatch
+from tests.server.helpers import start_ray
 
 pytestmark = pytest.mark.slow  # starts Ray and six actor processes: ~20 s on 2 cores
 
@@ -29,14 +29,7 @@ def ray_cluster():
     # thread count, so the in-process reference must use one thread too.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        ray.init(num_cpus=2, resources={"lpu": LPUS}, include_dashboard=False, log_to_driver=False)
-    except RuntimeError as exc:  # Ray's GCS did not write its port in time: start it once more
-        # Seen twice in ~10 full runs on this 2-core host ("Timed out waiting for file
-        # .../gcs_server_port_..."), its log empty; the same module passed at once after.
-        print(f"ray.init failed ({exc}); once more", file=sys.stderr)
-        ray.shutdown()
-        ray.init(num_cpus=2, resources={"lpu": LPUS}, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2, resources={"lpu": LPUS}, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
     torch.set_num_threads(threads)
