@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import contextlib
 import os
 import socket
 import sys
@@ -32,7 +31,7 @@ from server.config import NODE_IP, ServeConfig
 from server.core.client import CoreClient
 from server.runtime.gguf import eos_ids
 from server.runtime.signals import exit_on_signal
-from server.frontend.metrics import Metrics
+from server.frontend.metrics import Metrics, SignalFreeUvicorn
 from server.frontend.openai_api import OpenAIFrontEnd
 from server.frontend.tokenizer import ChatTemplate, load_tokenizer
 from server.frontend.validate import Limits
@@ -65,14 +64,6 @@ def _lower_front_end(nice: int) -> int:
         return os.getpriority(os.PRIO_PROCESS, tid) - before
     except OSError:
         return 0
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: `lockstep serve` owns SIGTERM / SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 class LockstepServer:
@@ -192,7 +183,7 @@ class LockstepServer:
             sock.close()
             raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for HTTP: {exc.strerror}") from None
         tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
-        self.http = _Uvicorn(uvicorn.Config(front.app, log_level="warning", access_log=False, lifespan="off",
+        self.http = SignalFreeUvicorn(uvicorn.Config(front.app, log_level="warning", access_log=False, lifespan="off",
                                             timeout_graceful_shutdown=1, **tls))
         self.http_task = asyncio.ensure_future(self.http.serve(sockets=[sock]))
         while not self.http.started:

@@ -12,14 +12,17 @@ Request series are labelled `model` and `protocol` (grpc, http), tick series `ph
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_asgi_app
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # Latency buckets, seconds: 1, 2, 2.5 and 5 per decade, 100 us .. 500 s (28 edges). The
 # usual SLO thresholds (10, 25, 50, 100, 250, 500 ms, 1, 2.5, 5 s) are edges, so "share
@@ -52,73 +55,87 @@ GRPC_CODES = frozenset((
 PROTOCOLS = ("grpc", "http")
 INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
 MODES = ("deterministic", "deterministic+pipelined", "throughput")  # +pipelined: row groups per stage (server/core/pipelined.py)
-_POLL_INTERVAL_S = 0.1  # how often the HTTP thread checks for close(): bounds close()'s wait
-# The endpoint's bounds: a scrape is one short request, so a handful of connections at
-# once is plenty; more are closed at once, and an idle one is dropped after the timeout.
-MAX_CONNECTIONS = 8
+# The endpoint's bounds. A scrape is one short request, but anyone who can reach the port
+# can also hold connections open: idle ones must never lock a scraper out (8 idle
+# connections did, when each held one of 8 threads). So connections live on one asyncio
+# loop (uvicorn, in a thread of its own), where an idle one costs a socket and a few KiB,
+# and their cost is bounded without refusing anyone: past MAX_CONNECTIONS the oldest idle
+# connection is closed to make room for the new one, and a connection that stays silent
+# READ_TIMEOUT_S (from its start or after a response) is dropped.
+MAX_CONNECTIONS = 256
 READ_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0  # close(): at most this long for the server thread to end
 METRICS_PATH = "/metrics"
 TARGETS_PATH = "/targets"  # Prometheus http_sd_configs: what else to scrape (a router's replicas)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    timeout = READ_TIMEOUT_S  # socket timeout: a client that sends nothing is dropped
-
-    def log_message(self, format, *args):  # a scrape every few seconds is not worth a log line
-        pass
-
-
 def _only_metrics(app, targets: Callable[[], list[dict]]):
-    """The WSGI app on METRICS_PATH, and on TARGETS_PATH the scrape targets behind this
+    """The ASGI app on METRICS_PATH, and on TARGETS_PATH the scrape targets behind this
     server (Prometheus HTTP service discovery: a router's replicas; [] for one engine);
     404 on any other path, 405 for methods but GET/HEAD."""
 
-    def wsgi(environ, start_response):
-        path = environ.get("PATH_INFO")
+    async def answer(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(body)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def asgi(scope, receive, send):
+        path = scope.get("path")
         if path not in (METRICS_PATH, TARGETS_PATH):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: only /metrics and /targets are served here\n"]
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
-            return [b"method not allowed\n"]
+            return await answer(send, 404, b"not found: only /metrics and /targets are served here\n",
+                                [(b"content-type", b"text/plain")])
+        if scope.get("method") not in ("GET", "HEAD"):
+            return await answer(send, 405, b"method not allowed\n",
+                                [(b"content-type", b"text/plain"), (b"allow", b"GET, HEAD")])
         if path == TARGETS_PATH:
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [json.dumps(targets()).encode()]
-        return app(environ, start_response)
+            return await answer(send, 200, json.dumps(targets()).encode(), [(b"content-type", b"application/json")])
+        return await app(scope, receive, send)
 
-    return wsgi
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    """prometheus-client's WSGI app on a thread-per-connection server with a bound: at
-    most MAX_CONNECTIONS threads; a connection over it is closed unanswered."""
-
-    daemon_threads = True  # a hung scrape never keeps the process alive
-    request_queue_size = 64  # listen backlog: a burst of connections is accepted (and closed), not dropped
-
-    def server_activate(self):
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().server_activate()
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    return asgi
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def _bounded_protocol(max_connections: int, idle_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with the two bounds above. uvicorn only times out a
+    connection that has finished a response; this one also drops one that never sends a
+    request, and evicts the oldest idle connection once there are too many."""
+    live: dict[H11Protocol, None] = {}  # open connections, oldest first (one loop: no lock)
+
+    class Bounded(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            live[self] = None
+            if len(live) > max_connections:
+                oldest = next((c for c in live if c is not self and c._idle()), None)
+                if oldest is not None:  # every other one mid-request: keep them, bound by their timeouts
+                    oldest.shutdown()
+            self._drop_if_silent()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # cancels the timer
+            if self.cycle is None and not self.transport.is_closing():
+                self._drop_if_silent()  # request still incomplete: a slow client gets the same bound
+
+        def connection_lost(self, exc):
+            live.pop(self, None)
+            super().connection_lost(exc)
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _drop_if_silent(self) -> None:
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(idle_s, self.timeout_keep_alive_handler)
+
+    return Bounded
+
+
+class SignalFreeUvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: `lockstep serve` owns SIGTERM / SIGINT (the
+    HTTP door on the main loop, and this endpoint in a thread of its own)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 class _PhaseSeries:
@@ -223,34 +240,60 @@ class Metrics:
 
         # Scrape targets behind this server, in Prometheus HTTP SD form; a router sets it.
         self.targets: Callable[[], list[dict]] = lambda: []
-        self._httpd: WSGIServer | None = None
+        self._httpd: SignalFreeUvicorn | None = None
         self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._port = 0
 
     # --- HTTP endpoint -----------------------------------------------------------------
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start serving /metrics in a daemon thread; returns the bound port (port=0: any free one)."""
         if self._httpd is not None:
-            raise RuntimeError(f"metrics already served on port {self._httpd.server_port}")
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        server_class = _Server6 if family == socket.AF_INET6 else _Server
-        httpd = make_server(host, port, _only_metrics(make_wsgi_app(self.registry), lambda: self.targets()),
-                            server_class, _QuietHandler)
-        thread = threading.Thread(
-            target=httpd.serve_forever, args=(_POLL_INTERVAL_S,), name="lockstep-metrics", daemon=True
-        )
+            raise RuntimeError(f"metrics already served on port {self._port}")
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        config = uvicorn.Config(_only_metrics(make_asgi_app(self.registry), lambda: self.targets()),
+                                http=_bounded_protocol(MAX_CONNECTIONS, READ_TIMEOUT_S), lifespan="off",
+                                log_level="warning", access_log=False, timeout_keep_alive=int(READ_TIMEOUT_S),
+                                timeout_graceful_shutdown=1, backlog=64)
+        httpd = SignalFreeUvicorn(config)
+        failed: list[BaseException] = []
+
+        def run():
+            try:
+                asyncio.run(httpd.serve(sockets=[sock]))
+            except BaseException as exc:  # reported by serve() if it happens before started
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, name="lockstep-metrics", daemon=True)
         thread.start()
-        self._httpd, self._thread = httpd, thread
-        return httpd.server_port
+        deadline = time.monotonic() + 10
+        while not httpd.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not httpd.started:
+            httpd.should_exit = True
+            thread.join(CLOSE_TIMEOUT_S)
+            sock.close()
+            raise RuntimeError(f"metrics endpoint did not start on {host}:{port}: {failed[0] if failed else 'timed out'}")
+        self._httpd, self._thread, self._sock = httpd, thread, sock
+        self._port = sock.getsockname()[1]
+        return self._port
 
     def close(self) -> None:
         """Stop the endpoint and free its port; safe to call twice or without serve()."""
         if self._httpd is None:
             return
-        self._httpd.shutdown()  # waits for serve_forever to return (<= _POLL_INTERVAL_S)
-        self._httpd.server_close()
-        self._thread.join()
-        self._httpd = self._thread = None
+        self._httpd.should_exit = True  # uvicorn polls it every 0.1 s
+        self._thread.join(CLOSE_TIMEOUT_S)  # a daemon thread: never waited on past this
+        self._sock.close()
+        self._httpd = self._thread = self._sock = None
 
     def __enter__(self) -> Metrics:
         return self

@@ -321,24 +321,53 @@ def test_targets_lists_what_is_behind_the_server_for_prometheus_service_discover
         assert json.loads(resp.read()) == [{"targets": ["127.0.0.1:1"], "labels": {"replica": "0"}}]
 
 
-def test_idle_connections_take_a_bounded_number_of_threads_and_scrapes_still_answer(served):
-    """100 clients that connect and send nothing: at most MAX_CONNECTIONS threads hold
-    them (it was one thread each, with no read timeout)."""
+def test_scrapes_answer_while_50_idle_connections_are_open(served):
+    """Idle clients never lock a scraper out: with 50 connections open that send nothing
+    (and one that sent half a request), 20 scrapes in a row each answer within 100 ms.
+    It was 8 threads, one per connection: 8 idle connections made every scrape fail."""
     import socket
-    import threading
-
-    from server.frontend.metrics import MAX_CONNECTIONS
 
     _, port = served
-    before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    idle[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never finished
     try:
-        time.sleep(0.3)
-        assert threading.active_count() - before <= MAX_CONNECTIONS
+        time.sleep(0.2)  # all accepted by now
+        for _ in range(20):
+            t0 = time.perf_counter()
+            assert key("lockstep_ticks_total", phase="decode") in scrape(port)
+            assert time.perf_counter() - t0 < 0.1
     finally:
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 10
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert scrape_families(port)  # the endpoint answers once the idle ones are gone
+
+
+def test_connections_past_the_bound_evict_the_oldest_idle_and_silent_ones_are_dropped(monkeypatch):
+    """The cost of idle clients is bounded without refusing anyone: past MAX_CONNECTIONS
+    the oldest idle connection is closed for the new one, and one that stays silent
+    READ_TIMEOUT_S is dropped."""
+    import socket
+
+    import server.frontend.metrics as metrics
+
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics, "READ_TIMEOUT_S", 1.0)
+
+    def closed_by_server(s: socket.socket, within_s: float) -> bool:
+        s.settimeout(within_s)
+        try:
+            return s.recv(1) == b""
+        except TimeoutError:
+            return False
+
+    with Metrics(MODEL) as m:
+        port = m.serve()
+        first = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        time.sleep(0.1)
+        assert not closed_by_server(first[0], 0.1)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)  # the 5th: the oldest goes
+        assert closed_by_server(first[0], 0.5)
+        assert not closed_by_server(first[1], 0.05)
+        assert key("lockstep_ticks_total", phase="decode") in scrape(port)  # a scraper still gets in
+        assert all(closed_by_server(s, 2.0) for s in [*first[1:], extra])  # silent for 1 s: dropped
+        for s in [*first, extra]:
+            s.close()
