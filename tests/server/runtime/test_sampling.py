@@ -82,3 +82,78 @@ def test_the_smallest_temperature_samples_finite_probabilities(scale):
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+# Draws against the exact distribution: softmax(logits / T), cut to the top_k best tokens
+# (renormalised), then to the nucleus: the fewest most-likely tokens whose mass reaches
+# top_p (the first always stays), renormalised. The logits have no ties and no nucleus
+# boundary within 0.03 of a top_p used here, so float32 rounding cannot move a token in or out.
+FIXED = torch.tensor([1.2, 2.0, -0.3, 0.7, 1.6, -1.0, 0.1, 0.4])
+DRAWS = 10_000  # per case: well under a second each
+P_PASS, P_FAIL = 1e-6, 1e-12  # chi-square p-values: the right distribution is above the one, wrong ones below the other
+
+
+def exact(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+          top_p_first: bool = False, crossing_kept: bool = True) -> torch.Tensor:
+    """The distribution in float64, written apart from sampling.py. `top_p_first` and
+    `crossing_kept=False` give wrong variants (nucleus before top-k; the nucleus without
+    the token that crosses top_p) for the test to reject."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+
+    def keep_top_k(p):
+        if not top_k:
+            return p
+        cut = torch.zeros_like(p)
+        best = torch.topk(p, top_k).indices
+        cut[best] = p[best]
+        return cut / cut.sum()
+
+    def keep_nucleus(p):
+        if top_p >= 1.0:
+            return p
+        sorted_p, order = torch.sort(p, descending=True)
+        cum, kept = 0.0, torch.zeros_like(p)
+        for q, i in zip(sorted_p.tolist(), order.tolist()):
+            if cum >= top_p or (not crossing_kept and cum + q > top_p and cum > 0):
+                break
+            kept[i], cum = q, cum + q
+        return kept / kept.sum()
+
+    return keep_top_k(keep_nucleus(probs)) if top_p_first else keep_nucleus(keep_top_k(probs))
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """The p-value of `counts` under `probs` (0 if a token of probability 0 was drawn)."""
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    support = probs > 0
+    expected = probs[support] * counts.sum()
+    x2 = ((counts[support] - expected) ** 2 / expected).sum()
+    df = int(support.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), x2 / 2))
+
+
+SHAPES = {  # params -> (the exact distribution's arguments, those of wrong ones)
+    "cool": (SamplingParams(temperature=0.7, seed=101), dict(temperature=0.7),
+             [dict(temperature=1.0)]),
+    "hot": (SamplingParams(temperature=1.6, seed=102), dict(temperature=1.6),
+            [dict(temperature=1.0), dict(temperature=1.3)]),
+    "top_k": (SamplingParams(temperature=1.0, top_k=4, seed=103), dict(temperature=1.0, top_k=4),
+              [dict(temperature=1.0), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_k=4)]),
+    "top_p": (SamplingParams(temperature=1.0, top_p=0.8, seed=104), dict(temperature=1.0, top_p=0.8),
+              [dict(temperature=1.0), dict(temperature=1.0, top_p=0.8, crossing_kept=False),
+               dict(temperature=1.0, top_p=0.9)]),
+    "all three": (SamplingParams(temperature=1.6, top_k=5, top_p=0.7, seed=105),
+                  dict(temperature=1.6, top_k=5, top_p=0.7),
+                  [dict(temperature=1.6, top_k=5, top_p=0.7, top_p_first=True), dict(temperature=1.0, top_k=5, top_p=0.7),
+                   dict(temperature=1.6, top_k=5), dict(temperature=1.6, top_p=0.7)]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_draws_follow_the_exact_distribution(shape):
+    params, right, wrongs = SHAPES[shape]
+    counts = torch.bincount(torch.tensor(draws(FIXED, params, n=DRAWS)), minlength=len(FIXED)).double()
+    assert chi_square_p(counts, exact(FIXED, **right)) > P_PASS, (counts, exact(FIXED, **right) * DRAWS)
+    for wrong in wrongs:  # the bound has the power to reject a near miss
+        assert chi_square_p(counts, exact(FIXED, **wrong)) < P_FAIL, wrong
