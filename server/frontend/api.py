@@ -269,7 +269,7 @@ class LockstepService:
             yield message
 
     async def _stream(self, r: Request, stops: tuple[str, ...], queue: asyncio.Queue, context):
-        decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer), Sent(), None, False
+        decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer, r.prompt), Sent(), None, False
         peer, cut = context.peer(), False
         # Stop strings are searched in the text's last (longest stop - 1) chars plus the new
         # delta, not in the whole text again for every token.

@@ -287,7 +287,7 @@ class _Run:
         self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{r.request_id}"
         self.created = int(time.time())
-        self.sent, self.decoder = Sent(), IncrementalDecoder(front.tokenizer)
+        self.sent, self.decoder = Sent(), IncrementalDecoder(front.tokenizer, r.prompt)
         self.text, self.emitted = "", 0  # all text so far; characters of it sent
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.outcome = None  # set once, when the run ends
