@@ -31,7 +31,8 @@ from server.config import NODE_IP, ServeConfig
 from server.core.client import CoreClient
 from server.runtime.gguf import eos_ids
 from server.runtime.signals import exit_on_signal
-from server.frontend.metrics import Metrics, SignalFreeUvicorn
+from server.frontend.httpd import LingeringProtocol, SignalFreeUvicorn
+from server.frontend.metrics import Metrics
 from server.frontend.openai_api import OpenAIFrontEnd
 from server.frontend.tokenizer import ChatTemplate, load_tokenizer
 from server.frontend.validate import Limits
@@ -183,7 +184,8 @@ class LockstepServer:
             sock.close()
             raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for HTTP: {exc.strerror}") from None
         tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
-        self.http = SignalFreeUvicorn(uvicorn.Config(front.app, log_level="warning", access_log=False, lifespan="off",
+        self.http = SignalFreeUvicorn(uvicorn.Config(front.app, http=LingeringProtocol, log_level="warning",
+                                                    access_log=False, lifespan="off",
                                             timeout_graceful_shutdown=1, **tls))
         self.http_task = asyncio.ensure_future(self.http.serve(sockets=[sock]))
         while not self.http.started:

@@ -13,7 +13,6 @@ Request series are labelled `model` and `protocol` (grpc, http), tick series `ph
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -22,7 +21,8 @@ from collections.abc import Callable
 
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_asgi_app
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.frontend.httpd import SignalFreeUvicorn, bounded_protocol
 
 # Latency buckets, seconds: 1, 2, 2.5 and 5 per decade, 100 us .. 500 s (28 edges). The
 # usual SLO thresholds (10, 25, 50, 100, 250, 500 ms, 1, 2.5, 5 s) are edges, so "share
@@ -92,50 +92,6 @@ def _only_metrics(app, targets: Callable[[], list[dict]]):
         return await app(scope, receive, send)
 
     return asgi
-
-
-def _bounded_protocol(max_connections: int, idle_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with the two bounds above. uvicorn only times out a
-    connection that has finished a response; this one also drops one that never sends a
-    request, and evicts the oldest idle connection once there are too many."""
-    live: dict[H11Protocol, None] = {}  # open connections, oldest first (one loop: no lock)
-
-    class Bounded(H11Protocol):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            live[self] = None
-            if len(live) > max_connections:
-                oldest = next((c for c in live if c is not self and c._idle()), None)
-                if oldest is not None:  # every other one mid-request: keep them, bound by their timeouts
-                    oldest.shutdown()
-            self._drop_if_silent()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)  # cancels the timer
-            if self.cycle is None and not self.transport.is_closing():
-                self._drop_if_silent()  # request still incomplete: a slow client gets the same bound
-
-        def connection_lost(self, exc):
-            live.pop(self, None)
-            super().connection_lost(exc)
-
-        def _idle(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
-
-        def _drop_if_silent(self) -> None:
-            self._unset_keepalive_if_required()
-            self.timeout_keep_alive_task = self.loop.call_later(idle_s, self.timeout_keep_alive_handler)
-
-    return Bounded
-
-
-class SignalFreeUvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: `lockstep serve` owns SIGTERM / SIGINT (the
-    HTTP door on the main loop, and this endpoint in a thread of its own)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 class _PhaseSeries:
@@ -260,7 +216,7 @@ class Metrics:
             sock.close()
             raise
         config = uvicorn.Config(_only_metrics(make_asgi_app(self.registry), lambda: self.targets()),
-                                http=_bounded_protocol(MAX_CONNECTIONS, READ_TIMEOUT_S), lifespan="off",
+                                http=bounded_protocol(MAX_CONNECTIONS, READ_TIMEOUT_S), lifespan="off",
                                 log_level="warning", access_log=False, timeout_keep_alive=int(READ_TIMEOUT_S),
                                 timeout_graceful_shutdown=1, backlog=64)
         httpd = SignalFreeUvicorn(config)

@@ -47,7 +47,7 @@ _HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 # An error made here (not by the shared checks) -> the gRPC code its refusal counts under.
-_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
+_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED"}
 PROTOCOL = "http"  # the `protocol` label of this front door's request metrics
 _ENDINGS = {"length": "length", "stop": "stop"}  # engine reason -> OpenAI finish_reason; others are errors
 MAX_BODY_BYTES = 1 << 20
@@ -66,6 +66,28 @@ def _gone() -> JSONResponse:
 
 def _bad(message: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, "invalid_request_error", message, param)
+
+
+def _too_large(what: str) -> HTTPError:
+    return HTTPError(413, "invalid_request_error", f"body: {what} is over the limit of {MAX_BODY_BYTES} bytes")
+
+
+async def _read_limited(request: HTTPRequest, limit: int) -> bytes:
+    """The body, read no further than `limit` bytes: a declared Content-Length over it is
+    refused before a byte is read, and a chunked body (no length) is refused as soon as it
+    passes the limit; the unread rest is never taken (server/frontend/httpd.py,
+    LingeringProtocol, closes the connection after the answer). 413, as gRPC's door refuses an oversized
+    message with RESOURCE_EXHAUSTED."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:  # malformed ones: uvicorn answers 400
+        raise _too_large(f"Content-Length {declared}")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _error_body(exc: HTTPError) -> dict:
@@ -152,9 +174,7 @@ class OpenAIFrontEnd:
                 raise HTTPError(401, "authentication_error", "missing or wrong bearer token")
 
     async def _body(self, request: HTTPRequest) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise _bad(f"body: {len(raw)} bytes is over the limit of {MAX_BODY_BYTES}")
+        raw = await _read_limited(request, MAX_BODY_BYTES)
         try:
             body = json.loads(raw, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
         except (ValueError, UnicodeDecodeError) as exc:

@@ -9,6 +9,8 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import os
+import select
 import socket
 import time
 import urllib.request
@@ -167,6 +169,65 @@ def test_each_bad_field_gets_its_status_and_an_openai_error_body(tiny, body, sta
 def test_bodies_that_are_not_a_json_object_get_400(tiny, raw):
     code, _, reply = tiny.post("/completions", raw)
     assert code == 400 and "body" in reply["error"]["message"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reply_until_closed(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection, as it does after
+    refusing a request whose body it did not read."""
+    conn.setblocking(True)
+    conn.settimeout(10)
+    parts = []
+    while part := conn.recv(1 << 16):
+        parts.append(part)
+    return b"".join(parts)
+
+
+def test_a_chunked_body_is_refused_with_413_once_it_passes_the_limit_not_read_to_its_end(tiny):
+    """A 100 MB body with no Content-Length: 413 after about 1 MiB is read (the rest is
+    never taken), and the server's memory does not grow with it. It was read whole, then
+    refused with 400."""
+    host, port = tiny.info["http"].rsplit(":", 1)
+    chunk = b"x" * (64 << 10)
+    total, sent = 100 << 20, 0
+    rss_before = _rss_bytes()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        conn.setblocking(False)
+        deadline = time.monotonic() + 30
+        while sent < total and time.monotonic() < deadline:
+            readable, writable, _ = select.select([conn], [conn], [], 1.0)
+            if readable:
+                break  # the server has answered
+            if writable:
+                frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                try:
+                    sent += conn.send(frame)
+                except (BlockingIOError, ConnectionError):
+                    break
+        reply = _reply_until_closed(conn)
+    status = int(reply.split(b" ", 2)[1])
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert status == 413 and "over the limit" in body["error"]["message"], reply[:300]
+    # What the client got into the socket: the 1 MiB read plus what the kernel buffers
+    # on both ends of a loopback connection (a few MiB), far from the 100 MB.
+    assert sent < 16 << 20, sent
+    assert _rss_bytes() - rss_before < 8 << 20
+    assert tiny.client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(tiny):
+    host, port = tiny.info["http"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (100 << 20))
+        reply = _reply_until_closed(conn)  # no body sent: the answer comes anyway
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"Content-Length 104857600 is over the limit" in reply
 
 
 def test_chat_on_a_model_without_a_template_is_refused_with_400(tiny):
