@@ -288,7 +288,8 @@ def test_the_front_end_is_lowered_and_threads_it_starts_inherit_it_but_the_engin
 
     worker = threading.Thread(target=front_end)  # not pytest's own thread: niceness cannot be undone
     worker.start()
-    worker.join()
+    worker.join(30)
+    assert not worker.is_alive()
     # (A process already at nice 19, as some CI runners are, has nothing left to add.)
     assert seen["added"] == min(5, 19 - seen["own_before"])
     assert seen["own_after"] == seen["started_after"] == seen["own_before"] + seen["added"]
@@ -304,7 +305,7 @@ def test_predict_arrival_promises_what_admission_would_and_queues_nothing(live):
     after = live.stub.GetServerStatus(pb.GetServerStatusRequest())
     assert (after.queue_length, after.running, after.ticks) == (before.queue_length, before.running, before.ticks)
     # Sent now, on the idle server, the same shape is promised the same times.
-    call = live.stub.Generate(request([3, 1, 4, 1, 5], 6))
+    call = live.stub.Generate(request([3, 1, 4, 1, 5], 6), timeout=60)
     promised = dict(call.initial_metadata())
     list(call)
     # A promise counts from the request's arrival at the front end; the prediction ran in

@@ -52,7 +52,7 @@ def counted(exposition: str, name: str, protocol: str, **labels) -> float:
 
 def grpc_text(s: Live, prompt: str, n: int) -> str:
     with grpc.insecure_channel(s.info["grpc"]) as ch:
-        msgs = list(pb_grpc.LockstepStub(ch).Generate(pb.GenerateRequest(text=prompt, max_tokens=n)))
+        msgs = list(pb_grpc.LockstepStub(ch).Generate(pb.GenerateRequest(text=prompt, max_tokens=n), timeout=60))
     return "".join(m.token.text for m in msgs if m.HasField("token"))
 
 
