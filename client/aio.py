@@ -13,7 +13,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from client.client import Generation, TokenEvent, build_request, error_from
+from client.client import Generation, TokenEvent, build_request, error_from, not_ready
+from client.connect import Security
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 
@@ -23,16 +24,21 @@ def _token_event(t: pb.Token) -> TokenEvent:
 
 
 class AsyncLockstepClient:
-    def __init__(self, target: str):
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(target)
+    """`security`: TLS roots, a server-name override and a bearer token (client/connect.py);
+    by default a plaintext channel without a token."""
+
+    def __init__(self, target: str, security: Security = Security()):
+        self.target, self.security = target, security
+        self.channel = security.aio_channel(target)
         self.stub = pb_grpc.LockstepStub(self.channel)
+        self._metadata = security.metadata
 
     async def generate(self, prompt: str | list[int], max_tokens: int, timeout: float | None = None,
                        **kwargs) -> Generation:
         """Streams one generation to the end and returns it, with receive times."""
         start = time.perf_counter()
-        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout)
+        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout,
+                                  metadata=self._metadata)
         try:
             meta = dict(await call.initial_metadata())
             gen = Generation(meta.get("lockstep-request-id", ""), start,
@@ -51,7 +57,8 @@ class AsyncLockstepClient:
                      **kwargs) -> AsyncIterator[TokenEvent | pb.Finished]:
         """Yields each token as a `TokenEvent` as it arrives, then the closing `pb.Finished`.
         Leaving the loop early cancels the call (the server frees the slot)."""
-        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout)
+        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout,
+                                  metadata=self._metadata)
         try:
             async for msg in call:
                 yield _token_event(msg.token) if msg.WhichOneof("kind") == "token" else msg.finished
@@ -60,20 +67,35 @@ class AsyncLockstepClient:
         finally:
             call.cancel()  # a no-op once the stream has ended
 
-    async def model_info(self) -> pb.ModelInfo:
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         try:
-            return await self.stub.GetModelInfo(pb.GetModelInfoRequest())
+            return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
 
-    async def status(self) -> pb.ServerStatus:
+    async def status(self, timeout: float | None = None) -> pb.ServerStatus:
         try:
-            return await self.stub.GetServerStatus(pb.GetServerStatusRequest())
+            return await self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=timeout,
+                                                   metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        """Until the channel connects (TLS handshake included); `NotReady` with the last
+        connection error after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError:
+            err = not_ready(self.target, timeout_s, await self._last_error())
+            if err is not None:
+                raise err from None
+
+    async def _last_error(self) -> grpc.RpcError | None:
+        try:
+            await self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            return exc
+        return None
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,7 +1,8 @@
 """Asks a served chat model questions over gRPC: each question goes through the model's
 own chat template (from its checkpoint folder, read with transformers), is sent as token
 ids, and the streamed answer is printed as text with its finish reason, token count and
-time. Greedy unless --temperature.
+time. Greedy unless --temperature. A secured server takes `--tls-ca`, `--tls-server-name` and
+`--auth-token-file`, as `lockstep load` does.
 
     .venv/bin/python -m client.chat --target 127.0.0.1:50571 --folder ~/.cache/lockstep/gguf/smollm2-135m-... \\
         "What is the capital of France?" ["another question" ...]
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from client.connect import add_security_args, security_from_args
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 
@@ -28,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("questions", nargs="+")
+    add_security_args(p)
     args = p.parse_args(argv)
+    try:
+        security = security_from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
     if not (args.folder / "tokenizer.json").is_file():
         p.error(f"--folder {str(args.folder)!r} has no tokenizer.json")
     from server.frontend.tokenizer import ChatTemplate  # after the arguments: a usage error should not wait for transformers
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         template = ChatTemplate(args.folder)
     except ValueError:
         p.error(f"--folder {str(args.folder)!r} has no chat template")
-    with grpc.insecure_channel(args.target) as channel:
+    with security.channel(args.target) as channel:
         stub = pb_grpc.LockstepStub(channel)
         for q in args.questions:
             ids = template.question(q)
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                      sampling=pb.SamplingParams(temperature=args.temperature, seed=args.seed))
             start, text, n = time.perf_counter(), "", 0
             try:
-                for m in stub.Generate(req):
+                for m in stub.Generate(req, metadata=security.metadata):
                     if m.HasField("token"):
                         text, n = text + m.token.text, n + 1
                     else:

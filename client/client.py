@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from client.connect import Security
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
 
@@ -48,8 +49,17 @@ class Cancelled(LockstepError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(LockstepError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotReady(Unavailable, TimeoutError):
+    """No connection within `wait_ready`'s timeout; the details say the channel's last error
+    (connection refused, a TLS handshake that failed, ...)."""
+
+
 _ERRORS = {cls.code: cls for cls in (InvalidArgument, OutOfRange, ResourceExhausted, DeadlineExceeded,
-                                     Unavailable, Cancelled)}
+                                     Unavailable, Cancelled, Unauthenticated)}
 
 
 def error_from(exc: grpc.RpcError) -> LockstepError:
@@ -111,17 +121,30 @@ def build_request(prompt: str | list[int], max_tokens: int, *, temperature: floa
     return req
 
 
+def not_ready(target: str, timeout_s: float, last: grpc.RpcError | None) -> NotReady | None:
+    """The error for a channel still not connected after `timeout_s`, from the last error of a
+    call that did not wait for it; None when that call reached the server after all."""
+    if last is None or last.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return None
+    return NotReady(f"no server ready at {target} within {timeout_s:g} s: {last.details()}")
+
+
 class LockstepClient:
-    def __init__(self, target: str):
-        self.target = target
-        self.channel = grpc.insecure_channel(target)
+    """`security`: TLS roots, a server-name override and a bearer token (client/connect.py);
+    by default a plaintext channel without a token."""
+
+    def __init__(self, target: str, security: Security = Security()):
+        self.target, self.security = target, security
+        self.channel = security.channel(target)
         self.stub = pb_grpc.LockstepStub(self.channel)
+        self._metadata = security.metadata
 
     def generate(self, prompt: str | list[int], max_tokens: int, timeout: float | None = None,
                  **kwargs) -> Generation:
         """Streams one generation to the end and returns it, with receive times."""
         start = time.perf_counter()
-        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout)
+        call = self.stub.Generate(build_request(prompt, max_tokens, **kwargs), timeout=timeout,
+                                  metadata=self._metadata)
         try:
             meta = dict(call.initial_metadata())
             gen = Generation(meta.get("lockstep-request-id", ""), start,
@@ -137,14 +160,35 @@ class LockstepClient:
             raise error_from(exc) from None
         return gen
 
-    def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        try:
+            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
 
-    def status(self) -> pb.ServerStatus:
-        return self.stub.GetServerStatus(pb.GetServerStatusRequest())
+    def status(self, timeout: float | None = None) -> pb.ServerStatus:
+        try:
+            return self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        """Until the channel connects (TLS handshake included); `NotReady` with the last
+        connection error after `timeout_s`."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            err = not_ready(self.target, timeout_s, self._last_error())
+            if err is not None:
+                raise err from None
+
+    def _last_error(self) -> grpc.RpcError | None:
+        """A call that does not wait for the channel: it fails with the channel's last error."""
+        try:
+            self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            return exc
+        return None
 
     def close(self) -> None:
         self.channel.close()

@@ -2,10 +2,16 @@
 real model (SmolLM2-135M-Instruct), ask it a few questions through its chat template,
 print each answer and its token latencies against the server's predictions, then SIGTERM
 the server and wait for its clean exit. With other server flags (e.g. `--model small`,
-random weights) it sends plain text prompts instead."""
+random weights) it sends plain text prompts instead.
+
+A server started with `--tls-cert`/`--tls-key` or `--auth-token-file` is reached with them:
+the client sends that token and trusts `--tls-ca FILE` (else the `--tls-cert` file: a
+self-signed certificate is its own CA), with `--tls-server-name NAME` when the certificate
+does not name 127.0.0.1. Those two flags are the demo's; the rest go to `lockstep serve`."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import os
 import signal
@@ -16,6 +22,7 @@ import time
 import urllib.request
 
 from client.client import LockstepClient
+from client.connect import Security, add_security_args
 
 CHAT_MODEL = "smollm2-135m"
 QUESTIONS = [
@@ -43,6 +50,21 @@ def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
 
     template = ChatTemplate(gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL))
     return [template.question(q) for q in QUESTIONS]
+
+
+def _security(argv: list[str]) -> tuple[list[str], Security]:
+    """(serve's flags, how the client reaches that server): the demo's own --tls-ca and
+    --tls-server-name are taken out; serve's --tls-cert and --auth-token-file stay and are
+    read here too. ValueError naming the flag for a missing or malformed file."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_security_args(own, token_file=False)
+    mine, server_args = own.parse_known_args(argv)
+    served = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    served.add_argument("--tls-cert", default="")
+    served.add_argument("--auth-token-file", default="")
+    serve, _ = served.parse_known_args(server_args)
+    flag, ca = ("--tls-ca", mine.tls_ca) if mine.tls_ca else ("--tls-cert", serve.tls_cert)
+    return server_args, Security.from_files(ca, mine.tls_server_name, serve.auth_token_file, ca_flag=flag)
 
 
 def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -76,12 +98,17 @@ def _report(name: str, gen) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    server_args = argv if argv else ["--model", CHAT_MODEL, "--pool", "cpu"]
+    try:
+        server_args, security = _security(argv or [])
+    except (ValueError, argparse.ArgumentError) as exc:
+        print(f"lockstep demo: error: {exc}", file=sys.stderr)
+        return 2
+    server_args = server_args or ["--model", CHAT_MODEL, "--pool", "cpu"]
     chats = _chat_prompts(server_args)
     prompts, max_tokens = (chats, 48) if chats else (PROMPTS, 32)
     proc, ready = _start_server(server_args)
     try:
-        with LockstepClient(ready["grpc"]) as client:
+        with LockstepClient(ready["grpc"], security) as client:
             client.wait_ready()
             info = client.model_info()
             print(f"\nserving {info.model} on {info.pool}, plan {info.plan_hash[:16]}, buckets {list(info.buckets)}, "

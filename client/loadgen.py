@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
 from client.aio import AsyncLockstepClient
-from client.client import LockstepError
+from client.client import LockstepError, NotReady
+from client.connect import add_security_args, security_from_args
 from client.report import RequestRecord, run_rates, summarize
 
 
@@ -154,9 +154,9 @@ async def open_loop(client, specs, arrivals, cap: int, deadline: float, t0: floa
 async def run_load(args, rate: float | None) -> tuple[list[RequestRecord], float]:
     """One run at `rate` (None: closed loop). Returns (records in start order, duration_s)."""
     rng = np.random.default_rng(args.seed)
-    async with AsyncLockstepClient(args.target) as client:
+    async with AsyncLockstepClient(args.target, args.security) as client:
         await client.wait_ready(args.connect_timeout_s)
-        vocab = (await client.model_info()).vocab_size
+        vocab = (await client.model_info(timeout=args.connect_timeout_s)).vocab_size
         warm = make_specs(args.warmup, args.prompt_len, args.output_len, vocab, rng)
         specs = make_specs(args.requests, args.prompt_len, args.output_len, vocab, rng)
         with tqdm(total=len(warm), desc="warm-up", file=sys.stderr, disable=not warm) as bar:
@@ -188,6 +188,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lockstep load", description=__doc__.splitlines()[0])
     add_load_args(p)
+    add_security_args(p)
     return p
 
 
@@ -231,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except ValueError as exc:  # bad lengths, SLOs, rates
+    except ValueError as exc:  # bad lengths, SLOs, rates, TLS and token files
         parser.error(str(exc))
-    except (TimeoutError, grpc.FutureTimeoutError):
-        parser.exit(2, f"lockstep load: error: no server answered at {args.target} "
-                       f"within {args.connect_timeout_s:g} s\n")
+    except NotReady as exc:  # refused, a TLS handshake that failed, nobody there
+        parser.exit(2, f"lockstep load: error: {exc}\n")
+    except LockstepError as exc:  # the first call refused (UNAUTHENTICATED without the token)
+        parser.exit(2, f"lockstep load: error: {args.target} answered {exc}\n")
 
 
 def burstiness(args) -> float:
@@ -245,6 +247,7 @@ def burstiness(args) -> float:
 
 def _run(args) -> int:
     args.burstiness = burstiness(args)
+    args.security = security_from_args(args)
     rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
     run_rates("lockstep load", args, rates, lambda rate: load_at(args, rate), _line)
     return 0

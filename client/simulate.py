@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from client.connect import add_security_args
 from client.loadgen import add_load_args, arrival_times, burstiness, make_specs
 from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_args(p)
     add_runtime_args(p)
     add_load_args(p, target_required=False)  # its --seed seeds the draws (serve's weight seed changes no tick)
+    add_security_args(p, token_file=False)  # load's --tls-ca, --tls-server-name; serve's --auth-token-file is above
     p.add_argument("--pace", type=_pace, default=None,
                    help="pace factors instead of time scale x (1 + guard band): F or PHASE=F,... (phases: "
                         "prefill, decode, mixed)")

@@ -181,9 +181,10 @@ def _run_serve(args) -> int:
 def _add_passthrough(sub) -> None:
     """Listed in --help; `main` hands their arguments over before argparse sees them."""
     sub.add_parser("demo", help="start lockstep serve, stream real requests, print latencies vs predictions "
-                                "(arguments go to lockstep serve; default: --model small --pool cpu)")
-    sub.add_parser("load", help="generate load against a server; write latency stats and plots "
-                                "(lockstep load --help)")
+                                "(arguments go to lockstep serve, but --tls-ca and --tls-server-name, which its "
+                                "client uses with serve's --auth-token-file; default: --model smollm2-135m --pool cpu)")
+    sub.add_parser("load", help="generate load against a server, over TLS with a bearer token if it wants them "
+                                "(--tls-ca, --auth-token-file); write latency stats and plots (lockstep load --help)")
     sub.add_parser("simulate", help="the same load tests without a server: the tick scheduler over the "
                                     "compiled step times (lockstep simulate --help)")
     sub.add_parser("plan", help="the cheapest pool and replica count that meets a latency SLO at a rate, from "
