@@ -97,7 +97,20 @@ def _report(name: str, gen) -> str:
             f"{_ms(f.predicted_tpot_s)} {_ms(gen.tpot_s)} {_ms(p50)} {_ms(p99)}  {f.finish_reason}")
 
 
+def _help() -> str:
+    parser = argparse.ArgumentParser(
+        prog="lockstep demo", usage="lockstep demo [--tls-ca FILE] [--tls-server-name NAME] [serve flags ...]",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Every other flag goes to lockstep serve (see lockstep serve --help); with none: "
+               f"--model {CHAT_MODEL} --pool cpu.")
+    add_security_args(parser, token_file=False)
+    return parser.format_help()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if any(a in ("-h", "--help") for a in argv or []):  # the demo's help, not serve's: no server starts
+        print(_help(), end="")
+        return 0
     try:
         server_args, security = _security(argv or [])
     except (ValueError, argparse.ArgumentError) as exc:
