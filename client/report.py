@@ -93,8 +93,10 @@ CSV_FIELDS = ("index", "start_s", "status", "prompt_tokens", "output_tokens", "t
               "predicted_ttft_s", "predicted_tpot_s", "itl_s")
 
 
-def write_outputs(out: Path, summary: dict, records: list[RequestRecord], config: dict) -> None:
-    """summary.json (config, summary, records), requests.csv and the latency PNGs."""
+def write_outputs(out: Path, summary: dict, records: list[RequestRecord], config: dict, caption: str = "") -> None:
+    """summary.json (config, summary, records), requests.csv and the latency PNGs. The
+    PNGs carry the run in their metadata: `caption` (the line the tool printed for it) as
+    Description, the config as Comment, so a picture in the docs names the run it shows."""
     out.mkdir(parents=True, exist_ok=True)
     # Shallow rows: `asdict` deep-copies every gap list (3 of `lockstep simulate`'s 10 s
     # for 10,000 requests went there).
@@ -107,8 +109,9 @@ def write_outputs(out: Path, summary: dict, records: list[RequestRecord], config
         for r, row in zip(records, rows):
             row = {**row, "itl_s": " ".join(f"{g:.6f}" for g in r.itl_s)}
             w.writerow(["" if row[k] is None else row[k] for k in CSV_FIELDS])
-    plot_cdfs(records, out / "latency_cdf.png")
-    plot_itl_over_time(records, out / "itl_over_time.png")
+    metadata = {"Description": caption, "Comment": json.dumps(config, sort_keys=True)}
+    plot_cdfs(records, out / "latency_cdf.png", metadata)
+    plot_itl_over_time(records, out / "itl_over_time.png", metadata)
 
 
 def _pyplot():
@@ -120,7 +123,7 @@ def _pyplot():
     return plt
 
 
-def plot_cdfs(records: list[RequestRecord], path: Path) -> None:
+def plot_cdfs(records: list[RequestRecord], path: Path, metadata: dict | None = None) -> None:
     plt = _pyplot()
     ok = [r for r in records if r.ok]
     series = {"TTFT": [r.ttft_s for r in ok], "ITL": [g for r in ok for g in r.itl_s], "e2e": [r.e2e_s for r in ok]}
@@ -132,7 +135,7 @@ def plot_cdfs(records: list[RequestRecord], path: Path) -> None:
         ax.set(title=f"{name} CDF", xlabel="ms", ylabel="fraction ≤ x", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=metadata)
     plt.close(fig)
 
 
@@ -146,7 +149,7 @@ def token_gap_times(r: RequestRecord) -> list[float]:
     return times
 
 
-def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
+def plot_itl_over_time(records: list[RequestRecord], path: Path, metadata: dict | None = None) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     xs = np.asarray([t for r in records if r.ok for t in token_gap_times(r)], dtype=float)
@@ -156,7 +159,7 @@ def plot_itl_over_time(records: list[RequestRecord], path: Path) -> None:
     ax.set(title="Inter-token latency over time", xlabel="time since start (s)", ylabel="gap (ms)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=metadata)
     plt.close(fig)
 
 
@@ -183,8 +186,9 @@ def run_rates(prog: str, args, rates: list[float | None],
     for rate in rates:
         summary, records, extra = run(rate)
         out = args.output / f"rate_{rate:g}" if args.sweep else args.output
-        write_outputs(out, summary, records, {**config, "rate": rate, **extra})
-        print(f"{prog}: {line(rate, summary)}", flush=True)
+        text = f"{prog}: {line(rate, summary)}"
+        write_outputs(out, summary, records, {**config, "rate": rate, **extra}, text)
+        print(text, flush=True)
         points.append({"rate": rate, **summary})
     if args.sweep:
         write_sweep(args.output, points)
