@@ -47,7 +47,10 @@ class ModelSpec:
     max_position: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    rope_scaling: str = ""  # a HF rope_type other than "default" (costs ignore it; the runtime refuses it)
+    rope_scaling: str = ""  # a HF rope_type other than "default" (costs ignore it)
+    # The rest of that rope_type's HF parameters (factor, original_max_position_embeddings,
+    # ...) as sorted (key, value) pairs: what the runtime builds its RoPE tables from.
+    rope_parameters: tuple = ()
 
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -68,6 +71,12 @@ class ModelSpec:
         if self.experts_per_token > self.num_experts:
             raise SpecError(f"model {self.name!r}: experts_per_token {self.experts_per_token} "
                             f"exceeds num_experts {self.num_experts}")
+        # A dict, or the lists JSON makes of the pairs: stored hashable, in one order.
+        pairs = self.rope_parameters.items() if isinstance(self.rope_parameters, dict) else self.rope_parameters
+        object.__setattr__(self, "rope_parameters", tuple(sorted((str(k), _frozen(v)) for k, v in pairs)))
+        if self.rope_parameters and not self.rope_scaling:
+            raise SpecError(f"model {self.name!r}: rope_parameters {dict(self.rope_parameters)!r} without a "
+                            f"rope_scaling type")
 
     @property
     def is_moe(self) -> bool:
@@ -115,7 +124,14 @@ class ModelSpec:
         return self.num_layers * block + self.vocab_size * self.hidden_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.rope_parameters:  # absent, as before the field: unscaled models keep their fingerprints
+            del d["rope_parameters"]
+        return d
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # Presets. Figures from each model's published config.json (Hugging Face hub).
@@ -174,6 +190,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         raise SpecError(f"model config {str(path)!r}: rope_parameters must be an object, got {rope!r}")
     cfg = {**cfg, "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0))}
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    rope_parameters = {} if rope_type == "default" else {
+        k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
     for key in ("rope_theta", "rms_norm_eps"):
         if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
             raise SpecError(f"model config {str(path)!r}: {key} must be a number, got {cfg[key]!r}")
@@ -195,6 +213,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         rope_theta=float(cfg["rope_theta"]),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         rope_scaling="" if rope_type == "default" else str(rope_type),
+        rope_parameters=rope_parameters,
     )
 
 

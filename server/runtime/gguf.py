@@ -66,6 +66,7 @@ def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        _refuse_rope_scaling(path)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                       dtype=torch.float32)
@@ -88,6 +89,31 @@ def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _refuse_rope_scaling(path: Path) -> None:
+    """SpecError for a file with RoPE scaling: llama.cpp keeps Llama-3.1's as a `rope_freqs`
+    tensor and others as `{arch}.rope.scaling.*` keys, and transformers' GGUF reader drops
+    both for Llama, so its config would serve unscaled frequencies without a word."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError):  # not GGUF: transformers says so, in its words
+        return
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture") or "llama"
+    kind = value(f"{arch}.rope.scaling.type")
+    freqs = any(t.name == "rope_freqs.weight" for t in reader.tensors)
+    if freqs or kind not in (None, "", "none"):
+        what = f"{arch}.rope.scaling.type = {kind!r}" if kind not in (None, "", "none") else "a rope_freqs tensor"
+        raise SpecError(f"checkpoint {str(path)!r} uses RoPE scaling ({what}), which transformers' GGUF reader "
+                        f"drops; serve the model's Hugging Face (safetensors) checkpoint instead, whose "
+                        f"config.json keeps its rope_scaling")
 
 
 def resolve(model: str, checkpoint: str) -> tuple[str, str]:

@@ -86,13 +86,54 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(spec: ModelSpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [N] int64 -> cos, sin: [N, 1, D] (the non-interleaved "rotate half" form)."""
+# RoPE scalings whose frequencies are fixed, from transformers' ROPE_INIT_FUNCTIONS; "yarn"
+# also scales cos and sin by its attention factor, as transformers' rotary embedding does.
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
+# Those that change with the sequence's length: tables fixed per model cannot follow them.
+_LENGTH_DEPENDENT = {"dynamic": "dynamic NTK scaling recomputes its frequencies from the longest sequence "
+                                "in the batch once it passes max_position_embeddings",
+                     "longrope": "LongRoPE switches between short and long factors at "
+                                 "original_max_position_embeddings"}
+
+
+def rope_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies [D/2] fp32 and the factor cos and sin are scaled by.
+    ValueError naming a rope_type the runtime does not serve."""
     d = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
+    if not spec.rope_scaling:
+        return 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)), 1.0
+    if spec.rope_scaling not in ROPE_SCALINGS:
+        why = _LENGTH_DEPENDENT.get(spec.rope_scaling, "the runtime does not implement it")
+        raise ValueError(f"{spec.name} uses {spec.rope_scaling!r} RoPE scaling, which the runtime does not serve "
+                         f"({why}); served: {', '.join(ROPE_SCALINGS)}")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {**dict(spec.rope_parameters), "rope_type": spec.rope_scaling, "rope_theta": spec.rope_theta}
+    try:  # transformers checks the parameters as it builds the config
+        config = LlamaConfig(hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads, head_dim=spec.head_dim,
+                             num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position,
+                             rope_parameters=rope)
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[spec.rope_scaling](config, "cpu")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{spec.name}: {spec.rope_scaling!r} RoPE parameters {dict(spec.rope_parameters)!r} "
+                         f"are incomplete or invalid ({type(exc).__name__}: {exc})") from None
+    if inv_freq.shape != (d // 2,):
+        raise ValueError(f"{spec.name}: {spec.rope_scaling!r} RoPE gives {tuple(inv_freq.shape)} frequencies, not "
+                         f"{d // 2} (a partial rotary factor is not served)")
+    return inv_freq.float(), float(attention_factor)
+
+
+def rope_tables(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor,
+                dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """inv_freq: [D/2] fp32; positions: [N] int64 -> cos, sin: [N, 1, D] (the
+    non-interleaved "rotate half" form), each times `scale`."""
     freqs = positions[..., None].float() * inv_freq  # [N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def _rotate_half(x):
@@ -245,6 +286,8 @@ class StageModel(nn.Module):
         shape = (len(self.block_ids), slots + 1, spec.num_kv_heads, max_context, spec.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype), persistent=False)
+        inv_freq, self.rope_scale = rope_frequencies(spec)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # fp32, whatever the dtype
 
     def pack_linears(self) -> bool:
         """Prepacks every linear weight for oneDNN (CPU only, after the weights are loaded).
@@ -268,7 +311,7 @@ class StageModel(nn.Module):
         if self.has_embed:
             x = self.model.embed_tokens(x)
         if self.block_ids:
-            rope = rope_tables(self.spec, positions, x.dtype)
+            rope = rope_tables(self.rope_inv_freq, self.rope_scale, positions, x.dtype)
             for li, i in enumerate(self.block_ids):
                 x = self.model.layers[str(i)](x, rope, self.cache_k[li], self.cache_v[li],
                                               (write_slots, positions), attend)

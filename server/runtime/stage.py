@@ -13,7 +13,7 @@ import torch
 
 from scheduler.model import ModelSpec
 from scheduler.program import ProgramView
-from server.runtime.model import TORCH_DTYPES, StageModel
+from server.runtime.model import TORCH_DTYPES, StageModel, rope_frequencies
 from server.runtime.step import StepTensors
 from server.runtime.weights import init_random, load_checkpoint
 
@@ -55,8 +55,7 @@ def plan_from_program(program: ProgramView, *, dtype: str | None = None, seed: i
                       device: str | None = None) -> RuntimePlan:
     """The executor's part of a program. `device` forces every stage onto one torch device."""
     spec = program.model
-    if spec.rope_scaling:
-        raise ValueError(f"{spec.name} uses {spec.rope_scaling!r} RoPE scaling, which the runtime does not implement")
+    rope_frequencies(spec)  # a RoPE scaling the runtime does not serve is refused here, by name
     dtype = dtype or program.weight_dtype
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"the runtime computes in {', '.join(TORCH_DTYPES)}; the program's weights are {dtype} "
