@@ -34,5 +34,5 @@ def test_the_readme_picture_is_the_run_printed_beside_it():
     assert printed == [info.get("Description")], (printed, info.get("Description"))
     config = json.loads(info["Comment"])
     command = " ".join(block.replace("\\\n", " ").split())
-    for flag in ("concurrency", "requests", "warmup", "prompt_len", "output_len"):
+    for flag in ("concurrency", "requests", "warmup"):
         assert f"--{flag.replace('_', '-')} {config[flag]}" in command, flag
