@@ -6,9 +6,10 @@
 2. Calibrated predictions: `lockstep calibrate`'s measurement, then the compiler's
    predicted step time against freshly measured steps at contexts between the
    calibrated points, and predicted vs measured prefill (TTFT) for a few prompt lengths.
-3. RayExecutor (one actor per stage, Ray Compiled Graph) against LocalExecutor, same plan.
+3. Decode attention per row against one call per layer (server/runtime/model.py).
+4. RayExecutor (one actor per stage, Ray Compiled Graph) against LocalExecutor, same plan.
 
-    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray]
+    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only attention]
 """
 
 from __future__ import annotations
@@ -69,6 +70,37 @@ def roofline(args) -> None:
             ideal = weight_bytes / bandwidth
             print(f"{name:<6} {bucket:>5} {weight_bytes / 1e6:>10.1f} {bandwidth / 1e9:>9.1f} {ideal * 1e3:>11.3f} "
                   f"{measured * 1e3:>11.3f} {ideal / measured:>17.2f}")
+        executor.close()
+
+
+def attention(args) -> None:
+    """One-token rows' attention one call per row against one call per key bucket and
+    layer (server/runtime/model.BATCHED_DECODE), same executor, rounds alternating; the
+    figure is each side's best round median."""
+    from server.runtime import model as runtime_model
+
+    from server.runtime import gguf
+
+    model, _ = gguf.resolve("smollm2-135m", "")  # the packaged model's converted folder
+    spec = scheduler.get_model(model)  # its shape, random weights: the cost is the shape's
+    print(f"\n## Decode attention: per row vs one call per layer ({spec.name} fp32 shape, random weights, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'batch':>5} {'keys':>5} {'per row ms':>10} {'batched ms':>10} {'batched/per row':>15}")
+    executor = LocalExecutor(one_stage_plan(spec, "fp32", 8, 1024))
+    try:
+        for bucket in (1, 2, 4, 8):
+            for context in (128, 1024):
+                batch = decode_batch(bucket, context)
+                best = {}
+                for _ in range(3):
+                    for batched in (False, True):
+                        runtime_model.BATCHED_DECODE = batched
+                        t = median_step(executor, batch, max(5, args.steps // 4))
+                        best[batched] = min(best.get(batched, t), t)
+                print(f"{bucket:>5} {context:>5} {best[False] * 1e3:>10.1f} {best[True] * 1e3:>10.1f} "
+                      f"{best[True] / best[False]:>15.2f}")
+    finally:
+        runtime_model.BATCHED_DECODE = True
         executor.close()
 
 
@@ -160,8 +192,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--only", choices=("attention",), help="run this part alone")
     args = parser.parse_args()
+    if args.only == "attention":
+        return attention(args)
     roofline(args)
+    attention(args)
     predictions(args)
     if not args.skip_ray:
         ray_vs_local(args)

@@ -177,3 +177,27 @@ def test_a_mixed_step_gives_each_row_what_it_gets_alone(tiny_plan, params):
     for c in companions:
         ref = generate(LocalExecutor(tiny_plan), c.slot, c.prompt, len(c.out), c.params)
         assert c.out == ref.out and all(torch.equal(a, b) for a, b in zip(ref.logits, c.logits))
+
+
+@pytest.mark.parametrize("order", ["in slot order", "scattered"])
+def test_one_call_decode_attention_gives_each_row_its_per_row_result(tiny_plan, order, monkeypatch):
+    """Decode rows attend in one call per key bucket and layer (model._attend_decode, over a
+    view of the slots' range); each row's logits are bitwise those of attending it alone
+    (model._attend_row), whether the rows' slots are in order or scattered with gaps."""
+    from server.runtime import model
+
+    slots = (0, 1, 2, 3) if order == "in slot order" else (6, 1, 4, 3)
+    prompts = [random_prompt(n, seed=s) for s, n in zip(slots, (40, 3, 130, 17))]  # 128 and 256 keys
+
+    def decode_logits(batched: bool) -> torch.Tensor:
+        monkeypatch.setattr(model, "BATCHED_DECODE", batched)
+        executor = LocalExecutor(tiny_plan)
+        seqs = [Seq(slot, prompt, GREEDY) for slot, prompt in zip(slots, prompts)]
+        for s in seqs:
+            while s.done < len(s.prompt):
+                run_step(executor, [s], 1, 32)
+        logits, _ = step_logits(executor, StepBatch("decode", 4, 1, slots, tuple((s.out[-1],) for s in seqs),
+                                                    tuple(s.position for s in seqs), (GREEDY,) * 4))
+        return logits
+
+    assert torch.equal(decode_logits(True), decode_logits(False))
