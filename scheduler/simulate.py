@@ -92,7 +92,8 @@ def rebind(plan: TickPlan, sched: TickScheduler) -> TickPlan:
 
 def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
     """The TPOT promised to `seq` arriving now (docs/architecture.md, "Promises per
-    request"): alone (nothing running or waiting), its own decode step, so a lone stream
+    request"): alone (nothing running or waiting, and no earlier stream still being handed
+    out: `sched.delivering`), its own decode step, so a lone stream
     does not pay for a batch that is not there, and those who arrive during it wait for
     what it leaves (their promises say so); in company, the longest tick any batch may run
     (every decode and mixed step of every bucket), so whoever joins later, and whatever
@@ -104,7 +105,7 @@ def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
         return 0.0
     others = (*sched.running, *sched.waiting)
     keys = key_bucket(max(s.final_context for s in (*others, seq)), sched.max_context)
-    if not others and sched.alone_own_step:
+    if not others and not sched.delivering and sched.alone_own_step:
         return tick_s(StepKey(DECODE, sched.buckets[0], keys, 1))
     decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
     if not sched.slices:  # prefill ticks alternate with decode ticks
@@ -211,9 +212,10 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     frees: list[float] = []  # when each request in flight is delivered in full (a heap)
     waiting_to_send: list[int] = []
     in_flight, t = 0, 0.0
+    promised_until = 0.0  # the latest promised last token so far (the engine's `_promised_until`)
 
     def send(i: int, at: float) -> None:
-        nonlocal in_flight
+        nonlocal in_flight, promised_until
         r = requests[i]
         results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
         if len(sched.waiting) >= sched.max_queue:
@@ -223,9 +225,11 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             return
         seq = Seq(i, r.prompt_len, r.max_tokens)
         if promising:
+            sched.delivering = at < promised_until
             ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s)
             seq.cadence_s = promise_cadence(sched, seq)
             promises[i] = (at + ttft, seq.cadence_s)
+            promised_until = max(promised_until, at + ttft + (r.max_tokens - 1) * seq.cadence_s)
             results[i].promise = (at + ttft - results[i].arrival_s, seq.cadence_s)
         sched.add(seq)
         in_flight += 1

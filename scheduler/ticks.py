@@ -161,6 +161,11 @@ class TickScheduler:
     # A request that arrives alone is promised the longest tick as in company (False: a
     # burst after a quiet spell does not wait for its first), or its own decode step (True).
     alone_own_step: bool = False
+    # Set by the caller before a promise (this object has no clock): a stream admitted
+    # earlier is still being handed out, its promised end later than now, so an arrival
+    # that finds nothing running or waiting is not alone: the others of a closed loop come
+    # back one by one as their streams end (scheduler/simulate.promise_cadence).
+    delivering: bool = False
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
@@ -197,7 +202,8 @@ class TickScheduler:
         """An independent copy (seqs copied too) for running forward without side effects."""
         return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue, self.slices,
                              deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
-                             list(self.free_slots), self.last_phase, self.tick_s, self.alone_own_step)
+                             list(self.free_slots), self.last_phase, self.tick_s, self.alone_own_step,
+                             self.delivering)
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)

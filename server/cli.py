@@ -122,11 +122,11 @@ def add_serving_args(p) -> None:
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 3-30%%)")
-    p.add_argument("--alone-tpot", choices=("own", "company"), default="company",
-                   help="the TPOT promised to a request that arrives alone: the longest tick, as in company "
-                        "(company: a burst after a quiet spell all starts at once), or its own decode step (own: "
-                        "a lone stream runs at full speed, and requests arriving during it wait for it) "
-                        "(default company)")
+    p.add_argument("--alone-tpot", choices=("own", "company"), default="own",
+                   help="the TPOT promised to a request that arrives alone (nothing running or waiting, no "
+                        "earlier stream still being handed out): its own decode step (own: a lone stream runs at "
+                        "full speed, and requests arriving during it wait for it), or the longest tick, as in "
+                        "company (company: a burst after a quiet spell all starts at once) (default own)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")

@@ -61,7 +61,7 @@ class EngineConfig:
     adaptive_pacing: bool = True
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
-    alone_own_step: bool = False
+    alone_own_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class Engine:
             self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
             self.sched.alone_own_step = config.alone_own_step
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
+        self._promised_until = 0.0  # perf_counter s: the latest promised last token of any request admitted
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._stop = False
         self.accepting = True
@@ -168,6 +169,7 @@ class Engine:
         tick in flight (a request arriving mid-tick is admitted at its end)."""
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
+            snapshot.delivering = time.perf_counter() < self._promised_until
         ticks = self._ticks  # the pace now, read once
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
@@ -209,6 +211,7 @@ class Engine:
             request.seq = seq
             self._requests[seq.seq_id] = request
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
+            self._promised_until = max(self._promised_until, request.arrival_s + request.predicted_e2e_s)
             self._lock.notify()
 
     def status(self) -> dict:

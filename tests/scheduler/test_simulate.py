@@ -4,6 +4,7 @@ contexts cross key buckets (ticks there last longer)."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +154,34 @@ def test_a_lone_stream_is_promised_its_own_decode_step_and_company_the_longest_t
     assert promise_cadence(sched, second) == max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed")
                                                  for b in (1, 2, 4))
     assert promise_cadence(sched, Seq(2, 20, 1)) == 0.0  # one token: no cadence to keep
+
+
+def test_an_arrival_while_an_earlier_stream_is_still_handed_out_is_in_company():
+    """Alone means nothing running or waiting and no earlier stream still being delivered
+    (`delivering`): the clients of a closed loop come back one by one as their streams end,
+    and the first back must not make the others wait for its own-step cadence."""
+    from scheduler.simulate import promise_cadence
+
+    sched = promising()
+    company = max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed") for b in (1, 2, 4))
+    sched.delivering = True
+    assert promise_cadence(sched, Seq(0, 20, 10)) == company
+    assert sched.clone().delivering
+    sched.delivering = False
+    assert promise_cadence(sched, Seq(0, 20, 10)) == tick_s(StepKey(DECODE, 1, 128, 1))
+
+
+@pytest.mark.parametrize("clients", [1, 4])
+def test_closed_loop_promises_own_steps_to_one_client_and_company_to_several_after_the_first(clients):
+    from scheduler.simulate import SimRequest, simulate_load
+
+    own = tick_s(StepKey(DECODE, 1, 128, 1))
+    results, _ = simulate_load(promising(), [SimRequest(12, 40) for _ in range(24)], tick_s, concurrency=clients)
+    cadences = [r.promise[1] for r in results]
+    if clients == 1:  # each arrives after the last was handed out in full
+        assert cadences == [own] * 24
+    else:  # the first finds an idle server; every later one, streams still being handed out
+        assert cadences[0] == own and own not in cadences[clients:]
 
 
 def test_a_joiner_waits_while_its_decode_tick_would_break_a_lone_streams_cadence():

@@ -20,7 +20,8 @@ def lockstep(*args, cwd=None):
 def test_compile_json_summary():
     out = lockstep("compile", "--model", "tiny", "--pool", "cpu:1", "--json")
     assert out.returncode == 0, out.stderr
-    assert out.stderr == ""
+    # Nothing on stderr but the one-time notice of a host's first calibration (a fresh cache).
+    assert [x for x in out.stderr.splitlines() if not x.startswith("lockstep: calibrating tiny")] == []
     lines = out.stdout.splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[0])

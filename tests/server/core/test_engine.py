@@ -37,8 +37,8 @@ def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_l
     from server.core.engine import Request
     from server.runtime.sampling import GREEDY
 
-    engine = Engine(None, VIEW, replace(EXACT, alone_own_step=True))  # `--alone-tpot own`
-    company = Engine(None, VIEW, EXACT)  # the default: alone as in company
+    engine = Engine(None, VIEW, EXACT)  # the default: `--alone-tpot own`
+    company = Engine(None, VIEW, replace(EXACT, alone_own_step=False))  # `--alone-tpot company`
     assert company.predict(20, 11)[1] - company.predict(20, 11)[0] == pytest.approx(
         10 * max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", 128) + keys_of(VIEW, "mixed", 128)))
     ttft, e2e = engine.predict(20, 11)
@@ -52,6 +52,29 @@ def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_l
     steady = keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys)
     assert (e2e2 - ttft2) / 10 == pytest.approx(max(VIEW.step_s(k) for k in steady))
     assert ttft2 > ttft + 9 * r.predicted_tpot_s  # it waits for the lone stream, whose cadence has no room for it
+
+
+def test_an_arrival_is_in_company_while_an_earlier_stream_is_still_handed_out():
+    """The engine has run a stream to its end ahead of its promise: until its last token's
+    promised time, an arrival to the empty engine is promised as one in company."""
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+
+    engine = Engine(None, VIEW, EXACT)
+    keys = VIEW.key_buckets[0]
+    own = VIEW.step_s(StepKey("decode", 1, keys, 1))
+    steady = max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys))
+    r = Request("a", list(range(20)), 11, GREEDY, frozenset(), lambda *a: None)
+    r.promise(*engine.predict(20, 11))
+    engine.submit(r)
+    with engine._lock:  # as if its ticks had run: the engine is empty, its tokens still being handed out
+        engine.sched.abort(r.seq)
+    assert engine.sched.idle()
+    ttft, e2e = engine.predict(20, 11)
+    assert (e2e - ttft) / 10 == pytest.approx(steady)
+    engine._promised_until = 0.0  # its last token handed out: the next arrival is alone
+    ttft, e2e = engine.predict(20, 11)
+    assert (e2e - ttft) / 10 == pytest.approx(own)
 
 
 def test_a_prefill_tick_is_paced_for_its_own_slice_and_keys():
