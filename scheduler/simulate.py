@@ -212,10 +212,10 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     frees: list[float] = []  # when each request in flight is delivered in full (a heap)
     waiting_to_send: list[int] = []
     in_flight, t = 0, 0.0
-    promised_until = 0.0  # the latest promised last token so far (the engine's `_promised_until`)
+    delivery_ends: dict[int, float] = {}  # index -> its last token's promised time (the engine's `_delivery_ends`)
 
     def send(i: int, at: float) -> None:
-        nonlocal in_flight, promised_until
+        nonlocal in_flight
         r = requests[i]
         results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
         if len(sched.waiting) >= sched.max_queue:
@@ -225,11 +225,13 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             return
         seq = Seq(i, r.prompt_len, r.max_tokens)
         if promising:
-            sched.delivering = at < promised_until
+            for j in [j for j, end in delivery_ends.items() if end <= at]:
+                del delivery_ends[j]  # handed out in full
+            sched.delivering = bool(delivery_ends)
             ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s)
             seq.cadence_s = promise_cadence(sched, seq)
             promises[i] = (at + ttft, seq.cadence_s)
-            promised_until = max(promised_until, at + ttft + (r.max_tokens - 1) * seq.cadence_s)
+            delivery_ends[i] = at + ttft + (r.max_tokens - 1) * seq.cadence_s
             results[i].promise = (at + ttft - results[i].arrival_s, seq.cadence_s)
         sched.add(seq)
         in_flight += 1
@@ -239,6 +241,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         token_s = results[i].token_s
         if i in promises:
             due, cadence = promises[i]
+            delivery_ends[i] = due + (len(token_s) - 1) * cadence
             results[i].late_s = max(0.0, *(x - due - k * cadence for k, x in enumerate(token_s)))
             token_s[:] = [max(x, due + k * cadence) for k, x in enumerate(token_s)]
         return token_s[-1] if token_s else t

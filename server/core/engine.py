@@ -134,7 +134,9 @@ class Engine:
             self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
             self.sched.alone_own_step = config.alone_own_step
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
-        self._promised_until = 0.0  # perf_counter s: the latest promised last token of any request admitted
+        # seq_id -> perf_counter s of its last token's promised time: its max_tokens-th while
+        # it runs, its last real one once it ended (a stop token ends a stream early).
+        self._delivery_ends: dict[int, float] = {}
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._stop = False
         self.accepting = True
@@ -169,7 +171,10 @@ class Engine:
         tick in flight (a request arriving mid-tick is admitted at its end)."""
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
-            snapshot.delivering = time.perf_counter() < self._promised_until
+            now = time.perf_counter()
+            for seq_id in [i for i, end in self._delivery_ends.items() if end <= now]:
+                del self._delivery_ends[seq_id]
+            snapshot.delivering = bool(self._delivery_ends)
         ticks = self._ticks  # the pace now, read once
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
@@ -211,7 +216,7 @@ class Engine:
             request.seq = seq
             self._requests[seq.seq_id] = request
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
-            self._promised_until = max(self._promised_until, request.arrival_s + request.predicted_e2e_s)
+            self._delivery_ends[seq.seq_id] = request.arrival_s + request.predicted_e2e_s
             self._lock.notify()
 
     def status(self) -> dict:
@@ -440,6 +445,11 @@ class Engine:
     def _finish(self, r: Request, reason: str, message: str = "") -> None:
         """Under the lock, once per request: it leaves the engine with its last word."""
         if self._requests.pop(r.seq.seq_id, None) is not None:
+            if reason in ("length", "stop") and r.out:  # handed out until its last token's promised time
+                self._delivery_ends[r.seq.seq_id] = (r.arrival_s + r.predicted_ttft_s
+                                                     + (len(r.out) - 1) * r.predicted_tpot_s)
+            else:  # cancelled, failed: nothing more is handed out
+                self._delivery_ends.pop(r.seq.seq_id, None)
             r.emit(Finished(reason, message), self.ticks, time.perf_counter())
 
 

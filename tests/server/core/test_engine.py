@@ -72,7 +72,7 @@ def test_an_arrival_is_in_company_while_an_earlier_stream_is_still_handed_out():
     assert engine.sched.idle()
     ttft, e2e = engine.predict(20, 11)
     assert (e2e - ttft) / 10 == pytest.approx(steady)
-    engine._promised_until = 0.0  # its last token handed out: the next arrival is alone
+    engine._delivery_ends.clear()  # its last token handed out: the next arrival is alone
     ttft, e2e = engine.predict(20, 11)
     assert (e2e - ttft) / 10 == pytest.approx(own)
 
