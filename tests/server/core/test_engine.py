@@ -102,3 +102,21 @@ def test_slow_prefill_steps_do_not_slow_the_decode_cadence():
     assert pacer.factor == pytest.approx(1.5 * (1 + pacer.margin))
     assert engine.tick_s(prefill) == pytest.approx(VIEW.step_s(prefill) * pacer.factor + engine.config.guard_band_s)
     assert {k: engine.tick_s(k) for k in decode} == before
+
+
+def test_a_stream_that_stops_early_is_handed_out_only_until_its_last_token():
+    """A stop token ends a stream before its max_tokens: it counts as still being handed
+    out until its last real token's promised time, not its promised end."""
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+
+    engine = Engine(None, VIEW, EXACT)
+    r = Request("a", list(range(20)), 11, GREEDY, frozenset(), lambda *a: None)
+    r.promise(*engine.predict(20, 11))
+    engine.submit(r)
+    assert engine._delivery_ends[r.seq.seq_id] == pytest.approx(r.arrival_s + r.predicted_e2e_s)
+    r.out[:] = [5, 6, 7]  # three tokens, then the stop token
+    with engine._lock:
+        engine._finish(r, "stop")
+    assert engine._delivery_ends[r.seq.seq_id] == pytest.approx(r.arrival_s + r.predicted_ttft_s
+                                                                + 2 * r.predicted_tpot_s)
