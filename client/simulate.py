@@ -95,7 +95,8 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
         results, duration = simulate_fleet(scheds, requests, ticks.__getitem__, args.route)
     else:
         sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own")
-        results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1))
+        results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1),
+                                          window_s=0.0 if args.throughput else args.admission_window_ms / 1e3)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        from server.cli import MAX_WINDOW_MS
+
+        if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
+            raise ValueError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not args.guard_band_ms >= 0:

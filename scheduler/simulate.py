@@ -100,17 +100,77 @@ def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
     prompt goes in beside it, keeps its pace. Both at the key bucket the longest stream
     may reach. 0 without promises (`sched.tick_s` unset) or for a single token. With
     `sched.alone_own_step` off, a request alone is promised as one in company."""
-    tick_s = sched.tick_s
-    if tick_s is None or seq.max_tokens < 2:
-        return 0.0
     others = (*sched.running, *sched.waiting)
-    keys = key_bucket(max(s.final_context for s in (*others, seq)), sched.max_context)
-    if not others and not sched.delivering and sched.alone_own_step:
+    return group_cadence(sched, (seq,), not others and not sched.delivering)
+
+
+def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> float:
+    """The TPOT `promise_cadence` promises: `seqs` (one arrival, or an arrival group) are
+    `alone` when nothing else runs, waits or is still handed out; a group of two or more
+    is in company. 0 without promises or for a single token."""
+    tick_s = sched.tick_s
+    if tick_s is None or max(s.max_tokens for s in seqs) < 2:
+        return 0.0
+    keys = key_bucket(max(s.final_context for s in (*sched.running, *sched.waiting, *seqs)), sched.max_context)
+    if alone and len(seqs) == 1 and sched.alone_own_step:
         return tick_s(StepKey(DECODE, sched.buckets[0], keys, 1))
     decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
     if not sched.slices:  # prefill ticks alternate with decode ticks
         return decode + max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
     return max(decode, *(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets))
+
+
+def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[StepKey], float], alone: bool,
+                  in_flight: TickPlan | None = None, elapsed_s: float = 0.0) -> dict[int, tuple[float, float]]:
+    """seq_id -> (first token, cadence), seconds from now, for an arrival group: `members`,
+    already queued in `sched` (without promises) in one admission window that the first of
+    them opened `alone` (docs/architecture.md, "Arrival groups"). `sched` is left untouched;
+    `in_flight` and `elapsed_s` as in `predict_arrival`.
+
+    One run forward of the scheduler with the whole group in it: each member's first token
+    is promised no earlier than the start of the tick that makes its second (a member that
+    has its first token waits for its group's prompts before it decodes), so its second
+    token is due a cadence after that start: no tick from there on is longer than the
+    cadence (scheduler/ticks.py), whatever arrives meanwhile and changes which tick it is."""
+    sim = sched.clone()
+    ids = {s.seq_id for s in members}
+    mine = [s for s in (*sim.running, *sim.waiting) if s.seq_id in ids]
+    if not mine:  # every member ended already (one token each), at the tick that just ended
+        return {i: (0.0, 0.0) for i in ids}
+    cadence = group_cadence(sim, tuple(mine), alone)
+    for seq in mine:
+        seq.cadence_s = cadence
+    t = 0.0
+    if in_flight is not None:
+        t = max(0.0, tick_s(in_flight.key) - elapsed_s)
+        sim.update(rebind(in_flight, sim))
+    times: dict[int, list[float]] = {s.seq_id: [] for s in mine}  # when each token's tick starts and ends
+    for seq in mine:  # members whose first token the tick in flight already made
+        if seq.generated:
+            times[seq.seq_id].append(t)
+    second: dict[int, float] = {}  # seq_id -> when the tick that makes its second token starts
+    while any(len(x) < 2 and s.finish_reason is None for s, x in ((s, times[s.seq_id]) for s in mine)):
+        plan = sim.schedule()
+        if plan is None:
+            raise RuntimeError("the scheduler stalled with an arrival group waiting")  # a bug, not an input
+        run = run_length(sim, plan)
+        dt = tick_s(plan.key)
+        if run > 1:
+            for i, seq in enumerate(plan.rows):
+                if seq.seq_id in ids and not plan.is_slice(i):
+                    times[seq.seq_id].extend(t + k * dt for k in range(1, run))
+            skip(plan, run - 1)
+            t += (run - 1) * dt
+        before = {s.seq_id: s.generated for s in plan.rows}
+        t += dt
+        for out in sim.update(plan):
+            if out.seq.seq_id in ids and out.seq.generated > before[out.seq.seq_id]:
+                times[out.seq.seq_id].append(t)
+        for i, x in times.items():
+            if len(x) > 1 and i not in second:
+                second[i] = x[1] - dt
+    out = {i: (max(x[0], second[i]) if len(x) > 1 else x[0], cadence) for i, x in times.items()}
+    return {i: out.get(i, (0.0, cadence)) for i in ids}  # a member missing ended at the tick that just ended
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
@@ -186,7 +246,7 @@ class SimResult:
 
 
 def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[StepKey], float],
-                  concurrency: int = 0, jumps: bool = True) -> tuple[list[SimResult], float]:
+                  concurrency: int = 0, jumps: bool = True, window_s: float = 0.0) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
     these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
@@ -197,6 +257,13 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     (`predict_arrival`) and its tokens are delivered no sooner than promised, as the front
     end delivers them; a client is free when its last token is delivered. Returns (results
     by index, seconds until the last token).
+
+    `window_s` > 0: the engine's admission window (docs/architecture.md, "Arrival
+    groups"): a request that finds nothing running or waiting opens it, those arriving within
+    `window_s` of it (and before a member's first token) join its group, and the group is
+    promised together when it closes (at the first tick boundary after its bound or a
+    member's first token; the engine closes it mid-tick or just before that token, from
+    the same state run forward: the same promises).
 
     Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
@@ -213,11 +280,24 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     waiting_to_send: list[int] = []
     in_flight, t = 0, 0.0
     delivery_ends: dict[int, float] = {}  # index -> its last token's promised time (the engine's `_delivery_ends`)
+    window: list = []  # the open admission window: [(its end, group id, its members, opened alone)]
+
+    def close(at: float) -> None:
+        """Promises the open window's group (the engine's `close_window`)."""
+        _, _, members, alone = window.pop()
+        for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone).items():
+            promises[i] = (at + ttft, cadence)
+            delivery_ends[i] = at + ttft + (requests[i].max_tokens - 1) * cadence
+            results[i].promise = (at + ttft - results[i].arrival_s, cadence)
+        for seq in members:
+            seq.cadence_s = promises[seq.seq_id][1]
 
     def send(i: int, at: float) -> None:
         nonlocal in_flight
         r = requests[i]
         results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
+        if window and results[i].arrival_s > window[0][0]:
+            close(at)  # arrived after the window: promised as any other, beside the group
         if len(sched.waiting) >= sched.max_queue:
             results[i].status = "RESOURCE_EXHAUSTED"
             if closed and unsent:  # a refused client sends its next request at once
@@ -228,6 +308,14 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             for j in [j for j, end in delivery_ends.items() if end <= at]:
                 del delivery_ends[j]  # handed out in full
             sched.delivering = bool(delivery_ends)
+            if not window and window_s > 0 and sched.idle():
+                window.append((results[i].arrival_s + window_s, i, [], not sched.delivering))  # it opens a window
+            if window:  # a member: promised when the window closes
+                seq.group = window[0][1]
+                window[0][2].append(seq)
+                sched.add(seq)
+                in_flight += 1
+                return
             ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s)
             seq.cadence_s = promise_cadence(sched, seq)
             promises[i] = (at + ttft, seq.cadence_s)
@@ -247,8 +335,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         return token_s[-1] if token_s else t
 
     def next_event() -> float | None:
-        """When the next request arrives or the next client is free, if ever."""
-        return min([x[0] for x in upcoming[:1]] + frees[:1], default=None)
+        """When the next request arrives, the next client is free or the window closes, if ever."""
+        return min([x[0] for x in upcoming[:1]] + frees[:1] + [w[0] for w in window], default=None)
 
     for _ in range(min(concurrency, len(requests)) if closed else 0):
         heapq.heappush(upcoming, (0.0, unsent.pop(0)))
@@ -260,6 +348,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             waiting_to_send.append(heapq.heappop(upcoming)[1])
         while waiting_to_send and (closed or not concurrency or in_flight < concurrency):
             send(waiting_to_send.pop(0), t)
+        if window and (t >= window[0][0] or any(s.generated for s in window[0][2])):  # its bound, or a first token
+            close(t)
         plan = sched.schedule()
         nxt = next_event()
         if plan is None:

@@ -26,9 +26,19 @@ when the mixed tick does; otherwise they wait (FIFO, no overtaking).
 Every tick is then no longer than any running stream's cadence, so each of its tokens is
 computed no later than promised, whoever arrives later.
 
+Arrival groups (`Seq.group`: requests admitted together in one admission window, when
+they found the server idle): a member that has its first token but has not decoded yet
+is held back while a running member of its group still has prompt to go in, so a burst's
+prompts go in by whole prefill steps (up to SLICE_ROWS prompts, `chunk` tokens each) and
+then decode together, instead of the first one decoding while the others trickle in as
+mixed-step slices; meanwhile no other prompt goes in (a later arrival must not make the
+group's prefill steps longer than its promises counted on). Their promises come from running this forward
+(scheduler/simulate.promise_group): the first token of a member is promised when its
+stream can go on at its cadence.
+
 Invariants: a seq is in exactly one of waiting, running (holding `slot`), or finished;
-free slots + running slots = all slots; every decoding seq gets exactly one token per
-decode tick; orderings are total (FIFO by `seq_id`, lowest free slot first), so the same
+free slots + running slots = all slots; every decoding seq not held by its group gets exactly one token
+per decode tick; orderings are total (FIFO by `seq_id`, lowest free slot first), so the same
 arrivals give the same ticks. Each plan names its compiled step (`TickPlan.key`: phase,
 bucket, the key bucket its longest row attends, the slice shape), which the program times.
 """
@@ -97,6 +107,10 @@ class Seq:
     cadence_s: float = 0.0  # the TPOT it was promised, wall seconds (0: none; it bounds no tick)
     # The paced tick table its promise was made with (None: the scheduler's `tick_s`).
     ticks: Callable[[StepKey], float] | None = field(default=None, repr=False, compare=False)
+    # Arrivals admitted together (one admission window; -1: none): a member that has not
+    # decoded yet waits while a running member of its group still has prompt to go in, so
+    # the group's prompts go in by whole prefill steps, not slices beside its first streams.
+    group: int = -1
 
     @property
     def decoding(self) -> bool:
@@ -239,7 +253,10 @@ class TickScheduler:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
         prefilling = [s for s in self.running if not s.decoding]
-        decoding = [s for s in self.running if s.decoding]
+        gates = {s.group for s in prefilling if s.group >= 0}
+        if gates:  # the group's prompts first: a later arrival's must not delay the group's start
+            prefilling = [s for s in prefilling if s.group in gates]
+        decoding = [s for s in self.running if s.decoding and not (s.group in gates and s.generated <= 1)]
         keys = max((key_bucket(s.prompt_len + s.generated, self.max_context) for s in decoding), default=0)
         if prefilling and decoding and self.slices:
             bucket = self.bucket_for(len(decoding))

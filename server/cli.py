@@ -110,6 +110,9 @@ def _add_serve(sub) -> None:
     p.set_defaults(run=_run_serve)
 
 
+MAX_WINDOW_MS = 1000.0  # --admission-window-ms: a window delays promises; a second is already a long wait
+
+
 def add_serving_args(p) -> None:
     """Serve's flags that shape the ticks and the queue: `lockstep simulate` models them."""
     p.add_argument("--max-queue", type=int, default=64,
@@ -121,12 +124,17 @@ def add_serving_args(p) -> None:
                         "step starts (default 1.5)")
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
-                        "re-pace the ticks (default: the step jitter measured at start, 3-30%%)")
+                        "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")
     p.add_argument("--alone-tpot", choices=("own", "company"), default="own",
                    help="the TPOT promised to a request that arrives alone (nothing running or waiting, no "
                         "earlier stream still being handed out): its own decode step (own: a lone stream runs at "
                         "full speed, and requests arriving during it wait for it), or the longest tick, as in "
                         "company (company: a burst after a quiet spell all starts at once) (default own)")
+    p.add_argument("--admission-window-ms", type=float, default=50.0,
+                   help="a request that finds the server alone opens a window this long: those arriving within "
+                        "it are promised together, as one arrival group whose prompts go in by whole prefill "
+                        "steps (0: none; default 50). Its prompt goes in meanwhile: the window delays the "
+                        "promise, not the first token")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (their 95th percentile + 10%%, re-estimated every 64 ticks)")

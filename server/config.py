@@ -22,6 +22,7 @@ class ServeConfig:
     guard_band_frac: float | None = None  # None: from the step jitter measured at start (server/core/build.py)
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
+    admission_window_s: float = EngineConfig.admission_window_s
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host

@@ -59,6 +59,10 @@ def _validate(args) -> None:
         raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
     if min(args.time_scale, args.guard_band_ms, args.guard_band_pct or 0, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
+    from server.cli import MAX_WINDOW_MS
+
+    if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
+        raise SpecError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
     if args.replicas > 1 and args.no_ray:
@@ -81,6 +85,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
+                         admission_window_s=args.admission_window_ms / 1e3,
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,

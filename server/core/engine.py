@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import paced_ticks, predict_arrival
+from scheduler.simulate import paced_ticks, predict_arrival, promise_group
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -62,6 +62,16 @@ class EngineConfig:
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True
+    # A request that finds nothing running or waiting (earlier streams may still be handed
+    # out) opens an admission window this long, seconds: those arriving within it join its
+    # arrival group and all are promised together when it closes (at this bound, or when
+    # the tick that makes a member's first token ends, whichever comes first: their prompts
+    # go in meanwhile, so the window delays the promise, not the first token). 0: no windows. Measured: 8
+    # simultaneous streaming clients (Python threads) reach the server over 6-29 ms; without
+    # a window the first was promised its own step and the other seven waited 1.3-2.9 s
+    # for its stream; with 20 ms, two of the 8 came too late once (docs/architecture.md,
+    # "Arrival groups").
+    admission_window_s: float = 0.050
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,12 @@ class Engine:
         # it runs, its last real one once it ended (a stop token ends a stream early).
         self._delivery_ends: dict[int, float] = {}
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
+        # The open admission window: its members (queued, promises pending), its group id,
+        # when it closes (perf_counter s), and whether it opened alone (no earlier stream
+        # still handed out); None when no window is open.
+        self._window: tuple[list[Request], int, float, bool] | None = None
+        self._groups = itertools.count()
+        self.on_group_close: Callable[[list[Request], list[Request]], None] | None = None  # (promised, ended), under the lock
         self._stop = False
         self.accepting = True
         self.ticks = 0
@@ -218,6 +234,65 @@ class Engine:
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
             self._delivery_ends[seq.seq_id] = request.arrival_s + request.predicted_e2e_s
             self._lock.notify()
+
+    def window_closes_at(self) -> float | None:
+        """When the open admission window closes (perf_counter s), or None."""
+        window = self._window
+        return None if window is None else window[2]
+
+    def submit_windowed(self, request: Request) -> bool:
+        """Under the lock: queues `request` in the open admission window, or opens one with
+        it if nothing runs or waits (earlier streams may still be handed out: a closed
+        loop's next wave comes back together); False (nothing queued) when neither, and the
+        caller admits it as usual. Its promise comes with its group's (`close_window`).
+        Raises as `submit`."""
+        if not self.config.deterministic or self.config.admission_window_s <= 0 or self.sched is None:
+            return False
+        if self._window is None:
+            now = time.perf_counter()
+            for seq_id in [i for i, end in self._delivery_ends.items() if end <= now]:
+                del self._delivery_ends[seq_id]
+            if not self.sched.idle():
+                return False
+            self._window = ([], next(self._groups), now + self.config.admission_window_s, not self._delivery_ends)
+        members, group, _, _ = self._window
+        if self.failure is not None:
+            raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
+        seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids, group=group)
+        self.sched.add(seq)  # OverflowError when the queue is full
+        request.seq = seq
+        self._requests[seq.seq_id] = request
+        members.append(request)
+        self._lock.notify()
+        return True
+
+    def close_window(self) -> list[Request]:
+        """Under the lock: promises the open window's members together (one run forward of
+        the scheduler with all of them: scheduler/simulate.promise_group), from what is left
+        of the tick in flight; tells `on_group_close`; returns the members promised."""
+        if self._window is None:
+            return []
+        members, _, _, alone = self._window
+        self._window = None
+        live = [r for r in members if r.seq.seq_id in self._requests]
+        if live:
+            ticks = self._ticks
+            snapshot = self.sched.clone()
+            snapshot.tick_s = ticks.__getitem__
+            now = time.perf_counter()
+            plan, began = self._in_flight or (None, now)
+            promises = promise_group(snapshot, [r.seq for r in live], ticks.__getitem__, alone, in_flight=plan,
+                                     elapsed_s=now - began)
+            for r in live:
+                ttft, cadence = promises[r.seq.seq_id]
+                waited = now - r.arrival_s  # promises count from each one's arrival
+                r.promise(waited + ttft, waited + ttft + (r.max_tokens - 1) * cadence)
+                r.seq.cadence_s, r.seq.ticks = r.predicted_tpot_s, ticks.__getitem__
+                self._delivery_ends[r.seq.seq_id] = r.arrival_s + r.predicted_e2e_s
+                self._last_promise = (r.arrival_s, r.predicted_ttft_s)
+        if self.on_group_close is not None:
+            self.on_group_close(live, [r for r in members if r not in live])
+        return live
 
     def status(self) -> dict:
         with self._lock:
@@ -379,6 +454,9 @@ class Engine:
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
+        if self._window is not None and self._gives_a_member_its_first_token(plan):
+            with self._lock:  # promises before tokens: the window closes now at the latest
+                self.close_window()
         now = time.perf_counter()
         # Ticks follow the work, back to back: the engine runs ahead of its promises where
         # steps are shorter than their paced ticks, and a token made early waits for its
@@ -386,6 +464,12 @@ class Engine:
         # token made after it. The lead absorbs a slow step.
         overrun = self.config.deterministic and self._late(plan, tokens, now)
         self._account(plan, self.sched, tokens, measured, overrun, now)
+
+    def _gives_a_member_its_first_token(self, plan: TickPlan) -> bool:
+        """Whether this tick samples a token for a member of the open admission window."""
+        group = self._window[1]
+        return any(seq.group == group and (not plan.is_slice(i) or sum(plan.span(i)) >= seq.prompt_len)
+                   for i, seq in enumerate(plan.rows))
 
     def _late(self, plan: TickPlan, tokens: dict[int, int], now: float) -> bool:
         """Whether any token of this tick comes after the time its request was promised it."""

@@ -38,7 +38,7 @@ import zmq
 from scheduler.program import Program, ProgramView
 from server.config import ServeConfig
 from server.core import admission
-from server.core.engine import Finished, Request
+from server.core.engine import EngineDown, Finished, Request
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Ready, Refused,
                                   Shutdown, Start, Stop, ToCore)
 
@@ -109,6 +109,7 @@ class Core:
         self.done = threading.Event()  # set when the core should exit (code in self.exit_code)
         self.exit_code = 0
         self.device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
+        self.windowed: dict[int, tuple[int, float | None]] = {}  # id(request) -> (rid, time remaining) of window members
 
     # -- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -118,6 +119,7 @@ class Core:
                                                           MetricsRelay(self.outbox)).result()
         self.engine = engine
         engine.on_death = self._engine_died
+        engine.on_group_close = self._group_closed
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
         self.outbox.put(Ready(scale, {p: pacer.factor for p, pacer in engine.pacers.items()}, os.getpid(), engine.status()))
         engine.start(self.device)
@@ -127,6 +129,14 @@ class Core:
     def _receive_loop(self) -> None:
         decoder = msgspec.msgpack.Decoder(ToCore)
         while not self.done.is_set():
+            closes = self.engine.window_closes_at()
+            if closes is not None:  # an admission window is open: wait for more arrivals until it closes
+                left_ms = max(0, int((closes - time.perf_counter()) * 1e3 + 0.999))
+                if not self.pull.poll(left_ms):
+                    with self.engine._lock:
+                        if self.engine.window_closes_at() == closes:
+                            self.engine.close_window()
+                    continue
             try:
                 msg = decoder.decode(self.pull.recv())
             except zmq.ZMQError:
@@ -176,6 +186,8 @@ class Core:
             remaining = None if msg.time_remaining_s is None else msg.time_remaining_s - waited
             try:
                 self.requests[rid] = r
+                if self._windowed(rid, r, msg.time_remaining_s):
+                    return  # its answer comes with its group's promise (_group_closed)
                 admission.admit(self.engine, r, remaining)
             except admission.Refusal as exc:
                 self.requests.pop(rid, None)
@@ -185,6 +197,41 @@ class Core:
             # (the engine times its overruns by it).
             r.promise(waited + r.predicted_ttft_s, waited + r.predicted_e2e_s)
             outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
+
+    def _windowed(self, rid: int, r: Request, remaining: float | None) -> bool:
+        """Under the engine's lock: queues `r` in an admission window (opening one if the
+        engine is alone), or False; raises admission.Refusal as `admit` does. `remaining`:
+        the client's deadline from its arrival (promises count from there too)."""
+        why = admission.refusal(self.engine)
+        if why is not None:
+            raise admission.Refusal(*why)
+        try:
+            if not self.engine.submit_windowed(r):
+                return False
+        except OverflowError as exc:
+            raise admission.Refusal("RESOURCE_EXHAUSTED", str(exc)) from None
+        except EngineDown as exc:
+            raise admission.Refusal("UNAVAILABLE", str(exc)) from None
+        self.windowed[id(r)] = (rid, remaining)
+        return True
+
+    def _group_closed(self, promised: list[Request], ended: list[Request]) -> None:
+        """Under the engine's lock, when an admission window closes: each member's answer.
+        A member whose promised finish is past its deadline is refused now (and retired
+        at the next tick); one that ended in the window (cancelled) is answered CANCELLED."""
+        for r in promised:
+            rid, remaining = self.windowed.pop(id(r))
+            if remaining is not None and r.predicted_e2e_s > remaining:
+                r.cancelled = True
+                self.requests.pop(rid, None)
+                self.outbox.put(Refused(rid, "DEADLINE_EXCEEDED",
+                                        f"predicted finish in {r.predicted_e2e_s:.3f} s (first token in "
+                                        f"{r.predicted_ttft_s:.3f} s) is past the deadline of {remaining:.3f} s"))
+            else:
+                self.outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
+        for r in ended:
+            rid, _ = self.windowed.pop(id(r))
+            self.outbox.put(Refused(rid, "CANCELLED", "request ended before its admission window closed"))
 
     # -- output thread --------------------------------------------------------------
     def _send_loop(self) -> None:

@@ -218,19 +218,20 @@ def test_prompts_are_packed_into_one_prefill_step_and_into_a_mixed_steps_slice()
     assert mixed.key == ("mixed", 2, 128, 8)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.floats(0, 2.0)), min_size=1, max_size=14),
-       st.booleans(), st.booleans())
-def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step):
+       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.02, 0.3]))
+def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step, window_s):
     """The promise property of the policy: a request's promise (first token, cadence),
     fixed at its admission by running the scheduler forward, holds whatever arrives after
-    it, because no tick lasts longer than any running stream's cadence."""
+    it, because no tick lasts longer than any running stream's cadence; an arrival group's
+    promises (an admission window of `window_s`) hold too."""
     from scheduler.simulate import SimRequest, simulate_load
 
     requests = [SimRequest(p, m, a) for p, m, a in reqs]
     sched = promising(mixed)
     sched.alone_own_step = alone_own_step
-    results, _ = simulate_load(sched, requests, tick_s)
+    results, _ = simulate_load(sched, requests, tick_s, window_s=window_s)
     for r in results:
         if r.status == "OK":
             assert r.late_s <= 1e-9, (r.index, r.late_s)
@@ -260,3 +261,45 @@ def test_a_cadence_rounded_on_its_way_through_a_promise_still_admits_its_longest
     sched.add(joiner)
     plan = sched.schedule()  # three decoding rows and the joiner's prompt: bucket 4's mixed step
     assert plan.key == ("mixed", 4, 128, 4) and joiner in plan.rows
+
+
+def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_company():
+    """Eight simultaneous arrivals to an idle server (a burst, or a closed loop's first
+    wave): with an admission window they are one group, all promised company's cadence,
+    their prompts in by prefill steps and all decoding together; without one, the first is
+    promised its own step and the others wait for its whole stream."""
+    from scheduler.simulate import SimRequest, simulate_load
+
+    sched = promising()
+    company = max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed") for b in (1, 2, 4))
+    burst = [SimRequest(12, 20, 0.0)] * 4 + [SimRequest(12, 20, 0.001)] * 4  # 4 slots: two waves
+    grouped, end_grouped = simulate_load(sched, burst, tick_s, window_s=0.01)
+    assert [r.promise[1] for r in grouped] == [company] * 8
+    assert all(r.late_s <= 1e-9 for r in grouped)
+    first_wave = [r.ttft_s for r in grouped[:4]]
+    # 4 x 12 prompt tokens in chunks of 16: three prefill ticks, then the first decode tick.
+    assert first_wave == pytest.approx([3 * tick_s(StepKey("prefill", 1, 128, 16))] * 4)
+    alone, end_alone = simulate_load(promising(), burst, tick_s)
+    assert alone[0].promise[1] == tick_s(StepKey(DECODE, 1, 128, 1))
+    assert min(r.ttft_s for r in alone[1:]) > 19 * alone[0].promise[1]  # behind the lone stream
+    assert end_grouped < end_alone
+
+
+def test_a_group_member_does_not_decode_while_its_group_still_prefills_nor_does_a_later_prompt_go_in():
+    sched = promising()
+    members = [Seq(i, 20, 5, group=7) for i in range(3)]
+    for seq in members:
+        sched.add(seq)
+    plan = sched.schedule()  # chunk 16: the first prompt, then the second's first 0 tokens
+    assert plan.phase == "prefill" and plan.spans == ((0, 16),)
+    sched.update(plan)
+    sched.add(Seq(3, 4, 5))  # arrives after the window: not a member
+    phases = []
+    while any(not s.decoding for s in members):
+        plan = sched.schedule()
+        assert plan.phase == "prefill" and all(s.group == 7 for s in plan.rows)
+        phases.append(plan.spans)
+        sched.update(plan)
+    assert all(s.generated == 1 for s in members)  # each has its first token, none decoded yet
+    plan = sched.schedule()  # all three decode together, the later prompt beside them
+    assert plan.phase == "mixed" and plan.rows[:3] == tuple(members) and plan.rows[3].seq_id == 3

@@ -242,6 +242,42 @@ def test_deterministic_mode_paces_ticks_and_counts_overruns():
         server.close()
 
 
+def test_simultaneous_arrivals_to_an_idle_server_are_promised_together():
+    """Four streams sent at once to an idle deterministic server (the engine core in its own
+    process) fall in one admission window: all four are promised the same TPOT, the one in
+    company, and get the tokens each gets alone; a request alone afterwards is promised its
+    own, shorter, decode step."""
+    server = Running(max_queue=8, max_tokens=50, deterministic=True, admission_window_s=1.0)
+    prompts = [random_prompt(200, seed=20 + i) for i in range(4)]  # 7 prefill chunks: the window stays open
+
+    async def together():
+        async with grpc.aio.insecure_channel(server.info["grpc"]) as channel:
+            stub = pb_grpc.LockstepStub(channel)
+
+            async def one(prompt):
+                tokens, finished = [], None
+                async for msg in stub.Generate(request(prompt, 8), timeout=60):
+                    if msg.WhichOneof("kind") == "token":
+                        tokens.append(msg.token.id)
+                    else:
+                        finished = msg.finished
+                return tokens, finished
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        results = asyncio.run(together())
+        tpots = [finished.predicted_tpot_s for _, finished in results]
+        assert tpots == pytest.approx([tpots[0]] * 4)
+        for prompt, (tokens, _) in zip(prompts, results):
+            assert tokens == executor_tokens(prompt, 8, SamplingParams())
+        time.sleep(max(f.predicted_e2e_s for _, f in results))  # every stream handed out: the next is alone
+        _, lone = stream(server.stub, request(prompts[0], 8))
+        assert lone.predicted_tpot_s < 0.99 * tpots[0]
+    finally:
+        server.close()
+
+
 def test_simulated_pool_runs_slowed_by_a_measured_time_scale():
     """lpu:8: the host runs the math; ticks follow the LPU's step times times the scale."""
     lpu = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("lpu:8"), OPTIONS)

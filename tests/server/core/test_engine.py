@@ -120,3 +120,70 @@ def test_a_stream_that_stops_early_is_handed_out_only_until_its_last_token():
         engine._finish(r, "stop")
     assert engine._delivery_ends[r.seq.seq_id] == pytest.approx(r.arrival_s + r.predicted_ttft_s
                                                                 + 2 * r.predicted_tpot_s)
+
+
+class Recording:
+    """A LocalExecutor that remembers each step's phase (the real one runs every step)."""
+
+    def __init__(self, executor):
+        self.executor, self.phases = executor, []
+
+    def step(self, batch):
+        self.phases.append(batch.phase)
+        return self.executor.step(batch)
+
+
+def test_an_admission_window_promises_its_group_together_and_its_prompts_go_in_first():
+    """Three arrivals in one window: all promised company's cadence, their prompts in by
+    prefill steps before any of them decodes, each the tokens it gets alone; a request
+    alone in its window is promised its own decode step."""
+    import threading
+
+    from server.core.engine import Finished, Request
+    from server.runtime.executor import LocalExecutor
+    from server.runtime.sampling import GREEDY
+    from server.runtime.stage import plan_from_program
+    from tests.server.helpers import generate, random_prompt
+
+    executor = Recording(LocalExecutor(plan_from_program(VIEW, seed=0)))
+    engine = Engine(executor, VIEW, replace(EXACT, admission_window_s=5.0))
+    prompts = [random_prompt(40, seed=i) for i in range(3)]
+    done, out = threading.Semaphore(0), {}
+
+    def emit_to(name):
+        def emit(item, tick, t):
+            if isinstance(item, Finished):
+                done.release()
+            else:
+                out.setdefault(name, []).append(item)
+        return emit
+
+    requests = [Request(str(i), p, 6, GREEDY, frozenset(), emit_to(i)) for i, p in enumerate(prompts)]
+    with engine._lock:
+        assert all(engine.submit_windowed(r) for r in requests)
+        assert engine.window_closes_at() is not None
+        assert engine.close_window() == requests
+    keys = VIEW.key_buckets[0]
+    company = max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys))
+    assert [r.predicted_tpot_s for r in requests] == pytest.approx([company] * 3)
+    assert [r.seq.cadence_s for r in requests] == pytest.approx([company] * 3)
+    engine.start()
+    try:
+        for _ in requests:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    # 3 x 40 prompt tokens in chunks of 32: four prefill steps, then decode steps only.
+    assert executor.phases[:4] == ["prefill"] * 4 and set(executor.phases[4:]) == {"decode"}
+    alone = LocalExecutor(plan_from_program(VIEW, seed=0))
+    assert [out[i] for i in range(3)] == [generate(alone, 0, p, 6).out for p in prompts]
+
+    lone = Engine(None, VIEW, replace(EXACT, admission_window_s=5.0))
+    r = Request("lone", prompts[0], 6, GREEDY, frozenset(), lambda *a: None)
+    with lone._lock:
+        assert lone.submit_windowed(r)
+        lone.close_window()
+    assert r.predicted_tpot_s == pytest.approx(VIEW.step_s(StepKey("decode", 1, keys, 1)))
+    no_window = Engine(None, VIEW, replace(EXACT, admission_window_s=0.0))
+    with no_window._lock:
+        assert not no_window.submit_windowed(Request("x", prompts[0], 6, GREEDY, frozenset(), lambda *a: None))
