@@ -454,7 +454,8 @@ class Engine:
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
-        if self._window is not None and self._gives_a_member_its_first_token(plan):
+        window = self._window  # read once: the core's input thread may close it meanwhile
+        if window is not None and self._gives_a_member_its_first_token(plan, window[1]):
             with self._lock:  # promises before tokens: the window closes now at the latest
                 self.close_window()
         now = time.perf_counter()
@@ -465,9 +466,9 @@ class Engine:
         overrun = self.config.deterministic and self._late(plan, tokens, now)
         self._account(plan, self.sched, tokens, measured, overrun, now)
 
-    def _gives_a_member_its_first_token(self, plan: TickPlan) -> bool:
-        """Whether this tick samples a token for a member of the open admission window."""
-        group = self._window[1]
+    @staticmethod
+    def _gives_a_member_its_first_token(plan: TickPlan, group: int) -> bool:
+        """Whether this tick samples a token for a member of arrival group `group`."""
         return any(seq.group == group and (not plan.is_slice(i) or sum(plan.span(i)) >= seq.prompt_len)
                    for i, seq in enumerate(plan.rows))
 
@@ -497,7 +498,11 @@ class Engine:
                         self.tick_s(plan.key) * 1e3, program_s * 1e3)
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer = self.pacers[plan.phase]
+        before = pacer.factor
         if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
+            # Prefill's few ticks follow the decode pacer's drift until they re-pace themselves.
+            if plan.phase == DECODE and self.pacers[PREFILL].follow(pacer.factor / before) and self.metrics is not None:
+                self.metrics.set_pace(PREFILL, self.pacers[PREFILL].factor, repaced=True)
             self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)

@@ -11,6 +11,12 @@ minute to minute) or the start-up measurement was pessimistic; promises made aft
 re-pace use the new factor (the admission simulation reads the same ticks), and promises
 made before it keep theirs.
 
+A phase with few ticks (prefill, between streams of 32 tokens: one tick in 32) waits long
+for its own samples; until it has them it follows the decode pacer's re-paces (`follow`):
+the host's drift shows there first (measured: the same decode shapes at 1.0x their
+calibration at one minute and 1.6x some minutes later, and the prefill ticks of a burst
+then overran by the same factor).
+
 Pure: no clocks or threads; the engine feeds it one (measured, program) pair per tick.
 """
 
@@ -49,6 +55,17 @@ class Pacer:
         if not self.factor > 0 or not 0 < self.quantile <= 1 or self.margin < 0:
             raise ValueError(f"factor must be > 0, quantile in (0, 1], margin >= 0; got {self}")
         self._ratios = deque(maxlen=self.window)
+
+    def follow(self, ratio: float) -> bool:
+        """Scales the factor by `ratio` > 1 (another phase's re-pace: the host got slower)
+        while this pacer has not re-estimated from its own ticks; returns whether it
+        changed. Only slower: the other phase's first re-pace may instead correct its own
+        start-up estimate, and a faster pace here would turn that into overruns."""
+        if not self.adaptive or self._seen >= self.min_samples or not 1 < ratio < float("inf"):
+            return False
+        self.factor *= ratio
+        self.repaces += 1
+        return True
 
     def observe(self, measured_s: float, program_s: float) -> bool:
         """One tick's step; returns whether the factor changed."""

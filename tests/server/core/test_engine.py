@@ -187,3 +187,20 @@ def test_an_admission_window_promises_its_group_together_and_its_prompts_go_in_f
     no_window = Engine(None, VIEW, replace(EXACT, admission_window_s=0.0))
     with no_window._lock:
         assert not no_window.submit_windowed(Request("x", prompts[0], 6, GREEDY, frozenset(), lambda *a: None))
+
+
+def test_prefill_ticks_follow_the_decode_ticks_when_the_host_slows_down():
+    """Prefill ticks are few (one in 32 between streams of 32 tokens): until their own
+    pacer has its samples, they stretch by the decode pacer's slowdown."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
+    prefill = next(k for k in keys_of(VIEW, "prefill", 128))
+    before = engine.tick_s(prefill)
+    plan = TickPlan("decode", 1, ())
+    slow = 2 * VIEW.step_s(plan.key)  # the host at half its calibrated speed
+    for _ in range(engine.pacers["decode"].min_samples):
+        engine._account(plan, engine.sched, {}, slow, False, 0.0)
+    # From 1 x (1 + 10%) to the measured 2 x (1 + 10%): twice as slow, and prefill with it.
+    assert engine.pacers["decode"].factor == pytest.approx(2 * 1.1)
+    assert engine.tick_s(prefill) == pytest.approx(before * 2)

@@ -55,3 +55,14 @@ def test_fixed_pacing_never_moves():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         Pacer(**kw)
+
+
+def test_a_phase_with_few_ticks_follows_another_phases_slowdown_until_it_has_its_own():
+    prefill = Pacer(1.2)
+    assert prefill.follow(1.5) and prefill.factor == pytest.approx(1.8) and prefill.repaces == 1
+    assert not prefill.follow(0.5) and prefill.factor == pytest.approx(1.8)  # never faster on another's word
+    assert not prefill.follow(float("nan")) and not prefill.follow(float("inf"))
+    for _ in range(prefill.min_samples):
+        prefill.observe(1.0, 1.0)
+    assert not prefill.follow(2.0)  # its own samples decide from here on
+    assert not Pacer(1.2, adaptive=False).follow(1.5)
