@@ -107,7 +107,11 @@ def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
 def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> float:
     """The TPOT `promise_cadence` promises: `seqs` (one arrival, or an arrival group) are
     `alone` when nothing else runs, waits or is still handed out; a group of two or more
-    is in company. 0 without promises or for a single token."""
+    is in company. A group that fills every slot (a burst, a closed loop's wave) leaves no
+    room for anyone to join while it runs, so it needs no room for a joiner's prompt
+    either: it is promised the longest decode tick, not the mixed ticks' (which carry a
+    prompt slice beside the streams: 1.26x the batch-8 decode step of smollm2-135m here).
+    0 without promises or for a single token."""
     tick_s = sched.tick_s
     if tick_s is None or max(s.max_tokens for s in seqs) < 2:
         return 0.0
@@ -115,6 +119,8 @@ def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> f
     if alone and len(seqs) == 1 and sched.alone_own_step:
         return tick_s(StepKey(DECODE, sched.buckets[0], keys, 1))
     decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
+    if len(seqs) >= sched.max_slots:
+        return decode
     if not sched.slices:  # prefill ticks alternate with decode ticks
         return decode + max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
     return max(decode, *(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets))

@@ -263,22 +263,26 @@ def test_a_cadence_rounded_on_its_way_through_a_promise_still_admits_its_longest
     assert plan.key == ("mixed", 4, 128, 4) and joiner in plan.rows
 
 
-def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_company():
+def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_together():
     """Eight simultaneous arrivals to an idle server (a burst, or a closed loop's first
-    wave): with an admission window they are one group, all promised company's cadence,
-    their prompts in by prefill steps and all decoding together; without one, the first is
-    promised its own step and the others wait for its whole stream."""
+    wave): with an admission window they are one group, their prompts in by prefill steps
+    and each wave decoding together; filling every slot, they leave no room for a joiner's
+    prompt and are promised the longest decode tick, not the mixed ticks'. Without a
+    window, the first is promised its own step and the others wait for its whole stream."""
     from scheduler.simulate import SimRequest, simulate_load
 
-    sched = promising()
-    company = max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed") for b in (1, 2, 4))
+    decode = max(tick_s(StepKey(DECODE, b, 128, 1)) for b in (1, 2, 4))
+    company = max(decode, *(tick_s(StepKey("mixed", b, 128, 1)) for b in (1, 2, 4)))
+    assert decode < company
     burst = [SimRequest(12, 20, 0.0)] * 4 + [SimRequest(12, 20, 0.001)] * 4  # 4 slots: two waves
-    grouped, end_grouped = simulate_load(sched, burst, tick_s, window_s=0.01)
-    assert [r.promise[1] for r in grouped] == [company] * 8
+    grouped, end_grouped = simulate_load(promising(), burst, tick_s, window_s=0.01)
+    assert [r.promise[1] for r in grouped] == [decode] * 8
     assert all(r.late_s <= 1e-9 for r in grouped)
     first_wave = [r.ttft_s for r in grouped[:4]]
     # 4 x 12 prompt tokens in chunks of 16: three prefill ticks, then the first decode tick.
     assert first_wave == pytest.approx([3 * tick_s(StepKey("prefill", 1, 128, 16))] * 4)
+    pair, _ = simulate_load(promising(), burst[:2], tick_s, window_s=0.01)  # room left: company
+    assert [r.promise[1] for r in pair] == [company] * 2
     alone, end_alone = simulate_load(promising(), burst, tick_s)
     assert alone[0].promise[1] == tick_s(StepKey(DECODE, 1, 128, 1))
     assert min(r.ttft_s for r in alone[1:]) > 19 * alone[0].promise[1]  # behind the lone stream
