@@ -2,7 +2,8 @@
 
 A tick of a step the program times at `s` program seconds lasts `s x factor + guard_s`
 wall seconds. The factor starts as the measured time scale x (1 + the guard band), the
-fixed margin of the first ticks; from then on it follows this host: every `every` ticks
+fixed margin of the first ticks; from then on it follows this host (a slowdown at once:
+`fast_window`); every `every` ticks
 it is re-estimated as the `quantile` of measured / program step time over the last
 `window` ticks, plus `margin`, and replaced when it moved by more than `tolerance`
 (a re-pace: counted and exported). So a step overruns its tick rarely (less than
@@ -22,6 +23,7 @@ Pure: no clocks or threads; the engine feeds it one (measured, program) pair per
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -47,14 +49,23 @@ class Pacer:
     # still moved running streams, streams of one Poisson run saw 53.7 and 57.8 ms TPOTs;
     # bench/compare.py).
     tolerance: float = 0.05
+    # A slowdown is followed at once: when the median of the last `fast_window` ticks, plus
+    # the margin, is past the pace by more than the tolerance, the pace becomes that. Only
+    # slower (a faster host costs throughput, not promises), and a median (one slow step is
+    # not a slower host). Measured: this host's steps went from 1.27x to 1.5x their
+    # calibration between the start-up measurement and the first request, and with only the
+    # 128-tick rule every tick of the first streams overran.
+    fast_window: int = 16
     repaces: int = 0
     _ratios: deque = field(default_factory=deque, repr=False)
+    _recent: deque = field(default_factory=deque, repr=False)
     _seen: int = 0
 
     def __post_init__(self):
         if not self.factor > 0 or not 0 < self.quantile <= 1 or self.margin < 0:
             raise ValueError(f"factor must be > 0, quantile in (0, 1], margin >= 0; got {self}")
         self._ratios = deque(maxlen=self.window)
+        self._recent = deque(maxlen=self.fast_window)
 
     def follow(self, ratio: float) -> bool:
         """Scales the factor by `ratio` > 1 (another phase's re-pace: the host got slower)
@@ -72,7 +83,15 @@ class Pacer:
         if not self.adaptive or not program_s > 0:
             return False
         self._ratios.append(measured_s / program_s)
+        self._recent.append(measured_s / program_s)
         self._seen += 1
+        if len(self._recent) == self.fast_window:
+            slower = statistics.median(self._recent) * (1 + self.margin)
+            if slower > self.factor * (1 + self.tolerance):
+                self.factor = slower
+                self.repaces += 1
+                self._recent.clear()
+                return True
         if len(self._ratios) < self.min_samples or self._seen % self.every:
             return False
         ordered = sorted(self._ratios)

@@ -40,7 +40,7 @@ def test_a_host_that_drifts_slower_is_followed():
 
 def test_the_factor_waits_for_enough_samples_and_ignores_small_moves():
     pacer = Pacer(factor=1.0 * 1.10)
-    assert not any(feed(pacer, [3.0] * (pacer.min_samples - 1)))  # fewer than min_samples
+    assert not any(feed(pacer, [0.5] * (pacer.min_samples - 1)))  # fewer than min_samples
     pacer = Pacer(factor=1.0 * 1.10)
     assert not any(feed(pacer, [1.01] * 600))  # 1.01 x 1.10 is within 2% of 1.10
     assert pacer.repaces == 0
@@ -66,3 +66,11 @@ def test_a_phase_with_few_ticks_follows_another_phases_slowdown_until_it_has_its
         prefill.observe(1.0, 1.0)
     assert not prefill.follow(2.0)  # its own samples decide from here on
     assert not Pacer(1.2, adaptive=False).follow(1.5)
+
+
+def test_a_slowdown_is_followed_within_a_few_ticks_and_one_slow_step_is_not_one():
+    pacer = Pacer(factor=1.1)
+    assert not any(feed(pacer, [1.0] * 15 + [3.0]))  # one slow step in sixteen
+    changed = feed(pacer, [1.5] * 2 * pacer.fast_window)  # the host is half as slow again
+    assert changed.index(True) < pacer.fast_window and pacer.factor == pytest.approx(1.5 * (1 + pacer.margin))
+    assert not any(feed(pacer, [1.0] * (pacer.min_samples - 60)))  # faster again: waits for the 128-tick rule
