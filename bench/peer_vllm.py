@@ -1,6 +1,6 @@
 """Lockstep against vLLM's CPU build on this host: same model (SmolLM2-135M-Instruct, the
 folder Lockstep converts from the packaged GGUF), same dtype (fp32), same OpenAI streaming
-client (http.client over /v1/completions, `ignore_eos` for fixed lengths), one server at a time.
+client (http.client over /v1/completions, `ignore_eos` for fixed lengths), one request stream at a time.
 
 Servers, in the order given: Lockstep deterministic (`det`, the default policy), Lockstep
 deterministic with `--alone-tpot company` (`company`, the other policy), Lockstep
@@ -15,7 +15,11 @@ Lockstep how far each token came from its promise (the `lockstep-predicted-*` he
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
     .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,company,thr,vllm] \\
-        [--guidellm /path/to/venv/bin/guidellm]
+        [--guidellm /path/to/venv/bin/guidellm] [--one-at-a-time]
+
+By default every server is up at once and each load runs on each server in turn, so the
+servers of one load see the host within a minute of each other (its speed moves by up to
+1.6x within minutes); `--one-at-a-time` runs each server alone through all loads.
 
 With --guidellm, GuideLLM (bench/guidellm_vs_load.py's invocation) also measures each
 server at concurrency 8, 32 requests, after the loads: a client nobody here wrote.
@@ -233,6 +237,41 @@ def second_judge(guidellm: str, folder: str, base: str, out: Path) -> dict:
     return {"ok": 32, "errors": 0, **r, "itl_ratio": r["itl_p99"] / r["itl_p50"]}
 
 
+def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "", folder: str = "") -> dict:
+    """Every server up at once (started one after another, so each measures its start-up
+    pace alone; an idle server takes no CPU), then each load on each server in turn: this
+    host's speed moves by up to 1.6x within minutes, and one server at a time put minutes
+    between the servers' runs of a load (one run's start-up time scales: 1.12, 1.13, 1.68)."""
+    running = {}
+    results = {name: {} for name in names}
+    try:
+        for name in names:
+            running[name] = starts[name]()
+            closed(running[name][1], 1, 2)  # warm-up
+        for load, make in LOADS:
+            for name in names:
+                _, base, metrics = running[name]
+                before = _ticks(metrics) if metrics else None
+                t0 = time.perf_counter()
+                recs = make(base)
+                results[name][load] = r = summarize(recs, time.perf_counter() - t0)
+                if before:
+                    total, over = (a - b for a, b in zip(_ticks(metrics), before))
+                    r["overruns"] = over / total if total else 0.0
+                print(f"{name:>12} {load:<11} {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
+        if guidellm:
+            for name in names:
+                r = second_judge(guidellm, folder, running[name][1], out / f"guidellm-{name}.json")
+                results[name][JUDGE] = r
+                print(f"{name:>12} {JUDGE:<11} {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
+    finally:
+        for proc, _, _ in running.values():
+            stop(proc)
+    for name in names:
+        (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+    return results
+
+
 def run_server(name: str, start, out: Path, guidellm: str = "", folder: str = "") -> dict:
     proc, base, metrics = start()
     results = {}
@@ -268,6 +307,9 @@ def main() -> int:
     p.add_argument("--guidellm", default="", help="a guidellm executable (0.7.3, in a venv of its own): also "
                                                   "measure each server with it at c=8, as a second judge")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="run each server alone, all loads, then the next (default: all servers up, each load "
+                        "on each server in turn)")
     args = p.parse_args()
     args.out = args.out.resolve()  # GuideLLM runs in another folder
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +323,10 @@ def main() -> int:
               "company": lambda: start_lockstep(["--alone-tpot", "company", *flags], args.out / "company.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
-    res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
+    if args.one_at_a_time:
+        res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
+    else:
+        res = run_interleaved(names, starts, args.out, args.guidellm, folder)
     loads = [load for load, _ in LOADS] + ([JUDGE] if args.guidellm else [])
     print(f"\nSmolLM2-135M fp32, {len(PROMPT.split())}-word prompt, {OUTPUT_TOKENS} tokens, same client; "
           f"tok/s, TTFT and ITL in ms")
