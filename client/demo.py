@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nserving {info.model} on {info.pool}, plan {info.plan_hash[:16]}, buckets {list(info.buckets)}, "
                   f"program TPOT promised {info.predictions[0].tpot_s * 1e3:.2f} ms at "
                   f"{info.predictions[0].prompt_len}-token prompts in company (the longest tick; a request alone "
-                  f"is promised its own decode step; paced: x the pace factor below; ticks follow the work and "
-                  f"tokens wait for their promised time)\n")
+                  f"is promised its own decode step, requests arriving together one promise for all; paced: x "
+                  f"the pace factor below; ticks follow the work and tokens wait for their promised time)\n")
             header = (f"{'request':<10} {'prompt':>6} {'tokens':>6} {'TTFT pred':>8} {'TTFT meas':>8} "
                       f"{'TPOT pred':>8} {'TPOT meas':>8} {'ITL p50':>8} {'ITL p99':>8}  finish  (ms)")
             print(header)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             spreads = [p99 / p50 for p50, p99 in map(_itl, gens) if p50 > 0]
             if spreads:
                 print(f"batch ITL p99/p50: {min(spreads):.2f} to {max(spreads):.2f} (the cadence a stream keeps "
-                      f"while others join and their prompts go in)")
+                      f"beside the others)")
             status = client.status()
             share = status.overruns / status.ticks if status.ticks else 0.0
             print(f"server: {status.ticks} ticks, {status.overruns} overruns ({share:.1%}), "
