@@ -278,6 +278,31 @@ def test_simultaneous_arrivals_to_an_idle_server_are_promised_together():
         server.close()
 
 
+def test_a_window_that_closes_at_its_bound_promises_and_refuses_as_admission_does():
+    """A 1 ms admission window closes by its bound, while the first member's long prompt
+    is still going in: the promise comes then, and the tokens are the executor's; a member
+    whose promised finish is past its deadline is refused DEADLINE_EXCEEDED when its window
+    closes, and its slot comes back."""
+    server = Running(max_queue=8, max_tokens=200, deterministic=True, admission_window_s=0.001)
+    try:
+        prompt = random_prompt(200, seed=31)
+        tokens, finished = stream(server.stub, request(prompt, 8))
+        assert tokens == executor_tokens(prompt, 8, SamplingParams())
+        assert finished.predicted_ttft_s > 0 and finished.predicted_tpot_s > 0
+        time.sleep(finished.predicted_e2e_s)  # handed out in full
+        with pytest.raises(grpc.RpcError) as err:
+            stream(server.stub, request([1, 2, 3], 200), timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "predicted finish" in err.value.details()
+        deadline = time.monotonic() + 10
+        while server.stub.GetServerStatus(pb.GetServerStatusRequest()).slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stub.GetServerStatus(pb.GetServerStatusRequest()).slots_in_use == 0
+        assert stream(server.stub, request(prompt, 4))[0] == tokens[:4]
+    finally:
+        server.close()
+
+
 def test_simulated_pool_runs_slowed_by_a_measured_time_scale():
     """lpu:8: the host runs the math; ticks follow the LPU's step times times the scale."""
     lpu = scheduler.compile(scheduler.get_model("tiny"), scheduler.parse_pool("lpu:8"), OPTIONS)
