@@ -185,8 +185,13 @@ def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk:
     return out
 
 
-# Default tick target: the largest bucket's decode step at the smallest key bucket, plus 25%.
-MIXED_STEP_FACTOR = 1.25
+# Default tick target: the largest bucket's decode step at the smallest key bucket, plus 35%.
+# With 25%, smollm2-135m here got 4-token slices at buckets 4 and 8 (a 35-token prompt
+# beside running streams: 9 ticks); with 35%, 8-token slices for a 3% longer company tick
+# (53.1 -> 54.9 ms program): at 2 req/s (gamma, shape 4) first tokens 34-49% sooner at p50,
+# two servers side by side (bench/tick_target.py, BENCHMARKS.md). A full house
+# (scheduler/simulate.group_cadence) decodes at the decode tick either way.
+MIXED_STEP_FACTOR = 1.35
 
 
 def _choose_slices(timeline: Timeline, options: CompileOptions, chunk: int, keys: int) -> tuple[float, dict[int, int]]:

@@ -46,7 +46,7 @@ def add_program_args(p, *, model_required: bool = True) -> None:
     p.add_argument("--max-context", type=int, default=1024, help="tokens per slot (default 1024)")
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step (default 64)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
-                   help="the tick the largest bucket's mixed step must fit (default: 1.25x its decode step)")
+                   help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
     p.add_argument("--calibration", default="auto", help="calibration JSON from `lockstep calibrate`, 'auto' (cpu "
                                                          "pools: this host's cached one, measured once), or 'none'")
 
