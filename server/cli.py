@@ -131,7 +131,7 @@ def add_serving_args(p) -> None:
                         "full speed, and requests arriving during it wait for it), or the longest tick, as in "
                         "company (company: a burst after a quiet spell all starts at once) (default own)")
     p.add_argument("--admission-window-ms", type=float, default=50.0,
-                   help="a request that finds the server alone opens a window this long: those arriving within "
+                   help="a request that finds nothing running or waiting opens a window this long: those arriving within "
                         "it are promised together, as one arrival group whose prompts go in by whole prefill "
                         "steps (0: none; default 50). Its prompt goes in meanwhile: the window delays the "
                         "promise, not the first token")
