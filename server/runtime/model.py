@@ -12,6 +12,8 @@ hidden states or, if it holds the head, the logits of each row's last real token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,28 +173,62 @@ def _attend_row(q, keys, values, positions):
 BATCHED_DECODE = True
 
 
-def _attend_decode(q, cache_k, cache_v, slots: list[int], keys: int, positions):
+@dataclass(frozen=True)
+class DecodeGroup:
+    """One-token rows that attend the same number of keys, laid out once per step for every
+    layer (`attention_layout`)."""
+
+    rows: slice | torch.Tensor  # their token indices in the step: a slice when consecutive
+    lo: int  # the rows' slots span [lo, hi)
+    hi: int
+    keys: int
+    index: torch.Tensor | None  # each row's place in [lo, hi) when the slots are not lo, lo + 1, ...
+    hidden: torch.Tensor  # [hi - lo, 1, 1, keys] bool: the keys past each slot's position
+
+
+def attention_layout(attend, positions) -> tuple[tuple[tuple[int, int, slice], ...], tuple[DecodeGroup, ...]]:
+    """How a step's rows attend, the same in every layer, so computed once per step: (the
+    rows attended one at a time: (slot, keys, token slice); the one-token rows grouped by
+    key bucket, with their masks: `DecodeGroup`). attend: (slot, keys, first token, tokens)
+    per real row; positions: [N] of the step's tokens."""
+    singles, decoding = [], {}
+    for slot, keys, at, t in attend:
+        if t == 1 and BATCHED_DECODE:
+            decoding.setdefault(keys, []).append((slot, at))
+        else:
+            singles.append((slot, keys, slice(at, at + t)))
+    groups = []
+    for keys, group in decoding.items():
+        slots, at = [g[0] for g in group], [g[1] for g in group]
+        # Rows one after another on the token axis (a decode step's are): slices, not an index.
+        rows = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[-1] + 1)) else torch.tensor(at, device=positions.device)
+        lo, hi = min(slots), max(slots) + 1
+        pos, index = positions[rows], None
+        if slots != list(range(lo, hi)):  # the usual case (lowest free slot first) needs no scatter or gather
+            index = torch.tensor([s - lo for s in slots], device=positions.device)
+            pos = pos.new_zeros(hi - lo).index_copy_(0, index, pos)
+        visible = torch.arange(keys, device=positions.device)[None, :] <= pos[:, None]  # [B', L]
+        groups.append(DecodeGroup(rows, lo, hi, keys, index, ~visible[:, None, None, :]))
+    return tuple(singles), tuple(groups)
+
+
+def _attend_decode(q, cache_k, cache_v, g: DecodeGroup):
     """One-token rows that attend the same number of keys, in one call per layer: q: [B, H, D];
-    cache_k/v: [S, Hkv, C, D]; slots: the B rows' slots; positions: [B]. Returns [B, H, D].
+    cache_k/v: [S, Hkv, C, D]. Returns [B, H, D].
     The keys are a view of the slots' range (no copy: a gathered copy made a batch-8 step
-    at 1024 keys 2.6x slower); slots in the range but not in `slots` are computed and
+    at 1024 keys 2.6x slower); slots in the range but not the group's are computed and
     dropped. Each (slot, kv head) is its own matmul, so a row's result does not depend on
     the others; a row alone runs this same code."""
     b, h, d = q.shape
-    hkv = cache_k.shape[1]
-    lo, hi = min(slots), max(slots) + 1
-    in_order = slots == list(range(lo, hi))  # the usual case (lowest free slot first): no scatter, no gather
-    if not in_order:
-        index = torch.tensor([s - lo for s in slots], device=q.device)
-        q = q.new_zeros(hi - lo, h, d).index_copy_(0, index, q)  # [B', H, D]
-        positions = positions.new_zeros(hi - lo).index_copy_(0, index, positions)
-    k, v = cache_k[lo:hi, :, :keys], cache_v[lo:hi, :, :keys]  # [B', Hkv, L, D] views
-    scores = torch.matmul(q.view(hi - lo, hkv, h // hkv, d), k.transpose(-1, -2)) * d ** -0.5  # [B', Hkv, G, L]
-    visible = torch.arange(keys, device=q.device)[None, :] <= positions[:, None]  # [B', L]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    hkv, n = cache_k.shape[1], g.hi - g.lo
+    if g.index is not None:
+        q = q.new_zeros(n, h, d).index_copy_(0, g.index, q)  # [B', H, D]
+    k, v = cache_k[g.lo:g.hi, :, :g.keys], cache_v[g.lo:g.hi, :, :g.keys]  # [B', Hkv, L, D] views
+    scores = torch.matmul(q.view(n, hkv, h // hkv, d), k.transpose(-1, -2)) * d ** -0.5  # [B', Hkv, G, L]
+    scores = scores.masked_fill(g.hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v).view(hi - lo, h, d)
-    return out if in_order else out.index_select(0, index)
+    out = torch.matmul(probs, v).view(n, h, d)
+    return out if g.index is None else out.index_select(0, g.index)
 
 
 class Attention(nn.Module):
@@ -205,10 +241,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=False)
         self.o_proj = Linear(spec.num_heads * d, h, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, attend):
+    def forward(self, x, cos, sin, cache_k, cache_v, write_slots, write_pos, layout):
         """x: [N, h] (rows' tokens packed); cache_k/v: [S, Hkv, C, D] for this layer;
-        write_slots/write_pos: [N]; attend: (slot, keys, first token, tokens) of each real
-        row; tokens after the last row are padding and get zeros."""
+        write_slots/write_pos: [N]; layout: the step's `attention_layout` of its real rows;
+        tokens after the last row are padding and get zeros."""
         s = self.spec
         n = x.shape[0]
         q = self.q_proj(x).view(n, s.num_heads, s.head_dim)  # [N, H, D]
@@ -220,19 +256,12 @@ class Attention(nn.Module):
         cache_k[write_slots, :, write_pos] = k.to(cache_k.dtype)
         cache_v[write_slots, :, write_pos] = v.to(cache_v.dtype)
         out = torch.zeros_like(q)
-        decoding: dict[int, list[tuple[int, int]]] = {}  # keys -> (slot, token index) of one-token rows
-        for slot, keys, at, t in attend:
-            if t == 1 and BATCHED_DECODE:
-                decoding.setdefault(keys, []).append((slot, at))
-                continue
-            rows = slice(at, at + t)
+        singles, groups = layout
+        for slot, keys, rows in singles:
             out[rows] = _attend_row(q[rows].transpose(0, 1), cache_k[slot, :, :keys], cache_v[slot, :, :keys],
                                     write_pos[rows]).transpose(0, 1)
-        for keys, group in decoding.items():
-            slots, at = [g[0] for g in group], [g[1] for g in group]
-            # Rows one after another on the token axis (a decode step's are): slices, not an index.
-            rows = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[-1] + 1)) else torch.tensor(at, device=x.device)
-            out[rows] = _attend_decode(q[rows], cache_k, cache_v, slots, keys, write_pos[rows])
+        for g in groups:
+            out[g.rows] = _attend_decode(q[g.rows], cache_k, cache_v, g)
         return self.o_proj(out.view(n, s.num_heads * s.head_dim))
 
 
@@ -292,8 +321,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.hidden_size, spec.intermediate_size)
 
-    def forward(self, x, rope, cache_k, cache_v, write, attend):  # x: [N, h]
-        x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, attend)
+    def forward(self, x, rope, cache_k, cache_v, write, layout):  # x: [N, h]
+        x = x + self.self_attn(self.input_layernorm(x), *rope, cache_k, cache_v, *write, layout)
         normed = self.post_attention_layernorm(x)
         return x + (self.block_sparse_moe(normed) if hasattr(self, "block_sparse_moe") else self.mlp(normed))
 
@@ -353,9 +382,10 @@ class StageModel(nn.Module):
             x = self.model.embed_tokens(x)
         if self.block_ids:
             rope = rope_tables(self.rope_inv_freq, self.rope_scale, positions, x.dtype)
+            layout = attention_layout(attend, positions)  # the same in every layer: once per step
             for li, i in enumerate(self.block_ids):
                 x = self.model.layers[str(i)](x, rope, self.cache_k[li], self.cache_v[li],
-                                              (write_slots, positions), attend)
+                                              (write_slots, positions), layout)
         if not self.has_head:
             return x
         return self.lm_head(self.model.norm(x[last_index])).float()  # [R, V]
