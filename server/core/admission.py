@@ -44,15 +44,39 @@ def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     if why is not None:
         raise Refusal(*why)
     ttft, e2e, group = engine.predict_placed(len(r.prompt), r.max_tokens)
-    if time_remaining_s is not None and e2e > time_remaining_s:
-        raise Refusal("DEADLINE_EXCEEDED", f"predicted finish in {e2e:.3f} s (first token in {ttft:.3f} s) is past "
-                                           f"the deadline of {time_remaining_s:.3f} s")
+    late = past_deadline(ttft, e2e, time_remaining_s)
+    if late is not None:
+        raise late
     r.promise(ttft, e2e)
     r.group = group
     try:
         engine.submit(r)
     except OverflowError as exc:
         raise Refusal("RESOURCE_EXHAUSTED", f"{exc}; a request now would get its first token in {ttft:.3f} s") from None
+    except EngineDown as exc:
+        raise Refusal("UNAVAILABLE", str(exc)) from None
+
+
+def past_deadline(ttft_s: float, e2e_s: float, time_remaining_s: float | None) -> Refusal | None:
+    """The refusal of a request promised to finish in `e2e_s` when its client's deadline is
+    `time_remaining_s` away (None: no deadline), or None."""
+    if time_remaining_s is None or e2e_s <= time_remaining_s:
+        return None
+    return Refusal("DEADLINE_EXCEEDED", f"predicted finish in {e2e_s:.3f} s (first token in {ttft_s:.3f} s) is past "
+                                        f"the deadline of {time_remaining_s:.3f} s")
+
+
+def admit_windowed(engine: Engine, r: Request) -> bool:
+    """Queues `r` in an admission window (opening one if nothing runs or waits), its promise
+    to come when the window closes (`Engine.close_window`); False, nothing queued, when no
+    window takes it. Refuses (Refusal) as `admit` does."""
+    why = refusal(engine)
+    if why is not None:
+        raise Refusal(*why)
+    try:
+        return engine.submit_windowed(r)
+    except OverflowError as exc:
+        raise Refusal("RESOURCE_EXHAUSTED", str(exc)) from None
     except EngineDown as exc:
         raise Refusal("UNAVAILABLE", str(exc)) from None
 

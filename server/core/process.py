@@ -38,7 +38,7 @@ import zmq
 from scheduler.program import Program, ProgramView
 from server.config import ServeConfig
 from server.core import admission
-from server.core.engine import EngineDown, Finished, Request
+from server.core.engine import Finished, Request
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Ready, Refused,
                                   Shutdown, Start, Stop, ToCore)
 
@@ -186,8 +186,11 @@ class Core:
             remaining = None if msg.time_remaining_s is None else msg.time_remaining_s - waited
             try:
                 self.requests[rid] = r
-                if self._windowed(rid, r, msg.time_remaining_s):
-                    return  # its answer comes with its group's promise (_group_closed)
+                if admission.admit_windowed(self.engine, r):
+                    # Its answer comes with its group's promise (_group_closed); the client's
+                    # deadline counts from its arrival, as the promise does.
+                    self.windowed[id(r)] = (rid, msg.time_remaining_s)
+                    return
                 admission.admit(self.engine, r, remaining)
             except admission.Refusal as exc:
                 self.requests.pop(rid, None)
@@ -198,35 +201,17 @@ class Core:
             r.promise(waited + r.predicted_ttft_s, waited + r.predicted_e2e_s)
             outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
 
-    def _windowed(self, rid: int, r: Request, remaining: float | None) -> bool:
-        """Under the engine's lock: queues `r` in an admission window (opening one if the
-        engine is alone), or False; raises admission.Refusal as `admit` does. `remaining`:
-        the client's deadline from its arrival (promises count from there too)."""
-        why = admission.refusal(self.engine)
-        if why is not None:
-            raise admission.Refusal(*why)
-        try:
-            if not self.engine.submit_windowed(r):
-                return False
-        except OverflowError as exc:
-            raise admission.Refusal("RESOURCE_EXHAUSTED", str(exc)) from None
-        except EngineDown as exc:
-            raise admission.Refusal("UNAVAILABLE", str(exc)) from None
-        self.windowed[id(r)] = (rid, remaining)
-        return True
-
     def _group_closed(self, promised: list[Request], ended: list[Request]) -> None:
         """Under the engine's lock, when an admission window closes: each member's answer.
         A member whose promised finish is past its deadline is refused now (and retired
         at the next tick); one that ended in the window (cancelled) is answered CANCELLED."""
         for r in promised:
             rid, remaining = self.windowed.pop(id(r))
-            if remaining is not None and r.predicted_e2e_s > remaining:
+            late = admission.past_deadline(r.predicted_ttft_s, r.predicted_e2e_s, remaining)
+            if late is not None:
                 r.cancelled = True
                 self.requests.pop(rid, None)
-                self.outbox.put(Refused(rid, "DEADLINE_EXCEEDED",
-                                        f"predicted finish in {r.predicted_e2e_s:.3f} s (first token in "
-                                        f"{r.predicted_ttft_s:.3f} s) is past the deadline of {remaining:.3f} s"))
+                self.outbox.put(Refused(rid, late.code, str(late)))
             else:
                 self.outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
         for r in ended:
