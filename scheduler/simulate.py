@@ -19,6 +19,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from scheduler.program import ProgramView
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, TickScheduler, key_bucket, slice_sizes
@@ -126,6 +127,15 @@ def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> f
     return max(decode, *(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets))
 
 
+class ArrivalWindow(NamedTuple):
+    """An open admission window (docs/architecture.md, "Arrival groups")."""
+
+    closes_s: float  # when its bound ends
+    group: int  # its members' `Seq.group`
+    members: list  # in arrival order (the engine's Requests, the simulation's Seqs)
+    alone: bool  # it opened with no earlier stream still being handed out
+
+
 def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[StepKey], float], alone: bool,
                   in_flight: TickPlan | None = None, elapsed_s: float = 0.0) -> dict[int, tuple[float, float]]:
     """seq_id -> (first token, cadence), seconds from now, for an arrival group: `members`,
@@ -150,33 +160,38 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
     if in_flight is not None:
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
         sim.update(rebind(in_flight, sim))
-    times: dict[int, list[float]] = {s.seq_id: [] for s in mine}  # when each token's tick starts and ends
+    first: dict[int, float] = {}  # seq_id -> when the tick that makes its first token ends
+    second: dict[int, float] = {}  # seq_id -> when the tick that makes its second token starts
+
+    def token(seq_id: int, start: float, dt: float) -> None:
+        if seq_id not in first:
+            first[seq_id] = start + dt
+        elif seq_id not in second:
+            second[seq_id] = start
+
     for seq in mine:  # members whose first token the tick in flight already made
         if seq.generated:
-            times[seq.seq_id].append(t)
-    second: dict[int, float] = {}  # seq_id -> when the tick that makes its second token starts
-    while any(len(x) < 2 and s.finish_reason is None for s, x in ((s, times[s.seq_id]) for s in mine)):
+            first[seq.seq_id] = t
+    while any(s.seq_id not in second and s.finish_reason is None for s in mine):
         plan = sim.schedule()
         if plan is None:
             raise RuntimeError("the scheduler stalled with an arrival group waiting")  # a bug, not an input
         run = run_length(sim, plan)
         dt = tick_s(plan.key)
-        if run > 1:
+        if run > 1:  # only the first two tokens of a jumped run can matter
             for i, seq in enumerate(plan.rows):
                 if seq.seq_id in ids and not plan.is_slice(i):
-                    times[seq.seq_id].extend(t + k * dt for k in range(1, run))
+                    for k in range(min(run - 1, 2)):
+                        token(seq.seq_id, t + k * dt, dt)
             skip(plan, run - 1)
             t += (run - 1) * dt
         before = {s.seq_id: s.generated for s in plan.rows}
-        t += dt
         for out in sim.update(plan):
             if out.seq.seq_id in ids and out.seq.generated > before[out.seq.seq_id]:
-                times[out.seq.seq_id].append(t)
-        for i, x in times.items():
-            if len(x) > 1 and i not in second:
-                second[i] = x[1] - dt
-    out = {i: (max(x[0], second[i]) if len(x) > 1 else x[0], cadence) for i, x in times.items()}
-    return {i: out.get(i, (0.0, cadence)) for i in ids}  # a member missing ended at the tick that just ended
+                token(out.seq.seq_id, t, dt)
+        t += dt
+    # A member missing from `first` ended at the tick that just ended (one token).
+    return {i: (max(first[i], second.get(i, 0.0)) if i in first else 0.0, cadence) for i in ids}
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
@@ -286,11 +301,12 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     waiting_to_send: list[int] = []
     in_flight, t = 0, 0.0
     delivery_ends: dict[int, float] = {}  # index -> its last token's promised time (the engine's `_delivery_ends`)
-    window: list = []  # the open admission window: [(its end, group id, its members, opened alone)]
+    window: ArrivalWindow | None = None  # the open admission window
 
     def close(at: float) -> None:
         """Promises the open window's group (the engine's `close_window`)."""
-        _, _, members, alone = window.pop()
+        nonlocal window
+        members, alone, window = window.members, window.alone, None
         for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone).items():
             promises[i] = (at + ttft, cadence)
             delivery_ends[i] = at + ttft + (requests[i].max_tokens - 1) * cadence
@@ -299,10 +315,10 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             seq.cadence_s = promises[seq.seq_id][1]
 
     def send(i: int, at: float) -> None:
-        nonlocal in_flight
+        nonlocal in_flight, window
         r = requests[i]
         results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
-        if window and results[i].arrival_s > window[0][0]:
+        if window and results[i].arrival_s > window.closes_s:
             close(at)  # arrived after the window: promised as any other, beside the group
         if len(sched.waiting) >= sched.max_queue:
             results[i].status = "RESOURCE_EXHAUSTED"
@@ -314,11 +330,11 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             for j in [j for j, end in delivery_ends.items() if end <= at]:
                 del delivery_ends[j]  # handed out in full
             sched.delivering = bool(delivery_ends)
-            if not window and window_s > 0 and sched.idle():
-                window.append((results[i].arrival_s + window_s, i, [], not sched.delivering))  # it opens a window
+            if not window and window_s > 0 and sched.idle():  # it opens a window
+                window = ArrivalWindow(results[i].arrival_s + window_s, i, [], not sched.delivering)
             if window:  # a member: promised when the window closes
-                seq.group = window[0][1]
-                window[0][2].append(seq)
+                seq.group = window.group
+                window.members.append(seq)
                 sched.add(seq)
                 in_flight += 1
                 return
@@ -342,7 +358,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
 
     def next_event() -> float | None:
         """When the next request arrives, the next client is free or the window closes, if ever."""
-        return min([x[0] for x in upcoming[:1]] + frees[:1] + [w[0] for w in window], default=None)
+        return min([x[0] for x in upcoming[:1]] + frees[:1] + ([window.closes_s] if window else []), default=None)
 
     for _ in range(min(concurrency, len(requests)) if closed else 0):
         heapq.heappush(upcoming, (0.0, unsent.pop(0)))
@@ -354,7 +370,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             waiting_to_send.append(heapq.heappop(upcoming)[1])
         while waiting_to_send and (closed or not concurrency or in_flight < concurrency):
             send(waiting_to_send.pop(0), t)
-        if window and (t >= window[0][0] or any(s.generated for s in window[0][2])):  # its bound, or a first token
+        if window and (t >= window.closes_s or any(s.generated for s in window.members)):  # its bound, or a first token
             close(t)
         plan = sched.schedule()
         nxt = next_event()

@@ -149,6 +149,10 @@ class TickPlan:
         """(first position, tokens) of slice row i."""
         return self.spans[i - self.decoding]
 
+    def samples(self, i: int) -> bool:
+        """Whether row i samples a token: a decode row, or a slice that ends its prompt."""
+        return not self.is_slice(i) or sum(self.span(i)) >= self.rows[i].prompt_len
+
 
 @dataclass(frozen=True)
 class Output:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import paced_ticks, predict_arrival, promise_group
+from scheduler.simulate import ArrivalWindow, paced_ticks, predict_arrival, promise_group
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -148,10 +148,9 @@ class Engine:
         # it runs, its last real one once it ended (a stop token ends a stream early).
         self._delivery_ends: dict[int, float] = {}
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
-        # The open admission window: its members (queued, promises pending), its group id,
-        # when it closes (perf_counter s), and whether it opened alone (no earlier stream
-        # still handed out); None when no window is open.
-        self._window: tuple[list[Request], int, float, bool] | None = None
+        # The open admission window (its members: Requests queued, promises pending; its
+        # closes_s: perf_counter s); None when no window is open.
+        self._window: ArrivalWindow | None = None
         self._groups = itertools.count()
         self.on_group_close: Callable[[list[Request], list[Request]], None] | None = None  # (promised, ended), under the lock
         self._stop = False
@@ -187,10 +186,7 @@ class Engine:
         tick in flight (a request arriving mid-tick is admitted at its end)."""
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
-            now = time.perf_counter()
-            for seq_id in [i for i, end in self._delivery_ends.items() if end <= now]:
-                del self._delivery_ends[seq_id]
-            snapshot.delivering = bool(self._delivery_ends)
+            snapshot.delivering = self._delivering(time.perf_counter())
         ticks = self._ticks  # the pace now, read once
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
@@ -235,10 +231,17 @@ class Engine:
             self._delivery_ends[seq.seq_id] = request.arrival_s + request.predicted_e2e_s
             self._lock.notify()
 
+    def _delivering(self, now: float) -> bool:
+        """Under the lock: whether an earlier stream is still being handed out at `now`
+        (forgetting those handed out in full)."""
+        for seq_id in [i for i, end in self._delivery_ends.items() if end <= now]:
+            del self._delivery_ends[seq_id]
+        return bool(self._delivery_ends)
+
     def window_closes_at(self) -> float | None:
         """When the open admission window closes (perf_counter s), or None."""
         window = self._window
-        return None if window is None else window[2]
+        return None if window is None else window.closes_s
 
     def submit_windowed(self, request: Request) -> bool:
         """Under the lock: queues `request` in the open admission window, or opens one with
@@ -249,13 +252,12 @@ class Engine:
         if not self.config.deterministic or self.config.admission_window_s <= 0 or self.sched is None:
             return False
         if self._window is None:
-            now = time.perf_counter()
-            for seq_id in [i for i, end in self._delivery_ends.items() if end <= now]:
-                del self._delivery_ends[seq_id]
             if not self.sched.idle():
                 return False
-            self._window = ([], next(self._groups), now + self.config.admission_window_s, not self._delivery_ends)
-        members, group, _, _ = self._window
+            now = time.perf_counter()
+            self._window = ArrivalWindow(now + self.config.admission_window_s, next(self._groups), [],
+                                         not self._delivering(now))
+        members, group = self._window.members, self._window.group
         if self.failure is not None:
             raise EngineDown(f"engine stopped: {self.failure!r}"[:300])
         seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids, group=group)
@@ -272,7 +274,7 @@ class Engine:
         of the tick in flight; tells `on_group_close`; returns the members promised."""
         if self._window is None:
             return []
-        members, _, _, alone = self._window
+        members, alone = self._window.members, self._window.alone
         self._window = None
         live = [r for r in members if r.seq.seq_id in self._requests]
         if live:
@@ -455,7 +457,7 @@ class Engine:
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
         window = self._window  # read once: the core's input thread may close it meanwhile
-        if window is not None and self._gives_a_member_its_first_token(plan, window[1]):
+        if window is not None and self._gives_a_member_its_first_token(plan, window.group):
             with self._lock:  # promises before tokens: the window closes now at the latest
                 self.close_window()
         now = time.perf_counter()
@@ -469,8 +471,7 @@ class Engine:
     @staticmethod
     def _gives_a_member_its_first_token(plan: TickPlan, group: int) -> bool:
         """Whether this tick samples a token for a member of arrival group `group`."""
-        return any(seq.group == group and (not plan.is_slice(i) or sum(plan.span(i)) >= seq.prompt_len)
-                   for i, seq in enumerate(plan.rows))
+        return any(seq.group == group and plan.samples(i) for i, seq in enumerate(plan.rows))
 
     def _late(self, plan: TickPlan, tokens: dict[int, int], now: float) -> bool:
         """Whether any token of this tick comes after the time its request was promised it."""
@@ -478,7 +479,7 @@ class Engine:
             r = self._requests.get(seq.seq_id)
             if r is None or seq.seq_id not in tokens or not r.predicted_ttft_s:
                 continue
-            if plan.is_slice(i) and sum(plan.span(i)) < seq.prompt_len:
+            if not plan.samples(i):
                 continue  # a slice that does not end its prompt: no token
             if now > r.arrival_s + r.predicted_ttft_s + len(r.out) * r.predicted_tpot_s:
                 return True
