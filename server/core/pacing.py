@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 
 
@@ -58,14 +59,15 @@ class Pacer:
     fast_window: int = 16
     repaces: int = 0
     _ratios: deque = field(default_factory=deque, repr=False)
-    _recent: deque = field(default_factory=deque, repr=False)
     _seen: int = 0
+    _fresh: int = 0  # ticks since the last fast re-pace (the fast rule reads the last fast_window of them)
 
     def __post_init__(self):
         if not self.factor > 0 or not 0 < self.quantile <= 1 or self.margin < 0:
             raise ValueError(f"factor must be > 0, quantile in (0, 1], margin >= 0; got {self}")
+        if not 1 <= self.fast_window <= self.window:
+            raise ValueError(f"fast_window must be in 1..window, got {self.fast_window}")
         self._ratios = deque(maxlen=self.window)
-        self._recent = deque(maxlen=self.fast_window)
 
     def follow(self, ratio: float) -> bool:
         """Scales the factor by `ratio` > 1 (another phase's re-pace: the host got slower)
@@ -83,14 +85,14 @@ class Pacer:
         if not self.adaptive or not program_s > 0:
             return False
         self._ratios.append(measured_s / program_s)
-        self._recent.append(measured_s / program_s)
         self._seen += 1
-        if len(self._recent) == self.fast_window:
-            slower = statistics.median(self._recent) * (1 + self.margin)
+        self._fresh += 1
+        if self._fresh >= self.fast_window:
+            slower = statistics.median(islice(reversed(self._ratios), self.fast_window)) * (1 + self.margin)
             if slower > self.factor * (1 + self.tolerance):
                 self.factor = slower
                 self.repaces += 1
-                self._recent.clear()
+                self._fresh = 0
                 return True
         if len(self._ratios) < self.min_samples or self._seen % self.every:
             return False
