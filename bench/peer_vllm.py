@@ -238,7 +238,7 @@ def second_judge(guidellm: str, folder: str, base: str, out: Path) -> dict:
 
 
 def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "", folder: str = "") -> dict:
-    """Every server up at once (started one after another, so each measures its start-up
+    """name -> load -> figures. Every server up at once (started one after another, so each measures its start-up
     pace alone; an idle server takes no CPU), then each load on each server in turn: this
     host's speed moves by up to 1.6x within minutes, and one server at a time put minutes
     between the servers' runs of a load (one run's start-up time scales: 1.12, 1.13, 1.68)."""
@@ -272,31 +272,6 @@ def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "
     return results
 
 
-def run_server(name: str, start, out: Path, guidellm: str = "", folder: str = "") -> dict:
-    proc, base, metrics = start()
-    results = {}
-    try:
-        closed(base, 1, 2)  # warm-up
-        for load, make in LOADS:
-            before = _ticks(metrics) if metrics else None
-            t0 = time.perf_counter()
-            recs = make(base)
-            results[load] = summarize(recs, time.perf_counter() - t0)
-            if before:
-                total, over = (a - b for a, b in zip(_ticks(metrics), before))
-                results[load]["overruns"] = over / total if total else 0.0
-            print(f"{name:>12} {load:<11} {json.dumps({k: round(v, 3) for k, v in results[load].items()})}",
-                  flush=True)
-        if guidellm:
-            results[JUDGE] = second_judge(guidellm, folder, base, out / f"guidellm-{name}.json")
-            print(f"{name:>12} {JUDGE:<11} {json.dumps({k: round(v, 3) for k, v in results[JUDGE].items()})}",
-                  flush=True)
-    finally:
-        stop(proc)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
@@ -324,7 +299,7 @@ def main() -> int:
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
     names = [s for s in args.servers.split(",") if s]
     if args.one_at_a_time:
-        res = {name: run_server(name, starts[name], args.out, args.guidellm, folder) for name in names}
+        res = {name: run_interleaved([name], starts, args.out, args.guidellm, folder)[name] for name in names}
     else:
         res = run_interleaved(names, starts, args.out, args.guidellm, folder)
     loads = [load for load, _ in LOADS] + ([JUDGE] if args.guidellm else [])
