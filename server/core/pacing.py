@@ -6,6 +6,7 @@ fixed margin of the first ticks; from then on it follows this host (a slowdown a
 `fast_window`); every `every` ticks
 it is re-estimated as the `quantile` of measured / program step time over the last
 `window` ticks, plus `margin`, and replaced when it moved by more than `tolerance`
+(a faster host so within `window` + `every` ticks)
 (a re-pace: counted and exported). So a step overruns its tick rarely (less than
 1 - quantile of the time, the margin absorbing most of that tail), whether the host drifted slower (its memory bandwidth moves 25-41 GB/s here from
 minute to minute) or the start-up measurement was pessimistic; promises made after a
@@ -38,7 +39,11 @@ class Pacer:
     # widened the demo's ITL p99/p50 from 1.08 to 1.21 and set the decode factor to 1.68.
     quantile: float = 0.95
     margin: float = 0.10  # over the quantile
-    window: int = 512  # ticks
+    # Down as fast as the samples allow: the quantile of the last 128 ticks, so a host that
+    # got faster is followed within window + every ticks (with 512 the slow samples of one
+    # slowdown held the pace up for ~40 s: a full house at c=8 decoded at an 84 ms cadence
+    # while the same steps ran at ~59 ms unpaced; bench/peer_vllm.py, BENCHMARKS.md).
+    window: int = 128  # ticks
     # Re-estimating after 32 ticks, every 16, was tried: one phase's factor covers all its
     # buckets, and the 95th percentile of a short window is its worst bucket's outlier: the
     # decode factor went to 1.56 (batch 4 steps ran at 1.03x their program time) and with

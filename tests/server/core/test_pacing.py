@@ -74,3 +74,12 @@ def test_a_slowdown_is_followed_within_a_few_ticks_and_one_slow_step_is_not_one(
     changed = feed(pacer, [1.5] * 2 * pacer.fast_window)  # the host is half as slow again
     assert changed.index(True) < pacer.fast_window and pacer.factor == pytest.approx(1.5 * (1 + pacer.margin))
     assert not any(feed(pacer, [1.0] * (pacer.min_samples - 60)))  # faster again: waits for the 128-tick rule
+
+
+def test_a_host_that_got_faster_again_is_followed_within_a_window():
+    pacer = Pacer(factor=1.1)
+    feed(pacer, [1.6] * 600)  # a slow spell: the fast rule and the quantile rule follow it up
+    assert pacer.factor == pytest.approx(1.6 * (1 + pacer.margin))
+    # The host is back: followed within 192 ticks (~15 s of an 80 ms cadence), not ~40 s.
+    feed(pacer, [1.0] * 192)
+    assert pacer.factor == pytest.approx(1.0 * (1 + pacer.margin))
