@@ -6,6 +6,8 @@ requests with the same words.
 
 from __future__ import annotations
 
+import time
+
 from server.core.engine import Engine, EngineDown, Request
 
 
@@ -39,7 +41,9 @@ def refusal(engine: Engine) -> tuple[str, str] | None:
 
 def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     """Predicts `r`'s first token and finish, refuses it (Refusal, nothing queued) or queues
-    it with that promise in `r.predicted_*`."""
+    it with that promise in `r.predicted_*`, in seconds from `r.arrival_s` (the door's
+    receipt: what its parsing, tokenization and transport took since is part of the promise).
+    `time_remaining_s`: the client's deadline, from now."""
     why = refusal(engine)
     if why is not None:
         raise Refusal(*why)
@@ -47,7 +51,8 @@ def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     late = past_deadline(ttft, e2e, time_remaining_s)
     if late is not None:
         raise late
-    r.promise(ttft, e2e)
+    waited = max(0.0, time.perf_counter() - r.arrival_s)
+    r.promise(waited + ttft, waited + e2e)
     r.group = group
     try:
         engine.submit(r)

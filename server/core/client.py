@@ -152,7 +152,8 @@ class CoreClient:
                 self._send(Drain())
 
     # -- the admission interface ----------------------------------------------------
-    async def admit(self, parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
+    async def admit(self, parsed, time_remaining_s: float | None,
+                    arrival_s: float | None = None) -> tuple[Request, asyncio.Queue]:
         from server.frontend.api import Refused as RefusedError  # the front door's error type
 
         why = admission.closed(self.up, self.accepting)
@@ -169,12 +170,13 @@ class CoreClient:
         rid, queue = next(self._rids), asyncio.Queue()
         # emit: unused here (the core's events reach the queue through its Stream).
         r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
-                    parsed.stop_ids, queue.put_nowait)
+                    parsed.stop_ids, queue.put_nowait, arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
         r.rid = rid  # what cancel() names it by
         answer = self._ask(rid)
         self._requests[rid] = Stream(r, queue, self.config.deterministic)  # before the send: its events may follow its answer at once
+        # The deadline goes as seconds from the arrival, as the promise counts.
         self._send(Admit(rid, list(r.prompt), r.max_tokens, r.sampling, sorted(r.stop_ids), r.arrival_s,
-                         time_remaining_s))
+                         None if time_remaining_s is None else time_remaining_s + time.perf_counter() - r.arrival_s))
         msg = await answer
         if isinstance(msg, Refused):
             self._requests.pop(rid, None)

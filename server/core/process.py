@@ -191,14 +191,13 @@ class Core:
                     # deadline counts from its arrival, as the promise does.
                     self.windowed[id(r)] = (rid, msg.time_remaining_s)
                     return
+                # The promise counts from the front end's arrival, in the core as at the
+                # front end (the engine times its overruns by it).
                 admission.admit(self.engine, r, remaining)
             except admission.Refusal as exc:
                 self.requests.pop(rid, None)
                 outbox.put(Refused(rid, exc.code, str(exc)))
                 return
-            # From here on the promise counts from the arrival, in the core as at the front end
-            # (the engine times its overruns by it).
-            r.promise(waited + r.predicted_ttft_s, waited + r.predicted_e2e_s)
             outbox.put(Admitted(rid, r.predicted_ttft_s, r.predicted_e2e_s))
 
     def _group_closed(self, promised: list[Request], ended: list[Request]) -> None:

@@ -111,13 +111,16 @@ class Refused(Exception):
         self.code = code
 
 
-def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None) -> tuple[Request, asyncio.Queue]:
+def admit(engine: Engine, parsed: Parsed, time_remaining_s: float | None = None,
+          arrival_s: float | None = None) -> tuple[Request, asyncio.Queue]:
     """Predicts, then queues `parsed` on an engine in this process (on the event loop).
     Raises Refused with nothing queued. Returns the request and the queue its tokens and
-    its end (engine.Finished) arrive on, as (item, tick, seconds)."""
+    its end (engine.Finished) arrive on, as (item, tick, seconds). `arrival_s`: when the
+    door received it (perf_counter seconds; default now), what its promise counts from."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     r = Request(parsed.request_id or new_request_id(), parsed.prompt, parsed.max_tokens, parsed.sampling,
-                parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(stream.release, *item))
+                parsed.stop_ids, lambda *item: loop.call_soon_threadsafe(stream.release, *item),
+                arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
     stream = Stream(r, queue, engine.config.deterministic)  # tokens go out no sooner than promised
     try:
         admission.admit(engine, r, time_remaining_s)
@@ -144,8 +147,9 @@ class LocalAdmission:
     def status(self) -> dict:
         return self.engine.status()
 
-    async def admit(self, parsed: Parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
-        return admit(self.engine, parsed, time_remaining_s)
+    async def admit(self, parsed: Parsed, time_remaining_s: float | None,
+                    arrival_s: float | None = None) -> tuple[Request, asyncio.Queue]:
+        return admit(self.engine, parsed, time_remaining_s, arrival_s)
 
     def cancel(self, r: Request) -> None:
         """The client left or a stop string ended it: its slot is freed next tick."""
@@ -251,12 +255,13 @@ class LockstepService:
 
     async def _admit(self, request, context) -> tuple[Parsed, Request, asyncio.Queue]:
         """Every check, then the queue; refuses (aborts) with nothing queued on any failure."""
+        arrival = time.perf_counter()  # the promise counts from here: parsing and tokenizing are in it
         if isinstance(request, Malformed):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid "
                                                                           f"GenerateRequest ({request.error})")
         try:
             parsed = parse_request(request, self.limits, self.tokenizer, self.info.model)
-            r, queue = await self.admission.admit(parsed, context.time_remaining())
+            r, queue = await self.admission.admit(parsed, context.time_remaining(), arrival)
         except (BadRequest, Refused) as exc:
             await self._refuse(context, exc.code, str(exc))
         return parsed, r, queue

@@ -240,6 +240,9 @@ class OpenAIFrontEnd:
         return req, stream, options.get("include_usage", False), ignore_eos
 
     async def _serve(self, request: HTTPRequest, chat: bool):
+        # The promise counts from here: reading the body, parsing and tokenizing are in it
+        # (8 simultaneous arrivals are parsed one after another on this loop).
+        arrival = time.perf_counter()
         try:
             self._authorize(request)
             req, stream, include_usage, ignore_eos = self._translate(await self._body(request), chat)
@@ -251,7 +254,7 @@ class OpenAIFrontEnd:
                 raise _bad("x-lockstep-deadline-s: must be seconds") from None
             if remaining is not None and not (math.isfinite(remaining) and remaining > 0):
                 raise _bad("x-lockstep-deadline-s: must be a positive number of seconds")
-            r, queue = await self.admission.admit(parsed, remaining)
+            r, queue = await self.admission.admit(parsed, remaining, arrival)
         except (BadRequest, Refused) as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(PROTOCOL, exc.code.name)

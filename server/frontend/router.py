@@ -245,8 +245,10 @@ class RoutedAdmission:
         c, e2e = min(cands, key=lambda x: (x[0].ttft_s, x[0].index))
         return pb.ArrivalPrediction(admissible=True, ttft_s=c.ttft_s, e2e_s=e2e, outstanding=outstanding)
 
-    async def admit(self, parsed: Parsed, time_remaining_s: float | None) -> tuple[Request, asyncio.Queue]:
-        arrival = time.perf_counter()
+    async def admit(self, parsed: Parsed, time_remaining_s: float | None,
+                    arrival_s: float | None = None) -> tuple[Request, asyncio.Queue]:
+        called = time.perf_counter()  # time_remaining_s counts from here
+        arrival = called if arrival_s is None else arrival_s
         if not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not admitting")
         if not self.up:
@@ -266,21 +268,23 @@ class RoutedAdmission:
             if chosen is None:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica's queue is full")
             rep = self.replicas[chosen]
-            r, queue, call = await self._send(rep, parsed, arrival, time_remaining_s)
+            r, queue, call = await self._send(rep, parsed, arrival, called, time_remaining_s)
             r.route = {c.index: c.ttft_s for c, _ in cands}
         rep.outstanding += 1
         rep.routed += 1
         self._calls[r.request_id] = asyncio.ensure_future(self._pump(rep, r, call, queue))
         return r, queue
 
-    async def _send(self, rep: Replica, parsed: Parsed, arrival: float, time_remaining_s: float | None):
+    async def _send(self, rep: Replica, parsed: Parsed, arrival: float, called: float,
+                    time_remaining_s: float | None):
         s = parsed.sampling
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=parsed.prompt), max_tokens=parsed.max_tokens,
                                  sampling=pb.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                                             seed=s.seed),
                                  stop_token_ids=sorted(parsed.stop_ids),
                                  request_id=parsed.request_id or new_request_id())
-        timeout = None if time_remaining_s is None else max(0.001, time_remaining_s - (time.perf_counter() - arrival))
+        sent = time.perf_counter()
+        timeout = None if time_remaining_s is None else max(0.001, time_remaining_s - (sent - called))
         call = rep.stub.Generate(req, timeout=timeout, metadata=rep.metadata)
         try:
             # Bounded: routing waits for this answer with its lock held.
@@ -295,7 +299,8 @@ class RoutedAdmission:
         if "lockstep-predicted-ttft-s" not in md:  # refused there: the status says why
             code, details = await call.code(), await call.details()
             raise Refused(code, f"replica {rep.index}: {details}")
-        ttft, e2e = float(md["lockstep-predicted-ttft-s"]), float(md["lockstep-predicted-e2e-s"])
+        # The replica's promise counts from its receipt (~ the send); this one from the door's.
+        ttft, e2e = (float(md[k]) + sent - arrival for k in ("lockstep-predicted-ttft-s", "lockstep-predicted-e2e-s"))
         r = Request(req.request_id, list(parsed.prompt), parsed.max_tokens, s, parsed.stop_ids, lambda *_: None,
                     arrival_s=arrival, predicted_ttft_s=ttft, predicted_e2e_s=e2e,
                     predicted_tpot_s=(e2e - ttft) / (parsed.max_tokens - 1) if parsed.max_tokens > 1 else 0.0)

@@ -109,6 +109,29 @@ def test_the_prediction_is_in_the_headers(tiny):
     assert float(raw.headers["lockstep-predicted-e2e-s"]) >= float(raw.headers["lockstep-predicted-ttft-s"])
 
 
+def test_the_promise_counts_from_the_doors_receipt_not_from_the_parsed_request(tiny):
+    """A client times its tokens from its send: the promise must count from when the door
+    got the request, reading the body (here 0.3 s late) and tokenizing included. It counted
+    from after both (8 simultaneous arrivals' tokens came 16-18 ms after their promise at
+    p99, the last parsed after the others)."""
+    host, port = tiny.info["http"].rsplit(":", 1)
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 4}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.3)
+        conn.sendall(body)
+        conn.settimeout(30)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+    headers = dict(line.split(": ", 1) for line in head.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:])
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    ttft = float(headers["lockstep-predicted-ttft-s"])
+    assert 0.3 <= ttft < 0.3 + 5, ttft
+    assert float(headers["lockstep-predicted-e2e-s"]) >= ttft
+
+
 def test_same_seed_same_text_alone_and_under_concurrent_load(tiny):
     ask = lambda: tiny.client.completions.create(model="tiny", prompt="seeded", max_tokens=12, temperature=0.9,
                                                  seed=5).choices[0].text
