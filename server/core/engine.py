@@ -38,6 +38,15 @@ from scheduler.program import ProgramView
 from scheduler.simulate import ArrivalWindow, paced_ticks, predict_arrival, promise_group
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
+
+# What each phase's pace covers, over the served steps (+ the guard band). A stream's
+# decode and mixed ticks run back to back ahead of their promises, so the lead they build
+# (the margin over the median, every tick) absorbs a slow step: the median. A first token
+# has no lead before it: prefill ticks keep the 95th percentile. Measured at c=1 with the
+# 95th for every phase: a lone stream promised 57 ms a token while its steps ran at a
+# median 40 (the 95th percentile of 128 ticks is their one slow step in twenty), 0.68x
+# `--throughput`'s tokens/s (bench/peer_vllm.py, BENCHMARKS.md).
+PACE_QUANTILE = {PREFILL: 0.95, DECODE: 0.5, MIXED: 0.5}
 from server.runtime.sampling import SamplingParams
 from server.runtime.step import ExecutorFailed, StepBatch
 
@@ -135,9 +144,10 @@ class Engine:
         # slow the decode cadence by 20%.
         scales = {PREFILL: config.prefill_scale or config.time_scale, DECODE: config.time_scale,
                   MIXED: config.time_scale}
-        # Their margin over the measured steps' 95th percentile is the guard band too.
+        # Their margin over the measured steps' quantile is the guard band too.
         self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                                    margin=config.guard_band_frac) for phase in (PREFILL, DECODE, MIXED)}
+                                    margin=config.guard_band_frac, quantile=PACE_QUANTILE[phase])
+                       for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:
