@@ -237,6 +237,30 @@ def second_judge(guidellm: str, folder: str, base: str, out: Path) -> dict:
     return {"ok": 32, "errors": 0, **r, "itl_ratio": r["itl_p99"] / r["itl_p50"]}
 
 
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole host since boot (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def settle(quiet_cores: float = 0.2, window_s: float = 0.25, limit_s: float = 10.0) -> float:
+    """Waits until the host is quiet (under `quiet_cores` busy over a `window_s` window, at
+    most `limit_s`); returns the seconds waited. vLLM's CPU engine keeps a core busy for
+    1-1.5 s after its last request (measured: 1.0 cores for 1 s, then 0.00-0.06), and the
+    next server's first wave ran beside it: a 48-token prefill step took 302 ms against
+    106 ms program, and its whole wave came late."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        b0, t0_ = _busy_jiffies()
+        time.sleep(window_s)
+        b1, t1 = _busy_jiffies()
+        if t1 > t0_ and (b1 - b0) / (t1 - t0_) * os.cpu_count() < quiet_cores:
+            break
+    return time.perf_counter() - t0
+
+
 def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "", folder: str = "") -> dict:
     """name -> load -> figures. Every server up at once (started one after another, so each measures its start-up
     pace alone; an idle server takes no CPU), then each load on each server in turn: this
@@ -252,6 +276,7 @@ def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "
             for name in names:
                 _, base, metrics = running[name]
                 before = _ticks(metrics) if metrics else None
+                settle()  # the previous server's tail off the cores first
                 t0 = time.perf_counter()
                 recs = make(base)
                 results[name][load] = r = summarize(recs, time.perf_counter() - t0)
@@ -261,6 +286,7 @@ def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "
                 print(f"{name:>12} {load:<11} {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
         if guidellm:
             for name in names:
+                settle()
                 r = second_judge(guidellm, folder, running[name][1], out / f"guidellm-{name}.json")
                 results[name][JUDGE] = r
                 print(f"{name:>12} {JUDGE:<11} {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
