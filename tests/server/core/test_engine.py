@@ -220,3 +220,16 @@ def test_streams_are_paced_at_the_median_step_and_first_tokens_at_the_tail():
             engine._account(plan, engine.sched, {}, program * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
     assert engine.pacers["decode"].factor == pytest.approx(1.0 * 1.1)  # 1.65 with the 95th percentile
     assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1)
+
+
+def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
+    """Prefill ticks are one in 33 at c=1: a start-up scale measured in a slow minute must
+    not hold every first token late until 128 of them have run."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_scale=2.5))
+    plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    assert engine.pacers["prefill"].factor == pytest.approx(2.5 * 1.1)
+    for _ in range(16):
+        engine._account(plan, engine.sched, {}, 1.2 * VIEW.step_s(plan.key), False, 0.0)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.2 * 1.1)
