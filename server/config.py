@@ -23,6 +23,7 @@ class ServeConfig:
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
     admission_window_s: float = EngineConfig.admission_window_s
+    pace_quantile: float = EngineConfig.pace_quantile
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host

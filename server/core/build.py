@@ -120,7 +120,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
-                                 admission_window_s=cfg.admission_window_s,
+                                 admission_window_s=cfg.admission_window_s, pace_quantile=cfg.pace_quantile,
                                  prefill_scale=prefill_scale)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)

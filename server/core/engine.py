@@ -41,12 +41,13 @@ from server.core.pacing import Pacer
 
 # What each phase's pace covers, over the served steps (+ the guard band). A stream's
 # decode and mixed ticks run back to back ahead of their promises, so the lead they build
-# (the margin over the median, every tick) absorbs a slow step: the median. A first token
-# has no lead before it: prefill ticks keep the 95th percentile. Measured at c=1 with the
-# 95th for every phase: a lone stream promised 57 ms a token while its steps ran at a
-# median 40 (the 95th percentile of 128 ticks is their one slow step in twenty), 0.68x
-# `--throughput`'s tokens/s (bench/peer_vllm.py, BENCHMARKS.md).
-PACE_QUANTILE = {PREFILL: 0.95, DECODE: 0.5, MIXED: 0.5}
+# (the margin over the quantile, every tick) absorbs a slow step: the median by default
+# (EngineConfig.pace_quantile). A first token has no lead before it: prefill ticks keep
+# the 95th percentile. Measured at c=1 with the 95th for every phase: a lone stream
+# promised 57 ms a token while its steps ran at a median 40 (the 95th percentile of 128
+# ticks is their one slow step in twenty), 0.68x `--throughput`'s tokens/s
+# (bench/peer_vllm.py, BENCHMARKS.md).
+PREFILL_QUANTILE = 0.95
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
 # 1.8-2.8 on this host, where served steps ran at 1.1-1.3x) held every first token late
@@ -73,6 +74,8 @@ class EngineConfig:
     # ticks' margin; then the pace follows the measured steps (adaptive_pacing).
     guard_band_frac: float = 0.20
     adaptive_pacing: bool = True
+    # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
+    pace_quantile: float = 0.5
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True
@@ -151,7 +154,7 @@ class Engine:
                   MIXED: config.time_scale}
         # Their margin over the measured steps' quantile is the guard band too.
         self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                                    margin=config.guard_band_frac, quantile=PACE_QUANTILE[phase],
+                                    margin=config.guard_band_frac, quantile=PREFILL_QUANTILE if phase == PREFILL else config.pace_quantile,
                                     min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]))
                        for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
