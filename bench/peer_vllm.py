@@ -67,11 +67,16 @@ class Rec:
 
 def one(base: str) -> Rec:
     """One streamed completion over a connection of its own (http.client: the standard
-    library, so both servers get the very same client code)."""
+    library, so both servers get the very same client code), connected before the clock
+    starts, as a client's pooled connection is: a request is timed from its send."""
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
                        "stream": True, "ignore_eos": True})
     host, port = base.split("//")[1].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    try:
+        conn.connect()
+    except OSError as exc:
+        return Rec(time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
     rec = Rec(time.perf_counter())
     try:
         conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
