@@ -139,11 +139,12 @@ def add_serving_args(p) -> None:
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (a quantile of the last 128 + the guard band, re-estimated every 64 ticks; "
                         "a slowdown within 16)")
-    p.add_argument("--pace-quantile", type=float, default=0.5,
-                   help="the quantile of the served decode and mixed steps their pace covers, before the guard "
-                        "band: streams run ahead of their promises and their lead absorbs a slow step (higher: "
-                        "fewer late tokens when the host slows, slower cadences; prefill ticks cover the 95th "
-                        "percentile) (default 0.5)")
+    p.add_argument("--pace-quantile", type=float, default=0.95,
+                   help="the quantile of the served decode and mixed steps (the last 128) their pace covers, "
+                        "before the guard band. Streams run ahead of their promises and their lead absorbs a "
+                        "slow step, so 0.5 (the median) gives faster cadences, but promises break when the host "
+                        "slows within a stream's life; prefill ticks always cover the 95th percentile "
+                        "(default 0.95)")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines, each a whole server in a Ray actor on its own devices (a placement group "
                         "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "

@@ -39,14 +39,15 @@ from scheduler.simulate import ArrivalWindow, paced_ticks, predict_arrival, prom
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 
-# What each phase's pace covers, over the served steps (+ the guard band). A stream's
-# decode and mixed ticks run back to back ahead of their promises, so the lead they build
-# (the margin over the quantile, every tick) absorbs a slow step: the median by default
-# (EngineConfig.pace_quantile). A first token has no lead before it: prefill ticks keep
-# the 95th percentile. Measured at c=1 with the 95th for every phase: a lone stream
-# promised 57 ms a token while its steps ran at a median 40 (the 95th percentile of 128
-# ticks is their one slow step in twenty), 0.68x `--throughput`'s tokens/s
-# (bench/peer_vllm.py, BENCHMARKS.md).
+# What each phase's pace covers, over the served steps (+ the guard band). A first token
+# has no lead before it: prefill ticks cover the 95th percentile. A stream's decode and
+# mixed ticks run back to back ahead of their promises, and the lead they build absorbs
+# a slow step, so they may follow a lower quantile (EngineConfig.pace_quantile; `serve
+# --pace-quantile`): the median gave 7-26% more tokens/s at c=8, but a promise made at the
+# median pace breaks when the host slows within the stream's life (this host's steps
+# move by 1.5x within minutes): overruns at c=8 of 0% and 15.7% in two runs, against 2.1%
+# and 0% at the 95th percentile (bench/peer_vllm.py; BENCHMARKS.md, "Pace at the median").
+# The promise is the product: the 95th percentile is the default.
 PREFILL_QUANTILE = 0.95
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
@@ -75,7 +76,7 @@ class EngineConfig:
     guard_band_frac: float = 0.20
     adaptive_pacing: bool = True
     # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
-    pace_quantile: float = 0.5
+    pace_quantile: float = 0.95
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True

@@ -206,19 +206,20 @@ def test_prefill_ticks_follow_the_decode_ticks_when_the_host_slows_down():
     assert engine.tick_s(prefill) == pytest.approx(before * 2)
 
 
-def test_streams_are_paced_at_the_median_step_and_first_tokens_at_the_tail():
-    """Decode ticks run back to back ahead of their promises, so their lead absorbs one
-    slow step in ten: the decode pace follows the median. A prefill tick ends in a first
-    token with no lead before it: its pace covers the 95th percentile."""
+@pytest.mark.parametrize("quantile, decode", [(0.95, 1.5), (0.5, 1.0)])
+def test_streams_are_paced_at_their_quantile_and_first_tokens_at_the_tail(quantile, decode):
+    """Decode ticks follow the chosen quantile of their steps (`--pace-quantile`: the
+    median lets their lead absorb one slow step in ten). A prefill tick ends in a first
+    token with no lead before it: its pace covers the 95th percentile whatever is chosen."""
     from scheduler.ticks import TickPlan
 
-    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, pace_quantile=quantile))
     for phase in ("decode", "prefill"):
         plan = TickPlan(phase, 1, (), shape=VIEW.prefill_chunk if phase == "prefill" else 1)
         program = VIEW.step_s(plan.key)
         for i in range(engine.pacers[phase].min_samples):
             engine._account(plan, engine.sched, {}, program * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
-    assert engine.pacers["decode"].factor == pytest.approx(1.0 * 1.1)  # 1.65 with the 95th percentile
+    assert engine.pacers["decode"].factor == pytest.approx(decode * 1.1)
     assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1)
 
 
