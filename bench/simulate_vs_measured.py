@@ -6,7 +6,7 @@ Starts `lockstep serve --model small --pool cpu --no-ray` (deterministic mode, t
 host's cached calibration), drives it with `lockstep load` (closed loop 1 and 8, Poisson
 2 req/s, and bursty gamma arrivals at 2 req/s, shape 0.25), then runs `lockstep simulate`
 with exactly the serve command's flags plus the load command's (nothing else: simulate
-reads the time scale that serve measured and recorded for this program), and prints TTFT
+reads the pace serve runs at, recorded at start and at each re-pace), and prints TTFT
 and ITL p50/p99 side by side with simulated/measured ratios, and the server's pace factors
 after each run. Goal: p50 within 10%, p99 within 20%.
 

@@ -144,15 +144,38 @@ def _until(stop: threading.Event, duration_s: float, failed=lambda: False) -> bo
     return failed()
 
 
+PACE_RECORD_S = 1.0  # how often the pace serve runs at is recorded for `lockstep simulate`, when it moved
+
+
+async def record_pace(pace: dict[str, float], info: dict, interval_s: float = PACE_RECORD_S) -> None:
+    """Records `pace` (phase -> factor, kept current by the metrics' set_pace) for
+    `lockstep simulate` whenever it moved, until cancelled: simulate then predicts with the
+    pace the server runs at now, not the one it started with (this host's served steps ran
+    at up to 1.8x the start-up measurement, which has no client beside it: simulated first
+    tokens at c=8 0.71x the measured; BENCHMARKS.md, "Simulated against measured")."""
+    last = dict(info.get("pace") or {})
+    while True:
+        await asyncio.sleep(interval_s)
+        now = dict(pace)
+        if now and now != last:
+            record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), now)
+            last = now
+
+
 async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=None, bundle=None,
                       grace_s: float | None = None) -> int:
     server = LockstepServer(config, router=router, router_bundle=bundle)
     server.on_shutdown_request = stop.set
     info = await server.start()
-    # For `lockstep simulate` of this program: the pace serve measured and started with.
+    # For `lockstep simulate` of this program: the pace serve measured and started with,
+    # then the pace it runs at (a re-pace recorded within PACE_RECORD_S).
     record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), info.get("pace"))
     print(_ready_line(info), flush=True)
-    died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
+    recorder = asyncio.ensure_future(record_pace(server.metrics.pace, info))
+    try:
+        died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
+    finally:
+        recorder.cancel()
     await server.stop(0.5 if died else args.grace_s if grace_s is None else grace_s)
     if died:
         print(f"lockstep serve: engine died ({server.failure}); exiting", file=sys.stderr, flush=True)

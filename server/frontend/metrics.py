@@ -128,6 +128,7 @@ class Metrics:
         """model: the served model's name, the `model` label of every request series."""
         self.registry = CollectorRegistry()
         self.model = model
+        self.pace: dict[str, float] = {}  # phase -> the pace factor now (the gauge's values)
         r = self.registry
         request = ["model", "protocol"]
 
@@ -287,6 +288,7 @@ class Metrics:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
         self._pace.labels(phase).set(factor)
+        self.pace[phase] = factor
         repaces = self._repaces.labels(phase)  # exported from the start, at 0
         if repaced:
             repaces.inc()

@@ -358,3 +358,35 @@ def test_pipeline_needs_a_multi_stage_program(pool, message):
     with pytest.raises(SpecError) as exc:
         build_config(args)
     assert str(exc.value) == message
+
+
+def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
+    """`lockstep simulate` predicts with the pace the server runs at now: a re-pace reaches
+    the recorded pace within the recording interval; an unchanged pace is not rewritten."""
+    import asyncio
+
+    from server import programs
+    from server.frontend.metrics import Metrics
+    from server.serve import record_pace
+
+    monkeypatch.setattr(programs, "CACHE_DIR", tmp_path)
+    start = {"prefill": 1.5, "decode": 1.32, "mixed": 1.32}
+    info = {"plan_hash": "ab" * 32, "time_scale": 1.2, "guard_band_frac": 0.1, "pace": start}
+    programs.record_time_scale(info["plan_hash"], 1.2, 0.1, start)  # as serve does at start
+    metrics = Metrics("tiny")
+    for phase, factor in start.items():
+        metrics.set_pace(phase, factor)
+
+    async def run():
+        task = asyncio.ensure_future(record_pace(metrics.pace, info, interval_s=0.02))
+        path = tmp_path / f"time-scale-{info['plan_hash'][:16]}.json"
+        written = path.stat().st_mtime_ns
+        await asyncio.sleep(0.1)
+        assert path.stat().st_mtime_ns == written and programs.recorded_pace(info["plan_hash"]) == start
+        metrics.set_pace("decode", 2.0, repaced=True)  # the engine re-paced: the host got slower
+        await asyncio.sleep(0.1)
+        task.cancel()
+        assert programs.recorded_pace(info["plan_hash"]) == {**start, "decode": 2.0}
+        assert programs.recorded_time_scale(info["plan_hash"]) == 1.2  # the start-up measurement stays
+
+    asyncio.run(run())
