@@ -98,7 +98,9 @@ def test_each_request_goes_to_the_replica_with_the_lowest_predicted_ttft(fleet):
         chosen = int(md["lockstep-replica"])
         assert predicted[chosen] == min(predicted.values())
         assert chosen == min(i for i, t in predicted.items() if t == predicted[chosen])  # ties: lowest index
-        assert float(md["lockstep-predicted-ttft-s"]) == pytest.approx(predicted[chosen], abs=0.05)
+        # The promise counts from the router's door: the replica's prediction plus the time
+        # the request took to be routed (the route lock, the candidates' answers).
+        assert predicted[chosen] - 0.05 <= float(md["lockstep-predicted-ttft-s"]) <= predicted[chosen] + 1.0
     assert any(md["lockstep-replica"] == "1" for _, md in burst)
 
 
