@@ -521,9 +521,14 @@ class Engine:
         pacer = self.pacers[plan.phase]
         before = pacer.factor
         if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
-            # Prefill's few ticks follow the decode pacer's drift until they re-pace themselves.
-            if plan.phase == DECODE and self.pacers[PREFILL].follow(pacer.factor / before) and self.metrics is not None:
-                self.metrics.set_pace(PREFILL, self.pacers[PREFILL].factor, repaced=True)
+            # Phases with few ticks follow the decode pacer until they re-pace themselves:
+            # prefill only slower (its start-up scale is measured apart), mixed both ways
+            # (it starts from decode's measurement: a slow start-up held the company
+            # cadence at 103-105 ms through a 2 req/s run while decode had come down).
+            if plan.phase == DECODE:
+                for phase, down in ((PREFILL, False), (MIXED, True)):
+                    if self.pacers[phase].follow(pacer.factor / before, down) and self.metrics is not None:
+                        self.metrics.set_pace(phase, self.pacers[phase].factor, repaced=True)
             self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)

@@ -74,12 +74,15 @@ class Pacer:
             raise ValueError(f"fast_window must be in 1..window, got {self.fast_window}")
         self._ratios = deque(maxlen=self.window)
 
-    def follow(self, ratio: float) -> bool:
-        """Scales the factor by `ratio` > 1 (another phase's re-pace: the host got slower)
-        while this pacer has not re-estimated from its own ticks; returns whether it
-        changed. Only slower: the other phase's first re-pace may instead correct its own
-        start-up estimate, and a faster pace here would turn that into overruns."""
-        if not self.adaptive or self._seen >= self.min_samples or not 1 < ratio < float("inf"):
+    def follow(self, ratio: float, down: bool = False) -> bool:
+        """Scales the factor by `ratio` (another phase's re-pace) while this pacer has not
+        re-estimated from its own ticks; returns whether it changed. Only slower (> 1)
+        unless `down`: the other phase's first re-pace may instead correct its own
+        start-up estimate, and a faster pace here would turn that into overruns; `down`
+        for a pacer that started from the same estimate (mixed from decode's)."""
+        if not self.adaptive or self._seen >= self.min_samples or not 0 < ratio < float("inf") or ratio == 1:
+            return False
+        if ratio < 1 and not down:
             return False
         self.factor *= ratio
         self.repaces += 1

@@ -234,3 +234,19 @@ def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
     for _ in range(16):
         engine._account(plan, engine.sched, {}, 1.2 * VIEW.step_s(plan.key), False, 0.0)
     assert engine.pacers["prefill"].factor == pytest.approx(1.2 * 1.1)
+
+
+def test_mixed_ticks_follow_the_decode_pace_down_from_a_pessimistic_start():
+    """Mixed ticks start from the decode ticks' start-up measurement and are few at low
+    load: when decode's own steps show the start was pessimistic, mixed comes down with it
+    (until it has its own samples); prefill, measured apart, follows only slowdowns."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, time_scale=1.6))
+    mixed, prefill = engine.pacers["mixed"].factor, engine.pacers["prefill"].factor
+    plan = TickPlan("decode", 1, ())
+    for _ in range(engine.pacers["decode"].min_samples):
+        engine._account(plan, engine.sched, {}, 1.1 * VIEW.step_s(plan.key), False, 0.0)
+    assert engine.pacers["decode"].factor == pytest.approx(1.1 * 1.1)
+    assert engine.pacers["mixed"].factor == pytest.approx(mixed * 1.1 / 1.6)
+    assert engine.pacers["prefill"].factor == prefill
