@@ -7,6 +7,7 @@ requests with the same words.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from server.core.engine import Engine, EngineDown, Request
 
@@ -39,14 +40,30 @@ def refusal(engine: Engine) -> tuple[str, str] | None:
     return None if full is None else ("RESOURCE_EXHAUSTED", full)
 
 
+def _open(engine: Engine) -> None:
+    """Raises the Refusal of a request arriving now, if any, before any prediction."""
+    why = refusal(engine)
+    if why is not None:
+        raise Refusal(*why)
+
+
+@contextmanager
+def _queueing(full_note: str = ""):
+    """The engine's queueing errors as refusals: a full queue (+ `full_note`), a dead engine."""
+    try:
+        yield
+    except OverflowError as exc:
+        raise Refusal("RESOURCE_EXHAUSTED", f"{exc}{full_note}") from None
+    except EngineDown as exc:
+        raise Refusal("UNAVAILABLE", str(exc)) from None
+
+
 def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     """Predicts `r`'s first token and finish, refuses it (Refusal, nothing queued) or queues
     it with that promise in `r.predicted_*`, in seconds from `r.arrival_s` (the door's
     receipt: what its parsing, tokenization and transport took since is part of the promise).
     `time_remaining_s`: the client's deadline, from now."""
-    why = refusal(engine)
-    if why is not None:
-        raise Refusal(*why)
+    _open(engine)
     ttft, e2e, group = engine.predict_placed(len(r.prompt), r.max_tokens)
     late = past_deadline(ttft, e2e, time_remaining_s)
     if late is not None:
@@ -54,12 +71,8 @@ def admit(engine: Engine, r: Request, time_remaining_s: float | None) -> None:
     waited = max(0.0, time.perf_counter() - r.arrival_s)
     r.promise(waited + ttft, waited + e2e)
     r.group = group
-    try:
+    with _queueing(f"; a request now would get its first token in {ttft:.3f} s"):
         engine.submit(r)
-    except OverflowError as exc:
-        raise Refusal("RESOURCE_EXHAUSTED", f"{exc}; a request now would get its first token in {ttft:.3f} s") from None
-    except EngineDown as exc:
-        raise Refusal("UNAVAILABLE", str(exc)) from None
 
 
 def past_deadline(ttft_s: float, e2e_s: float, time_remaining_s: float | None) -> Refusal | None:
@@ -75,15 +88,9 @@ def admit_windowed(engine: Engine, r: Request) -> bool:
     """Queues `r` in an admission window (opening one if nothing runs or waits), its promise
     to come when the window closes (`Engine.close_window`); False, nothing queued, when no
     window takes it. Refuses (Refusal) as `admit` does."""
-    why = refusal(engine)
-    if why is not None:
-        raise Refusal(*why)
-    try:
+    _open(engine)
+    with _queueing():
         return engine.submit_windowed(r)
-    except OverflowError as exc:
-        raise Refusal("RESOURCE_EXHAUSTED", str(exc)) from None
-    except EngineDown as exc:
-        raise Refusal("UNAVAILABLE", str(exc)) from None
 
 
 def predict(engine: Engine, prompt_len: int, max_tokens: int) -> tuple[float, float, str]:

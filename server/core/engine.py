@@ -38,6 +38,10 @@ from scheduler.program import ProgramView
 from scheduler.simulate import ArrivalWindow, paced_ticks, predict_arrival, promise_group
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
+from server.runtime.sampling import SamplingParams
+from server.runtime.step import ExecutorFailed, StepBatch
+
+log = logging.getLogger("lockstep.engine")
 
 # What each phase's pace covers, over the served steps (+ the guard band). A first token
 # has no lead before it: prefill ticks cover the 95th percentile. A stream's decode and
@@ -54,10 +58,6 @@ PREFILL_QUANTILE = 0.95
 # 1.8-2.8 on this host, where served steps ran at 1.1-1.3x) held every first token late
 # through a whole benchmark: c=8's TTFT p50 1666 ms against 650 in the run before.
 PACE_SAMPLES = {PREFILL: 16, DECODE: 128, MIXED: 128}
-from server.runtime.sampling import SamplingParams
-from server.runtime.step import ExecutorFailed, StepBatch
-
-log = logging.getLogger("lockstep.engine")
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,9 @@ class Engine:
         scales = {PREFILL: config.prefill_scale or config.time_scale, DECODE: config.time_scale,
                   MIXED: config.time_scale}
         # Their margin over the measured steps' quantile is the guard band too.
+        quantiles = {PREFILL: PREFILL_QUANTILE, DECODE: config.pace_quantile, MIXED: config.pace_quantile}
         self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                                    margin=config.guard_band_frac, quantile=PREFILL_QUANTILE if phase == PREFILL else config.pace_quantile,
+                                    margin=config.guard_band_frac, quantile=quantiles[phase],
                                     min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]))
                        for phase in (PREFILL, DECODE, MIXED)}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now

@@ -80,9 +80,8 @@ class Pacer:
         unless `down`: the other phase's first re-pace may instead correct its own
         start-up estimate, and a faster pace here would turn that into overruns; `down`
         for a pacer that started from the same estimate (mixed from decode's)."""
-        if not self.adaptive or self._seen >= self.min_samples or not 0 < ratio < float("inf") or ratio == 1:
-            return False
-        if ratio < 1 and not down:
+        allowed = 1 < ratio < float("inf") or down and 0 < ratio < 1
+        if not self.adaptive or self._seen >= self.min_samples or not allowed:
             return False
         self.factor *= ratio
         self.repaces += 1
