@@ -3,12 +3,15 @@ server's event loop) and the metrics endpoint (on a loop in a thread of its own)
 
 Two changes to uvicorn's h11 protocol bound what a client can make the server do:
 `bounded_protocol` (metrics: idle connections never lock a scraper out) and
-`LingeringProtocol` (the door: a refused body is not read on to its end).
+`LingeringProtocol` (the door: a refused body is not read on to its end); the door's also
+stamps each request with when its first bytes came (`RECEIVED_KEY`), where its promise
+counts from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import h11
 import uvicorn
@@ -21,6 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 # close"), never the rest of an endless body.
 LINGER_BYTES = 1 << 20
 LINGER_S = 2.0
+# The ASGI scope key of the perf_counter seconds at which a request's first bytes were read.
+RECEIVED_KEY = "lockstep.received_s"
 
 
 class SignalFreeUvicorn(uvicorn.Server):
@@ -35,9 +40,11 @@ class LingeringProtocol(H11Protocol):
     """uvicorn's h11 protocol, except after an answer sent before the request's body
     ended: uvicorn would read the rest of the body and drop it, to the end however long
     it is. This one says so with a half-close (the client reads the answer, then EOF),
-    drops at most LINGER_BYTES more for at most LINGER_S, then closes."""
+    drops at most LINGER_BYTES more for at most LINGER_S, then closes. Each request's scope
+    carries the perf_counter seconds its first bytes were read, under RECEIVED_KEY."""
 
     _lingered: int | None = None  # bytes dropped since the answer; None: not lingering
+    _received: float | None = None  # perf_counter s of the first bytes of a request whose headers are incomplete
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -51,7 +58,17 @@ class LingeringProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingered is None:
-            return super().data_received(data)
+            # A request's first bytes: when the server has it (its promise counts from here),
+            # not when its handler first runs: 8 simultaneous arrivals are read in one turn
+            # of the loop, but their handlers run one after another, and the last one started
+            # 4-9 ms after its bytes came (bench/peer_vllm.py, c=8; BENCHMARKS.md).
+            if self._received is None and self.conn.their_state is h11.IDLE:
+                self._received = time.perf_counter()
+            before = self.scope
+            super().data_received(data)
+            if self.scope is not before and self._received is not None:  # its request line and headers are in
+                self.scope[RECEIVED_KEY], self._received = self._received, None
+            return
         self._lingered += len(data)
         if self._lingered > LINGER_BYTES:
             self.transport.close()

@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.frontend.api import Refused, Sent, outcome, record, replica_metadata
+from server.frontend.httpd import RECEIVED_KEY
 from server.core.engine import Finished
 from server.frontend.tokenizer import ChatTemplate, IncrementalDecoder
 from server.frontend.validate import BadRequest, Limits, parse_request
@@ -240,9 +241,10 @@ class OpenAIFrontEnd:
         return req, stream, options.get("include_usage", False), ignore_eos
 
     async def _serve(self, request: HTTPRequest, chat: bool):
-        # The promise counts from here: reading the body, parsing and tokenizing are in it
-        # (8 simultaneous arrivals are parsed one after another on this loop).
-        arrival = time.perf_counter()
+        # The promise counts from the request's first bytes (httpd.LingeringProtocol): the
+        # turns of the loop before this handler ran, reading the body, parsing and tokenizing
+        # are in it (8 simultaneous arrivals are parsed one after another on this loop).
+        arrival = request.scope.get(RECEIVED_KEY) or time.perf_counter()
         try:
             self._authorize(request)
             req, stream, include_usage, ignore_eos = self._translate(await self._body(request), chat)
