@@ -6,10 +6,11 @@
 2. Calibrated predictions: `lockstep calibrate`'s measurement, then the compiler's
    predicted step time against freshly measured steps at contexts between the
    calibrated points, and predicted vs measured prefill (TTFT) for a few prompt lengths.
-3. Decode attention per row against one call per layer (server/runtime/model.py).
+3. Decode attention per row against one call per layer (server/runtime/model.py), and
+   linears one call each against q, k, v and gate, up as one (`--only fused`).
 4. RayExecutor (one actor per stage, Ray Compiled Graph) against LocalExecutor, same plan.
 
-    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only attention]
+    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only attention|fused]
 """
 
 from __future__ import annotations
@@ -104,6 +105,39 @@ def attention(args) -> None:
         executor.close()
 
 
+def fused(args) -> None:
+    """Prepacked linears one call each against q, k, v as one and gate, up as one
+    (server/runtime/model.FUSED_LINEARS), two executors side by side, rounds alternating;
+    the figure is each side's best round median."""
+    from server.runtime import gguf
+    from server.runtime import model as runtime_model
+    from server.runtime.step import full_batch
+
+    model, _ = gguf.resolve("smollm2-135m", "")
+    spec = scheduler.get_model(model)  # its shape, random weights: the cost is the shape's
+    print(f"\n## Fused linears: one call each vs q, k, v and gate, up as one ({spec.name} fp32 shape, random "
+          f"weights, {torch.get_num_threads()} threads, 128 keys)")
+    print(f"{'step':<12} {'one each ms':>11} {'fused ms':>8} {'fused/one each':>14}")
+    executors = {}
+    try:
+        for fuse in (False, True):
+            runtime_model.FUSED_LINEARS = fuse
+            executors[fuse] = LocalExecutor(one_stage_plan(spec, "fp32", 8, 1024))
+        shapes = {"decode b1": decode_batch(1, 128), "decode b8": decode_batch(8, 128),
+                  "prefill 32": full_batch("prefill", 1, 32, 128, 8), "prefill 64": full_batch("prefill", 1, 64, 128, 8)}
+        for name, batch in shapes.items():
+            best = {}
+            for _ in range(4):
+                for fuse, executor in executors.items():
+                    t = median_step(executor, batch, max(5, args.steps // 3))
+                    best[fuse] = min(best.get(fuse, t), t)
+            print(f"{name:<12} {best[False] * 1e3:>11.1f} {best[True] * 1e3:>8.1f} {best[True] / best[False]:>14.3f}")
+    finally:
+        runtime_model.FUSED_LINEARS = True
+        for executor in executors.values():
+            executor.close()
+
+
 def predictions(args) -> None:
     """Calibration and verification interleaved step by step (round-robin), so both
     see the same drift of this shared host; then predicted (from the calibration) vs
@@ -192,12 +226,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--only", choices=("attention",), help="run this part alone")
+    parser.add_argument("--only", choices=("attention", "fused"), help="run this part alone")
     args = parser.parse_args()
     if args.only == "attention":
         return attention(args)
+    if args.only == "fused":
+        return fused(args)
     roofline(args)
     attention(args)
+    fused(args)
     predictions(args)
     if not args.skip_ray:
         ray_vs_local(args)

@@ -79,7 +79,8 @@ def test_stage_rejects_layers_outside_the_model(start, end):
 
 
 def test_prepacked_linears_match_plain_ones():
-    """The oneDNN-prepacked path (the runtime's CPU default) computes the same layer."""
+    """The oneDNN-prepacked path (the runtime's CPU default: q, k, v packed as one
+    weight, gate and up as another) computes the same layer."""
     spec = scheduler.get_model("tiny")
     from server.runtime.weights import init_random
 
@@ -95,3 +96,6 @@ def test_prepacked_linears_match_plain_ones():
     args = (tokens, positions, slots, ((0, 64, 0, 4), (1, 64, 4, 4)), torch.tensor([3, 7, 15, 15]))
     torch.testing.assert_close(packed(*args), plain(*args), atol=1e-5, rtol=1e-5)
     assert packed.lm_head.weight.numel() == 0  # the packed copy replaced the weight
+    block = packed.model.layers["0"]
+    assert block.self_attn.qkv is not None and block.mlp.gate_up is not None
+    assert block.self_attn.q_proj.packed is None and block.self_attn.q_proj.weight.numel() == 0  # fused, not packed twice
