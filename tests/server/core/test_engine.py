@@ -236,6 +236,21 @@ def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
     assert engine.pacers["prefill"].factor == pytest.approx(1.2 * 1.1)
 
 
+def test_prefill_steps_slower_served_than_at_start_up_re_pace_it_after_4():
+    """A first token's prefill runs beside its request's parsing and the last stream's end
+    (measured: 88-90 ms served against 72 at start-up): four such ticks re-pace prefill,
+    not sixteen (a c=1 run of 12 requests never re-paced, 8.3% of its ticks overran)."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_scale=1.0))
+    plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    for _ in range(3):
+        engine._account(plan, engine.sched, {}, 1.25 * VIEW.step_s(plan.key), False, 0.0)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.1)
+    engine._account(plan, engine.sched, {}, 1.25 * VIEW.step_s(plan.key), False, 0.0)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.25 * 1.1)
+
+
 def test_mixed_ticks_follow_the_decode_pace_down_from_a_pessimistic_start():
     """Mixed ticks start from the decode ticks' start-up measurement and are few at low
     load: when decode's own steps show the start was pessimistic, mixed comes down with it
