@@ -74,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--guard-band-pct", type=float, default=20.0)
-    p.add_argument("--guard-band-ms", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="folder for plan.json and plan.png")
     return p
@@ -102,7 +101,7 @@ class Trial:
         self.args, self.view = args, view
         factor = 1 + args.guard_band_pct / 100
         # As serve paces: ticks follow the work, promised cadences bound them.
-        self.ticks = paced_ticks(view, {p: factor for p in PHASES}, args.guard_band_ms / 1e3).__getitem__
+        self.ticks = paced_ticks(view, {p: factor for p in PHASES}).__getitem__
         rng = np.random.default_rng(args.seed)
         ctx = view.max_context
         self.lengths = []

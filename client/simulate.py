@@ -87,8 +87,9 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     # As serve's pacers start: the time scale x (1 + the guard band).
     factor = args.time_scale * (1 + args.guard_band_pct / 100)
     factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
-    # Ticks follow the work; in deterministic mode the promised cadences bound them, as in serve.
-    ticks = paced_ticks(program, factors, args.guard_band_ms / 1e3)
+    # Ticks follow the work; in deterministic mode the promised cadences bound them, as in
+    # serve (whose --guard-band-ms is spent from the streams' lead, in no tick).
+    ticks = paced_ticks(program, factors)
     promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
         scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own") for _ in range(args.replicas)]

@@ -27,13 +27,13 @@ from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, Tick
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
 
 
-def paced_ticks(view: ProgramView, factors: dict[str, float], guard_s: float) -> dict[StepKey, float]:
+def paced_ticks(view: ProgramView, factors: dict[str, float]) -> dict[StepKey, float]:
     """Wall seconds every tick shape lasts: its program step (seconds) times its phase's
-    pace factor, plus a fixed guard. Ticks follow the work; what keeps a stream's pace is
-    the cadence it was promised (`promise_cadence`), which bounds them. The engine paces
-    with this; the admission simulation and `lockstep simulate` read the same table (the
-    pipelined engine's turns: scheduler/pipeline.pipelined_tables)."""
-    return {key: seconds * factors[key.phase] + guard_s for key, seconds in view.steps.items()}
+    pace factor. Ticks follow the work; what keeps a stream's pace is the cadence it was
+    promised (`promise_cadence`), which bounds them. The engine paces with this; the
+    admission simulation and `lockstep simulate` read the same table (the pipelined
+    engine's turns: scheduler/pipeline.pipelined_tables)."""
+    return {key: seconds * factors[key.phase] for key, seconds in view.steps.items()}
 
 
 def _decode_run(sched: TickScheduler) -> int:

@@ -2,15 +2,16 @@
 (scheduler/ticks.py) and the executor.
 
 Each tick: retire cancelled requests, `schedule()` (admit into free KV slots, pick the
-tick's work), (in deterministic mode) sleep through the fixed guard while the event loop
-sends the last tick's tokens, run the step, wait out the tick, then `update()` and hand
-out the sampled tokens: tokens leave on tick boundaries, so their cadence does not carry
-the step's jitter. In deterministic mode every decode and mixed tick at one key bucket
-lasts the program's cadence there, whatever the batch, and a prefill tick its own step
-(scheduler/simulate.py, `paced_ticks`), times the pace factor (the time scale and the
-guard band at first, then what the host's steps measure: server/core/pacing.py), plus the
-fixed guard; a step that runs past its tick is an overrun: counted, exported and
-logged, never hidden.
+tick's work), run the step, `update()` and hand out the sampled tokens. In deterministic
+mode ticks follow the work, back to back, and the engine runs ahead of its promises: a
+token made early waits at the front end for its promised time (server/frontend/
+delivery.py), so its cadence does not carry the steps' jitter; a step that would overlap
+such a time starts just after it, plus the guard, while every stream keeps its lead
+(`_quiet_until`). Each tick's shape has a paced duration, its program step times its
+phase's pace factor (the time scale and the guard band at first, then what the host's
+steps measure: server/core/pacing.py; scheduler/simulate.py, `paced_ticks`): promises are
+made with it, and a token made after its promised time is an overrun: counted, exported
+and logged, never hidden.
 
 Admission predictions are the same scheduler run forward over the same tick times
 (scheduler/simulate.py), so the promise and the pacing come from one model
@@ -73,9 +74,13 @@ class EngineConfig:
     deterministic: bool = True  # pace ticks to the program; False: run steps back to back
     time_scale: float = 1.0  # program seconds -> wall seconds (simulated pools run slower)
     prefill_scale: float = 0.0  # the same for prefill steps, measured apart (0: time_scale)
-    # Opens every paced tick, seconds: the event loop sends the last tick's tokens before the
-    # next step starts. Measured, 8 streams on 2 cores: 0.5 ms gave received inter-token
-    # p99/p50 1.14-1.17 (tokens sent up to 7 ms late); 1.5 ms gave 1.06-1.09 (1 ms late).
+    # Seconds after a held token's promised time before a step that would overlap it starts
+    # (`align_to_deliveries`): the front end sends it meanwhile. Spent from the streams'
+    # lead, not added to any tick: it opened every tick, and paced every tick 1.5 ms longer,
+    # until the ticks followed the work (side by side: tokens/s at c=1 and c=8 0.83 and 0.90
+    # of --throughput with it in every tick, 0.91 and 0.99 without, as many tokens within
+    # their bound; none at all: the aligned steps started as the tokens went and 42-51% were
+    # within their bound, against 85-87%; bench/peer_vllm.py's loads, BENCHMARKS.md).
     guard_band_s: float = 0.0015
     max_queue: int = 64  # waiting requests beyond this are refused at once
     # And this fraction of the predicted step: the margin that absorbs the host's jitter
@@ -204,7 +209,7 @@ class Engine:
 
     def tick_s(self, key: StepKey) -> float:
         """Wall seconds a paced tick of this step shape lasts (scheduler/simulate.py,
-        `paced_ticks`): its own step times its phase's pace factor, plus the fixed guard.
+        `paced_ticks`): its own step times its phase's pace factor.
         Ticks follow the work; what keeps a stream's promised pace is its cadence, which
         bounds every tick while it runs (scheduler/ticks.py)."""
         return self._ticks[key]
@@ -212,7 +217,7 @@ class Engine:
     def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
         # Swapped whole: `predict` on another thread reads one table or the other.
-        self._ticks = paced_ticks(self.program, factors, self.config.guard_band_s)
+        self._ticks = paced_ticks(self.program, factors)
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
@@ -392,7 +397,7 @@ class Engine:
                     break
                 quiet = self._quiet_until(time.perf_counter())
                 if quiet is not None:  # a submit, cancel or stop wakes it at once
-                    self._lock.wait(max(0.0, quiet - time.perf_counter()))
+                    self._lock.wait(max(0.0, quiet + self.config.guard_band_s - time.perf_counter()))
                     if self._stop:
                         break
                 for r in [r for r in self._requests.values() if r.cancelled]:
@@ -416,7 +421,7 @@ class Engine:
         takes a core from the step's two threads, and the step waits for the slower one.
         When the next step would overlap the next promised token time (of a token already
         made) and every stream keeps two paced ticks of lead past it, the step starts just
-        after it instead: a sent token's work runs beside no step. Measured side by side
+        after it instead (`guard_band_s` after): a sent token's work runs beside no step. Measured side by side
         (bench/peer_vllm.py's loads, one server each way in one run; BENCHMARKS.md): the
         served steps set a pace 3.7-3.9% lower at every load (ITL p50), tokens/s 0.5-6%
         higher, first tokens 4-19% sooner, more tokens within their bound at every load."""
@@ -515,13 +520,6 @@ class Engine:
             self._finish(r, "error", f"request {r.request_id!r} failed in its step: {type(exc).__name__}: {exc}"[:300])
 
     def _tick(self, plan: TickPlan) -> None:
-        start = time.perf_counter()
-        if self.config.deterministic:
-            # The fixed guard opens the tick: the last tick's tokens were just handed to the
-            # event loop, which sends them while this thread sleeps instead of fighting it
-            # for the GIL and the cores (measured, 8 streams: the sent gaps' p99/p50 1.10
-            # when the step started at once).
-            _sleep_until(start + self.config.guard_band_s)
         step_start = time.perf_counter()
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start

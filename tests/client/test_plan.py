@@ -13,7 +13,7 @@ import pytest
 import scheduler
 from client.plan import Trial, build_parser, plan
 
-BASE = ["--model", "llama-2-7b", "--device", "lpu", "--dtype", "int8", "--rate", "20", "--prompt-len", "256",
+BASE = ["--model", "llama-2-7b", "--device", "lpu", "--dtype", "int8", "--rate", "40", "--prompt-len", "256",
         "--output-len", "64", "--requests", "80", "--growth", "2", "--max-chips", "512", "--max-context", "1024"]
 
 

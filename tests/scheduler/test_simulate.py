@@ -130,7 +130,7 @@ def test_ten_thousand_requests_of_llama_70b_on_lpu_576():
     view = scheduler.compile(scheduler.get_model("llama-2-70b"), scheduler.parse_pool("lpu:576"),
                              scheduler.CompileOptions(dtype="int8")).view()
     requests = [SimRequest(128, 128, i / 2.0) for i in range(10_000)]  # 2 req/s, within capacity
-    ticks = paced_ticks(view, {"prefill": 1.2, "decode": 1.2, "mixed": 1.2}, 0.0005)
+    ticks = paced_ticks(view, {"prefill": 1.2, "decode": 1.2, "mixed": 1.2})
     results, _ = simulate_load(view.tick_scheduler(), requests, ticks.__getitem__)
     assert all(r.status == "OK" and len(r.token_s) == 128 for r in results)
 
