@@ -15,7 +15,7 @@ Lockstep how far each token came from its promise (the `lockstep-predicted-*` he
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
     .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,company,thr,vllm] \\
-        [--guidellm /path/to/venv/bin/guidellm] [--one-at-a-time]
+        [--variant NAME=FLAGS] [--guidellm /path/to/venv/bin/guidellm] [--one-at-a-time]
 
 By default every server is up at once and each load runs on each server in turn, so the
 servers of one load see the host within a minute of each other (its speed moves by up to
@@ -280,6 +280,7 @@ def run_interleaved(names: list[str], starts: dict, out: Path, guidellm: str = "
         for load, make in LOADS:
             for name in names:
                 _, base, metrics = running[name]
+                closed(base, 1, 2)  # warm-up, as the docstring says: each load after 2 requests
                 before = _ticks(metrics) if metrics else None
                 settle()  # the previous server's tail off the cores first
                 t0 = time.perf_counter()
@@ -310,6 +311,9 @@ def main() -> int:
     p.add_argument("--servers", default="det,thr,vllm")
     p.add_argument("--lockstep-flags", default="", help="more `lockstep serve` flags for both Lockstep servers "
                                                         "(an A/B of a setting), e.g. '--guard-band-pct 10'")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more Lockstep server named NAME for --servers, with these `lockstep serve` flags (an "
+                        "A/B of a setting, side by side), e.g. 'g5=--guard-band-pct 5'; repeatable")
     p.add_argument("--guidellm", default="", help="a guidellm executable (0.7.3, in a venv of its own): also "
                                                   "measure each server with it at c=8, as a second judge")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
@@ -330,7 +334,14 @@ def main() -> int:
               # Streams paced at the median of their served steps (the default: the 95th percentile).
               "median": lambda: start_lockstep(["--pace-quantile", "0.5", *flags], args.out / "median.log"),
               "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
+    for spec in args.variant:
+        name, sep, extra = spec.partition("=")
+        if not sep or not name or name in starts:
+            p.error(f"--variant {spec!r}: expected NAME=FLAGS with a new NAME (not one of {', '.join(starts)})")
+        starts[name] = lambda extra=extra.split(), name=name: start_lockstep([*extra, *flags], args.out / f"{name}.log")
     names = [s for s in args.servers.split(",") if s]
+    if unknown := [s for s in names if s not in starts]:
+        p.error(f"--servers: unknown {', '.join(unknown)}; known: {', '.join(starts)}")
     if args.one_at_a_time:
         res = {name: run_interleaved([name], starts, args.out, args.guidellm, folder)[name] for name in names}
     else:
@@ -349,9 +360,7 @@ def main() -> int:
             print(f"{load:<11} {name:<6} {r['tok_s']:>7.1f} {r['ttft_p50']:>9.1f} {r['ttft_p99']:>9.1f} "
                   f"{r['itl_p50']:>8.1f} {r['itl_p99']:>8.1f} {r['itl_ratio']:>8.2f} {miss:>19} {within:>13} "
                   f"{over:>9}")
-    for det in ("det", "company"):
-        if det not in res:
-            continue
+    for det in [n for n in names if n not in ("thr", "vllm")]:
         print(f"\nratios, Lockstep deterministic ({det}) over:")
         for other in ("thr", "vllm"):
             if other not in res:
