@@ -63,9 +63,10 @@ PACE_SAMPLES = {PREFILL: 16, DECODE: 128, MIXED: 128}
 # And a phase's steps that run slower than its pace re-pace it after this many of them
 # (the median, Pacer.fast_window). Prefill after 4: served, a first token's prefill runs
 # beside its request's parsing and the last stream's end on the front end and the client,
-# and took 88-90 ms where the start-up measured 72 (the same step alone, idle before it or
-# not: 62-65 ms); with 16, a whole c=1 run of 12 requests never re-paced, and each late
-# first token made its stream's next 3-4 tokens late too (8.3% of ticks overran).
+# and took 85-90 ms where the start-up measured 72 and paced it 80.6-82.2 (the same step
+# alone, idle before it or not: 62-65 ms); with 16, a c=1 run of 12 requests (14 prefill
+# ticks with its warm-up) could not re-pace prefill at all, and a late first token makes
+# its stream's next tokens late until the lead is won back.
 PACE_FAST = {PREFILL: 4, DECODE: 16, MIXED: 16}
 
 
