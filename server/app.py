@@ -54,8 +54,9 @@ def _lower_front_end(nice: int) -> int:
     Why (docs/architecture.md, "What contention costs a step"): on 2 cores a busy Python
     thread in the engine's process stretched a 36.6 ms step to 600 ms (p50; GIL and cores);
     the same thread at nice 19 left it at 36.6 ms (p95 49 ms). The front end then runs in
-    the ticks' slack (the guard that opens each tick and the wait after the step); it
-    is never starved for long, because in deterministic mode the engine sleeps every tick."""
+    the engine's slack; it is never starved for long, because in deterministic mode the
+    engine runs ahead of its promises and then waits (a step that would overlap a held
+    token's promised time starts after it, plus the guard: Engine._quiet_until)."""
     if nice <= 0 or not hasattr(os, "setpriority"):
         return 0
     try:
