@@ -153,6 +153,10 @@ class Request:
         self.predicted_ttft_s, self.predicted_e2e_s = ttft_s, e2e_s
         self.predicted_tpot_s = (e2e_s - ttft_s) / (self.max_tokens - 1) if self.max_tokens > 1 else 0.0
 
+    def due_s(self, k: int) -> float:
+        """When token k (0: the first) is promised, perf_counter seconds: arrival + TTFT + k x TPOT."""
+        return self.arrival_s + self.predicted_ttft_s + k * self.predicted_tpot_s
+
 
 class Engine:
     def __init__(self, executor, program: ProgramView, config: EngineConfig = EngineConfig(), metrics=None):
@@ -422,10 +426,11 @@ class Engine:
         takes a core from the step's two threads, and the step waits for the slower one.
         When the next step would overlap the next promised token time (of a token already
         made) and every stream keeps two paced ticks of lead past it, the step starts just
-        after it instead (`guard_band_s` after): a sent token's work runs beside no step. Measured side by side
-        (bench/peer_vllm.py's loads, one server each way in one run; BENCHMARKS.md): the
-        served steps set a pace 3.7-3.9% lower at every load (ITL p50), tokens/s 0.5-6%
-        higher, first tokens 4-19% sooner, more tokens within their bound at every load."""
+        after it instead (`guard_band_s` after): a sent token's work runs beside no step.
+        Measured side by side (bench/peer_vllm.py's loads, one server each way in one run;
+        BENCHMARKS.md): the served steps set a pace 3.7-3.9% lower at every load (ITL
+        p50), tokens/s 0.5-6% higher, first tokens 4-19% sooner, more tokens within their
+        bound at every load."""
         if not self.config.deterministic or not self.config.align_to_deliveries or self.sched.waiting:
             return None
         step = self._last_step_s
@@ -435,12 +440,11 @@ class Engine:
             r = self._requests[seq.seq_id]
             if not r.predicted_ttft_s or not r.out or not seq.decoding:
                 return None  # a first token has no lead (nor a stream promised nothing)
-            first = r.arrival_s + r.predicted_ttft_s
-            lead = min(lead, first + len(r.out) * r.predicted_tpot_s - now)
+            lead = min(lead, r.due_s(len(r.out)) - now)
             if r.predicted_tpot_s > 0:
-                k = max(0, math.ceil((now - first) / r.predicted_tpot_s))  # the next token due
+                k = max(0, math.ceil((now - r.due_s(0)) / r.predicted_tpot_s))  # the next token due
                 if k < len(r.out):
-                    due = min(due, first + k * r.predicted_tpot_s)
+                    due = min(due, r.due_s(k))
         if due - now > step or lead - (due - now) < 2 * step:
             return None
         return due
@@ -550,7 +554,7 @@ class Engine:
                 continue
             if not plan.samples(i):
                 continue  # a slice that does not end its prompt: no token
-            if now > r.arrival_s + r.predicted_ttft_s + len(r.out) * r.predicted_tpot_s:
+            if now > r.due_s(len(r.out)):
                 return True
         return False
 
@@ -610,8 +614,7 @@ class Engine:
         """Under the lock, once per request: it leaves the engine with its last word."""
         if self._requests.pop(r.seq.seq_id, None) is not None:
             if reason in ("length", "stop") and r.out:  # handed out until its last token's promised time
-                self._delivery_ends[r.seq.seq_id] = (r.arrival_s + r.predicted_ttft_s
-                                                     + (len(r.out) - 1) * r.predicted_tpot_s)
+                self._delivery_ends[r.seq.seq_id] = r.due_s(len(r.out) - 1)
             else:  # cancelled, failed: nothing more is handed out
                 self._delivery_ends.pop(r.seq.seq_id, None)
             r.emit(Finished(reason, message), self.ticks, time.perf_counter())

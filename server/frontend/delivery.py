@@ -40,7 +40,7 @@ class Stream:
         if not isinstance(item, Finished):
             self.tokens += 1
             if self.deterministic and r.predicted_ttft_s:
-                when = r.arrival_s + r.predicted_ttft_s + (self.tokens - 1) * r.predicted_tpot_s
+                when = r.due_s(self.tokens - 1)
         if isinstance(item, Finished) and item.reason not in ("length", "stop"):
             self.cut(item, tick)  # an end the promise did not plan: shutdown, engine down, error, cancel
             return

@@ -59,10 +59,7 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def pack(self) -> None:
-        # Private but stable op pair that torch.compile's CPU backend (inductor) uses for
-        # frozen linears; the hint is the expected row count.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
-        self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the packed copy replaces it
+        self.packed = pack_fused(self)  # the packed copy replaces the weight
 
     def forward(self, x):
         if self.packed is None:
@@ -84,13 +81,16 @@ def _packed(x, packed):
 
 def pack_fused(*linears: Linear) -> torch.Tensor:
     """One oneDNN-prepacked weight of these linears' weights stacked on the output axis
-    (their outputs side by side, in order); their own weights are dropped. Linears that
-    read the same input then cost one call, not several (vLLM's QKVParallelLinear and
+    (their outputs side by side, in order; one linear: its own); their own weights are
+    dropped. Linears that read the same input then cost one call, not several (vLLM's QKVParallelLinear and
     MergedColumnParallelLinear): `bench/decode.py --only fused` on smollm2-135m fp32, 2
     cores: decode 34.2 -> 31.9 ms at batch 1, 43.7 -> 40.5 at batch 8, a 32-token prefill
     66.6 -> 64.5 (a 64-token one the same). Each output column is still its own dot
     product over the input, so a row's result does not depend on the others."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in linears]), 8)
+    # Private but stable op pair that torch.compile's CPU backend (inductor) uses for frozen
+    # linears; the hint is the expected row count.
+    weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
     for m in linears:
         m.weight.data = torch.empty(0, dtype=m.weight.dtype)
     return packed
