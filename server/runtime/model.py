@@ -82,9 +82,9 @@ def _packed(x, packed):
 def pack_fused(*linears: Linear) -> torch.Tensor:
     """One oneDNN-prepacked weight of these linears' weights stacked on the output axis
     (their outputs side by side, in order; one linear: its own); their own weights are
-    dropped. Linears that read the same input then cost one call, not several (vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear): `bench/decode.py --only fused` on smollm2-135m fp32, 2
-    cores: decode 34.2 -> 31.9 ms at batch 1, 43.7 -> 40.5 at batch 8, a 32-token prefill
+    dropped. Linears that read the same input then cost one call, not several (vLLM's
+    QKVParallelLinear and MergedColumnParallelLinear): `bench/decode.py --only fused` on
+    smollm2-135m fp32, 2 cores: decode 34.2 -> 31.9 ms at batch 1, 43.7 -> 40.5 at batch 8, a 32-token prefill
     66.6 -> 64.5 (a 64-token one the same). Each output column is still its own dot
     product over the input, so a row's result does not depend on the others."""
     # Private but stable op pair that torch.compile's CPU backend (inductor) uses for frozen
