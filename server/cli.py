@@ -59,7 +59,7 @@ def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="measure this host and the model's per-layer step times")
     p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
     p.add_argument("--device", default="cpu", help="the device to measure (only cpu so far)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    p.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (default): as serve's")
     p.add_argument("--max-slots", type=int, default=8, help="as for compile (default 8)")
     p.add_argument("--max-context", type=int, default=2048, help="as for compile (default 2048)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="as for compile (default 256)")
@@ -74,8 +74,12 @@ def _run_calibrate(args) -> int:
 
     if args.device != "cpu":
         raise SpecError(f"calibrate measures the host cpu only for now, not {args.device!r}")
+    from server.programs import host_runs_bf16
+
+    if args.dtype == "auto":
+        args.dtype = "bf16" if host_runs_bf16() else "fp32"
     if args.dtype not in ("fp32", "bf16", "fp16"):
-        raise SpecError(f"calibrate runs fp32, bf16 or fp16 models, not {args.dtype!r}")
+        raise SpecError(f"calibrate runs fp32, bf16 or fp16 models (or auto), not {args.dtype!r}")
     if args.repeats < 1:
         raise SpecError(f"repeats must be a positive integer, got {args.repeats}")
     model = scheduler.get_model(args.model)

@@ -72,8 +72,8 @@ def _validate(args) -> None:
     if args.pipeline and (args.executor != "ray" or args.throughput):
         raise SpecError("--pipeline keeps steps of several row groups in the stage actors at once: it needs "
                         "--executor ray, and paced ticks (drop --throughput)")
-    if args.dtype not in ("fp32", "bf16", "fp16"):
-        raise SpecError(f"serve runs fp32, bf16 or fp16 weights, not {args.dtype!r}")
+    if args.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise SpecError(f"serve runs fp32, bf16 or fp16 weights (or auto), not {args.dtype!r}")
 
 
 def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
@@ -99,7 +99,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
 
 def _ready_line(info: dict) -> str:
     return (f"lockstep serve: ready grpc={info['grpc']} http={info['http'] or 'off'} metrics={info['metrics']} model={info['model']} "
-            f"plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
+            f"dtype={info['dtype']} plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
             f"time_scale={info['time_scale']:.3f} guard_band_pct={100 * (info.get('guard_band_frac') or 0):.1f} tls={'on' if info['tls'] else 'off'} "
             f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}"
             + (f" core_pid={info['core_pid']}" if info.get("core_pid") else "")
