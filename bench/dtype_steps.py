@@ -2,7 +2,7 @@
 tokens) of one model, an executor per dtype, in rounds that alternate the dtypes (this
 host drifts from minute to minute; side by side is what counts). Medians.
 
-    .venv/bin/python bench/dtype_steps.py [--model small] [--dtypes fp32,bf16] [--rounds 5] [--steps 8]
+    .venv/bin/python bench/dtype_steps.py [--model small|smollm2-135m] [--dtypes fp32,bf16] [--rounds 5] [--steps 8]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=8, help="timed steps per shape per round")
     args = p.parse_args()
-    spec = scheduler.get_model(args.model)
+    from server.runtime import gguf
+
+    spec = scheduler.get_model(gguf.resolve(args.model, "")[0])  # presets and the packaged smollm2-135m
     dtypes = args.dtypes.split(",")
     executors = {dt: LocalExecutor(RuntimePlan(spec, dt, 8, 1024, (StageSpec(0, 0, spec.num_layers + 2, "cpu"),)))
                  for dt in dtypes}

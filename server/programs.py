@@ -59,8 +59,8 @@ AUTO_DTYPE_HELP = "bf16 where the pool's devices run it natively (GPUs, accelera
 def host_runs_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles), on
     which oneDNN's bf16 linears run faster than fp32 ones. Measured on an AMD EPYC with
-    AVX512-BF16 (smollm2-135m, 2 threads, `bench/dtype_steps.py`): decode 18-23% and a
-    64-token prefill 30% shorter. Without them bf16 is converted to fp32 in software.
+    AVX512-BF16 (smollm2-135m, 2 threads, `bench/dtype_steps.py`): decode 25-26% and a
+    32- or 64-token prefill 32% shorter. Without them bf16 is converted to fp32 in software.
     torch.cpu's checks are private (inductor uses them): a torch without them gets fp32."""
     import torch.cpu
 
