@@ -26,6 +26,7 @@ from protos.lockstep.v1 import lockstep_pb2 as pb
 from scheduler.program import Program, ProgramView
 from server.frontend.api import PROTOCOL as GRPC, SERVICE_NAME, LocalAdmission, LockstepService, health_handler
 from server.frontend.auth import BearerAuth, read_secret, tls_credentials
+from server.core.affinity import available, pin_process
 from server.core.build import build_engine
 from server.config import NODE_IP, ServeConfig
 from server.core.client import CoreClient
@@ -165,6 +166,8 @@ class LockstepServer:
         if cfg.engine_process:
             self.core = CoreClient(cfg, self.metrics)
             await self.core.start()
+            if cfg.core_cpus:  # this process (gRPC, HTTP, tokenization) off the core's CPUs
+                pin_process(available() - set(cfg.core_cpus))
             self.core.on_death = self._engine_died
             self.core.on_shutdown = self._core_asked_shutdown
             return self.core, self.core.time_scale

@@ -165,6 +165,9 @@ def add_runtime_args(p) -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="pipelined stages: split the KV slots into one row group per stage and keep the groups' "
                         "steps in the stage actors together (needs --executor ray and 2+ stages)")
+    p.add_argument("--core-cpus", default="",
+                   help="CPUs the engine core process runs on, one torch thread each, e.g. 0 or 0-3; the front end "
+                        "runs on the others (default: all CPUs for both)")
     p.add_argument("--front-end-nice", type=int, default=0,
                    help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
                         "this niceness, below the engine core (default 0: off; 19 delayed token deliveries "

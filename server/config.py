@@ -34,7 +34,10 @@ class ServeConfig:
     reflection: bool = True
     max_queue: int = EngineConfig.max_queue
     max_tokens: int = 1024
-    torch_threads: int = 0  # intra-op threads of the engine process (0: one per core)
+    torch_threads: int = 0  # intra-op threads of the engine process (0: one per core it may run on)
+    # CPUs the engine core process runs on (its torch threads: one each); the front end's
+    # process runs on the others. Empty: both anywhere (see server/core/affinity.py).
+    core_cpus: tuple[int, ...] = ()
     # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 0  # 19 measured best with the engine in this process; 0 beside a core process (BENCHMARKS.md)

@@ -14,6 +14,7 @@ import torch
 
 from scheduler.program import ProgramView
 from server.config import ServeConfig
+from server.core.affinity import available
 from server.core.engine import Engine, EngineConfig
 from server.core.pipelined import PipelinedEngine
 from server.runtime.executor import make_executor
@@ -92,7 +93,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     # fight over 2 cores; with one torch thread it costs nothing. Ray sets OMP_NUM_THREADS
     # to an actor's num_cpus (1 in a replica): a local executor owns the host's cores, so
     # it takes them back (prefill of `small` ran 2x slower).
-    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.torch_threads or len(available()))  # one per CPU it may run on
     groups = len(program.stages) if cfg.pipeline else 1
     options = {"in_flight": max(groups, 10)} if cfg.executor == "ray" else {}
     executor = make_executor(plan, cfg.executor, **options)

@@ -38,6 +38,7 @@ import zmq
 from scheduler.program import Program, ProgramView
 from server.config import ServeConfig
 from server.core import admission
+from server.core.affinity import pin_process
 from server.core.engine import Finished, Request
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Ready, Refused,
                                   Shutdown, Start, Stop, ToCore)
@@ -271,7 +272,10 @@ def main(argv: list[str]) -> int:
     ctx = zmq.Context()
     pull, push = sockets(ctx, False, to_core, to_front)
     start = msgspec.msgpack.decode(pull.recv(), type=Start)
-    core = Core(pull, push, ServeConfig(**start.config))
+    config = ServeConfig(**start.config)
+    if config.core_cpus:
+        pin_process(config.core_cpus)  # before the engine's threads start: they inherit it
+    core = Core(pull, push, config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, core.on_signal)
     try:

@@ -101,6 +101,10 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--replicas", "2"], "--replicas places engines with Ray; drop --no-ray"),
     (["--route", "random"], "--route: invalid choice"),
     (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
+    (["--core-cpus", "x"], "--core-cpus: 'x' is not a CPU id or range like 0-3"),
+    (["--core-cpus", "3-1"], "--core-cpus: empty range '3-1'"),
+    (["--core-cpus", "99999"], "--core-cpus: CPUs [99999] are not among this process's"),
+    (["--core-cpus", f"0-{max(os.sched_getaffinity(0))}"], "leaves no CPU of"),
 ])
 def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
@@ -390,3 +394,28 @@ def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
         assert programs.recorded_time_scale(info["plan_hash"]) == 1.2  # the start-up measurement stays
 
     asyncio.run(run())
+
+
+def _cpus_allowed(pid: int) -> set[int]:
+    """The CPUs any thread of `pid` may run on (/proc's Cpus_allowed_list, e.g. 0 or 1-3)."""
+    cpus = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            text = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: one for the core, one for the front end")
+def test_core_cpus_pins_the_core_process_and_keeps_the_front_end_off_them():
+    proc, target = start("--no-ray", "--core-cpus", "0", "--duration-s", "60")
+    try:
+        assert _cpus_allowed(proc.core_pid) == {0}  # every thread of the core, its torch threads too
+        assert 0 not in _cpus_allowed(proc.ready_pid) and _cpus_allowed(proc.ready_pid)
+        with LockstepClient(target) as client:
+            assert len(client.generate("pinned", max_tokens=3, seed=1).tokens) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -1,0 +1,46 @@
+"""CPU affinity of the engine core and the front end (`--core-cpus`).
+
+Linux sets affinity per thread: `pin_process` sets it for every thread a process has
+(/proc/self/task) and so for those it starts later, which inherit it."""
+
+from __future__ import annotations
+
+import os
+
+from scheduler.errors import SpecError
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """'0', '0,2', '0-3' -> sorted CPU ids; '' -> (). Every id must be one this process may
+    run on, and at least one must be left for the front end."""
+    if not text.strip():
+        return ()
+    cpus = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise SpecError(f"--core-cpus: {part.strip()!r} is not a CPU id or range like 0-3") from None
+        if first > last:
+            raise SpecError(f"--core-cpus: empty range {part.strip()!r}")
+        cpus.update(range(first, last + 1))
+    allowed = available()
+    if not cpus <= allowed:
+        raise SpecError(f"--core-cpus: CPUs {sorted(cpus - allowed)} are not among this process's {sorted(allowed)}")
+    if not allowed - cpus:
+        raise SpecError(f"--core-cpus: {sorted(cpus)} leaves no CPU of {sorted(allowed)} for the front end")
+    return tuple(sorted(cpus))
+
+
+def available() -> set[int]:
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def pin_process(cpus) -> None:
+    """Every thread of this process onto `cpus` (threads started later inherit it)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that just ended
