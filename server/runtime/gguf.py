@@ -19,6 +19,7 @@ llama.cpp and are not needed).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -52,7 +53,7 @@ def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) 
         raise SpecError(f"checkpoint {str(path)!r} does not exist")
     stat = path.stat()
     name = name or path.stem
-    out = (cache_dir or CACHE_DIR) / "gguf" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    out = (cache_dir or CACHE_DIR) / "gguf" / f"{name}-{stat.st_size}-{_digest(path, stat, cache_dir or CACHE_DIR)}"
     if (out / _DONE).is_file():
         return out
     try:
@@ -89,6 +90,30 @@ def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _digest(path: Path, stat: os.stat_result, cache: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256: the converted folder is named by the
+    file's content, not its modification time (each fresh install of the packaged model
+    writes the same file with a new mtime, and a folder per mtime left 20 copies of the
+    same 540 MB conversion in one cache). Hashed once per (path, size, mtime): a 4 GB file
+    takes seconds; its digest is kept in a small file beside the folders."""
+    memo = cache / "gguf-digests" / hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+                                                      .encode()).hexdigest()[:32]
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + f".tmp-{os.getpid()}")
+    tmp.write_text(digest + "\n")
+    tmp.replace(memo)
+    return digest
 
 
 def _refuse_rope_scaling(path: Path) -> None:

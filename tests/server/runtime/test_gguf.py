@@ -6,6 +6,8 @@ answer at the model's end-of-sequence token with reason "stop"."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import grpc
 import pytest
@@ -96,3 +98,16 @@ def test_a_gguf_path_that_is_not_there_or_not_gguf_is_named(tmp_path):
     with pytest.raises(SpecError, match="could not read it as GGUF"):
         gguf.folder_for(bad, cache_dir=tmp_path)
     assert not any((tmp_path / "gguf").glob("*")), "a failed conversion leaves nothing behind"
+
+
+def test_the_same_file_with_a_new_mtime_or_path_reuses_its_conversion(folder, tmp_path):
+    # As a fresh install of the packaged model writes it: same bytes, another mtime.
+    copy = tmp_path / "smollm2.gguf"
+    shutil.copyfile(gguf.packaged_file("smollm2-135m"), copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    again = gguf.folder_for(copy, name="smollm2-135m")
+    assert again == folder
+    # A file with other bytes is another model: another folder (not converted here).
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + b"\0" * (copy.stat().st_size - 4))
+    assert gguf._digest(other, other.stat(), tmp_path) != gguf._digest(copy, copy.stat(), tmp_path)
