@@ -10,7 +10,7 @@ reads the pace serve runs at, recorded at start and at each re-pace), and prints
 and ITL p50/p99 side by side with simulated/measured ratios, and the server's pace factors
 after each run. Goal: p50 within 10%, p99 within 20%.
 
-    .venv/bin/python bench/simulate_vs_measured.py [--requests 24] [--out out/sim-vs-load]
+    .venv/bin/python bench/simulate_vs_measured.py [--requests 24] [--dtype auto] [--out out/sim-vs-load]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from client.report import scrape
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--dtype", "fp32", "--max-slots", "8", "--max-context", "1024",
+SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--max-slots", "8", "--max-context", "1024",
                "--prefill-chunk", "64"]
 
 
@@ -48,12 +48,13 @@ def main() -> int:
     p.add_argument("--prompt-len", default="32")
     p.add_argument("--output-len", default="32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="serve's --dtype (default auto, serve's own default)")
     p.add_argument("--out", type=Path, default=REPO / "out" / "sim-vs-load")
     args = p.parse_args()
     compare = _compare_module()
     loads = [("c=1", ["--concurrency", "1"]), ("c=8", ["--concurrency", "8"]), ("2 req/s", ["--rate", "2"]),
              ("bursty", ["--rate", "2", "--arrival", "gamma", "--burstiness", "0.25"])]
-    serve = [*SERVE_FLAGS, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    serve = [*SERVE_FLAGS, "--dtype", args.dtype, "--no-ray", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
     cmd = [sys.executable, "-m", "server.cli", "serve", *serve]
     proc, target, metrics_url = compare._start(cmd, "lockstep serve: ready", args.out / "serve.log", 600)
     rows = []
