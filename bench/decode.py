@@ -57,21 +57,27 @@ def roofline(args) -> None:
     between steps: a 256 MB sweep would evict what the step keeps in cache)."""
     print(f"\n## Bare decode step vs memory roofline ({torch.get_num_threads()} threads, context 128; "
           f"bandwidth = reads of a 256 MB tensor, measured just before and after the steps)")
-    print(f"{'model':<6} {'batch':>5} {'weights MB':>10} {'read GB/s':>9} {'roofline ms':>11} {'measured ms':>11} "
-          f"{'roofline/measured':>17}")
-    for name in ("tiny", "small"):
-        model = scheduler.get_model(name)
-        executor = LocalExecutor(one_stage_plan(model, "fp32", 8, 512))
-        weight_bytes = model.num_params * 4
-        for bucket in (1, 8):
-            batch = decode_batch(bucket, 128)
-            before = measure_memory_bandwidth(repeats=5)
-            measured = median_step(executor, batch, args.steps)
-            bandwidth = (before + measure_memory_bandwidth(repeats=5)) / 2
-            ideal = weight_bytes / bandwidth
-            print(f"{name:<6} {bucket:>5} {weight_bytes / 1e6:>10.1f} {bandwidth / 1e9:>9.1f} {ideal * 1e3:>11.3f} "
-                  f"{measured * 1e3:>11.3f} {ideal / measured:>17.2f}")
-        executor.close()
+    print(f"{'model':<12} {'dtype':<5} {'batch':>5} {'weights MB':>10} {'read GB/s':>9} {'roofline ms':>11} "
+          f"{'measured ms':>11} {'roofline/measured':>17}")
+    from server.runtime import gguf
+
+    for name in args.models.split(","):
+        model = scheduler.get_model(gguf.resolve(name, "")[0])  # presets and the packaged smollm2-135m
+        # What a decode step reads: every weight once, but of an untied input embedding
+        # only the rows looked up (the LM head reads its whole matrix).
+        read = model.num_params - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size)
+        for dtype in args.dtypes.split(","):
+            executor = LocalExecutor(one_stage_plan(model, dtype, 8, 512))
+            weight_bytes = read * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+            for bucket in (1, 8):
+                batch = decode_batch(bucket, 128)
+                before = measure_memory_bandwidth(repeats=5)
+                measured = median_step(executor, batch, args.steps)
+                bandwidth = (before + measure_memory_bandwidth(repeats=5)) / 2
+                ideal = weight_bytes / bandwidth
+                print(f"{model.name[:12]:<12} {dtype:<5} {bucket:>5} {weight_bytes / 1e6:>10.1f} {bandwidth / 1e9:>9.1f} "
+                      f"{ideal * 1e3:>11.3f} {measured * 1e3:>11.3f} {ideal / measured:>17.2f}")
+            executor.close()
 
 
 def attention(args) -> None:
@@ -226,8 +232,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--only", choices=("attention", "fused"), help="run this part alone")
+    parser.add_argument("--only", choices=("roofline", "attention", "fused"), help="run this part alone")
+    parser.add_argument("--models", default="tiny,small", help="roofline: models (presets or smollm2-135m)")
+    parser.add_argument("--dtypes", default="fp32", help="roofline: weight dtypes, e.g. fp32,bf16")
     args = parser.parse_args()
+    if args.only == "roofline":
+        return roofline(args)
     if args.only == "attention":
         return attention(args)
     if args.only == "fused":
