@@ -201,3 +201,28 @@ def test_one_call_decode_attention_gives_each_row_its_per_row_result(tiny_plan, 
         return logits
 
     assert torch.equal(decode_logits(True), decode_logits(False))
+
+
+@pytest.mark.parametrize("model", ["tiny", "wide-bf16"])
+@pytest.mark.parametrize("order", ["in slot order", "scattered"])
+def test_one_call_prompt_attention_gives_each_slice_its_per_row_result(plans, model, order, monkeypatch):
+    """Prompt slices of different lengths and key buckets, packed in prefill steps, attend in
+    one call per layer (model._attend_prompts: padded to the longest slice and the widest
+    bucket, masked); every logit of every step is bitwise that of attending each slice alone
+    (model._attend_row), in fp32 and in bf16, slots in order or scattered with gaps."""
+    from server.runtime import model as runtime_model
+
+    slots = (0, 1, 2, 3) if order == "in slot order" else (6, 1, 4, 3)
+    lengths = (40, 3, 70, 17)  # slices of 2..32 tokens, keys 32..128 as they go in
+
+    def prefill_logits(batched: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(runtime_model, "BATCHED_PROMPTS", batched)
+        executor = LocalExecutor(plans[model])
+        seqs = [Seq(slot, random_prompt(n, seed=slot)) for slot, n in zip(slots, lengths)]
+        while any(s.done < len(s.prompt) for s in seqs):
+            run_step(executor, [s for s in seqs if s.done < len(s.prompt)], 4, 32)
+        run_step(executor, seqs, 4, 1)
+        return [x for s in seqs for x in s.logits]
+
+    batched, per_row = prefill_logits(True), prefill_logits(False)
+    assert len(batched) == 8 and all(torch.equal(a, b) for a, b in zip(batched, per_row))
