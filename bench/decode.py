@@ -111,6 +111,45 @@ def attention(args) -> None:
         executor.close()
 
 
+def prompts(args) -> None:
+    """A step's prompt slices one call each against one call per layer
+    (server/runtime/model.BATCHED_PROMPTS), one executor per dtype, rounds alternating; the
+    figure is each side's median over the rounds."""
+    from server.runtime import gguf
+    from server.runtime import model as runtime_model
+    from server.runtime.step import full_batch
+
+    spec = scheduler.get_model(gguf.resolve("smollm2-135m", "")[0])  # its shape, random weights
+    print(f"\n## Prompt attention: one call per slice vs one per layer ({spec.name} shape, random weights, "
+          f"{torch.get_num_threads()} threads; 64-token prefill steps of k packed prompts)")
+
+    def packed(k: int, at: int = 0) -> StepBatch:
+        return StepBatch("prefill", 1, 64, tuple(range(k)), tuple((5,) * (64 // k) for _ in range(k)),
+                         tuple(at for _ in range(k)), tuple(GREEDY for _ in range(k)))
+
+    shapes = {"1 prompt x 64": packed(1), "2 prompts x 32": packed(2), "4 prompts x 16": packed(4),
+              "4 x 16 at 200 keys": packed(4, 200), "mixed 8 + 16": full_batch("mixed", 8, 16, 128, 8)}
+    dtypes = args.dtypes.split(",")
+    print(f"{'step':<20}" + "".join(f"{dt + ' per slice':>16}{dt + ' one call':>15}" for dt in dtypes))
+    samples = {}
+    try:
+        for dt in dtypes:
+            executor = LocalExecutor(one_stage_plan(spec, dt, 8, 1024))
+            for _ in range(5):
+                for batched in (False, True):
+                    runtime_model.BATCHED_PROMPTS = batched
+                    for name, batch in shapes.items():
+                        executor.step(batch)
+                        samples.setdefault((dt, batched, name), []).extend(
+                            executor.step(batch).step_time_s for _ in range(4))
+            executor.close()
+    finally:
+        runtime_model.BATCHED_PROMPTS = True
+    for name in shapes:
+        print(f"{name:<20}" + "".join(f"{statistics.median(samples[dt, False, name]) * 1e3:>16.1f}"
+                                      f"{statistics.median(samples[dt, True, name]) * 1e3:>15.1f}" for dt in dtypes))
+
+
 def fused(args) -> None:
     """Prepacked linears one call each against q, k, v as one and gate, up as one
     (server/runtime/model.FUSED_LINEARS), two executors side by side, rounds alternating;
@@ -232,12 +271,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--only", choices=("roofline", "attention", "fused"), help="run this part alone")
+    parser.add_argument("--only", choices=("roofline", "attention", "prompts", "fused"), help="run this part alone")
     parser.add_argument("--models", default="tiny,small", help="roofline: models (presets or smollm2-135m)")
-    parser.add_argument("--dtypes", default="fp32", help="roofline: weight dtypes, e.g. fp32,bf16")
+    parser.add_argument("--dtypes", default="fp32", help="roofline, prompts: weight dtypes, e.g. fp32,bf16")
     args = parser.parse_args()
     if args.only == "roofline":
         return roofline(args)
+    if args.only == "prompts":
+        return prompts(args)
     if args.only == "attention":
         return attention(args)
     if args.only == "fused":

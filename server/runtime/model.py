@@ -202,7 +202,8 @@ BATCHED_DECODE = True
 # each padded to the step's longest slice and its widest key bucket, masked. The same bits
 # as one call per slice (padded queries and masked keys change no real row's result:
 # tests/server/runtime/test_executor.py, fp32 and bf16). smollm2-135m, 2 threads, a 64-token
-# prefill of 4 packed prompts: bf16 92.3 -> 80.6 ms, fp32 134.5 -> 121.3 (BENCHMARKS.md).
+# prefill of 4 packed prompts: bf16 94.8 -> 80.8 ms, fp32 159.1 -> 144.9 (`bench/decode.py --only
+# prompts`, BENCHMARKS.md).
 # Off: one call per slice, as a lone slice always runs.
 BATCHED_PROMPTS = True
 
