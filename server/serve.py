@@ -74,6 +74,11 @@ def _validate(args) -> None:
                         "--executor ray, and paced ticks (drop --throughput)")
     if args.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise SpecError(f"serve runs fp32, bf16 or fp16 weights (or auto), not {args.dtype!r}")
+    from server.core.affinity import parse_cpus
+
+    args.core_cpus = parse_cpus(args.core_cpus)  # before the compile: a calibration can take minutes
+    if args.core_cpus and args.replicas > 1:
+        raise SpecError("--core-cpus pins this host's one engine core; replicas are placed by Ray (drop one)")
 
 
 def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
@@ -83,13 +88,8 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
     if args.pipeline and not 2 <= stages <= args.max_slots:
         raise SpecError(f"--pipeline needs a program of 2 to --max-slots ({args.max_slots}) stages, one row group "
                         f"each; {model.name} on {args.pool} compiles to {stages}")
-    from server.core.affinity import parse_cpus
-
-    core_cpus = parse_cpus(args.core_cpus)
-    if core_cpus and args.replicas > 1:
-        raise SpecError("--core-cpus pins this host's one engine core; replicas are placed by Ray (drop one)")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
-                         core_cpus=core_cpus,
+                         core_cpus=args.core_cpus,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
