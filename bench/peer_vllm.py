@@ -331,11 +331,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from server.runtime.gguf import resolve
 
-    from server.programs import host_runs_bf16
+    import scheduler
+    from server.programs import resolve_dtype
 
     folder, _ = resolve(MODEL, "")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if host_runs_bf16() else "fp32"
+    args.dtype = resolve_dtype(args.dtype, scheduler.parse_pool("cpu"))  # Lockstep's own default here
     flags = ["--dtype", args.dtype, *args.lockstep_flags.split()]
     starts = {"det": lambda: start_lockstep(flags, args.out / "det.log"),
               "thr": lambda: start_lockstep(["--throughput", *flags], args.out / "thr.log"),

@@ -74,10 +74,9 @@ def _run_calibrate(args) -> int:
 
     if args.device != "cpu":
         raise SpecError(f"calibrate measures the host cpu only for now, not {args.device!r}")
-    from server.programs import host_runs_bf16
+    from server.programs import resolve_dtype
 
-    if args.dtype == "auto":
-        args.dtype = "bf16" if host_runs_bf16() else "fp32"
+    args.dtype = resolve_dtype(args.dtype, scheduler.parse_pool("cpu"))  # the host it measures
     if args.dtype not in ("fp32", "bf16", "fp16"):
         raise SpecError(f"calibrate runs fp32, bf16 or fp16 models (or auto), not {args.dtype!r}")
     if args.repeats < 1:
