@@ -234,11 +234,13 @@ class DecodeGroup:
     hidden: torch.Tensor  # [hi - lo, 1, 1, keys] bool: the keys past each slot's position
 
 
-def attention_layout(attend, positions) -> tuple[tuple[tuple[int, int, slice], ...], tuple[DecodeGroup, ...]]:
+def attention_layout(attend, positions) -> tuple[tuple[tuple[int, int, slice], ...], PromptGroup | None,
+                                                  tuple[DecodeGroup, ...]]:
     """How a step's rows attend, the same in every layer, so computed once per step: (the
-    rows attended one at a time: (slot, keys, token slice); the one-token rows grouped by
-    key bucket, with their masks: `DecodeGroup`). attend: (slot, keys, first token, tokens)
-    per real row; positions: [N] of the step's tokens."""
+    rows attended one at a time: (slot, keys, token slice); the prompt slices attended in
+    one call, `PromptGroup`, when there are several (they are then not among the former);
+    the one-token rows grouped by key bucket, with their masks: `DecodeGroup`). attend:
+    (slot, keys, first token, tokens) per real row; positions: [N] of the step's tokens."""
     singles, decoding = [], {}
     for slot, keys, at, t in attend:
         if t == 1 and BATCHED_DECODE:
@@ -258,8 +260,8 @@ def attention_layout(attend, positions) -> tuple[tuple[tuple[int, int, slice], .
         visible = torch.arange(keys, device=positions.device)[None, :] <= pos[:, None]  # [B', L]
         groups.append(DecodeGroup(rows, lo, hi, keys, index, ~visible[:, None, None, :]))
     if BATCHED_PROMPTS and len(singles) > 1:  # one slice: its own call (no scatter, no gather)
-        singles = (_prompt_group(singles, positions),)
-    return tuple(singles), tuple(groups)
+        return (), _prompt_group(singles, positions), tuple(groups)
+    return tuple(singles), None, tuple(groups)
 
 
 def _prompt_group(singles, positions) -> PromptGroup:
@@ -360,12 +362,10 @@ class Attention(nn.Module):
         cache_k[write_slots, :, write_pos] = k.to(cache_k.dtype)
         cache_v[write_slots, :, write_pos] = v.to(cache_v.dtype)
         out = torch.zeros_like(q)
-        singles, groups = layout
-        for single in singles:
-            if isinstance(single, PromptGroup):
-                out[single.tokens] = _attend_prompts(q, cache_k, cache_v, single)
-                continue
-            slot, keys, rows = single
+        singles, prompts, groups = layout
+        if prompts is not None:
+            out[prompts.tokens] = _attend_prompts(q, cache_k, cache_v, prompts)
+        for slot, keys, rows in singles:
             out[rows] = _attend_row(q[rows].transpose(0, 1), cache_k[slot, :, :keys], cache_v[slot, :, :keys],
                                     write_pos[rows]).transpose(0, 1)
         for g in groups:
