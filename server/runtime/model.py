@@ -469,7 +469,9 @@ class StageModel(nn.Module):
             self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.to(dtype)
         self.scratch_slot = slots
-        shape = (len(self.block_ids), slots + 1, spec.num_kv_heads, max_context, spec.head_dim)
+        # One key past max_context: compiled steps slice [0, key bucket) of this axis, and a
+        # slice that is never the whole axis keeps that dimension dynamic (compiled.py).
+        shape = (len(self.block_ids), slots + 1, spec.num_kv_heads, max_context + 1, spec.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype), persistent=False)
         inv_freq, self.rope_scale = rope_frequencies(spec)
@@ -487,6 +489,11 @@ class StageModel(nn.Module):
             if isinstance(module, Linear) and module.weight.numel():
                 module.pack()
         return True
+
+    def drop_weights(self) -> None:
+        """Frees every parameter (a compiled step holds its own copy); the KV cache stays."""
+        for param in self.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
     @property
     def has_embed(self) -> bool:

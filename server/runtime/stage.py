@@ -6,6 +6,7 @@ process, server/runtime/ray_executor.py in Ray actors) build their stages from h
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,9 +14,12 @@ import torch
 
 from scheduler.model import ModelSpec
 from scheduler.program import ProgramView
+from server.runtime.compiled import CompiledStage
 from server.runtime.model import TORCH_DTYPES, StageModel, rope_frequencies
 from server.runtime.step import StepTensors
 from server.runtime.weights import init_random, load_checkpoint
+
+log = logging.getLogger("lockstep.stage")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class RuntimePlan:
     seed: int = 0  # random-init seed when no checkpoint
     checkpoint: str = ""  # Hugging Face folder with *.safetensors
     pack_weights: bool = True  # prepack CPU linears for oneDNN (see model.Linear)
+    compiled: bool = False  # run CPU stages as compiled steps (server/runtime/compiled.py)
 
 
 def torch_device_for(kind: str, device_index: int, cuda_count: int) -> str:
@@ -52,7 +57,7 @@ def torch_device_for(kind: str, device_index: int, cuda_count: int) -> str:
 
 
 def plan_from_program(program: ProgramView, *, dtype: str | None = None, seed: int = 0, checkpoint: str = "",
-                      device: str | None = None) -> RuntimePlan:
+                      device: str | None = None, compiled: bool = False) -> RuntimePlan:
     """The executor's part of a program. `device` forces every stage onto one torch device."""
     spec = program.model
     rope_frequencies(spec)  # a RoPE scaling the runtime does not serve is refused here, by name
@@ -65,7 +70,8 @@ def plan_from_program(program: ProgramView, *, dtype: str | None = None, seed: i
                              device or torch_device_for(st.kind, st.devices[0], cuda_count),
                              resource=st.device if st.kind == "simulated" else "")
                    for st in program.stages)
-    return RuntimePlan(spec, dtype, program.max_slots, program.max_context, stages, seed, checkpoint)
+    return RuntimePlan(spec, dtype, program.max_slots, program.max_context, stages, seed, checkpoint,
+                       compiled=compiled)
 
 
 class StageRunner:
@@ -84,7 +90,19 @@ class StageRunner:
         else:
             init_random(model, plan.seed)
         self.model = model.to(self.device).eval()
-        if plan.pack_weights:
+        # The compiled step (a package of its own, weights frozen in), or why not: then eager.
+        self.compiled, self.compile_note = None, "off"
+        if plan.compiled:
+            built = CompiledStage.build(self.model)
+            if isinstance(built, str):
+                self.compile_note = built
+                log.warning("stage %d: compiled steps off, eager instead: %s", stage.index, built)
+            else:
+                self.compiled = built
+                self.compile_note = (f"on ({'loaded' if built.cached else 'compiled'} in {built.seconds:.1f} s: "
+                                     f"{built.path.name})")
+                self.model.drop_weights()  # the package holds its own copy; the cache stays here
+        if plan.pack_weights and self.compiled is None:
             self.model.pack_linears()
 
     @property
@@ -99,7 +117,8 @@ class StageRunner:
         """x: token ids [N] or hidden [N, h] (rows packed; see step.StepTensors). Returns (output, seconds on this stage)."""
         start = time.perf_counter()
         meta = meta.to(self.device)
-        out = self.model(x.to(self.device, non_blocking=True), meta.positions, meta.write_slots,
-                         meta.attend, meta.last_index)
+        forward = self.model if self.compiled is None else self.compiled
+        out = forward(x.to(self.device, non_blocking=True), meta.positions, meta.write_slots, meta.attend,
+                      meta.last_index)
         self._sync()
         return out, time.perf_counter() - start

@@ -1,0 +1,199 @@
+"""Compiled steps: a stage's whole forward as one AOTInductor package (docs/compiled-steps.md).
+
+Every step a stage runs, decode, prefill or mixed, is the same computation over a packed
+list of tokens: each token attends the keys [0, L) of its own KV slot, masked past its
+position. `StepGraph` writes that computation once, `torch.export` traces it with the
+token count N and the key bucket L as dynamic dimensions, and AOTInductor compiles it to
+one C++ package (weights frozen into it, linears as its CPU GEMM template, every
+elementwise op fused): one package per stage serves every step shape, and a token's
+result depends on itself alone (one code path for any N and L; the masked keys add exact
+zeros), which tests/server/runtime/test_compiled.py checks bitwise.
+
+Measured on the 2-core dev host (BENCHMARKS.md, `bench/decode.py --only compiled`): the
+eager step spends a third of its time in per-op dispatch and per-row Python; the package
+runs none of it.
+
+Packages are cached on disk under LOCKSTEP_CACHE/compiled, keyed by what changes them:
+the stage's weights (their SHA-256), model shape, layers, dtype, torch version, this
+host's CPU capability and COMPILED_VERSION. A failure to compile is one logged reason and
+the eager path (`CompiledStage.build` returns it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.runtime.model import SparseMoE, StageModel, _rotate_half, rope_tables
+
+log = logging.getLogger("lockstep.compiled")
+
+# Bump when StepGraph's computation changes: cached packages of older code are not used.
+COMPILED_VERSION = 1
+CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
+
+# Inductor options. CPP alone (not "CPP,ATEN") for the linears: autotuning between
+# backends times candidates on this (noisy, shared) host, so two compiles could pick
+# different kernels and different bits; one candidate is chosen without timing.
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
+class StepGraph(nn.Module):
+    """A stage's forward over packed tokens, in a form torch.export traces with dynamic N and L.
+
+    x: token ids [N] int64 (first stage) or hidden [N, h]; positions, slots: [N] int64
+    (padding tokens: the scratch slot); last_index: [R] int64 (last stage: the rows whose
+    logits are returned); cos, sin: [N, 1, D] (rope_tables); hidden: [N, L] bool, the keys
+    each token may not see; caches: (k, v) per block, each [S + 1, Hkv, C + 1, D], written
+    in place at (slot, position) of every token. Returns hidden [N, h] or logits [R, V] fp32.
+
+    Attention is written as reductions, not matmuls, so that Inductor fuses the slot gather
+    into them (no [N, Hkv, L, D] copy) and a token's keys are read where they lie."""
+
+    def __init__(self, model: StageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, positions, slots, last_index, cos, sin, hidden, caches):
+        sm, s = self.model, self.model.spec
+        if sm.has_embed:
+            x = sm.model.embed_tokens(x)
+        n, keys = x.shape[0], hidden.shape[1]
+        h, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        heads = torch.arange(hkv, device=x.device)[None, :]
+        for li, i in enumerate(sm.block_ids):
+            block = sm.model.layers[str(i)]
+            cache_k, cache_v = caches[2 * li], caches[2 * li + 1]
+            attn = block.self_attn
+            normed = block.input_layernorm(x)
+            q = attn.q_proj(normed).view(n, h, d)
+            k = attn.k_proj(normed).view(n, hkv, d)
+            v = attn.v_proj(normed).view(n, hkv, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            # In place on the graph input (a per-layer view would be copied whole by functionalization).
+            cache_k.index_put_((slots[:, None], heads, positions[:, None]), k)
+            cache_v.index_put_((slots[:, None], heads, positions[:, None]), v)
+            ks = cache_k[:, :, :keys][slots]  # [N, Hkv, L, D], fused into the reductions below
+            vs = cache_v[:, :, :keys][slots]
+            qg = q.view(n, hkv, h // hkv, 1, d).float()
+            scores = (qg * ks[:, :, None].float()).sum(-1) * d ** -0.5  # [N, Hkv, G, L] fp32
+            scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out = (probs[..., None] * vs[:, :, None].float()).sum(-2).to(x.dtype)  # [N, Hkv, G, D]
+            x = x + attn.o_proj(out.reshape(n, h * d))
+            normed = block.post_attention_layernorm(x)
+            mlp = block.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        if not sm.has_head:
+            return x
+        return sm.lm_head(sm.model.norm(x[last_index])).float()
+
+
+def unsupported(model: StageModel) -> str:
+    """Why this stage cannot be compiled ("" if it can)."""
+    if model.cache_k.device.type != "cpu":
+        return f"compiled steps are built for CPU stages; {model.cache_k.device.type} runs eager"
+    if any(isinstance(m, SparseMoE) for m in model.modules()):
+        return "MoE routing picks each expert's rows at run time (data-dependent shapes)"
+    if any(getattr(m, "packed", None) is not None or getattr(m, "qkv", None) is not None for m in model.modules()):
+        return "the stage's linears are prepacked for the eager path"
+    return ""
+
+
+def weights_digest(model: StageModel) -> str:
+    """SHA-256 of the stage's parameters (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        t = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def package_key(model: StageModel, weights: str) -> str:
+    spec = model.spec
+    shape = {"version": COMPILED_VERSION, "weights": weights, "torch": torch.__version__,
+             "cpu": torch.backends.cpu.get_cpu_capability(), "layers": [model.start, model.end],
+             "dtype": str(model.cache_k.dtype), "cache": list(model.cache_k.shape), "options": INDUCTOR_OPTIONS,
+             "spec": [spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
+                      spec.norm_eps, spec.num_layers, float(model.rope_scale)]}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def example_inputs(model: StageModel, n: int = 8, rows: int = 4, keys: int = 128):
+    """Inputs of the traced shapes (N = n tokens, R = rows, L = keys)."""
+    spec, dtype = model.spec, model.cache_k.dtype
+    positions = torch.arange(n, dtype=torch.int64) % keys
+    x = (torch.zeros(n, dtype=torch.int64) if model.has_embed else torch.zeros(n, spec.hidden_size, dtype=dtype))
+    cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, dtype)
+    hidden = torch.arange(keys)[None, :] > positions[:, None]
+    slots = torch.full((n,), model.scratch_slot, dtype=torch.int64)
+    return x, positions, slots, torch.arange(rows, dtype=torch.int64), cos, sin, hidden
+
+
+class CompiledStage:
+    """A stage's package, loaded, with the KV cache it writes (the eager model's buffers)."""
+
+    def __init__(self, runner, model: StageModel, path: Path, seconds: float, cached: bool):
+        self.runner, self.model, self.path = runner, model, path
+        self.seconds, self.cached = seconds, cached  # compile (or load) time; whether it came from disk
+        self.caches = [c for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+
+    @classmethod
+    def build(cls, model: StageModel) -> "CompiledStage | str":
+        """The stage's package, compiled or from the disk cache; or why not (a one-line reason)."""
+        why = unsupported(model)
+        if why:
+            return why
+        start = time.perf_counter()
+        try:
+            path = CACHE_DIR / f"{package_key(model, weights_digest(model))}.pt2"
+            cached = path.exists()
+            if not cached:
+                _compile(model, path)
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means eager, with its reason
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"compilation failed ({type(exc).__name__}: {first[:200]})"
+        return cls(runner, model, path, time.perf_counter() - start, cached)
+
+    @torch.inference_mode()
+    def __call__(self, x, positions, write_slots, attend, last_index):
+        """As StageModel.forward (the same arguments)."""
+        model = self.model
+        keys = max(k for _, k, _, _ in attend)  # the step's widest key bucket: every row's keys fit
+        cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
+        hidden = torch.arange(keys, device=positions.device)[None, :] > positions[:, None]  # [N, L]
+        return self.runner(x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+
+
+def _compile(model: StageModel, path: Path) -> None:
+    from torch.export import Dim
+
+    n, rows = Dim("tokens", min=2, max=1 << 16), Dim("rows", min=2, max=1 << 16)
+    # Up to max_context: the cache holds one key more (StageModel), so a key bucket's slice is
+    # never the whole axis (export would otherwise guard on L != the cache's length).
+    keys = Dim("keys", min=2, max=model.cache_k.shape[-2] - 1)
+    x_dims = {0: n} if model.has_embed else {0: n, 1: None}
+    dims = (x_dims, {0: n}, {0: n}, {0: rows}, {0: n}, {0: n}, {0: n, 1: keys},
+            [None] * (2 * len(model.block_ids)))
+    caches = [torch.zeros_like(c) for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+    graph = StepGraph(model).eval()
+    with torch.no_grad():
+        exported = torch.export.export(graph, (*example_inputs(model), caches), dynamic_shapes=dims)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # whole or absent: a crash leaves no half package
+            partial = Path(tmp) / path.name
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                     inductor_configs=dict(INDUCTOR_OPTIONS))
+            os.replace(partial, path)
