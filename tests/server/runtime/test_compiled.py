@@ -1,0 +1,77 @@
+"""Compiled steps (server/runtime/compiled.py): the bitwise row-invariance tests of
+test_executor.py run again with compiled stages, fp32 and bf16; compiled against eager; the
+package cache on disk; the fallback to eager with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from server.runtime import compiled
+from server.runtime.executor import LocalExecutor
+from tests.server.helpers import generate, random_prompt
+from tests.server.runtime import test_executor as eager
+from tests.server.runtime.test_executor import MOE, PARAMS, TARGET_PROMPT, WIDE
+
+
+@pytest.fixture(scope="module")
+def compiled_plans(tiny_plan):
+    plans = {"tiny": replace(tiny_plan, compiled=True),
+             "wide-bf16": replace(eager.one_stage_plan(WIDE, "bf16"), compiled=True)}
+    for name, plan in plans.items():  # compiled once here (or loaded from the disk cache)
+        runner = LocalExecutor(plan).runners[0]
+        assert runner.compiled is not None, f"{name}: {runner.compile_note}"
+    return plans
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+@pytest.mark.parametrize("model", ["tiny", "wide-bf16"])
+def test_tokens_and_logits_do_not_depend_on_batch_or_slot(compiled_plans, model, params):
+    eager.test_tokens_and_logits_do_not_depend_on_batch_or_slot(compiled_plans, model, params)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_a_mixed_step_gives_each_row_what_it_gets_alone(compiled_plans, params):
+    eager.test_a_mixed_step_gives_each_row_what_it_gets_alone(compiled_plans["tiny"], params)
+
+
+def test_stage_split_gives_the_same_tokens(compiled_plans):
+    """Stages that take hidden states and return them (not token ids, not logits) compile too."""
+    eager.test_stage_split_gives_the_same_tokens(compiled_plans["tiny"], "greedy")
+
+
+@pytest.mark.parametrize("model", ["tiny", "wide-bf16"])
+def test_compiled_steps_compute_what_the_eager_ones_do(compiled_plans, tiny_plan, model):
+    plan = compiled_plans[model]
+    prompt = random_prompt(40, seed=11)
+    fast = generate(LocalExecutor(plan), 2, prompt, 8)
+    slow = generate(LocalExecutor(replace(plan, compiled=False)), 2, prompt, 8)
+    # Not bitwise: fused kernels round differently (attention in fp32 throughout).
+    tolerance = 1e-4 if plan.dtype == "fp32" else 0.05
+    for a, b in zip(fast.logits, slow.logits):
+        assert torch.allclose(a, b, atol=tolerance * max(1.0, float(b.abs().max())), rtol=0)
+    if plan.dtype == "fp32":
+        assert fast.out == slow.out
+
+
+def test_a_second_build_loads_the_package_from_disk(compiled_plans):
+    first = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
+    again = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
+    assert again.cached and again.path == first.path
+    assert again.path.parent == compiled.CACHE_DIR
+
+
+def test_other_weights_get_another_package(compiled_plans):
+    plain = replace(compiled_plans["tiny"], compiled=False, pack_weights=False)  # weights as loaded
+    digests = [compiled.weights_digest(LocalExecutor(replace(plain, seed=seed)).runners[0].model) for seed in (7, 7, 99)]
+    assert digests[0] == digests[1] != digests[2]
+    model = LocalExecutor(plain).runners[0].model
+    assert compiled.package_key(model, digests[0]) != compiled.package_key(model, digests[2])
+
+
+def test_moe_runs_eager_and_says_why():
+    runner = LocalExecutor(replace(eager.one_stage_plan(MOE), compiled=True)).runners[0]
+    assert runner.compiled is None and "MoE" in runner.compile_note
+    assert generate(LocalExecutor(replace(eager.one_stage_plan(MOE), compiled=True)), 0, TARGET_PROMPT, 3).out
