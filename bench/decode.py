@@ -9,8 +9,11 @@
 3. Decode attention per row against one call per layer (server/runtime/model.py), and
    linears one call each against q, k, v and gate, up as one (`--only fused`).
 4. RayExecutor (one actor per stage, Ray Compiled Graph) against LocalExecutor, same plan.
+5. Eager against compiled steps (`--only compiled`): decode against the memory floor, a
+   64-token prefill against the matmul rate.
 
-    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only attention|fused]
+    .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only roofline|attention|prompts|fused|compiled]
+    .venv/bin/python bench/decode.py --only compiled --models smollm2-135m --dtypes fp32,bf16 --rounds 5
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from scheduler.compiler import CompileOptions, plan
 from scheduler.cost import Calibration
 from server.runtime.calibrate import Calibrator, measure_memory_bandwidth
 from server.runtime.executor import LocalExecutor, make_executor
+from server.runtime.model import TORCH_DTYPES
 from server.runtime.stage import RuntimePlan, StageSpec
 from server.runtime.sampling import GREEDY
 from server.runtime.step import StepBatch
@@ -266,14 +270,74 @@ def ray_vs_local(args) -> None:
         ray.shutdown()
 
 
+def compiled_steps(args) -> None:
+    """Eager against compiled steps (server/runtime/compiled.py), one executor each, same
+    plan and weights, rounds alternating; medians over the rounds. Decode at batch 1 and 8
+    (128 keys) against the memory floor (weight bytes / read bandwidth measured before and
+    after the rounds), a 64-token prefill step (one slice at position 0) against the host's
+    matmul rate in the same dtype (a 2048 x 2048 matmul, measured the same way). A prefill
+    token costs 2 x a block's parameters FLOPs per block and the head runs for its last
+    token only (bench/prefill.py's count). The packages are built (or loaded from the disk
+    cache) first: `compile s`."""
+    from dataclasses import replace
+
+    from server.runtime import gguf
+    from server.runtime.calibrate import measure_matmul_flops
+    from server.runtime.step import full_batch
+
+    for name in args.models.split(","):
+        spec = scheduler.get_model(gguf.resolve(name, "")[0])  # its shape, random weights
+        read = spec.num_params - (0 if spec.tie_embeddings else spec.vocab_size * spec.hidden_size)
+        head = spec.vocab_size * spec.hidden_size
+        block_flops = 2 * (spec.num_params - head - (0 if spec.tie_embeddings else head))
+        print(f"\n## Eager vs compiled steps ({spec.name}, random weights, {torch.get_num_threads()} threads, "
+              f"{args.rounds} rounds)")
+        print(f"{'dtype':<5} {'step':<16} {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} {'floor ms':>8} "
+              f"{'eager of floor':>14} {'compiled of floor':>17}")
+        for dtype in args.dtypes.split(","):
+            plan = one_stage_plan(spec, dtype, 8, 1024)
+            start = time.perf_counter()
+            executors = {"eager": LocalExecutor(plan), "compiled": LocalExecutor(replace(plan, compiled=True))}
+            note = executors["compiled"].runners[0].compile_note
+            print(f"{dtype:<5} compiled steps {note} (executor built in {time.perf_counter() - start:.1f} s)")
+            shapes = {"decode b1": decode_batch(1, 128), "decode b8": decode_batch(8, 128),
+                      "prefill 64": full_batch("prefill", 1, 64, 64, 8)}
+            samples: dict = {}
+            bandwidth = [measure_memory_bandwidth(repeats=5)]
+            flops = [measure_matmul_flops(TORCH_DTYPES[dtype])]
+            for _ in range(args.rounds):
+                for kind, executor in executors.items():
+                    for shape, batch in shapes.items():
+                        executor.step(batch)
+                        samples.setdefault((kind, shape), []).extend(executor.step(batch).step_time_s for _ in range(3))
+            bandwidth.append(measure_memory_bandwidth(repeats=5))
+            flops.append(measure_matmul_flops(TORCH_DTYPES[dtype]))
+            floor = read * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype] / statistics.mean(bandwidth)
+            rate = statistics.mean(flops)
+            for shape in shapes:
+                eager_s, compiled_s = (statistics.median(samples[k, shape]) for k in executors)
+                if shape.startswith("decode"):
+                    share = f"{floor * 1e3:>8.2f} {floor / eager_s:>14.2f} {floor / compiled_s:>17.2f}"
+                else:  # prefill: of the matmul rate
+                    work = block_flops * 64 + 2 * head
+                    share = (f"{'matmul':>8} {work / eager_s / rate:>14.2f} {work / compiled_s / rate:>17.2f}")
+                print(f"{dtype:<5} {shape:<16} {eager_s * 1e3:>9.2f} {compiled_s * 1e3:>11.2f} "
+                      f"{compiled_s / eager_s:>14.2f} {share}")
+            print(f"{dtype:<5} decode b8 / b1: eager {statistics.median(samples['eager', 'decode b8']) / statistics.median(samples['eager', 'decode b1']):.2f}, "
+                  f"compiled {statistics.median(samples['compiled', 'decode b8']) / statistics.median(samples['compiled', 'decode b1']):.2f}; "
+                  f"read {statistics.mean(bandwidth) / 1e9:.1f} GB/s, {dtype} matmul {rate / 1e9:.0f} GFLOP/s")
+            for executor in executors.values():
+                executor.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--only", choices=("roofline", "attention", "prompts", "fused"), help="run this part alone")
-    parser.add_argument("--models", default="tiny,small", help="roofline: models (presets or smollm2-135m)")
-    parser.add_argument("--dtypes", default="fp32", help="roofline, prompts: weight dtypes, e.g. fp32,bf16")
+    parser.add_argument("--only", choices=("roofline", "attention", "prompts", "fused", "compiled"), help="run this part alone")
+    parser.add_argument("--models", default="tiny,small", help="roofline, compiled: models (presets or smollm2-135m)")
+    parser.add_argument("--dtypes", default="fp32", help="roofline, prompts, compiled: weight dtypes, e.g. fp32,bf16")
     args = parser.parse_args()
     if args.only == "roofline":
         return roofline(args)
@@ -283,6 +347,8 @@ def main() -> None:
         return attention(args)
     if args.only == "fused":
         return fused(args)
+    if args.only == "compiled":
+        return compiled_steps(args)
     roofline(args)
     attention(args)
     fused(args)

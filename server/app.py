@@ -143,7 +143,8 @@ class LockstepServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
-                "model": info.model, "dtype": info.dtype, "plan_hash": info.plan_hash, "time_scale": scale, "executor": cfg.executor,
+                "model": info.model, "dtype": info.dtype, "compiled": cfg.compiled, "plan_hash": info.plan_hash,
+                "time_scale": scale, "executor": cfg.executor,
                 "pace": (pace := self._start_pace()),
                 # The decode pacer starts at the time scale x (1 + the band).
                 "guard_band_frac": pace["decode"] / scale - 1 if pace.get("decode") and scale else None,

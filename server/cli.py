@@ -64,6 +64,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--max-context", type=int, default=2048, help="as for compile (default 2048)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="as for compile (default 256)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per point (median; default 10)")
+    p.add_argument("--compiled-steps", choices=("off", "on"), default="off", help="as serve's: measure compiled steps")
+    p.add_argument("--checkpoint", default="", help="measure with these weights (HF folder; default: random)")
     p.add_argument("-o", "--output", required=True, help="write the calibration JSON here")
     p.set_defaults(run=_run_calibrate)
 
@@ -90,7 +92,8 @@ def _run_calibrate(args) -> int:
     from server.runtime.calibrate import calibrate
 
     data = calibrate(model, args.dtype, args.max_slots, args.max_context, args.prefill_chunk, args.repeats,
-                     progress=lambda line: print(line, file=sys.stderr))
+                     progress=lambda line: print(line, file=sys.stderr), checkpoint=args.checkpoint,
+                     compiled=args.compiled_steps == "on")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"calibration {args.output}: {len(data['entries'])} entries, memory read "

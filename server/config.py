@@ -16,6 +16,7 @@ class ServeConfig:
     executor: str = "local"  # local | ray
     seed: int = 0
     checkpoint: str = ""
+    compiled: bool = False  # CPU stages as compiled steps (server/runtime/compiled.py)
     deterministic: bool = True
     time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
     guard_band_s: float = EngineConfig.guard_band_s

@@ -51,6 +51,9 @@ def add_program_args(p, *, model_required: bool = True) -> None:
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step (default 64)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
                    help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
+    p.add_argument("--compiled-steps", choices=("off", "on"), default="off",
+                   help="on: run CPU stages as compiled steps (one AOTInductor package per stage, built once and "
+                        "cached; minutes the first time), calibrated as such; off (default): eager")
     p.add_argument("--calibration", default="auto", help="calibration JSON from `lockstep calibrate`, 'auto' (cpu "
                                                          "pools: this host's cached one, measured once), or 'none'")
 
@@ -114,7 +117,7 @@ def calibration(args, model, pool) -> scheduler.Calibration | None:
     if args.dtype not in ("fp32", "bf16", "fp16"):
         return None  # the runtime cannot run (so cannot measure) it: the preset's roofline
     key = (f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-"
-           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}")
+           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}" + ("-compiled" if compiled_steps(args) else ""))
     path = CACHE_DIR / f"calib-{key}.json"
     if not path.exists():
         # Bad options fail here with the compiler's own words, not as a failed measurement.
@@ -129,10 +132,17 @@ def calibration(args, model, pool) -> scheduler.Calibration | None:
         tmp = path.with_suffix(".tmp")
         subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
                         "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
-                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp)],
+                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp),
+                        # The served weights: a compiled calibration then builds the package serve loads.
+                        *(["--compiled-steps", "on", "--checkpoint", args.checkpoint or ""]
+                          if compiled_steps(args) else [])],
                        check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         tmp.replace(path)
     return scheduler.Calibration.load(path)
+
+
+def compiled_steps(args) -> bool:
+    return getattr(args, "compiled_steps", "off") == "on"
 
 
 def _time_scale_path(plan_hash: str) -> Path:

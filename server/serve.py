@@ -89,6 +89,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
         raise SpecError(f"--pipeline needs a program of 2 to --max-slots ({args.max_slots}) stages, one row group "
                         f"each; {model.name} on {args.pool} compiles to {stages}")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
+                         compiled=args.compiled_steps == "on",
                          core_cpus=args.core_cpus,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
@@ -105,7 +106,7 @@ def build_config(args) -> tuple[ServeConfig, scheduler.Program]:
 
 def _ready_line(info: dict) -> str:
     return (f"lockstep serve: ready grpc={info['grpc']} http={info['http'] or 'off'} metrics={info['metrics']} model={info['model']} "
-            f"dtype={info['dtype']} plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
+            f"dtype={info['dtype']} compiled={'on' if info.get('compiled') else 'off'} plan={info['plan_hash'][:16]} executor={info['executor']} mode={info['mode']} "
             f"time_scale={info['time_scale']:.3f} guard_band_pct={100 * (info.get('guard_band_frac') or 0):.1f} tls={'on' if info['tls'] else 'off'} "
             f"auth={'on' if info['auth'] else 'off'} pid={info['pid']}"
             + (f" core_pid={info['core_pid']}" if info.get("core_pid") else "")

@@ -86,7 +86,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     """(engine, executor, time scale), built and measured on the calling thread, not started."""
     cfg = config
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    plan = plan_from_program(program, seed=cfg.seed, checkpoint=cfg.checkpoint)
+    plan = plan_from_program(program, seed=cfg.seed, checkpoint=cfg.checkpoint, compiled=cfg.compiled)
     # Every torch op runs on this one thread: building, warm-up, then the engine loop.
     # Measured: a step run from a second thread that uses torch is ~30% slower (28.8 ->
     # 37.9 ms for `small`), as each thread gets its own OpenMP team and the two teams

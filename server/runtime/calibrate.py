@@ -82,6 +82,15 @@ class _Timer:
         self.blocks_s += time.perf_counter() - self._start
 
 
+def _layer_shares(model: scheduler.ModelSpec) -> tuple[float, float]:
+    """(embedding, all blocks) shares of a compiled step, which runs as one call: by the
+    bytes each part reads (a decode step streams its weights), the head taking the rest.
+    The embedding reads one row per token: ~0."""
+    head = model.vocab_size * model.hidden_size
+    blocks = model.num_params - head - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size)
+    return 0.0, blocks / (blocks + head)
+
+
 @dataclass(frozen=True)
 class Point:
     """One calibrated step: `tokens` is the attended keys for decode (the step runs at
@@ -99,16 +108,22 @@ class Calibrator:
     see the same drift of a shared host (bench/decode.py does that)."""
 
     def __init__(self, model: scheduler.ModelSpec, dtype: str = "fp32", max_slots: int = 8,
-                 max_context: int = 2048, prefill_chunk: int = 256, seed: int = 0):
+                 max_context: int = 2048, prefill_chunk: int = 256, seed: int = 0, checkpoint: str = "",
+                 compiled: bool = False):
         self.model, self.dtype, self.max_slots, self.max_context = model, dtype, max_slots, max_context
         self.options = scheduler.CompileOptions(dtype=dtype, max_slots=max_slots, max_context=max_context,
                                                 prefill_chunk=min(prefill_chunk, max_context),
                                                 prompt_len=min(128, max_context - 1))
         plan = RuntimePlan(model, dtype, max_slots, max_context, (StageSpec(0, 0, model.num_layers + 2, "cpu"),),
-                           seed=seed)
+                           seed=seed, checkpoint=checkpoint, compiled=compiled)
         self.executor = LocalExecutor(plan)
         self.timer = _Timer()
-        self._handles = self.timer.attach(self.executor.runners[0].model)
+        runner = self.executor.runners[0]
+        if compiled and runner.compiled is None:
+            raise RuntimeError(f"compiled steps asked for, but {runner.compile_note}")
+        # A compiled step is one call: no per-layer hooks (see sample).
+        self._handles = [] if runner.compiled is not None else self.timer.attach(runner.model)
+        self._layer_share = _layer_shares(model) if runner.compiled is not None else None
         self.samples: dict[Point, list[tuple[float, float, float]]] = {}
 
     def points(self) -> list[Point]:
@@ -130,6 +145,9 @@ class Calibrator:
     def sample(self, point: Point) -> float:
         self.timer.embed_s = self.timer.blocks_s = 0.0
         step = self.executor.step(self.batch(point.phase, point.batch, point.tokens)).step_time_s
+        if self._layer_share is not None:  # compiled: the step split by each part's share of the weights
+            embed, blocks = self._layer_share
+            self.timer.embed_s, self.timer.blocks_s = step * embed, step * blocks
         self.samples.setdefault(point, []).append(
             (step, self.timer.embed_s, self.timer.blocks_s / self.model.num_layers))
         return step
@@ -170,10 +188,11 @@ class Calibrator:
 
 
 def calibrate(model: scheduler.ModelSpec, dtype: str = "fp32", max_slots: int = 8, max_context: int = 2048,
-              prefill_chunk: int = 256, repeats: int = 10, seed: int = 0, progress=None) -> dict:
+              prefill_chunk: int = 256, repeats: int = 10, seed: int = 0, progress=None, checkpoint: str = "",
+              compiled: bool = False) -> dict:
     """Measures on the host CPU, point by point (2 warm-up steps, then `repeats`); returns
     the calibration JSON document."""
-    cal = Calibrator(model, dtype, max_slots, max_context, prefill_chunk, seed)
+    cal = Calibrator(model, dtype, max_slots, max_context, prefill_chunk, seed, checkpoint, compiled)
     try:
         for point in cal.points():
             for _ in range(2):

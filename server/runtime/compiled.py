@@ -41,10 +41,14 @@ log = logging.getLogger("lockstep.compiled")
 COMPILED_VERSION = 1
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 
-# Inductor options. CPP alone (not "CPP,ATEN") for the linears: autotuning between
-# backends times candidates on this (noisy, shared) host, so two compiles could pick
-# different kernels and different bits; one candidate is chosen without timing.
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+# Inductor options: frozen weights, and each linear autotuned between Inductor's CPU GEMM
+# template and ATen's (oneDNN / MKL) kernel, at the traced row count. The template alone
+# (one candidate, no timing) made smollm2-135m's 64-token prefill 1.7x (fp32) and 3.6x
+# (bf16) slower than with the choice (`bench/decode.py --only compiled`, BENCHMARKS.md).
+# Timing picks the kernels, so another host may pick others: `build` checks the package's
+# rows for batch invariance before it serves (`_invariance`), and Inductor caches the
+# choices, so a rebuild on this host picks the same.
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 class StepGraph(nn.Module):
@@ -162,9 +166,12 @@ class CompiledStage:
             if not cached:
                 _compile(model, path)
             runner = torch._inductor.aoti_load_package(str(path))
+            varies = _invariance(runner, model)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means eager, with its reason
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return f"compilation failed ({type(exc).__name__}: {first[:200]})"
+        if varies:
+            return varies
         return cls(runner, model, path, time.perf_counter() - start, cached)
 
     @torch.inference_mode()
@@ -175,6 +182,37 @@ class CompiledStage:
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
         hidden = torch.arange(keys, device=positions.device)[None, :] > positions[:, None]  # [N, L]
         return self.runner(x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+
+
+@torch.inference_mode()
+def _invariance(runner, model: StageModel) -> str:
+    """"" if a token's output row is bitwise the same alone (4 token rows, 3 of them
+    padding) and beside a 60-token prompt slice in another slot (64 rows: past the 32 rows
+    where oneDNN's half-precision kernels change); else why not. On scratch caches."""
+    spec, dtype = model.spec, model.cache_k.dtype
+    caches = [torch.zeros_like(c) for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+    gen = torch.Generator().manual_seed(0)
+    if model.has_embed:
+        tokens = torch.randint(spec.vocab_size, (64,), generator=gen)
+    else:
+        tokens = torch.randn(64, spec.hidden_size, generator=gen).to(dtype)
+    slot, other = 0, (1 if model.scratch_slot > 1 else model.scratch_slot)  # the slice: another slot
+    outs = []
+    for n in (4, 64):
+        positions = torch.cat([torch.tensor([5]), torch.arange(n - 1)])  # the token at 5, then the slice at 0..
+        slots = torch.full((n,), other if n > 4 else model.scratch_slot, dtype=torch.int64)
+        slots[0] = slot
+        cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, dtype)
+        hidden = torch.arange(128)[None, :] > positions[:, None]
+        for c in caches:
+            c.zero_()
+        outs.append(runner(tokens[:n].clone(), positions, slots, torch.zeros(4, dtype=torch.int64), cos, sin,
+                           hidden, caches)[0].clone())
+    if torch.equal(outs[0], outs[1]):
+        return ""
+    return (f"a row's result changes with the step's row count in this package (max difference "
+            f"{(outs[0].float() - outs[1].float()).abs().max().item():.3g}), so the kernels Inductor picked "
+            f"on this host are not batch-invariant")
 
 
 def _compile(model: StageModel, path: Path) -> None:

@@ -75,3 +75,14 @@ def test_moe_runs_eager_and_says_why():
     runner = LocalExecutor(replace(eager.one_stage_plan(MOE), compiled=True)).runners[0]
     assert runner.compiled is None and "MoE" in runner.compile_note
     assert generate(LocalExecutor(replace(eager.one_stage_plan(MOE), compiled=True)), 0, TARGET_PROMPT, 3).out
+
+
+def test_a_package_whose_rows_change_with_the_batch_is_refused(compiled_plans):
+    """The check `build` runs before serving: a runner whose row 0 moves with the row count."""
+    model = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled.model
+
+    def varying(x, positions, *rest):
+        return torch.full((4, 8), float(positions.shape[0]))
+
+    assert "not batch-invariant" in compiled._invariance(varying, model)
+    assert compiled._invariance(lambda x, *rest: torch.ones(4, 8), model) == ""
