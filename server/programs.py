@@ -117,7 +117,7 @@ def calibration(args, model, pool) -> scheduler.Calibration | None:
     if args.dtype not in ("fp32", "bf16", "fp16"):
         return None  # the runtime cannot run (so cannot measure) it: the preset's roofline
     key = (f"{model.name}-{fingerprint(model.to_dict())}-{args.dtype}-{args.max_slots}-{args.max_context}-"
-           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}" + ("-compiled" if compiled_steps(args) else ""))
+           f"{args.prefill_chunk}-r{RUNTIME_COST_VERSION}" + (f"-compiled{_compiled_version()}" if compiled_steps(args) else ""))
     path = CACHE_DIR / f"calib-{key}.json"
     if not path.exists():
         # Bad options fail here with the compiler's own words, not as a failed measurement.
@@ -143,6 +143,12 @@ def calibration(args, model, pool) -> scheduler.Calibration | None:
 
 def compiled_steps(args) -> bool:
     return getattr(args, "compiled_steps", "off") == "on"
+
+
+def _compiled_version() -> int:
+    from server.runtime.compiled import COMPILED_VERSION  # imports torch: only for compiled steps
+
+    return COMPILED_VERSION
 
 
 def _time_scale_path(plan_hash: str) -> Path:

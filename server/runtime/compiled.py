@@ -37,8 +37,10 @@ from server.runtime.model import SparseMoE, StageModel, _rotate_half, rope_table
 
 log = logging.getLogger("lockstep.compiled")
 
-# Bump when StepGraph's computation changes: cached packages of older code are not used.
-COMPILED_VERSION = 1
+# Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
+# calibrations of compiled steps, server/programs.py) of older code are not used.
+# 2: linears autotuned between the GEMM template and ATen's kernels.
+COMPILED_VERSION = 2
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 
 # Inductor options: frozen weights, and each linear autotuned between Inductor's CPU GEMM
