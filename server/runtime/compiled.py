@@ -4,18 +4,19 @@ Every step a stage runs, decode, prefill or mixed, is the same computation over 
 list of tokens: each token attends the keys [0, L) of its own KV slot, masked past its
 position. `StepGraph` writes that computation once, `torch.export` traces it with the
 token count N and the key bucket L as dynamic dimensions, and AOTInductor compiles it to
-one C++ package (weights frozen into it, linears as its CPU GEMM template, every
-elementwise op fused): one package per stage serves every step shape, and a token's
-result depends on itself alone (one code path for any N and L; the masked keys add exact
-zeros), which tests/server/runtime/test_compiled.py checks bitwise.
+one C++ package (weights frozen into it, linears autotuned between Inductor's CPU GEMM
+template and ATen's kernels, every elementwise op fused): one package per stage serves
+every step shape, and a token's result depends on itself alone (one code path for any N
+and L; the masked keys add exact zeros), which tests/server/runtime/test_compiled.py checks
+bitwise and `build` checks again for each package before it serves.
 
 Measured on the 2-core dev host (BENCHMARKS.md, `bench/decode.py --only compiled`): the
 eager step spends a third of its time in per-op dispatch and per-row Python; the package
 runs none of it.
 
 Packages are cached on disk under LOCKSTEP_CACHE/compiled, keyed by what changes them:
-the stage's weights (their SHA-256), model shape, layers, dtype, torch version, this
-host's CPU capability and COMPILED_VERSION. A failure to compile is one logged reason and
+the stage's weights (their SHA-256), model shape, layers, dtype, KV cache shape, torch
+version, this host's CPU capability and COMPILED_VERSION. A failure to compile is one logged reason and
 the eager path (`CompiledStage.build` returns it).
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 import time
@@ -35,7 +35,6 @@ from torch import nn
 
 from server.runtime.model import SparseMoE, StageModel, _rotate_half, rope_tables
 
-log = logging.getLogger("lockstep.compiled")
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
 # calibrations of compiled steps, server/programs.py) of older code are not used.
