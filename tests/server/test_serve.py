@@ -37,6 +37,7 @@ def start(*extra: str) -> tuple[subprocess.Popen, str]:
             proc.ready_pid = int(line.split(" pid=")[1].split()[0])  # the process that owns shutdown
             proc.core_pid = int(line.split("core_pid=")[1].split()[0]) if "core_pid=" in line else 0
             proc.http = line.split("http=")[1].split()[0]
+            proc.ready_line = line
             return proc, line.split("grpc=")[1].split()[0]
     timer.cancel()
     raise AssertionError(f"server exited with {proc.wait()} before it was ready")
@@ -419,3 +420,23 @@ def test_core_cpus_pins_the_core_process_and_keeps_the_front_end_off_them():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_serve_with_compiled_steps_gives_the_same_tokens_alone_and_in_company():
+    """`--compiled-steps on` as a user runs it: the package is built (or loaded: the same
+    weights and shapes as tests/server/runtime/test_compiled.py's tiny plan), the ready line
+    says so, and a request's tokens do not depend on the requests beside it."""
+    proc, target = start("--no-ray", "--dtype", "fp32", "--compiled-steps", "on", "--duration-s", "90")
+    try:
+        assert " compiled=on " in proc.ready_line
+        with LockstepClient(target) as client:
+            alone = [t.id for t in client.generate("compiled", max_tokens=6, seed=3, temperature=0.9).tokens]
+            with ThreadPoolExecutor(4) as pool:
+                calls = [pool.submit(client.generate, text, max_tokens=6, seed=3, temperature=0.9)
+                         for text in ("compiled", "other one", "a third", "and a fourth")]
+                company = [[t.id for t in c.result().tokens] for c in calls]
+        assert len(alone) == 6 and company[0] == alone
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "eager instead" not in proc.stderr_text()
