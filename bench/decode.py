@@ -43,6 +43,13 @@ def decode_batch(bucket: int, context: int) -> StepBatch:
                      tuple(context - 1 for _ in rows), tuple(GREEDY for _ in rows))
 
 
+def decode_read_bytes(spec, dtype: str) -> int:
+    """What a decode step reads: every block, the final norm and the LM head's whole matrix
+    (tied or not), but of the input embedding only the rows looked up (~0)."""
+    params = spec.num_layers * spec.block_params + spec.hidden_size + spec.embed_params
+    return params * TORCH_DTYPES[dtype].itemsize
+
+
 def median_step(executor, batch: StepBatch, steps: int) -> float:
     for _ in range(3):
         executor.step(batch)
@@ -67,12 +74,9 @@ def roofline(args) -> None:
 
     for name in args.models.split(","):
         model = scheduler.get_model(gguf.resolve(name, "")[0])  # presets and the packaged smollm2-135m
-        # What a decode step reads: every weight once, but of an untied input embedding
-        # only the rows looked up (the LM head reads its whole matrix).
-        read = model.num_params - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size)
         for dtype in args.dtypes.split(","):
             executor = LocalExecutor(one_stage_plan(model, dtype, 8, 512))
-            weight_bytes = read * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+            weight_bytes = decode_read_bytes(model, dtype)
             for bucket in (1, 8):
                 batch = decode_batch(bucket, 128)
                 before = measure_memory_bandwidth(repeats=5)
@@ -287,9 +291,8 @@ def compiled_steps(args) -> None:
 
     for name in args.models.split(","):
         spec = scheduler.get_model(gguf.resolve(name, "")[0])  # its shape, random weights
-        read = spec.num_params - (0 if spec.tie_embeddings else spec.vocab_size * spec.hidden_size)
-        head = spec.vocab_size * spec.hidden_size
-        block_flops = 2 * (spec.num_params - head - (0 if spec.tie_embeddings else head))
+        head = spec.vocab_size * spec.hidden_size  # the LM head's matrix
+        block_flops = 2 * spec.num_layers * spec.block_params  # per token
         print(f"\n## Eager vs compiled steps ({spec.name}, random weights, {torch.get_num_threads()} threads, "
               f"{args.rounds} rounds)")
         print(f"{'dtype':<5} {'step':<16} {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} {'floor ms':>8} "
@@ -312,7 +315,7 @@ def compiled_steps(args) -> None:
                         samples.setdefault((kind, shape), []).extend(executor.step(batch).step_time_s for _ in range(3))
             bandwidth.append(measure_memory_bandwidth(repeats=5))
             flops.append(measure_matmul_flops(TORCH_DTYPES[dtype]))
-            floor = read * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype] / statistics.mean(bandwidth)
+            floor = decode_read_bytes(spec, dtype) / statistics.mean(bandwidth)
             rate = statistics.mean(flops)
             for shape in shapes:
                 eager_s, compiled_s = (statistics.median(samples[k, shape]) for k in executors)

@@ -86,8 +86,8 @@ def _layer_shares(model: scheduler.ModelSpec) -> tuple[float, float]:
     """(embedding, all blocks) shares of a compiled step, which runs as one call: by the
     bytes each part reads (a decode step streams its weights), the head taking the rest.
     The embedding reads one row per token: ~0."""
-    head = model.vocab_size * model.hidden_size
-    blocks = model.num_params - head - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size)
+    blocks = model.num_layers * model.block_params
+    head = model.hidden_size + model.embed_params  # final norm + the LM head's matrix, tied or not
     return 0.0, blocks / (blocks + head)
 
 
