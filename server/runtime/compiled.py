@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.runtime.model import SparseMoE, StageModel, _rotate_half, rope_tables
+from server.runtime.model import SparseMoE, StageModel, apply_rope, rope_tables
 
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
@@ -83,8 +83,7 @@ class StepGraph(nn.Module):
             q = attn.q_proj(normed).view(n, h, d)
             k = attn.k_proj(normed).view(n, hkv, d)
             v = attn.v_proj(normed).view(n, hkv, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # In place on the graph input (a per-layer view would be copied whole by functionalization).
             cache_k.index_put_((slots[:, None], heads, positions[:, None]), k)
             cache_v.index_put_((slots[:, None], heads, positions[:, None]), v)
@@ -152,13 +151,18 @@ def example_inputs(model: StageModel, n: int = 0, rows: int = 4, keys: int = 128
     return x, positions, slots, torch.arange(rows, dtype=torch.int64), cos, sin, hidden
 
 
+def block_caches(model: StageModel) -> list[torch.Tensor]:
+    """StepGraph's `caches`: k, v of each block, views of the stage's KV cache."""
+    return [c for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+
+
 class CompiledStage:
     """A stage's package, loaded, with the KV cache it writes (the eager model's buffers)."""
 
     def __init__(self, runner, model: StageModel, path: Path, seconds: float, cached: bool):
         self.runner, self.model, self.path = runner, model, path
         self.seconds, self.cached = seconds, cached  # compile (or load) time; whether it came from disk
-        self.caches = [c for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+        self.caches = block_caches(model)
 
     @classmethod
     def build(cls, model: StageModel) -> "CompiledStage | str":
@@ -197,7 +201,7 @@ def _invariance(runner, model: StageModel) -> str:
     padding) and beside a 60-token prompt slice in another slot (64 rows: past the 32 rows
     where oneDNN's half-precision kernels change); else why not. On scratch caches."""
     spec, dtype = model.spec, model.cache_k.dtype
-    caches = [torch.zeros_like(c) for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+    caches = [torch.zeros_like(c) for c in block_caches(model)]
     gen = torch.Generator().manual_seed(0)
     if model.has_embed:
         tokens = torch.randint(spec.vocab_size, (64,), generator=gen)
@@ -232,7 +236,7 @@ def _compile(model: StageModel, path: Path) -> None:
     x_dims = {0: n} if model.has_embed else {0: n, 1: None}
     dims = (x_dims, {0: n}, {0: n}, {0: rows}, {0: n}, {0: n}, {0: n, 1: keys},
             [None] * (2 * len(model.block_ids)))
-    caches = [torch.zeros_like(c) for li in range(len(model.block_ids)) for c in (model.cache_k[li], model.cache_v[li])]
+    caches = [torch.zeros_like(c) for c in block_caches(model)]
     graph = StepGraph(model).eval()
     with torch.no_grad():
         exported = torch.export.export(graph, (*example_inputs(model), caches), dynamic_shapes=dims)

@@ -164,6 +164,11 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    """x: [N, heads, D]; cos, sin: [N, 1, D] (rope_tables)."""
+    return x * cos + _rotate_half(x) * sin
+
+
 def _attend_row(q, keys, values, positions):
     """One sequence: q: [H, T, D]; keys, values: [Hkv, L, D] (views into its KV slot);
     positions: [T]. Returns [H, T, D].
@@ -356,8 +361,7 @@ class Attention(nn.Module):
         q = q.view(n, s.num_heads, s.head_dim)  # [N, H, D]
         k = k.view(n, s.num_kv_heads, s.head_dim)  # [N, Hkv, D]
         v = v.view(n, s.num_kv_heads, s.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Write the new keys/values at (slot, position) per token: [N, Hkv, D].
         cache_k[write_slots, :, write_pos] = k.to(cache_k.dtype)
         cache_v[write_slots, :, write_pos] = v.to(cache_v.dtype)
