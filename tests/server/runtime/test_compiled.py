@@ -43,7 +43,7 @@ def test_stage_split_gives_the_same_tokens(compiled_plans):
 
 
 @pytest.mark.parametrize("model", ["tiny", "wide-bf16"])
-def test_compiled_steps_compute_what_the_eager_ones_do(compiled_plans, tiny_plan, model):
+def test_compiled_steps_compute_what_the_eager_ones_do(compiled_plans, model):
     plan = compiled_plans[model]
     prompt = random_prompt(40, seed=11)
     fast = generate(LocalExecutor(plan), 2, prompt, 8)
