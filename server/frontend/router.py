@@ -343,7 +343,11 @@ class RoutedAdmission:
             task.cancel()
 
 
-SUSPECT_S = 1.0  # how long a replica whose call failed UNAVAILABLE is passed over
+# How long a replica whose call failed UNAVAILABLE is passed over: longer than Ray takes to
+# report a killed actor (~1.6 s measured quiet; a CI run on a loaded host picked the dead
+# replica again after 1 s, a second UNAVAILABLE). A restarted replica is cleared at once on
+# reconnect (Replica.connect), so this delays no comeback.
+SUSPECT_S = 5.0
 
 
 def _suspect(rep: Replica, exc: grpc.aio.AioRpcError) -> None:
