@@ -101,10 +101,17 @@ def _help() -> str:
     parser = argparse.ArgumentParser(
         prog="lockstep demo", usage="lockstep demo [--tls-ca FILE] [--tls-server-name NAME] [serve flags ...]",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Every other flag goes to lockstep serve (see lockstep serve --help); with none: "
-               f"--model {CHAT_MODEL} --pool cpu.")
+        epilog=f"Every other flag goes to lockstep serve (see lockstep serve --help); without --model: "
+               f"--model {CHAT_MODEL}.")
     add_security_args(parser, token_file=False)
     return parser.format_help()
+
+
+def with_default_model(server_args: list[str]) -> list[str]:
+    """Serve flags without a model (`lockstep demo --compiled-steps off`) still mean the real one."""
+    if any(a == "--model" or a.startswith("--model=") for a in server_args):
+        return server_args
+    return ["--model", CHAT_MODEL, *server_args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentError) as exc:
         print(f"lockstep demo: error: {exc}", file=sys.stderr)
         return 2
-    server_args = server_args or ["--model", CHAT_MODEL, "--pool", "cpu"]
+    server_args = with_default_model(server_args)
     chats = _chat_prompts(server_args)
     prompts, max_tokens = (chats, 48) if chats else (PROMPTS, 32)
     proc, ready = _start_server(server_args)
