@@ -68,7 +68,17 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> i
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
         probs = probs / probs.sum()
     gen = torch.Generator(device=logits.device).manual_seed(_draw_seed(params.seed, position))
-    return int(torch.multinomial(probs, 1, generator=gen))
+    # Inverse CDF: one uniform draw against the running sum (float64, so 49152 fp32
+    # probabilities add up without drift; cumsum(dtype=) converts slower, 136 against
+    # 49 us). torch.multinomial draws an exponential per token: 1.0 ms a row at smollm2's
+    # 49152-token vocabulary on this host, 5 ms of a 16 ms compiled batch-4 step that
+    # calibration (greedy) never timed; this row costs ~0.2 ms.
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    u = torch.rand((1,), generator=gen, dtype=torch.float64, device=logits.device)
+    # The first token whose running sum passes u x total: a zero-probability token never
+    # is (its sum equals the one before); u < 1, so only a rounding can pass the end.
+    i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    return i if i < probs.numel() else int(torch.nonzero(probs).max())
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
