@@ -62,11 +62,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> i
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum()
+        probs = _nucleus(probs, params.top_p)
     gen = torch.Generator(device=logits.device).manual_seed(_draw_seed(params.seed, position))
     # Inverse CDF: one uniform draw against the running sum (float64, so 49152 fp32
     # probabilities add up without drift; cumsum(dtype=) converts slower, 136 against
@@ -79,6 +75,26 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> i
     # is (its sum equals the one before); u < 1, so only a rounding can pass the end.
     i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
     return i if i < probs.numel() else int(torch.nonzero(probs).max())
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [V] cut to the smallest set of most likely tokens whose mass reaches top_p (the
+    first token always stays), renormalized. Found among the k most likely (64, then 512,
+    then a whole sort) once the k-th is outside the set, instead of sorting all V: a sort
+    of smollm2's 49152 probabilities took 3.5 ms a row here (16 ms of a sampled batch-4
+    step), a top-64 0.1."""
+    n, k = probs.numel(), 64
+    while True:
+        if k * 8 >= n:  # a flat distribution: a whole sort is cheaper than a top-k this wide
+            values, order = torch.sort(probs, descending=True)
+        else:
+            values, order = torch.topk(probs, k)  # descending
+        before = torch.cumsum(values, dim=-1) - values  # each token's mass strictly before it
+        if values.numel() == n or before[-1] >= top_p:  # the k-th is cut, so is every token after it
+            keep = before < top_p
+            out = torch.zeros_like(probs).index_put_((order[keep],), values[keep])
+            return out / out.sum()
+        k *= 8
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
