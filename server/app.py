@@ -86,6 +86,7 @@ class LockstepServer:
         self.http = self.http_task = None
         self.health = health.aio.HealthServicer()
         self.failed: asyncio.Event | None = None  # set when the engine loop dies
+        self.compiled = False  # every stage of the engine (or the first replica's) runs compiled steps
         self.front_end_nice = 0  # niceness added to the front end's threads (see _lower_front_end)
         self.device_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
 
@@ -97,6 +98,7 @@ class LockstepServer:
         else:  # the engines are replicas elsewhere; this process is their front end
             first = await self.router.start(self.router_bundle)
             self.admission, scale = self.router, first["time_scale"]
+            self.compiled = first.get("compiled", False)
             self.router.export(self.metrics)
             self.failed = asyncio.Event()  # replicas that die are restarted; the front end stays up
         vocab = program.model.vocab_size
@@ -143,7 +145,7 @@ class LockstepServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return {"grpc": f"{cfg.host}:{port}", "http": http, "metrics": f"http://{metrics_host}:{metrics_port}/metrics",
-                "model": info.model, "dtype": info.dtype, "compiled": cfg.compiled, "plan_hash": info.plan_hash,
+                "model": info.model, "dtype": info.dtype, "compiled": self.compiled, "plan_hash": info.plan_hash,
                 "time_scale": scale, "executor": cfg.executor,
                 "pace": (pace := self._start_pace()),
                 # The decode pacer starts at the time scale x (1 + the band).
@@ -171,10 +173,12 @@ class LockstepServer:
                 pin_process(available() - set(cfg.core_cpus))
             self.core.on_death = self._engine_died
             self.core.on_shutdown = self._core_asked_shutdown
+            self.compiled = self.core.compiled
             return self.core, self.core.time_scale
         self.engine, self.executor, scale = await loop.run_in_executor(self.device_thread, build_engine, cfg,
                                                                        self.program, self.metrics)
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
+        self.compiled = await loop.run_in_executor(self.device_thread, self.executor.compiled)
         return LocalAdmission(self.engine), scale
 
     async def _http_server(self, front: OpenAIFrontEnd) -> str:

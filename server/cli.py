@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from scheduler.fleet import POLICIES
-from server.programs import add_program_args, compile_program
+from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
 
 EXIT_BAD_INPUT = 2
 
@@ -64,7 +64,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--max-context", type=int, default=2048, help="as for compile (default 2048)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="as for compile (default 256)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per point (median; default 10)")
-    p.add_argument("--compiled-steps", choices=("off", "on"), default="off", help="as serve's: measure compiled steps")
+    p.add_argument("--compiled-steps", choices=COMPILED_CHOICES, default="auto",
+                   help="as serve's: measure compiled steps (on), eager ones (off), or auto (default): " + AUTO_COMPILED_HELP)
     p.add_argument("--checkpoint", default="", help="measure with these weights (HF folder; default: random)")
     p.add_argument("-o", "--output", required=True, help="write the calibration JSON here")
     p.set_defaults(run=_run_calibrate)
@@ -76,7 +77,7 @@ def _run_calibrate(args) -> int:
 
     if args.device != "cpu":
         raise SpecError(f"calibrate measures the host cpu only for now, not {args.device!r}")
-    from server.programs import resolve_dtype
+    from server.programs import resolve_compiled, resolve_dtype
 
     args.dtype = resolve_dtype(args.dtype, scheduler.parse_pool("cpu"))  # the host it measures
     if args.dtype not in ("fp32", "bf16", "fp16"):
@@ -84,6 +85,7 @@ def _run_calibrate(args) -> int:
     if args.repeats < 1:
         raise SpecError(f"repeats must be a positive integer, got {args.repeats}")
     model = scheduler.get_model(args.model)
+    args.compiled_steps = resolve_compiled(args.compiled_steps, model, scheduler.parse_pool("cpu"))
     # Validates sizes the way compile will, before minutes of measuring.
     scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
                              prefill_chunk=args.prefill_chunk, prompt_len=1)

@@ -51,13 +51,16 @@ def add_program_args(p, *, model_required: bool = True) -> None:
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step (default 64)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
                    help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
-    p.add_argument("--compiled-steps", choices=("off", "on"), default="off",
+    p.add_argument("--compiled-steps", choices=COMPILED_CHOICES, default=compiled_default(),
                    help="on: run CPU stages as compiled steps (one AOTInductor package per stage, built once and "
-                        "cached; minutes the first time), calibrated as such; off (default): eager")
+                        "cached; minutes the first time), calibrated as such; off: eager; auto (the default, "
+                        "or $LOCKSTEP_COMPILED_STEPS): " + AUTO_COMPILED_HELP)
     p.add_argument("--calibration", default="auto", help="calibration JSON from `lockstep calibrate`, 'auto' (cpu "
                                                          "pools: this host's cached one, measured once), or 'none'")
 
 
+COMPILED_CHOICES = ("auto", "on", "off")
+AUTO_COMPILED_HELP = "on for a dense model on this host's CPU, eager for MoE models and simulated or GPU pools"
 AUTO_DTYPE_HELP = "bf16 where the pool's devices run it natively (GPUs, accelerators, CPUs with AVX512-BF16 or AMX), else fp32"
 
 
@@ -84,6 +87,29 @@ def resolve_dtype(dtype: str, pool: scheduler.Pool) -> str:
     return "bf16"
 
 
+def compiled_default() -> str:
+    """--compiled-steps' default: $LOCKSTEP_COMPILED_STEPS (a deployment's, or the test
+    suite's: tests/conftest.py runs eager unless a test asks), else auto; a value outside
+    COMPILED_CHOICES is refused by `resolve_compiled`, where the CLI reports errors."""
+    return os.environ.get("LOCKSTEP_COMPILED_STEPS", "auto")
+
+
+def resolve_compiled(choice: str, model: scheduler.ModelSpec, pool: scheduler.Pool) -> str:
+    """`auto` -> "on" or "off" (AUTO_COMPILED_HELP); "on" and "off" are returned as given.
+    Compiled steps are built for CPU stages of dense models (server/runtime/compiled.py:
+    `unsupported`); a stage that still fails to compile runs eager with a logged reason.
+    Measured on this host (BENCHMARKS.md, "Compiled steps"): smollm2-135m bf16 decode
+    28.4 -> 18.6 ms at batch 1, and twice the deterministic server's tokens/s at
+    concurrency 1; the price is one package build per model and shape (~100 s), cached."""
+    if choice not in COMPILED_CHOICES:  # only $LOCKSTEP_COMPILED_STEPS gets past argparse's choices
+        raise scheduler.SpecError(f"LOCKSTEP_COMPILED_STEPS must be one of {', '.join(COMPILED_CHOICES)}, "
+                                  f"not {choice!r}")
+    if choice != "auto":
+        return choice
+    host = all(g.device.name == "cpu" for g in pool.groups)
+    return "on" if host and not model.is_moe else "off"
+
+
 def resolve_model(args) -> scheduler.ModelSpec:
     """The model `args` name (updating args.model / args.checkpoint to the converted folder
     of a packaged or .gguf model, as serve loads it)."""
@@ -100,6 +126,8 @@ def compile_program(args, prompt_len: int | None = None, objective: str = "laten
     model = resolve_model(args)
     pool = scheduler.parse_pool(args.pool)
     args.dtype = resolve_dtype(args.dtype, pool)
+    if hasattr(args, "compiled_steps"):
+        args.compiled_steps = resolve_compiled(args.compiled_steps, model, pool)
     options = scheduler.CompileOptions(dtype=args.dtype, max_slots=args.max_slots, max_context=args.max_context,
                                        prefill_chunk=args.prefill_chunk,
                                        prompt_len=min(128, args.max_context - 1) if prompt_len is None else prompt_len,

@@ -56,6 +56,7 @@ class CoreClient:
         self.config, self.metrics = config, metrics
         self.proc: subprocess.Popen | None = None
         self.time_scale = 1.0
+        self.compiled = False  # every stage runs compiled steps (from Ready)
         self.pace: dict[str, float] = {}
         self.accepting = True
         self.failure: str | None = None  # why the core is gone, once it is
@@ -92,7 +93,7 @@ class CoreClient:
         if isinstance(msg, Fatal):
             self._kill()
             raise CoreDied(msg.why)
-        self.time_scale, self.pace, self._status = msg.time_scale, msg.pace, msg.status
+        self.time_scale, self.pace, self._status, self.compiled = msg.time_scale, msg.pace, msg.status, msg.compiled
         self._reader = asyncio.ensure_future(self._read(decoder))
 
     @property

@@ -63,6 +63,7 @@ class Ready(msgspec.Struct, tag=True):
     pace: dict[str, float]  # phase -> pace factor
     pid: int
     status: dict  # Engine.status() before the first tick
+    compiled: bool = False  # every stage runs compiled steps (server/runtime/compiled.py)
 
 
 class Admitted(msgspec.Struct, tag=True):

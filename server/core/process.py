@@ -116,13 +116,14 @@ class Core:
     def start(self) -> None:
         from server.core.build import build_engine
 
-        engine, _, scale = self.device.submit(build_engine, self.config, self.program,
-                                                          MetricsRelay(self.outbox)).result()
+        engine, executor, scale = self.device.submit(build_engine, self.config, self.program,
+                                                     MetricsRelay(self.outbox)).result()
         self.engine = engine
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
-        self.outbox.put(Ready(scale, {p: pacer.factor for p, pacer in engine.pacers.items()}, os.getpid(), engine.status()))
+        self.outbox.put(Ready(scale, {p: pacer.factor for p, pacer in engine.pacers.items()}, os.getpid(), engine.status(),
+                              compiled=self.device.submit(executor.compiled).result()))
         engine.start(self.device)
         threading.Thread(target=self._receive_loop, name="lockstep-core-in", daemon=True).start()
 

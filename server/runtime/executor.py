@@ -33,6 +33,11 @@ class LocalExecutor:
         ids = sample(x, list(batch.sampling), batch.sample_positions())
         return StepResult(tuple(ids), tuple(times), time.perf_counter() - start)
 
+    def compiled(self) -> bool:
+        """Whether every stage runs compiled steps (a stage that could not compile runs
+        eager, its reason logged: server/runtime/stage.py)."""
+        return bool(self.runners) and all(runner.compiled is not None for runner in self.runners)
+
     def submit(self, batch: StepBatch) -> StepResult:
         """The pipelined engine's interface (see RayExecutor.submit): here the stages run
         one after another in this thread, so the step is done on return."""

@@ -104,6 +104,10 @@ class StageActor:
         """Returns once the stage is built: its scratch KV slot."""
         return self.runner.scratch_slot
 
+    def compiled(self) -> bool:
+        """Whether this stage runs compiled steps (asked before the graph is compiled)."""
+        return self.runner.compiled is not None
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -166,6 +170,7 @@ class RayExecutor:
         self.plan = plan
         self.step_timeout_s = step_timeout_s
         self._dag, self._actors = None, []
+        self._compiled = False
         self._started_ray = _init_ray(plan)
         try:
             _check_resources(plan)
@@ -174,6 +179,7 @@ class RayExecutor:
                             for s in plan.stages]
             slots = ray.get([a.ready.remote() for a in self._actors], timeout=READY_TIMEOUT_S)
             self.scratch_slot = slots[0]
+            self._compiled = all(ray.get([a.compiled.remote() for a in self._actors], timeout=READY_TIMEOUT_S))
             with InputNode() as inp:
                 node = inp
                 for actor in self._actors:
@@ -182,6 +188,10 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
+
+    def compiled(self) -> bool:
+        """Whether every stage actor runs compiled steps."""
+        return self._compiled
 
     def watch(self, on_dead, every_s: float = WATCH_EVERY_S) -> None:
         """Calls `on_dead(why)` once, from a daemon thread, when a stage actor dies (Ray's GCS

@@ -1,6 +1,7 @@
 """server/programs.py: the flags a program is compiled from, with serve's defaults."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,31 @@ def test_compile_serve_and_calibrate_default_to_this_hosts_dtype(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"{host} matmul" in run.stdout
+
+
+def test_auto_compiled_steps_are_on_for_a_dense_model_on_this_hosts_cpu_only():
+    tiny, moe = scheduler.get_model("tiny"), scheduler.get_model("mixtral-8x7b")
+    assert programs.resolve_compiled("auto", tiny, scheduler.parse_pool("cpu")) == "on"
+    assert programs.resolve_compiled("auto", moe, scheduler.parse_pool("cpu")) == "off"  # MoE routing: eager
+    for simulated_or_gpu in ("lpu:4", "a100:2", "cpu:1+a100:2"):
+        assert programs.resolve_compiled("auto", tiny, scheduler.parse_pool(simulated_or_gpu)) == "off"
+    for given in ("on", "off"):
+        assert programs.resolve_compiled(given, moe, scheduler.parse_pool("lpu:4")) == given
+    with pytest.raises(scheduler.SpecError, match="LOCKSTEP_COMPILED_STEPS must be one of auto, on, off, not 'yes'"):
+        programs.resolve_compiled("yes", tiny, scheduler.parse_pool("cpu"))
+
+
+def test_the_compiled_steps_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LOCKSTEP_COMPILED_STEPS", raising=False)
+    assert programs.compiled_default() == "auto"
+    monkeypatch.setenv("LOCKSTEP_COMPILED_STEPS", "off")  # as tests/conftest.py sets it
+    assert programs.compiled_default() == "off"
+
+
+@pytest.mark.parametrize("value", ["yes", "", "ON", "on\n", "\udcff"])
+def test_a_bad_compiled_steps_environment_is_one_line_and_exit_2(value):
+    env = {**os.environ, "LOCKSTEP_COMPILED_STEPS": value}
+    run = subprocess.run([sys.executable, "-m", "server.cli", "compile", "--model", "tiny", "--calibration", "none"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "LOCKSTEP_COMPILED_STEPS must be one of auto, on, off" in run.stderr

@@ -20,14 +20,14 @@ SERVE = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--pool
          "--max-context", "256", "--prefill-chunk", "32", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
 
 
-def start(*extra: str) -> tuple[subprocess.Popen, str]:
+def start(*extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`lockstep serve` with `extra` flags, once ready: (process, gRPC target). The
     process's `ready_pid` is the one that owns shutdown (the front end's), `core_pid` the
     engine core's, and
     `stderr_text()` reads what it wrote to stderr (a file: nothing blocks on a pipe)."""
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([*SERVE, *extra], stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     proc.stderr_text = lambda: (err.seek(0), err.read())[1]
     timer = threading.Timer(120, proc.kill)  # bounded: never hang the suite
     timer.start()
@@ -422,11 +422,13 @@ def test_core_cpus_pins_the_core_process_and_keeps_the_front_end_off_them():
         assert proc.wait(30) == 0
 
 
-def test_serve_with_compiled_steps_gives_the_same_tokens_alone_and_in_company():
-    """`--compiled-steps on` as a user runs it: the package is built (or loaded: the same
-    weights and shapes as tests/server/runtime/test_compiled.py's tiny plan), the ready line
-    says so, and a request's tokens do not depend on the requests beside it."""
-    proc, target = start("--no-ray", "--dtype", "fp32", "--compiled-steps", "on", "--duration-s", "90")
+def test_serve_runs_compiled_steps_by_default_with_the_same_tokens_alone_and_in_company():
+    """`lockstep serve` as a user runs it, with the default `--compiled-steps auto` (the
+    suite's LOCKSTEP_COMPILED_STEPS=off taken away): the package is built (or loaded: the
+    same weights and shapes as tests/server/runtime/test_compiled.py's tiny plan), the ready
+    line says so, and a request's tokens do not depend on the requests beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCKSTEP_COMPILED_STEPS"}
+    proc, target = start("--no-ray", "--dtype", "fp32", "--duration-s", "90", env=env)
     try:
         assert " compiled=on " in proc.ready_line
         with LockstepClient(target) as client:
@@ -440,3 +442,22 @@ def test_serve_with_compiled_steps_gives_the_same_tokens_alone_and_in_company():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "eager instead" not in proc.stderr_text()
+
+
+def test_a_stage_that_cannot_compile_runs_eager_and_the_ready_line_says_so(tmp_path):
+    """`--compiled-steps on` with a mixture-of-experts checkpoint (its routing picks each
+    expert's rows at run time, which an exported graph cannot hold): the server still
+    serves, eager, its ready line says `compiled=off`, and stderr says why."""
+    from tests.server.helpers import save_hf_model
+
+    save_hf_model("mixtral", tmp_path)
+    proc, target = start("--no-ray", "--dtype", "fp32", "--model", str(tmp_path), "--compiled-steps", "on",
+                         "--duration-s", "60")
+    try:
+        assert " compiled=off " in proc.ready_line
+        with LockstepClient(target) as client:
+            assert len(client.generate([1, 2, 3], 4).tokens) == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "compiled steps off, eager instead: MoE routing" in proc.stderr_text()
