@@ -52,15 +52,27 @@ def measure_steps(executor, program: ProgramView, keys: tuple[int, ...], phases:
     `measure_time_scale` (no margin); the jitter, the median over the shapes of a shape's
     second slowest of `repeats` runs over their median, less 1 (the guard band a paced
     tick needs for its step to finish inside it; the slowest run, or the worst shape, is
-    one hiccup: it gave 30% where the steps served later varied by 5-10%)."""
-    worst, jitters = 0.0, []
-    for predicted, step in _shapes(program, keys, phases):
+    one hiccup: it gave 30% where the steps served later varied by 5-10%).
+
+    The shapes' runs are interleaved (one run of each shape per round), so a slow spell of
+    this shared host lands on every shape's median alike, not on the median of the one
+    shape measured then, which as the worst shape sets every promise until the pacer's
+    first re-estimate (measured in a block per shape, two starts of compiled smollm2-135m
+    steps a minute apart came out at 1.41 and 1.09)."""
+    shapes = list(_shapes(program, keys, phases))
+    for _, step in shapes:
         for _ in range(warmup):
             executor.step(step)
-        times = sorted(executor.step(step).step_time_s for _ in range(repeats))
-        median = statistics.median(times)
+    times: list[list[float]] = [[] for _ in shapes]
+    for _ in range(repeats):
+        for i, (_, step) in enumerate(shapes):
+            times[i].append(executor.step(step).step_time_s)
+    worst, jitters = 0.0, []
+    for (predicted, _), runs in zip(shapes, times):
+        runs.sort()
+        median = statistics.median(runs)
         worst = max(worst, median / predicted)
-        jitters.append(times[-2] / median - 1 if len(times) > 1 else 0.0)
+        jitters.append(runs[-2] / median - 1 if len(runs) > 1 else 0.0)
     return worst, statistics.median(jitters) if jitters else 0.0
 
 
