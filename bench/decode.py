@@ -14,6 +14,7 @@
 
     .venv/bin/python bench/decode.py [--steps 40] [--skip-ray] [--only roofline|attention|prompts|fused|compiled]
     .venv/bin/python bench/decode.py --only compiled --models smollm2-135m --dtypes fp32,bf16 --rounds 5
+    .venv/bin/python bench/decode.py --only predictions --models smollm2-135m --dtypes bf16 --rounds 5
 """
 
 from __future__ import annotations
@@ -194,14 +195,28 @@ def fused(args) -> None:
 def predictions(args) -> None:
     """Calibration and verification interleaved step by step (round-robin), so both
     see the same drift of this shared host; then predicted (from the calibration) vs
-    measured (the verification steps, at contexts between the calibrated points)."""
-    name, max_context, chunk = "small", 2048, 256
-    model = scheduler.get_model(name)
-    print(f"\n## Calibrated predictions ({name} fp32, cpu:1, max context {max_context}, prefill chunk {chunk}; "
-          f"{args.rounds} rounds of calibration and verification steps in shuffled order, medians)")
-    cal = Calibrator(model, "fp32", 8, max_context, chunk)
-    decode_points = [(b, c) for b in (1, 8) for c in (100, 300, 700, 1500, 2048)]
-    prompts = (64, 256, 1000)
+    measured (the verification steps, at contexts between the calibrated points).
+    Default: `small` fp32 eager at context 2048, 256-token chunks; `--only predictions`
+    takes --models (the first), --dtypes (the first), --max-context, --prefill-chunk and
+    --compiled-steps (serve's shapes: smollm2-135m bf16 1024 64 on)."""
+    if args.only == "predictions":
+        name, dtype = args.models.split(",")[0], args.dtypes.split(",")[0]
+        max_context, chunk, compiled = args.max_context, args.prefill_chunk, args.compiled_steps == "on"
+    else:
+        name, dtype, max_context, chunk, compiled = "small", "fp32", 2048, 256, False
+    from server.runtime import gguf
+
+    name, checkpoint = gguf.resolve(name, "")  # smollm2-135m: its real weights
+    model = scheduler.get_model(checkpoint or name)
+    print(f"\n## Calibrated predictions ({model.name} {dtype}{' compiled' if compiled else ''}, cpu:1, max context "
+          f"{max_context}, prefill chunk {chunk}; {args.rounds} rounds of calibration and verification steps in "
+          f"shuffled order, medians)")
+    cal = Calibrator(model, dtype, 8, max_context, chunk, checkpoint=checkpoint, compiled=compiled)
+    contexts = [c for c in (100, 300, 700, 1500, 2048) if c <= max_context] or [max_context]
+    if max_context not in contexts:
+        contexts.append(max_context)
+    decode_points = [(b, c) for b in (1, 8) for c in contexts]
+    prompts = tuple(p for p in (64, 256, 1000) if p < max_context)
     measured: dict[tuple, list[float]] = {}
     start = time.perf_counter()
     for point in cal.points():  # warm-up
@@ -221,7 +236,7 @@ def predictions(args) -> None:
     cal.close()
     print(f"calibration and measurement took {time.perf_counter() - start:.0f} s")
     calibration = Calibration.from_json(doc)
-    options = CompileOptions(dtype="fp32", max_context=max_context, prefill_chunk=chunk)
+    options = CompileOptions(dtype=dtype, max_context=max_context, prefill_chunk=chunk)
     program = scheduler.compile(model, scheduler.parse_pool("cpu:1"), options, calibration)
     timeline = plan(model, scheduler.parse_pool("cpu:1"), options, calibration)
     (stage,) = timeline.stages
@@ -338,7 +353,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per figure (median)")
     parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds of calibration and verification")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--only", choices=("roofline", "attention", "prompts", "fused", "compiled"), help="run this part alone")
+    parser.add_argument("--only", choices=("roofline", "attention", "prompts", "fused", "compiled", "predictions"),
+                        help="run this part alone")
+    parser.add_argument("--max-context", type=int, default=1024, help="predictions: as serve's")
+    parser.add_argument("--prefill-chunk", type=int, default=64, help="predictions: as serve's")
+    parser.add_argument("--compiled-steps", choices=("on", "off"), default="on", help="predictions: as serve's")
     parser.add_argument("--models", default="tiny,small", help="roofline, compiled: models (presets or smollm2-135m)")
     parser.add_argument("--dtypes", default="fp32", help="roofline, prompts, compiled: weight dtypes, e.g. fp32,bf16")
     args = parser.parse_args()
@@ -352,6 +371,8 @@ def main() -> None:
         return fused(args)
     if args.only == "compiled":
         return compiled_steps(args)
+    if args.only == "predictions":
+        return predictions(args)
     roofline(args)
     attention(args)
     fused(args)

@@ -4,8 +4,8 @@ Every step a stage runs, decode, prefill or mixed, is the same computation over 
 list of tokens: each token attends the keys [0, L) of its own KV slot, masked past its
 position. `StepGraph` writes that computation once, `torch.export` traces it with the
 token count N and the key bucket L as dynamic dimensions, and AOTInductor compiles it to
-one C++ package (weights frozen into it, linears autotuned between Inductor's CPU GEMM
-template and ATen's kernels, every elementwise op fused): one package per stage serves
+one C++ package (weights frozen into it, the linears oneDNN's prepacked kernels, every
+elementwise op fused): one package per stage serves
 every step shape, and a token's result depends on itself alone (one code path for any N
 and L; the masked keys add exact zeros), which tests/server/runtime/test_compiled.py checks
 bitwise and `build` checks again for each package before it serves.
@@ -38,18 +38,20 @@ from server.runtime.model import SparseMoE, StageModel, apply_rope, rope_tables
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
 # calibrations of compiled steps, server/programs.py) of older code are not used.
-# 2: linears autotuned between the GEMM template and ATen's kernels.
-COMPILED_VERSION = 2
+# 2: linears autotuned between the GEMM template and ATen's kernels; 3: no autotuning.
+COMPILED_VERSION = 3
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 
-# Inductor options: frozen weights, and each linear autotuned between Inductor's CPU GEMM
-# template and ATen's (oneDNN / MKL) kernel, at the traced row count. The template alone
-# (one candidate, no timing) made smollm2-135m's 64-token prefill 1.7x (fp32) and 3.6x
-# (bf16) slower than with the choice (`bench/decode.py --only compiled`, BENCHMARKS.md).
-# Timing picks the kernels, so another host may pick others: `build` checks the package's
-# rows for batch invariance before it serves (`_invariance`), and Inductor caches the
-# choices, so a rebuild on this host picks the same.
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Inductor options: frozen weights (the linears become oneDNN's prepacked kernels, every
+# elementwise op fused around them); no autotuning. Measured side by side (smollm2-135m,
+# real weights, one process, rounds alternating; BENCHMARKS.md, "Compiled steps without
+# autotuning"): autotuning between Inductor's CPU GEMM template and ATen's kernels at the
+# traced row count doubled the build (129 -> 81 s bf16, 137 -> 71 s fp32) and made no step
+# faster; it picked the template for the LM head at 4 rows, which ran batch-8 decode at
+# 26.5 ms against 20.6 without it (bf16; fp32 32.2 against 30.2). The template alone (the
+# first version) made a 64-token prefill 1.7x (fp32) and 3.6x (bf16) slower. `build` still
+# checks each package's rows for batch invariance before it serves (`_invariance`).
+INDUCTOR_OPTIONS = {"freezing": True}
 
 
 class StepGraph(nn.Module):
@@ -135,8 +137,8 @@ def package_key(model: StageModel, weights: str) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-# The token count export traces with (Inductor sizes the GEMM template's blocks and autotunes
-# at it): a decode step's. 64 ran the same (smollm2-135m bf16, 4 to 64 tokens, within 2-7%).
+# The token count export traces with: a decode step's. With autotuning (COMPILED_VERSION 2),
+# tracing at 64 ran the same (smollm2-135m bf16, 4 to 64 tokens, within 2-7%).
 TRACED_TOKENS = 8
 
 
