@@ -46,11 +46,14 @@ CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lock
 # elementwise op fused around them); no autotuning. Measured side by side (smollm2-135m,
 # real weights, one process, rounds alternating; BENCHMARKS.md, "Compiled steps without
 # autotuning"): autotuning between Inductor's CPU GEMM template and ATen's kernels at the
-# traced row count doubled the build (129 -> 81 s bf16, 137 -> 71 s fp32) and made no step
-# faster; it picked the template for the LM head at 4 rows, which ran batch-8 decode at
-# 26.5 ms against 20.6 without it (bf16; fp32 32.2 against 30.2). The template alone (the
-# first version) made a 64-token prefill 1.7x (fp32) and 3.6x (bf16) slower. `build` still
-# checks each package's rows for batch invariance before it serves (`_invariance`).
+# traced row count took twice as long to build (118 against 63 s bf16, 121 against 66 s
+# fp32), and its choice is a timing: two bf16 builds of the same weights on this host picked
+# the template (1.61 ms) and oneDNN (1.32 against 1.34) for the LM head, packages that ran
+# batch-8 decode at 26.5 and 19.9 ms (20.6 and 19.6 without autotuning): same inputs,
+# different programs. Without it, fp32 decode is 6% slower at batch 1 and 4% faster at 64
+# prompt tokens. The template alone (the first version) made a 64-token prefill 1.7x (fp32)
+# and 3.6x (bf16) slower. `build` still checks each package's rows for batch invariance
+# before it serves (`_invariance`).
 INDUCTOR_OPTIONS = {"freezing": True}
 
 
