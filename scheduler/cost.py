@@ -24,7 +24,7 @@ from scheduler.devices import DeviceSpec, Pool
 from scheduler.errors import SpecError, read_file
 from scheduler.ir import KINDS, Layer, ModelIR, Work
 
-PHASES = ("prefill", "decode", "mixed")
+PHASES = ("prefill", "decode", "mixed", "history")
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,9 @@ class Calibration:
 
     Keyed by (kind, phase, batch); each key holds points (tokens, seconds), where tokens is
     the context for decode, the prompt chunk length for prefill (a chunk at position 0),
-    and the prompt slice for mixed (`batch` decode rows at the smallest key bucket plus a
-    slice at position 0). Between points the time
+    the prompt slice for mixed (`batch` decode rows at the smallest key bucket plus a
+    slice at position 0), and the context for history (the largest prefill chunk ending
+    there: what attending a prompt's earlier tokens costs). Between points the time
     is interpolated linearly; past the ends it is extrapolated from the nearest two.
     """
 
@@ -102,6 +103,19 @@ class Calibration:
         if "mem_bw_bytes_per_s" in self.measured:
             changes.update(mem_bw_bytes_per_s=self.measured["mem_bw_bytes_per_s"], memory_efficiency=1.0)
         return dataclasses.replace(device, **changes)
+
+    def history_per_token(self, kind: str, end: int) -> float | None:
+        """Seconds a prompt token ending at context `end` spends attending the earlier
+        tokens, beyond what one at position 0 of the largest measured chunk spends: from the
+        history points (that chunk ending at longer key buckets), per token of the chunk.
+        None without history points (older calibrations: the analytic estimate applies)."""
+        chunks = self.table.get((kind, "prefill", 1))
+        if not chunks or not self.table.get((kind, "history", 1)):
+            return None
+        tokens, first = chunks[-1]
+        if self.attended_keys(end) <= self.attended_keys(tokens):
+            return 0.0
+        return max(self.lookup(kind, "history", 1, self.attended_keys(end)) - first, 0.0) / tokens
 
     def lookup(self, kind: str, phase: str, batch: int, tokens: int) -> float | None:
         points = self.table.get((kind, phase, batch))
@@ -190,8 +204,12 @@ class CostModel:
                 return None
             tokens, seconds = points[-1]  # the largest chunk measured, at position 0
             extra = (seconds - one) * slice_tokens / tokens
-        history = (self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens), device)
-                   - self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, 0), device))
+        per_token = cal.history_per_token(layer.kind, past_tokens + 1)
+        if per_token is not None:
+            history = per_token * slice_tokens
+        else:
+            history = (self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens), device)
+                       - self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, 0), device))
         return max(0.0, extra) + max(0.0, history)
 
     def layer_time(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
@@ -207,7 +225,11 @@ class CostModel:
         measured = cal.lookup(layer.kind, "prefill", batch, new_tokens)  # a chunk at position 0
         if measured is None or past_tokens == 0:
             return measured
-        # A later chunk also attends to the cache: add the analytic difference.
+        # A later chunk also attends to the cache: what the history points measured,
+        per_token = cal.history_per_token(layer.kind, past_tokens + new_tokens)
+        if per_token is not None:
+            return measured + per_token * new_tokens
+        # or, without them, the analytic difference.
         later = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, past_tokens), device)
         first = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, 0), device)
         return measured + later - first

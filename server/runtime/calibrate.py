@@ -7,7 +7,9 @@ What is measured (medians over `repeats` runs after warm-up):
 - the real executor step (`LocalExecutor.step`, sampling included) for every decode
   bucket at each attended-key length the runtime uses (powers of two from 128 up to
   max_context), for a prefill slice of every static shape (4, 8, ..., the chunk; batch
-  1, at position 0), and for every bucket's mixed step with every slice shape.
+  1, at position 0), for the largest slice ending at each longer key bucket (`history`:
+  what attending a prompt's earlier tokens adds), and for every bucket's mixed step with
+  every slice shape.
   Forward hooks time the embedding and each block inside the same steps; the head's
   entry is the rest of the step (final norm, LM head, sampling, host glue), so the
   entries of one step add up to the measured step.
@@ -95,7 +97,8 @@ def _layer_shares(model: scheduler.ModelSpec) -> tuple[float, float]:
 class Point:
     """One calibrated step: `tokens` is the attended keys for decode (the step runs at
     context = tokens), the chunk length for prefill (a chunk at position 0), the prompt
-    slice for mixed (`batch` decode rows at the smallest key bucket, the slice at 0)."""
+    slice for mixed (`batch` decode rows at the smallest key bucket, the slice at 0), the
+    context for history (the largest slice, ending there)."""
 
     phase: str
     batch: int
@@ -129,8 +132,14 @@ class Calibrator:
     def points(self) -> list[Point]:
         decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
         mixed = [Point("mixed", b, p) for b in self.options.buckets for p in slice_sizes(self.options.prefill_chunk)]
-        prefill = [Point("prefill", 1, p) for p in slice_sizes(self.options.prefill_chunk)]
-        return decode + prefill + mixed
+        chunks = slice_sizes(self.options.prefill_chunk)
+        prefill = [Point("prefill", 1, p) for p in chunks]
+        # The largest slice later in a prompt: measured, not the FLOP count's guess. With a
+        # chunk at position 0 plus the analytic cost of its history, a 1000-token prompt of
+        # smollm2-135m was predicted 1488 ms and ran 1935 eager, 1193 and 2905 compiled
+        # (bench/decode.py --only predictions; BENCHMARKS.md).
+        history = [Point("history", 1, k) for k in key_buckets(self.max_context) if k > max(chunks[-1], MIN_KEY_BUCKET)]
+        return decode + prefill + history + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
         """All rows real, each ending at `context` (decode: one new token; prefill: a chunk);
@@ -139,6 +148,8 @@ class Calibrator:
         if phase == "mixed":
             return full_batch("mixed", bucket, context, min(MIN_KEY_BUCKET, self.max_context), self.max_slots,
                               slice_end=context)
+        if phase == "history":  # the largest slice, ending at `context`
+            return full_batch("prefill", bucket, slice_sizes(self.options.prefill_chunk)[-1], context, self.max_slots)
         n = context if phase == "prefill" else 1  # a prefill slice of `context` tokens at position 0
         return full_batch(phase, bucket, n, context, self.max_slots)
 

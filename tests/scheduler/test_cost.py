@@ -136,6 +136,35 @@ def test_calibrated_prefill_adds_analytic_attention_for_later_chunks():
     assert later == pytest.approx(5e-3 + delta)
 
 
+def test_measured_history_prices_later_chunks_and_slices():
+    """With history points (the largest chunk, 64 tokens, ending at longer key buckets), a
+    later chunk or mixed slice costs what they measured, per token and by key bucket, not
+    the FLOP count's estimate."""
+    doc = {**CAL_DOC, "key_bucket_min": 128, "max_context": 1024, "entries": [
+        *CAL_DOC["entries"],
+        {"layer": "block", "phase": "history", "batch": 1, "tokens": 512, "seconds": 13e-3},
+        {"layer": "block", "phase": "history", "batch": 1, "tokens": 1024, "seconds": 21e-3},
+        {"layer": "block", "phase": "mixed", "batch": 1, "tokens": 16, "seconds": 3e-3},
+    ]}
+    cal = Calibration.from_json(doc)
+    assert cal.history_per_token("block", 100) == 0.0  # within the position-0 chunk's bucket
+    assert cal.history_per_token("block", 512) == pytest.approx(8e-3 / 64)
+    assert cal.history_per_token("block", 1000) == pytest.approx(16e-3 / 64)  # bucket 1024
+    assert cal.history_per_token("head", 1000) is None  # no history points: analytic
+    cm = cost_model(calibration=cal)
+    block = cm.ir.layers[1]
+    assert cm.layer_time(block, DEV, 1, 1, 64, 0) == pytest.approx(5e-3)
+    assert cm.layer_time(block, DEV, 1, 1, 64, 960) == pytest.approx(21e-3)  # the chunk ending at 1024
+    assert cm.layer_time(block, DEV, 1, 1, 32, 400) == pytest.approx(5e-3 + 32 * 8e-3 / 64)  # one 64 point: flat
+    # A 16-token slice beside one decoding row, ending at 1000: the bucket's mixed step
+    # less its decode step (both measured at the smallest key bucket), plus 16 tokens of
+    # measured history, on top of the row's decode step there.
+    decode, _ = cm.layer_times(block, DEV, 1, 1, 1, 999)
+    mixed, _ = cm.mixed_layer_times(block, DEV, 1, 1, 16, 999)
+    slice_extra = 3e-3 - cal.lookup("block", "decode", 1, 128)
+    assert mixed - decode == pytest.approx(slice_extra + 16 * 16e-3 / 64)
+
+
 def test_calibration_round_trips_through_json():
     cal = Calibration.from_json(CAL_DOC)
     assert cal.source == "bench host, 2024-01-01"
