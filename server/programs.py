@@ -99,9 +99,10 @@ def resolve_compiled(choice: str, model: scheduler.ModelSpec, pool: scheduler.Po
     """`auto` -> "on" or "off" (AUTO_COMPILED_HELP); "on" and "off" are returned as given.
     Compiled steps are built for CPU stages of dense models (server/runtime/compiled.py:
     `unsupported`); a stage that still fails to compile runs eager with a logged reason.
-    Measured on this host (BENCHMARKS.md, "Compiled steps"): smollm2-135m bf16 decode
-    28.4 -> 18.6 ms at batch 1, and twice the deterministic server's tokens/s at
-    concurrency 1; the price is one package build per model and shape (~100 s), cached."""
+    Measured on this host (BENCHMARKS.md, "Eager vs compiled steps, COMPILED_VERSION 3" and
+    "Compiled steps by default"): smollm2-135m bf16 decode 25.3 -> 16.0 ms at batch 1, 31.5
+    -> 20.8 at batch 8, and the deterministic server's tokens/s 1.43x at concurrency 1 and
+    1.40x at 8; the price is one package build per model and shape (63-69 s), cached."""
     if choice not in COMPILED_CHOICES:  # only $LOCKSTEP_COMPILED_STEPS gets past argparse's choices
         raise scheduler.SpecError(f"LOCKSTEP_COMPILED_STEPS must be one of {', '.join(COMPILED_CHOICES)}, "
                                   f"not {choice!r}")
