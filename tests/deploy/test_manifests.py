@@ -27,6 +27,7 @@ def test_dockerfile_copies_existing_paths_and_serves_the_ports():
         for source in sources:
             assert (ROOT / source).exists(), source
     assert re.search(rf"^EXPOSE {GRPC_PORT} {METRICS_PORT}$", text, re.M)
+    assert re.search(r"^RUN apt-get update && apt-get install .*\bg\+\+", text, re.M)  # compiled steps' compiler
     entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1)
     assert '"lockstep", "serve"' in entry and f'"{GRPC_PORT}"' in entry and f'"{METRICS_PORT}"' in entry
 
