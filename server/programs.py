@@ -54,7 +54,7 @@ def add_program_args(p, *, model_required: bool = True) -> None:
                    help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
     p.add_argument("--compiled-steps", choices=COMPILED_CHOICES, default=compiled_default(),
                    help="on: run CPU stages as compiled steps (one AOTInductor package per stage, built once and "
-                        "cached; minutes the first time), calibrated as such; off: eager; auto (the default, "
+                        "cached; about a minute the first time), calibrated as such; off: eager; auto (the default, "
                         "or $LOCKSTEP_COMPILED_STEPS): " + AUTO_COMPILED_HELP)
     p.add_argument("--calibration", default="auto", help="calibration JSON from `lockstep calibrate`, 'auto' (cpu "
                                                          "pools: this host's cached one, measured once), or 'none'")
