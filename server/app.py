@@ -77,6 +77,7 @@ class LockstepServer:
         self.program = ProgramView.parse(Program.from_json(config.program_json).data)
         self.metrics = Metrics(self.program.model.name)
         self.server = None
+        self.service = None  # the gRPC service (LockstepService), once started
         self.engine = None  # an engine on a thread of this process (engine_process=False)
         self.core = None  # the client of the engine core process (server/core/client.py)
         self.executor = None
@@ -106,7 +107,8 @@ class LockstepServer:
         limits = Limits(cfg.max_tokens, program.max_context - 1, vocab, program.max_context,
                         eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
-        self.server, port = self._grpc_server(LockstepService(self.admission, info, tokenizer, limits, self.metrics))
+        self.service = LockstepService(self.admission, info, tokenizer, limits, self.metrics)
+        self.server, port = self._grpc_server(self.service)
         http = ""
         if cfg.http_port >= 0:
             http = await self._http_server(OpenAIFrontEnd(
@@ -290,6 +292,12 @@ class LockstepServer:
             self.http.should_exit = True
             await asyncio.wait([self.http_task], timeout=max(0.1, deadline - time.monotonic()))
         if self.server is not None:
+            # The streams just ended still write their last status ("server is shutting
+            # down", after any tokens the cut let go): grpc's stop would cancel them
+            # ("Cancelling all calls") once its grace is up, and on a loaded host that grace
+            # was spent before a stream's handler ran (test_serve's SIGTERM tests, in CI).
+            while self.service is not None and self.service.streams and time.monotonic() < deadline - 0.05:
+                await asyncio.sleep(0.005)
             await self.server.stop(grace=max(0.05, min(0.5, deadline - time.monotonic())))
         if self.executor is not None:
             self.executor.close()

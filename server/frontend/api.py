@@ -227,6 +227,7 @@ class LockstepService:
         """admission: a LocalAdmission (an engine here) or a router's (replicas elsewhere)."""
         self.admission, self.info, self.tokenizer, self.limits = admission, info, tokenizer, limits
         self.metrics = metrics
+        self.streams = 0  # Generate calls still running (a drain waits for their last status)
         self.started = time.monotonic()
 
     def add_to_server(self, server) -> None:
@@ -267,11 +268,15 @@ class LockstepService:
         return parsed, r, queue
 
     async def Generate(self, request, context):
-        parsed, r, queue = await self._admit(request, context)
-        if self.metrics is not None:
-            self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
-        async for message in self._stream(r, parsed.stop, queue, context):
-            yield message
+        self.streams += 1
+        try:
+            parsed, r, queue = await self._admit(request, context)
+            if self.metrics is not None:
+                self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
+            async for message in self._stream(r, parsed.stop, queue, context):
+                yield message
+        finally:
+            self.streams -= 1
 
     async def _stream(self, r: Request, stops: tuple[str, ...], queue: asyncio.Queue, context):
         decoder, sent, outcome, ended_by_engine = IncrementalDecoder(self.tokenizer, r.prompt), Sent(), None, False
