@@ -185,7 +185,7 @@ class CostModel:
     def _calibrated_slice(self, layer, device, tp, batch, slice_tokens, past_tokens) -> float | None:
         """Seconds a prompt slice adds to the bucket's decode step, from the calibration:
         the measured mixed step over the measured decode step of the same bucket (both at
-        the smallest key bucket), plus the analytic cost of attending the slice's history.
+        the smallest key bucket), plus the cost of attending the slice's history (`_history`).
         Without mixed entries: the measured prefill chunk's time over a one-token step's,
         per token, times the slice. Measured on the 2-core host (small, fp32): the analytic
         FLOP-based extra gave mixed steps 1.4-1.75x shorter than they ran, the per-token
@@ -204,13 +204,18 @@ class CostModel:
                 return None
             tokens, seconds = points[-1]  # the largest chunk measured, at position 0
             extra = (seconds - one) * slice_tokens / tokens
-        per_token = cal.history_per_token(layer.kind, past_tokens + 1)
-        if per_token is not None:
-            history = per_token * slice_tokens
-        else:
-            history = (self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens), device)
-                       - self.compute_time(self.ir.work(layer, tp, 1, slice_tokens, 0), device))
+        history = self._history(layer, device, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens)
         return max(0.0, extra) + max(0.0, history)
+
+    def _history(self, layer, device, tp, batch, tokens, start) -> float:
+        """Seconds `tokens` prompt tokens from position `start` spend attending the ones
+        before them: per token from the calibration's history points where it has them,
+        else the FLOP count's difference against the same tokens at position 0."""
+        per_token = self.calibration.history_per_token(layer.kind, start + tokens)
+        if per_token is not None:
+            return per_token * tokens
+        return (self.compute_time(self.ir.work(layer, tp, batch, tokens, start), device)
+                - self.compute_time(self.ir.work(layer, tp, batch, tokens, 0), device))
 
     def layer_time(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
                    new_tokens: int, past_tokens: int) -> float:
@@ -225,11 +230,4 @@ class CostModel:
         measured = cal.lookup(layer.kind, "prefill", batch, new_tokens)  # a chunk at position 0
         if measured is None or past_tokens == 0:
             return measured
-        # A later chunk also attends to the cache: what the history points measured,
-        per_token = cal.history_per_token(layer.kind, past_tokens + new_tokens)
-        if per_token is not None:
-            return measured + per_token * new_tokens
-        # or, without them, the analytic difference.
-        later = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, past_tokens), device)
-        first = self.compute_time(self.ir.work(layer, tp, batch, new_tokens, 0), device)
-        return measured + later - first
+        return measured + self._history(layer, device, tp, batch, new_tokens, past_tokens)  # a later chunk
