@@ -180,7 +180,7 @@ class LockstepServer:
         self.engine, self.executor, scale = await loop.run_in_executor(self.device_thread, build_engine, cfg,
                                                                        self.program, self.metrics)
         self.engine.on_death = lambda exc: loop.call_soon_threadsafe(self._engine_died, exc)
-        self.compiled = await loop.run_in_executor(self.device_thread, self.executor.compiled)
+        self.compiled = self.executor.compiled()
         return LocalAdmission(self.engine), scale
 
     async def _http_server(self, front: OpenAIFrontEnd) -> str:

@@ -123,7 +123,7 @@ class Core:
         engine.on_group_close = self._group_closed
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
         self.outbox.put(Ready(scale, {p: pacer.factor for p, pacer in engine.pacers.items()}, os.getpid(), engine.status(),
-                              compiled=self.device.submit(executor.compiled).result()))
+                              compiled=executor.compiled()))
         engine.start(self.device)
         threading.Thread(target=self._receive_loop, name="lockstep-core-in", daemon=True).start()
 
