@@ -38,8 +38,9 @@ from server.runtime.model import SparseMoE, StageModel, apply_rope, rope_tables
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
 # calibrations of compiled steps, server/programs.py) of older code are not used.
-# 2: linears autotuned between the GEMM template and ATen's kernels; 3: no autotuning.
-COMPILED_VERSION = 3
+# 2: linears autotuned between the GEMM template and ATen's kernels; 3: no autotuning;
+# 4: q, k, v and gate, up as one linear each, q rotated before the scores.
+COMPILED_VERSION = 4
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 
 # Inductor options: frozen weights (the linears become oneDNN's prepacked kernels, every
@@ -72,6 +73,16 @@ class StepGraph(nn.Module):
     def __init__(self, model: StageModel):
         super().__init__()
         self.model = model
+        # The linears that share an input as one weight each: q, k, v; gate, up. Four
+        # linears a block instead of seven, each a longer stream of weights (the runtime's
+        # linears have no bias). [out_q + 2 out_kv, h] and [2 intermediate, h].
+        for li, i in enumerate(model.block_ids):
+            block = model.model.layers[str(i)]
+            a, m = block.self_attn, block.mlp
+            self.register_buffer(f"qkv{li}", torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                                 persistent=False)
+            self.register_buffer(f"gate_up{li}", torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                                 persistent=False)
 
     def forward(self, x, positions, slots, last_index, cos, sin, hidden, caches):
         sm, s = self.model, self.model.spec
@@ -85,10 +96,14 @@ class StepGraph(nn.Module):
             cache_k, cache_v = caches[2 * li], caches[2 * li + 1]
             attn = block.self_attn
             normed = block.input_layernorm(x)
-            q = attn.q_proj(normed).view(n, h, d)
-            k = attn.k_proj(normed).view(n, hkv, d)
-            v = attn.v_proj(normed).view(n, hkv, d)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = F.linear(normed, getattr(self, f"qkv{li}")).split([h * d, hkv * d, hkv * d], dim=-1)
+            q, k, v = q.reshape(n, h, d), k.reshape(n, hkv, d), v.reshape(n, hkv, d)
+            # q rotated into a buffer of its own (a scatter into a fresh tensor, which Inductor
+            # must store): left a pointwise expression, Inductor recomputed the rotation inside
+            # the score reduction, once per key (rotate-half loads, cos, sin: 20-25% of a
+            # decode step's attention at 128-512 keys).
+            q = q.new_empty(q.shape).index_put_((torch.arange(n, device=x.device),), apply_rope(q, cos, sin))
+            k = apply_rope(k, cos, sin)
             # In place on the graph input (a per-layer view would be copied whole by functionalization).
             cache_k.index_put_((slots[:, None], heads, positions[:, None]), k)
             cache_v.index_put_((slots[:, None], heads, positions[:, None]), v)
@@ -102,7 +117,8 @@ class StepGraph(nn.Module):
             x = x + attn.o_proj(out.reshape(n, h * d))
             normed = block.post_attention_layernorm(x)
             mlp = block.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+            gate, up = F.linear(normed, getattr(self, f"gate_up{li}")).chunk(2, dim=-1)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         if not sm.has_head:
             return x
         return sm.lm_head(sm.model.norm(x[last_index])).float()
