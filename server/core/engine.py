@@ -55,6 +55,18 @@ log = logging.getLogger("lockstep.engine")
 # and 0% at the 95th percentile (bench/peer_vllm.py; BENCHMARKS.md, "Pace at the median").
 # The promise is the product: the 95th percentile is the default.
 PREFILL_QUANTILE = 0.95
+# Ticks just after an idle spell are not paced from. Measured on this host (compiled
+# smollm2-135m bf16, batch-1 decode steps of 14.5 ms back to back): after 0.05 s idle none
+# slower; after 0.3, 1 and 3 s idle the first 4-8 steps ran 1.2-1.7x slower (85-140 ms
+# in all), then back to 14.5. Every stream arriving after a pause begins with such ticks
+# (its prefill and first decode steps), and a pace fed with them (the prefill pacer
+# re-paces on the median of 4) held every later first token at 2-4x its step: a peer run
+# whose warm-up prefills took 80-129 ms against 33 ms of program promised c=8's first
+# tokens at 842 ms against 249 in the run before (bench/peer_vllm.py; BENCHMARKS.md). Such
+# ticks still count and log an overrun; their tokens' promises are not covered (a lead for
+# a stream that starts cold would be: docs/architecture.md, "Where it falls short").
+COLD_IDLE_S = 0.25  # an idle spell at least this long (engine waiting for work) ...
+COLD_WINDOW_S = 0.2  # ... makes the ticks that start within this long after it cold
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
 # 1.8-2.8 on this host, where served steps ran at 1.1-1.3x) held every first token late
@@ -192,6 +204,8 @@ class Engine:
         self._delivery_ends: dict[int, float] = {}
         self._in_flight: tuple[TickPlan, float] | None = None  # the tick running now, and when it began
         self._last_step_s = 0.0  # the last step's measured seconds (what the next one will likely take)
+        self._last_tick_end = time.perf_counter()  # when the last tick (or the engine's build) ended
+        self._cold_until = 0.0  # perf_counter s: ticks starting before it follow an idle spell (COLD_IDLE_S)
         # The open admission window (its members: Requests queued, promises pending; its
         # closes_s: perf_counter s); None when no window is open.
         self._window: ArrivalWindow | None = None
@@ -526,6 +540,9 @@ class Engine:
 
     def _tick(self, plan: TickPlan) -> None:
         step_start = time.perf_counter()
+        if step_start - self._last_tick_end >= COLD_IDLE_S:
+            self._cold_until = step_start + COLD_WINDOW_S
+        cold = step_start < self._cold_until
         tokens = self._step(plan)
         measured = time.perf_counter() - step_start
         self._last_step_s = measured
@@ -539,7 +556,8 @@ class Engine:
         # promised time at the front end (server/frontend/delivery.py); an overrun is a
         # token made after it. The lead absorbs a slow step.
         overrun = self.config.deterministic and self._late(plan, tokens, now)
-        self._account(plan, self.sched, tokens, measured, overrun, now)
+        self._account(plan, self.sched, tokens, measured, overrun, now, cold)
+        self._last_tick_end = time.perf_counter()
 
     @staticmethod
     def _gives_a_member_its_first_token(plan: TickPlan, group: int) -> bool:
@@ -559,21 +577,22 @@ class Engine:
         return False
 
     def _account(self, plan: TickPlan, sched, tokens: dict[int, int], measured: float, overrun: bool,
-                 now: float) -> None:
+                 now: float, cold: bool = False) -> None:
         """After a step of `plan` (planned by `sched`) that took `measured` seconds: counts
-        it, lets its phase's pacer see it, hands out its tokens (at `now`) and ends the
-        requests it finished."""
+        it, lets its phase's pacer see it (unless `cold`: it started just after an idle
+        spell, COLD_IDLE_S), hands out its tokens (at `now`) and ends the requests it
+        finished."""
         self.ticks += 1
         self.overruns += overrun
         program_s = self.program.step_s(plan.key)
         if overrun:  # rare by design (the pace covers the 95th percentile + 10%): each one is worth a line
             log.warning("tick %d overran (a token came after its promised time): %s step took %.2f ms, paced "
-                        "%.2f ms (program %.2f ms)", self.ticks, tuple(plan.key), measured * 1e3,
-                        self.tick_s(plan.key) * 1e3, program_s * 1e3)
+                        "%.2f ms (program %.2f ms)%s", self.ticks, tuple(plan.key), measured * 1e3,
+                        self.tick_s(plan.key) * 1e3, program_s * 1e3, " after an idle spell" if cold else "")
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer = self.pacers[plan.phase]
         before = pacer.factor
-        if len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
+        if not cold and len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
             # Phases with few ticks follow the decode pacer until they re-pace themselves:
             # prefill only slower (its start-up scale is measured apart), mixed both ways
             # (it starts from decode's measurement: a slow start-up held the company

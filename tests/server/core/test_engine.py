@@ -184,6 +184,37 @@ def test_steps_ahead_of_their_promises_leave_each_promised_token_time_free(align
         assert len(spanned) >= 10, spanned
 
 
+def test_ticks_just_after_an_idle_spell_are_not_paced_from():
+    """This host's first steps after a pause run slower (engine.COLD_IDLE_S): the ticks that
+    start within COLD_WINDOW_S of an idle spell count, but no pacer sees them; the ticks
+    after them do."""
+    import threading
+    import time
+
+    from server.core.engine import COLD_IDLE_S, COLD_WINDOW_S, Finished, Request
+    from server.runtime.sampling import GREEDY
+
+    step_s = 0.02
+    engine = Engine(Timed(step_s), VIEW, replace(EXACT, admission_window_s=0.0))
+    time.sleep(COLD_IDLE_S)  # idle since the engine was built
+    done = threading.Event()
+    r = Request("a", list(range(8)), 40, GREEDY, frozenset(),
+                lambda item, tick, t: done.set() if isinstance(item, Finished) else None)
+    r.promise(0.05, 0.05 + 39 * 0.03)
+    engine.submit(r)
+    engine.start()
+    try:
+        assert done.wait(30)
+    finally:
+        engine.stop()
+    assert engine.ticks == 40  # a prefill tick and 39 decode ticks, all counted
+    assert engine.pacers["prefill"]._seen == 0  # the first tick: just after the idle spell
+    # Some decode ticks start inside the window, none after it: at most the window's worth
+    # of 20 ms steps (fewer when the stream's lead spaces its ticks).
+    decode_seen = engine.pacers["decode"]._seen
+    assert 39 - COLD_WINDOW_S / step_s - 1 <= decode_seen < 39, decode_seen
+
+
 def test_an_admission_window_promises_its_group_together_and_its_prompts_go_in_first():
     """Three arrivals in one window: all promised company's cadence, their prompts in by
     prefill steps before any of them decodes, each the tokens it gets alone; a request
