@@ -150,29 +150,36 @@ class Timed:
         return SimpleNamespace(token_ids=[7] * len(batch.slot_ids))
 
 
-@pytest.mark.parametrize("align", [True, False])
-def test_steps_ahead_of_their_promises_leave_each_promised_token_time_free(align):
-    """A stream promised 40 ms a token by 30 ms steps runs ahead; its held tokens go out
-    at their promised times, and a step running then takes a core from them. Aligned, no
-    step spans a promised time of a token already made once the stream has its lead; back
-    to back, most do."""
+def stream_one(engine, max_tokens, ttft_s, tpot_s):
+    """Runs one 8-token prompt promised `ttft_s`, then `tpot_s` a token, through `engine`
+    until it ends; returns the request and when each of its tokens was handed out."""
     import threading
 
     from server.core.engine import Finished, Request
     from server.runtime.sampling import GREEDY
 
-    executor = Timed(0.030)
-    engine = Engine(executor, VIEW, replace(EXACT, admission_window_s=0.0, align_to_deliveries=align))
     done, made = threading.Event(), []
-    r = Request("a", list(range(8)), 24, GREEDY, frozenset(),
+    r = Request("a", list(range(8)), max_tokens, GREEDY, frozenset(),
                 lambda item, tick, t: done.set() if isinstance(item, Finished) else made.append(t))
-    r.promise(0.05, 0.05 + 23 * 0.04)
+    r.promise(ttft_s, ttft_s + (max_tokens - 1) * tpot_s)
     engine.submit(r)
     engine.start()
     try:
         assert done.wait(30)
     finally:
         engine.stop()
+    return r, made
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_steps_ahead_of_their_promises_leave_each_promised_token_time_free(align):
+    """A stream promised 40 ms a token by 30 ms steps runs ahead; its held tokens go out
+    at their promised times, and a step running then takes a core from them. Aligned, no
+    step spans a promised time of a token already made once the stream has its lead; back
+    to back, most do."""
+    executor = Timed(0.030)
+    engine = Engine(executor, VIEW, replace(EXACT, admission_window_s=0.0, align_to_deliveries=align))
+    r, made = stream_one(engine, 24, 0.05, 0.04)
     assert len(made) == 24
     promised = [r.arrival_s + r.predicted_ttft_s + k * r.predicted_tpot_s for k in range(len(made))]
     # The promised times of tokens already made when they came, 2 ms inside a step (timer slack).
@@ -188,25 +195,14 @@ def test_ticks_just_after_an_idle_spell_are_not_paced_from():
     """This host's first steps after a pause run slower (engine.COLD_IDLE_S): the ticks that
     start within COLD_WINDOW_S of an idle spell count, but no pacer sees them; the ticks
     after them do."""
-    import threading
     import time
 
-    from server.core.engine import COLD_IDLE_S, COLD_WINDOW_S, Finished, Request
-    from server.runtime.sampling import GREEDY
+    from server.core.engine import COLD_IDLE_S, COLD_WINDOW_S
 
     step_s = 0.02
     engine = Engine(Timed(step_s), VIEW, replace(EXACT, admission_window_s=0.0))
     time.sleep(COLD_IDLE_S)  # idle since the engine was built
-    done = threading.Event()
-    r = Request("a", list(range(8)), 40, GREEDY, frozenset(),
-                lambda item, tick, t: done.set() if isinstance(item, Finished) else None)
-    r.promise(0.05, 0.05 + 39 * 0.03)
-    engine.submit(r)
-    engine.start()
-    try:
-        assert done.wait(30)
-    finally:
-        engine.stop()
+    stream_one(engine, 40, 0.05, 0.03)
     assert engine.ticks == 40  # a prefill tick and 39 decode ticks, all counted
     assert engine.pacers["prefill"]._seen == 0  # the first tick: just after the idle spell
     # Some decode ticks start inside the window, none after it: at most the window's worth
