@@ -130,15 +130,15 @@ class Calibrator:
         self.samples: dict[Point, list[tuple[float, float, float]]] = {}
 
     def points(self) -> list[Point]:
-        decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
-        mixed = [Point("mixed", b, p) for b in self.options.buckets for p in slice_sizes(self.options.prefill_chunk)]
         chunks = slice_sizes(self.options.prefill_chunk)
+        decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
+        mixed = [Point("mixed", b, p) for b in self.options.buckets for p in chunks]
         prefill = [Point("prefill", 1, p) for p in chunks]
         # The largest slice later in a prompt: measured, not the FLOP count's guess. With a
         # chunk at position 0 plus the analytic cost of its history, a 1000-token prompt of
         # smollm2-135m was predicted 1488 ms and ran 1935 eager, 1193 and 2905 compiled
         # (bench/decode.py --only predictions; BENCHMARKS.md).
-        history = [Point("history", 1, k) for k in key_buckets(self.max_context) if k > max(chunks[-1], MIN_KEY_BUCKET)]
+        history = [Point("history", 1, k) for k in key_buckets(self.max_context) if k > max(self.options.prefill_chunk, MIN_KEY_BUCKET)]
         return decode + prefill + history + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
@@ -148,8 +148,8 @@ class Calibrator:
         if phase == "mixed":
             return full_batch("mixed", bucket, context, min(MIN_KEY_BUCKET, self.max_context), self.max_slots,
                               slice_end=context)
-        if phase == "history":  # the largest slice, ending at `context`
-            return full_batch("prefill", bucket, slice_sizes(self.options.prefill_chunk)[-1], context, self.max_slots)
+        if phase == "history":  # the largest slice (the chunk), ending at `context`
+            return full_batch("prefill", bucket, self.options.prefill_chunk, context, self.max_slots)
         n = context if phase == "prefill" else 1  # a prefill slice of `context` tokens at position 0
         return full_batch(phase, bucket, n, context, self.max_slots)
 
