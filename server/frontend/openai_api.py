@@ -13,7 +13,7 @@ engine down, 504 a deadline the prediction cannot meet (header `x-lockstep-deadl
 Chat messages go through the checkpoint's own chat template (transformers'
 `apply_chat_template`); a model without one (random weights) serves completions only.
 Stop strings end the text before the stop string, as OpenAI's do; streamed text holds
-back the last (longest stop - 1) characters until they cannot start one.
+back the last (longest stop - 1) characters until they cannot start one (server/frontend/textrun.py).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.frontend.api import Refused, Sent, outcome, record, replica_metadata
+from server.frontend.api import Refused, replica_metadata
 from server.frontend.httpd import RECEIVED_KEY
-from server.core.engine import Finished
-from server.frontend.tokenizer import ChatTemplate, IncrementalDecoder
+from server.frontend.textrun import TextRun
+from server.frontend.tokenizer import ChatTemplate
 from server.frontend.validate import BadRequest, Limits, parse_request
 
 # gRPC status of a refusal or a bad request -> (HTTP status, OpenAI error type)
@@ -50,7 +50,6 @@ _HTTP = {
 # An error made here (not by the shared checks) -> the gRPC code its refusal counts under.
 _CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED"}
 PROTOCOL = "http"  # the `protocol` label of this front door's request metrics
-_ENDINGS = {"length": "length", "stop": "stop"}  # engine reason -> OpenAI finish_reason; others are errors
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -303,88 +302,15 @@ class _EventStream(StreamingResponse):
             self.run.abandon()
 
 
-class _Run:
-    """One admitted request: reads the engine's queue, builds text, ends with one outcome."""
+class _Run(TextRun):
+    """One admitted request (server/frontend/textrun.py), answered as OpenAI's chunks or whole."""
 
     def __init__(self, front: OpenAIFrontEnd, r, queue: asyncio.Queue, stops: tuple[str, ...], chat: bool,
                  include_usage: bool):
-        self.front, self.r, self.queue, self.stops, self.chat = front, r, queue, stops, chat
-        self.include_usage = include_usage
+        super().__init__(front.admission, front.tokenizer, front.metrics, PROTOCOL, r, queue, stops)
+        self.front, self.chat, self.include_usage = front, chat, include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{r.request_id}"
         self.created = int(time.time())
-        self.sent, self.decoder = Sent(), IncrementalDecoder(front.tokenizer, r.prompt)
-        self.text, self.emitted = "", 0  # all text so far; characters of it sent
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.outcome = None  # set once, when the run ends
-
-    def abandon(self) -> None:
-        """Ends a run whose events were never read (its client left first): the request is
-        cancelled, its slot freed next tick, and it counts as disconnected."""
-        if self.outcome is None:
-            self.outcome = outcome(self.r, self.sent, "disconnected", grpc.StatusCode.CANCELLED, "", None)
-            self.front.admission.cancel(self.r)
-            record(self.front.metrics, PROTOCOL, self.r, self.outcome)
-
-    def _cut_at_stop(self) -> bool:
-        """Ends the text before the first stop string in it (searching only where a new one
-        can start); True if there was one."""
-        start = max(0, self.emitted - self.hold)
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-        return cut >= 0
-
-    async def _events(self):
-        """Yields text deltas as they may be sent; sets finish_reason (or error) and the
-        outcome, recorded once, at the end."""
-        self.finish_reason = self.error = None
-        ended_by_engine, o = False, None
-        try:
-            while o is None:
-                item, _tick, t = await self.queue.get()
-                if isinstance(item, Finished):
-                    ended_by_engine = True
-                    if item.reason in _ENDINGS:
-                        self.text += self.decoder.flush()
-                        reason = "stop" if self._cut_at_stop() else item.reason
-                        self.finish_reason = _ENDINGS[reason]
-                        o = outcome(self.r, self.sent, reason, grpc.StatusCode.OK, "", t)
-                    else:  # its step failed, the engine died, or the server is stopping
-                        self.error = item.message or item.reason
-                        code = grpc.StatusCode.INTERNAL if item.reason == "error" else grpc.StatusCode.UNAVAILABLE
-                        o = outcome(self.r, self.sent, "error" if item.reason != "shutdown" else "cancelled", code,
-                                    self.error, t)
-                    break
-                gap = self.sent.add(t)
-                if self.front.metrics is not None:
-                    self.front.metrics.token_emitted(PROTOCOL, gap)
-                self.text += self.decoder.step(item)
-                if self.stops and self._cut_at_stop():
-                    self.finish_reason = "stop"
-                    o = outcome(self.r, self.sent, "stop", grpc.StatusCode.OK, "", t)
-                    break
-                # One delta per token, empty while the text is held back (a stop string may
-                # start there, or the token ends mid-character), as vLLM streams: a client
-                # counts tokens and times each one by its chunk.
-                safe = max(self.emitted, len(self.text) - self.hold)
-                yield self.text[self.emitted:safe]
-                self.emitted = safe
-            if self.error is None and len(self.text) > self.emitted:
-                yield self.text[self.emitted:]
-                self.emitted = len(self.text)
-        except (asyncio.CancelledError, GeneratorExit):
-            o = o or outcome(self.r, self.sent, "disconnected", grpc.StatusCode.CANCELLED, "", None)
-            raise
-        finally:
-            o = o or outcome(self.r, self.sent, "error", grpc.StatusCode.INTERNAL, "front end error", None)
-            self.outcome = o
-            if not ended_by_engine:  # a stop string or a client gone: free the slot next tick
-                self.front.admission.cancel(self.r)
-            record(self.front.metrics, PROTOCOL, self.r, o)
-
-    def usage(self) -> dict:
-        n, p = self.sent.n, len(self.r.prompt)
-        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
     def _choice(self, text: str | None, finish: str | None, delta: bool, first: bool = False) -> dict:
         if self.chat:
@@ -405,8 +331,8 @@ class _Run:
     async def sse(self):
         if self.chat:
             yield self._chunk([self._choice("", None, True, first=True)])
-        # aclosing: closing sse() (the client left) closes _events() at once, which frees the slot.
-        async with contextlib.aclosing(self._events()) as events:
+        # aclosing: closing sse() (the client left) closes events() at once, which frees the slot.
+        async with contextlib.aclosing(self.events()) as events:
             async for delta in events:
                 yield self._chunk([self._choice(delta, None, True)])
         if self.error is not None:
@@ -418,7 +344,7 @@ class _Run:
         yield "data: [DONE]\n\n"
 
     async def _drain(self) -> None:
-        async with contextlib.aclosing(self._events()) as events:
+        async with contextlib.aclosing(self.events()) as events:
             async for _ in events:
                 pass
 

@@ -5,7 +5,7 @@ import warnings
 
 from protos.lockstep.v1 import lockstep_pb2 as protos_dot_lockstep_dot_v1_dot_lockstep__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
