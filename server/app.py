@@ -33,6 +33,7 @@ from server.core.client import CoreClient
 from server.runtime.gguf import eos_ids
 from server.runtime.signals import exit_on_signal
 from server.frontend.httpd import LingeringProtocol, SignalFreeUvicorn
+from server.frontend.kserve import PROTOCOL as KSERVE, SERVICE_NAME as KSERVE_SERVICE, KServeService
 from server.frontend.metrics import Metrics
 from server.frontend.openai_api import OpenAIFrontEnd
 from server.frontend.tokenizer import ChatTemplate, load_tokenizer
@@ -78,6 +79,7 @@ class LockstepServer:
         self.metrics = Metrics(self.program.model.name)
         self.server = None
         self.service = None  # the gRPC service (LockstepService), once started
+        self.kserve = None  # the KServe v2 / Triton door on the same gRPC server (KServeService)
         self.engine = None  # an engine on a thread of this process (engine_process=False)
         self.core = None  # the client of the engine core process (server/core/client.py)
         self.executor = None
@@ -120,7 +122,8 @@ class LockstepServer:
                         eos_ids(cfg.checkpoint or None))
         info = self._model_info(scale, limits)
         self.service = LockstepService(self.admission, info, tokenizer, limits, self.metrics)
-        self.server, port = self._grpc_server(self.service)
+        self.kserve = KServeService(self.admission, info, tokenizer, limits, self.metrics)
+        self.server, port = self._grpc_server(self.service, self.kserve)
         http = ""
         if cfg.http_port >= 0:
             http = await self._http_server(OpenAIFrontEnd(
@@ -217,20 +220,25 @@ class LockstepServer:
             await asyncio.sleep(0.01)
         return f"{cfg.host}:{sock.getsockname()[1]}"
 
-    def _grpc_server(self, service: LockstepService) -> tuple[grpc.aio.Server, int]:
-        """The gRPC server with its services, TLS and auth as configured; bound, not started."""
+    def _grpc_server(self, service: LockstepService, kserve: KServeService) -> tuple[grpc.aio.Server, int]:
+        """The gRPC server with its services (Lockstep's own and KServe v2's), TLS and auth as
+        configured; bound, not started."""
         cfg = self.config
         interceptors = []
         if cfg.auth_token_file:
             token = read_secret(cfg.auth_token_file, "--auth-token-file")
-            interceptors.append(BearerAuth(token, lambda: self.metrics.request_rejected(GRPC, "UNAUTHENTICATED")))
+            prefix = f"/{KSERVE_SERVICE}/"
+            interceptors.append(BearerAuth(token, lambda method: self.metrics.request_rejected(
+                KSERVE if method.startswith(prefix) else GRPC, "UNAUTHENTICATED")))
         server = grpc.aio.server(interceptors=interceptors,
                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         service.add_to_server(server)
+        kserve.add_to_server(server)
         server.add_generic_rpc_handlers((health_handler(self.health),))
         if cfg.reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert or cfg.tls_key:
             port = server.add_secure_port(address, tls_credentials(cfg.tls_cert, cfg.tls_key))
@@ -239,6 +247,10 @@ class LockstepServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         return server, port
+
+    def _calls(self) -> int:
+        """Streams and calls still running on the gRPC server's doors."""
+        return sum(door.streams for door in (self.service, self.kserve) if door is not None)
 
     def _engine_died(self, exc: BaseException) -> None:
         """On the event loop: a dead engine must not look alive. Health turns NOT_SERVING,
@@ -308,7 +320,7 @@ class LockstepServer:
             # down", after any tokens the cut let go): grpc's stop would cancel them
             # ("Cancelling all calls") once its grace is up, and on a loaded host that grace
             # was spent before a stream's handler ran (test_serve's SIGTERM tests, in CI).
-            while self.service is not None and self.service.streams and time.monotonic() < deadline - 0.05:
+            while self._calls() and time.monotonic() < deadline - 0.05:
                 await asyncio.sleep(0.005)
             await self.server.stop(grace=max(0.05, min(0.5, deadline - time.monotonic())))
         if self.executor is not None:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import grpc
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+# Probes need no token: grpc.health, and the KServe v2 door's (server/frontend/kserve.py).
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady")
 MAX_TOKEN_BYTES = 4096
 
 
@@ -48,21 +50,27 @@ async def _deny_stream(request, context):
     yield  # an async generator, like the handler it stands for
 
 
+# (request streaming, response streaming) -> how to make the handler that refuses, and it.
+_DENY = {(False, False): (grpc.unary_unary_rpc_method_handler, _deny_unary),
+         (False, True): (grpc.unary_stream_rpc_method_handler, _deny_stream),
+         (True, False): (grpc.stream_unary_rpc_method_handler, _deny_unary),
+         (True, True): (grpc.stream_stream_rpc_method_handler, _deny_stream)}
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: bytes, on_denied=None):
         self._expected = b"Bearer " + token
-        self._on_denied = on_denied  # called with no arguments per refused call (a metric)
+        self._on_denied = on_denied  # called with the method's path per refused call (a metric)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_SERVICES):
+        if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
         got = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
         got = got.encode("utf-8", "replace") if isinstance(got, str) else bytes(got)
         if hmac.compare_digest(got, self._expected):  # constant time: no timing oracle on the token
             return handler
         if self._on_denied is not None:
-            self._on_denied()
-        make, deny = ((grpc.unary_stream_rpc_method_handler, _deny_stream) if handler.response_streaming
-                      else (grpc.unary_unary_rpc_method_handler, _deny_unary))
+            self._on_denied(details.method)
+        make, deny = _DENY[bool(handler.request_streaming), bool(handler.response_streaming)]
         return make(deny, request_deserializer=None, response_serializer=handler.response_serializer)

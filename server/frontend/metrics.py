@@ -7,7 +7,7 @@ methods below from its step loop: each one touches pre-resolved metric children
 
 Names start with `lockstep_` and carry their unit (`_seconds`, `_tokens_total`,
 `_ratio`). Counters are exposed with a `_total` suffix, the Info as `lockstep_server_info`.
-Request series are labelled `model` and `protocol` (grpc, http), tick series `phase`.
+Request series are labelled `model` and `protocol` (grpc, http, kserve), tick series `phase`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ GRPC_CODES = frozenset((
 ))  # fmt: skip
 # Request series carry `model` (the served model's name, one per server) and `protocol`:
 # the front door the request came in by. Both are exported from the start, at 0.
-PROTOCOLS = ("grpc", "http")
+PROTOCOLS = ("grpc", "http", "kserve")  # kserve: the KServe v2 / Triton gRPC door
 INFO_LABELS = ("model", "pool", "plan_hash", "dtype", "executor", "mode")
 MODES = ("deterministic", "deterministic+pipelined", "throughput")  # +pipelined: row groups per stage (server/core/pipelined.py)
 # The endpoint's bounds. A scrape is one short request, but anyone who can reach the port
