@@ -39,7 +39,7 @@ GRAFANA_DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prom
 GRAFANA_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "lockstep.yml"
 # Digits too: lockstep_e2e_request_latency_seconds. Recorded names (lockstep:...) do not match.
 METRIC_NAME = re.compile(r"\blockstep_[a-z0-9_]+")
-REQUESTS, HTTP_REQUESTS, TOKENS, CONCURRENCY = 6, 3, 20, 3
+REQUESTS, HTTP_REQUESTS, KSERVE_REQUESTS, TOKENS, CONCURRENCY = 6, 3, 3, 20, 3
 MODEL = "tiny"
 
 
@@ -222,16 +222,21 @@ def stack():
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             grpc_results = pool.map(lambda p: stream(server.stub, request(p, TOKENS), timeout=30), prompts)
             http_results = pool.map(lambda b: http_post(server.info["http"], b), bodies)
-            results, answers = list(grpc_results), list(http_results)
+            kserve_results = pool.map(lambda i: kserve_infer(server.info["grpc"], f"kserve {i}"),
+                                      range(KSERVE_REQUESTS))
+            results, answers, kserved = list(grpc_results), list(http_results), list(kserve_results)
         assert all(len(tokens) == TOKENS and fin.finish_reason == "length" for tokens, fin in results)
+        assert kserved == [TOKENS] * KSERVE_REQUESTS
         assert all(status == 200 and a["usage"]["completion_tokens"] == TOKENS for status, a in answers), answers
         # One refusal at each door, so the refusal series exist.
         assert http_post(server.info["http"], {"model": "not-served", "prompt": "x"})[0] == 404
         with pytest.raises(Exception, match="INVALID_ARGUMENT"):
             stream(server.stub, pb.GenerateRequest(max_tokens=1), timeout=30)  # no prompt
+        with pytest.raises(Exception, match="OUT_OF_RANGE"):
+            kserve_infer(server.info["grpc"], "x", max_tokens=10_000)
         with urllib.request.urlopen(server.info["metrics"], timeout=5) as resp:
             exposition = resp.read().decode()
-        total = (REQUESTS + HTTP_REQUESTS) * TOKENS
+        total = (REQUESTS + HTTP_REQUESTS + KSERVE_REQUESTS) * TOKENS
 
         # Two scrapes after the load: the first to see the final count, then one more.
         seen_at = wait_for(
@@ -253,6 +258,18 @@ def stack():
                 proc.wait(5)
         server.close()
         tmpdir.cleanup()
+
+
+def kserve_infer(address: str, prompt: str, max_tokens: int = TOKENS) -> int:
+    """One ModelInfer at the KServe v2 door with the real tritonclient; the tokens it got."""
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    text = tc.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt], dtype=object))
+    with tc.InferenceServerClient(address) as client:
+        result = client.infer(MODEL, [text], parameters={"max_tokens": max_tokens, "temperature": 0})
+    return result.get_response().parameters["completion_tokens"].int64_param
 
 
 def http_post(address: str, body: dict) -> tuple[int, dict]:
@@ -363,18 +380,18 @@ def test_every_dashboard_variable_resolves(stack):
 
 @needs_prometheus
 @pytest.mark.slow
-def test_both_front_doors_show_up_per_protocol_under_the_model(stack):
+def test_every_front_door_shows_up_per_protocol_under_the_model(stack):
     _, prom, _, _ = stack
     expr = {r["record"]: r["expr"] for r in rules()}
     finished = prom.query(expr["lockstep:requests_finished:rate1m"])["data"]["result"]
     ok = {s["metric"]["protocol"] for s in finished if s["metric"]["reason"] == "length" and float(s["value"][1]) > 0}
     refused = {(s["metric"]["protocol"], s["metric"]["code"]) for s in finished if s["metric"]["reason"] == "rejected"}
-    assert ok == {"grpc", "http"}
-    assert refused == {("http", "NOT_FOUND"), ("grpc", "INVALID_ARGUMENT")}
+    assert ok == {"grpc", "http", "kserve"}
+    assert refused == {("http", "NOT_FOUND"), ("grpc", "INVALID_ARGUMENT"), ("kserve", "OUT_OF_RANGE")}
     assert {s["metric"]["model"] for s in finished} == {MODEL}
     admitted = prom.query('sum by (protocol) (lockstep_requests_admitted_total)')["data"]["result"]
-    assert {s["metric"]["protocol"]: float(s["value"][1]) for s in admitted} == {"grpc": REQUESTS,
-                                                                                 "http": HTTP_REQUESTS}
+    assert {s["metric"]["protocol"]: float(s["value"][1]) for s in admitted} == {
+        "grpc": REQUESTS, "http": HTTP_REQUESTS, "kserve": KSERVE_REQUESTS}
     for record in ("lockstep:ttft_under_250ms:ratio1m", "lockstep:itl_under_50ms:ratio1m"):
         (series,) = prom.query(expr[record])["data"]["result"]
         assert series["metric"]["model"] == MODEL and 0 <= float(series["value"][1]) <= 1, record
