@@ -201,6 +201,7 @@ def start_lockstep(extra: list[str], log: Path) -> tuple[subprocess.Popen, str, 
         if line.startswith("lockstep serve: ready"):
             print(f"        {line.strip()}", flush=True)  # its time scale and guard band
             http = line.split("http=")[1].split()[0]
+            proc.grpc_target = line.split("grpc=")[1].split()[0]  # bench/kserve_door.py drives the gRPC doors
             return proc, f"http://{http}", line.split("metrics=")[1].split()[0]
     raise RuntimeError(f"lockstep exited with {proc.wait()} before it was ready (see {log})")
 
