@@ -8,7 +8,8 @@ Requests carry the tensors Triton's vLLM backend takes (its model's inputs, as
   text_input               BYTES  the prompt, UTF-8
   stream                   BOOL   one response per token (ModelStreamInfer only)
   sampling_parameters      BYTES  a JSON object: max_tokens, temperature, top_p, top_k,
-                                  seed, stop, stop_token_ids, ignore_eos, n (= 1)
+                                  seed, stop, stop_token_ids, ignore_eos, n (= 1),
+                                  min_tokens (0 or max_tokens: run to max_tokens)
   exclude_input_in_output  BOOL   default: false for a whole answer (the prompt comes
                                   first in text_output), true when streaming
   return_finish_reason, return_num_input_tokens, return_num_output_tokens  BOOL
@@ -78,7 +79,7 @@ _RETURNS = {"return_finish_reason": "finish_reason", "return_num_input_tokens": 
             "return_num_output_tokens": "num_output_tokens"}
 # sampling_parameters' keys (vLLM's names) -> the kind of value.
 SAMPLING = {"max_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int", "seed": "int",
-            "stop": "strings", "stop_token_ids": "ints", "ignore_eos": "bool", "n": "int"}
+            "stop": "strings", "stop_token_ids": "ints", "ignore_eos": "bool", "n": "int", "min_tokens": "int"}
 EMPTY_FINAL = "triton_enable_empty_final_response"  # a request parameter tritonclient sends on streams
 FINAL = "triton_final_response"  # the response parameter that flags a request's last response
 
@@ -254,6 +255,15 @@ def sampling(found: dict[str, object], params) -> dict[str, object]:
         raise Invalid(f"sampling_parameters.top_k: must be -1 or 0 (all) or a count, got {top_k}")
     if not 0 <= out.get("seed", 0) < 2**64:
         raise Invalid(f"sampling_parameters.seed: must be in 0..2^63-1, got {out['seed']}")
+    # min_tokens (genai-perf sends it equal to max_tokens for fixed lengths): only "run to
+    # max_tokens" is served, as ignore_eos (an end-of-sequence token may then appear in the
+    # text, where vLLM would never sample it).
+    min_tokens = out.pop("min_tokens", 0)
+    if min_tokens == out.get("max_tokens", 16) and min_tokens > 0:
+        out["ignore_eos"] = True
+    elif min_tokens != 0:
+        raise Invalid(f"sampling_parameters.min_tokens: only 0 or max_tokens ({out.get('max_tokens', 16)}) "
+                      f"is supported, got {min_tokens}")
     return out
 
 

@@ -149,6 +149,15 @@ def test_numbers_as_strings_and_request_parameters_work_as_in_vllms_backend(tiny
     assert as_strings.as_numpy("text_output")[0].decode() == as_params.as_numpy("text_output")[0].decode() == text
 
 
+def test_min_tokens_equal_to_max_tokens_runs_to_max_tokens_and_others_are_refused(tiny):
+    """genai-perf's fixed lengths: {"max_tokens": "64", "min_tokens": "64"}."""
+    result = tiny.triton.infer("tiny", inputs(max_tokens="6", min_tokens="6", temperature=0))
+    assert result.get_response().parameters["completion_tokens"].int64_param == 6
+    with pytest.raises(tc.InferenceServerException) as err:
+        tiny.triton.infer("tiny", inputs(max_tokens=6, min_tokens=3))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "min_tokens" in err.value.message()
+
+
 def test_asked_outputs_come_back(tiny):
     ins = inputs(max_tokens=4, temperature=0) + [tensor("return_finish_reason", True),
                                                  tensor("return_num_output_tokens", True)]
@@ -393,7 +402,8 @@ def _sampling(draw):
         st.fixed_dictionaries({"top_k": st.integers(max_value=-2)}),
         st.fixed_dictionaries({"n": st.integers().filter(lambda n: n != 1)}),
         st.dictionaries(st.text(max_size=10).filter(lambda k: k not in (
-            "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "n")),
+            "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "n",
+            "min_tokens")),
             st.integers(), min_size=1, max_size=2),
     ))
     raw = json.dumps(bad).encode() if draw(st.booleans()) else draw(st.sampled_from(
