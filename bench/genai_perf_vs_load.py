@@ -77,7 +77,7 @@ def main() -> int:
         p.exit(2, f"{p.prog}: error: no {args.tools}/env.sh: run bash bench/genai_perf_setup.sh {args.tools}\n")
     from server.runtime.gguf import resolve
 
-    args.folder = str(resolve(MODEL, ""))  # the packaged model's folder: GenAI-Perf's tokenizer
+    args.folder = resolve(MODEL, "")[1]  # the packaged model's folder: GenAI-Perf's tokenizer
     loads = ((1, 8), (8, 32))
     results: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
