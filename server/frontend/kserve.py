@@ -231,6 +231,8 @@ def sampling(found: dict[str, object], params) -> dict[str, object]:
         given.update(obj)
     for key, p in params.items():
         if key == EMPTY_FINAL:
+            if p.WhichOneof("parameter_choice") != "bool_param":
+                raise Invalid(f"parameter {EMPTY_FINAL!r}: must be a bool")
             continue
         if key not in SAMPLING:
             raise Invalid(f"parameter {quote(key)}: not supported (sampling: {', '.join(SAMPLING)}; "
@@ -475,9 +477,7 @@ class KServeService:
                                                  ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"),
                                                  *replica_metadata(r)))
             run = self._run(checked, r, queue, context)
-            async with contextlib.aclosing(run.events()) as events:
-                async for _ in events:
-                    pass
+            await _drain(run)
             if run.error is not None:
                 await context.abort(run.outcome.code, run.error)
             text = (checked.prompt_text if checked.prepend else "") + run.text
@@ -522,15 +522,19 @@ class KServeService:
         """One request of a stream, answered on `out`: its responses, or one error response."""
         rid = req.id if isinstance(req, kpb.ModelInferRequest) else ""
         try:
+            await self._answer(req, rid, out, context)
+        except Exception as exc:  # a fault here, not the request's: it ends (counted by its run) and the stream goes on
+            out.put_nowait(_error(rid, self.model, f"request {rid!r}: internal error ({type(exc).__name__})"))
+
+    async def _answer(self, req, rid: str, out: asyncio.Queue, context) -> None:
+        try:
             checked, r, queue = await self._admit(req, context, streaming=True)
         except (BadRequest, Refused) as exc:
             out.put_nowait(_error(rid, self.model, str(exc)))
             return
         run, first, n = self._run(checked, r, queue, context), True, 0
         if not checked.streaming:  # stream false on a stream: one whole response, as vLLM's backend
-            async with contextlib.aclosing(run.events()) as events:
-                async for _ in events:
-                    pass
+            await _drain(run)
             if run.error is not None:
                 out.put_nowait(_error(rid, self.model, run.error))
                 return
@@ -554,6 +558,13 @@ class KServeService:
         text = rest if rest or not checked.empty_final else None
         out.put_nowait(kpb.ModelStreamInferResponse(
             infer_response=checked.response(self.model, r, text, run, final=True, promise=True)))
+
+
+async def _drain(run: TextRun) -> None:
+    """Runs `run` to its end (its text and outcome are then set)."""
+    async with contextlib.aclosing(run.events()) as events:
+        async for _ in events:
+            pass
 
 
 def _error(rid: str, model: str, message: str) -> kpb.ModelStreamInferResponse:
