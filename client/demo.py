@@ -39,17 +39,32 @@ PROMPTS = [  # for random-weight models, which have no chat template
 ]
 
 
-def _chat_prompts(server_args: list[str]) -> list[list[int]] | None:
-    """The questions through the packaged model's chat template (token ids), or None when
-    the demo serves another model. Converts the GGUF file first if this machine has not
-    (the server then finds it cached)."""
+def _chat_prompts(server_args: list[str], proc: subprocess.Popen) -> concurrent.futures.Future | None:
+    """The questions through the packaged model's chat template (token ids), loaded on a
+    thread while the server starts, or None when the demo serves another model. The server
+    converts the GGUF file if this machine has not; the thread waits for the converted
+    folder, then loads the template (transformers' import, ~5 s here) while the server
+    compiles and calibrates, not before it starts."""
     if CHAT_MODEL not in server_args:
         return None
     from server.runtime import gguf
-    from server.frontend.tokenizer import ChatTemplate
 
-    template = ChatTemplate(gguf.folder_for(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL))
-    return [template.question(q) for q in QUESTIONS]
+    folder = gguf.converted_path(gguf.packaged_file(CHAT_MODEL), name=CHAT_MODEL)
+
+    def load() -> list[list[int]]:
+        while not gguf.is_converted(folder):
+            if proc.poll() is not None:  # the server ended first: _start_server says why
+                return []
+            time.sleep(0.2)
+        from server.frontend.tokenizer import ChatTemplate
+
+        template = ChatTemplate(folder)
+        return [template.question(q) for q in QUESTIONS]
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="demo-template")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _security(argv: list[str]) -> tuple[list[str], Security]:
@@ -67,14 +82,17 @@ def _security(argv: list[str]) -> tuple[list[str], Security]:
     return server_args, Security.from_files(ca, mine.tls_server_name, serve.auth_token_file, ca_flag=flag)
 
 
-def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict]:
+def _launch(args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0", *args]
     print("$ lockstep " + " ".join(cmd[3:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_ready(proc: subprocess.Popen) -> dict:
     for line in proc.stdout:
         print(line.rstrip(), flush=True)
         if line.startswith("lockstep serve: ready"):
-            return proc, dict(part.split("=", 1) for part in line.split()[3:])
+            return dict(part.split("=", 1) for part in line.split()[3:])
     raise SystemExit(f"lockstep demo: the server exited with code {proc.wait()} before it was ready")
 
 
@@ -124,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lockstep demo: error: {exc}", file=sys.stderr)
         return 2
     server_args = with_default_model(server_args)
-    chats = _chat_prompts(server_args)
-    prompts, max_tokens = (chats, 48) if chats else (PROMPTS, 32)
-    proc, ready = _start_server(server_args)
+    proc = _launch(server_args)
     try:
+        template = _chat_prompts(server_args, proc)
+        ready = _wait_ready(proc)
+        chats = template.result() if template is not None else None
+        prompts, max_tokens = (chats, 48) if chats else (PROMPTS, 32)
         with LockstepClient(ready["grpc"], security) as client:
             client.wait_ready()
             info = client.model_info()
@@ -171,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                            "lockstep_generation_tokens_total"))]
         print("metrics: " + "; ".join(lines))
     finally:
-        proc.send_signal(signal.SIGTERM)
+        running = proc.poll() is None  # not when it ended before its ready line (_wait_ready says so)
+        if running:
+            proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         for line in proc.stdout:
             print(line.rstrip(), flush=True)
         code = proc.wait(timeout=60)
-        print(f"server exited with code {code} in {time.monotonic() - start:.1f} s after SIGTERM")
+        if running:
+            print(f"server exited with code {code} in {time.monotonic() - start:.1f} s after SIGTERM")
     return 0 if code == 0 else 1
 
 

@@ -45,16 +45,28 @@ def packaged_file(name: str) -> Path:
     return path
 
 
-def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) -> Path:
-    """The Hugging Face folder converted from GGUF file `path` (converting it the first
-    time); `name` (default: the file's stem) is the model's name there."""
+def converted_path(path: str | Path, name: str = "", cache_dir: Path | None = None) -> Path:
+    """Where folder_for(path, name) puts (or has put) the converted folder, converting nothing."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"checkpoint {str(path)!r} does not exist")
     stat = path.stat()
-    name = name or path.stem
-    out = (cache_dir or CACHE_DIR) / "gguf" / f"{name}-{stat.st_size}-{_digest(path, stat, cache_dir or CACHE_DIR)}"
-    if (out / _DONE).is_file():
+    return (cache_dir or CACHE_DIR) / "gguf" / f"{name or path.stem}-{stat.st_size}-" \
+                                               f"{_digest(path, stat, cache_dir or CACHE_DIR)}"
+
+
+def is_converted(folder: Path) -> bool:
+    """Whether a conversion into `folder` is complete (it is renamed into place whole)."""
+    return (folder / _DONE).is_file()
+
+
+def folder_for(path: str | Path, name: str = "", cache_dir: Path | None = None) -> Path:
+    """The Hugging Face folder converted from GGUF file `path` (converting it the first
+    time); `name` (default: the file's stem) is the model's name there."""
+    path = Path(path)
+    out = converted_path(path, name, cache_dir)
+    stat, name = path.stat(), name or path.stem
+    if is_converted(out):
         return out
     try:
         import torch
