@@ -30,6 +30,7 @@ import torch
 import scheduler
 from scheduler.compiler import CompileOptions, plan
 from scheduler.cost import Calibration
+from scheduler.ticks import slice_shape
 from server.runtime.calibrate import Calibrator, measure_memory_bandwidth
 from server.runtime.executor import LocalExecutor, make_executor
 from server.runtime.model import TORCH_DTYPES
@@ -245,8 +246,8 @@ def predictions(args) -> None:
     for (phase, bucket, tokens), times in sorted(measured.items()):
         if phase == "decode":
             predicted = timeline.stage_time(stage, bucket, 1, tokens - 1) + timeline.feedback_time(bucket)
-        else:
-            predicted = timeline.ttft(tokens, chunk)
+        else:  # one stage: Timeline.ttft's pipelining is its steps' sum
+            predicted = predicted_prefill(timeline, stage, tokens, chunk)
         got = statistics.median(times)
         errors.append(predicted / got)
         print(f"{phase:<8} {bucket:>5} {tokens:>7} {predicted * 1e3:>12.3f} {got * 1e3:>11.3f} {predicted / got:>18.3f}")
@@ -256,12 +257,24 @@ def predictions(args) -> None:
           f"(at max context)")
 
 
+def prompt_steps(prompt: int, chunk: int) -> list[tuple[int, int, int]]:
+    """A prompt alone, as the engine runs it: (tokens, their step's static shape, position)
+    per prefill step, whole chunks and then the rest in the smallest slice shape that holds
+    it (scheduler/ticks.py: slice_shape; a 1000-token prompt's last 40 tokens go in a 48-token
+    step, not a 64 one)."""
+    return [(n, slice_shape(n, chunk), k * chunk)
+            for k in range(math.ceil(prompt / chunk)) for n in (min(chunk, prompt - k * chunk),)]
+
+
 def prefill_time(executor, prompt: int, chunk: int) -> float:
-    total = 0.0
-    for k in range(math.ceil(prompt / chunk)):
-        n = min(chunk, prompt - k * chunk)
-        total += executor.step(StepBatch("prefill", 1, chunk, (0,), ((5,) * n,), (k * chunk,), (GREEDY,))).step_time_s
-    return total
+    return sum(executor.step(StepBatch("prefill", 1, shape, (0,), ((5,) * n,), (start,), (GREEDY,))).step_time_s
+               for n, shape, start in prompt_steps(prompt, chunk))
+
+
+def predicted_prefill(timeline, stage, prompt: int, chunk: int) -> float:
+    """The timing model's time for prompt_steps' steps: each at its static shape (a padded
+    step costs its shape's tokens), attending what comes before it."""
+    return sum(timeline.stage_time(stage, 1, shape, start) for _, shape, start in prompt_steps(prompt, chunk))
 
 
 def ray_vs_local(args) -> None:
