@@ -53,7 +53,7 @@ def _chat_prompts(server_args: list[str], proc: subprocess.Popen) -> concurrent.
 
     def load() -> list[list[int]]:
         while not gguf.is_converted(folder):
-            if proc.poll() is not None:  # the server ended first: _start_server says why
+            if proc.poll() is not None:  # the server ended first: _wait_ready says why
                 return []
             time.sleep(0.2)
         from server.frontend.tokenizer import ChatTemplate

@@ -1,8 +1,9 @@
-"""Bearer-token auth for every RPC but health, and TLS credentials, for `lockstep serve`.
+"""Bearer-token auth for every RPC but the probes, and TLS credentials, for `lockstep serve`.
 
 A client sends `authorization: Bearer <token>` as call metadata; a missing or wrong one
-gets UNAUTHENTICATED before the handler runs (nothing is parsed or queued). Health
-checks stay open so a supervisor or load balancer can probe without the secret.
+gets UNAUTHENTICATED before the handler runs (nothing is parsed or queued). Probes (health,
+and the KServe door's ServerLive, ServerReady, ModelReady) stay open so a supervisor or
+load balancer can probe without the secret.
 """
 
 from __future__ import annotations
