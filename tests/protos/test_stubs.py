@@ -43,6 +43,18 @@ def test_generation_is_deterministic(tmp_path):
     assert _regenerate(tmp_path / "a") == _regenerate(tmp_path / "b")
 
 
+def test_the_published_stubs_live_beside_tritonclients_in_either_order():
+    """protos/inference/ is compiled under its published file names, so a process may import
+    tritonclient's stubs of the same files too (protos/README.md)."""
+    ours = "from protos.inference import grpc_service_pb2 as ours"
+    theirs = "from tritonclient.grpc import service_pb2 as theirs"
+    for first, second in ((ours, theirs), (theirs, ours)):
+        code = f"{first}\n{second}\nassert ours.ModelInferRequest is theirs.ModelInferRequest"
+        run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_stubs_import_by_package_path():
     source = (REPO_ROOT / "protos/lockstep/v1/lockstep_pb2_grpc.py").read_text()
     assert "from protos.lockstep.v1 import lockstep_pb2" in source

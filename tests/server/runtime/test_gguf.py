@@ -52,6 +52,14 @@ def test_the_folder_has_the_real_config_tokenizer_chat_template_and_eos(folder):
     assert gguf.folder_for(gguf.packaged_file("smollm2-135m"), name="smollm2-135m") == folder  # cached
 
 
+def test_the_converted_path_is_known_before_converting_and_complete_after(folder, tmp_path):
+    """What `lockstep demo` waits on while the server converts (client/demo.py)."""
+    path = gguf.packaged_file("smollm2-135m")
+    assert gguf.converted_path(path, name="smollm2-135m") == folder and gguf.is_converted(folder)
+    fresh = gguf.converted_path(path, name="smollm2-135m", cache_dir=tmp_path)  # nothing converted there
+    assert fresh.parent == tmp_path / "gguf" and fresh.name == folder.name and not gguf.is_converted(fresh)
+
+
 def test_greedy_tokens_equal_transformers_for_chat_prompts(folder, chats):
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
     ours = LocalExecutor(plan_from_program(program.view(), checkpoint=str(folder)))
