@@ -205,6 +205,13 @@ def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: floa
                    None if admitted is None else admitted - r.arrival_s)
 
 
+def promise_metadata(r: Request) -> tuple:
+    """The promise as gRPC initial metadata, sent at admission: the request id, its predicted
+    TTFT and finish (seconds from arrival), and where a router sent it (replica_metadata)."""
+    return (("lockstep-request-id", r.request_id), ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
+            ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"), *replica_metadata(r))
+
+
 def replica_metadata(r: Request) -> tuple:
     """For a request a router sent to a replica: ("lockstep-replica", its index) and
     ("lockstep-route-ttft-s", "0=0.012000,1=0.004500"), each replica's predicted TTFT when
@@ -285,10 +292,7 @@ class LockstepService:
         # delta, not in the whole text again for every token.
         keep, tail = max((len(s) for s in stops), default=1) - 1, ""
         try:
-            await context.send_initial_metadata((("lockstep-request-id", r.request_id),
-                                                 ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
-                                                 ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"),
-                                                 *replica_metadata(r)))
+            await context.send_initial_metadata(promise_metadata(r))
             while outcome is None:
                 item, tick, t = await queue.get()
                 if isinstance(item, Finished):

@@ -50,7 +50,7 @@ import grpc
 from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import model_config_pb2 as mc
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.frontend.api import Malformed, Refused, _client_ending, _lenient, replica_metadata
+from server.frontend.api import Malformed, Refused, _client_ending, _lenient, promise_metadata, replica_metadata
 from server.frontend.textrun import TextRun
 from server.frontend.validate import BadRequest, Limits, parse_request, quote
 
@@ -243,8 +243,7 @@ def sampling(found: dict[str, object], params) -> dict[str, object]:
     out = {}
     for key, v in given.items():
         if key not in SAMPLING:
-            raise Invalid(f"sampling_parameters.{quote(key)[1:-1] if len(key) <= 40 else quote(key)}: "
-                          f"not supported (supported: {', '.join(SAMPLING)})")
+            raise Invalid(f"sampling_parameters: key {quote(key)} is not supported (supported: {', '.join(SAMPLING)})")
         out[key] = _KINDS[SAMPLING[key]](key, v)
     if out.get("n", 1) != 1:
         raise Invalid(f"sampling_parameters.n: only 1 is supported, got {out['n']}")
@@ -280,13 +279,13 @@ def _raw(datatype: str, value) -> bytes:
 class _Request:
     """One checked ModelInferRequest: what to queue and how to answer."""
 
-    def __init__(self, req: kpb.ModelInferRequest, parsed, found: dict, on_stream: bool):
-        """on_stream: it came on ModelStreamInfer (its responses carry the final flag)."""
-        self.id, self.parsed, self.on_stream = req.id, parsed, on_stream
+    def __init__(self, req: kpb.ModelInferRequest, prompt_text: str, found: dict, on_stream: bool):
+        """on_stream: it came on ModelStreamInfer (its responses carry the final flag).
+        `parsed` (validate.Parsed) is set once the shared checks pass."""
+        self.id, self.prompt_text, self.on_stream, self.parsed = req.id, prompt_text, on_stream, None
         self.streaming = on_stream and bool(found.get("stream"))  # one response per token
-        self.empty_final = _param_value(req.parameters[EMPTY_FINAL]) is True if EMPTY_FINAL in req.parameters \
-            else False
-        self.prompt_text = found["text_input"].decode("utf-8")
+        # sampling() checked it is a bool parameter
+        self.empty_final = EMPTY_FINAL in req.parameters and req.parameters[EMPTY_FINAL].bool_param
         exclude = found.get("exclude_input_in_output")
         self.prepend = not exclude if exclude is not None else not self.streaming
         if self.prepend and self.streaming:
@@ -300,6 +299,11 @@ class _Request:
             if o.parameters:
                 raise Invalid(f"output {o.name!r}: parameter {quote(sorted(o.parameters)[0])} is not supported")
         self.outputs = asked or ["text_output"] + [out for flag, out in _RETURNS.items() if found.get(flag)]
+
+    def whole(self, model: str, r, run: TextRun) -> kpb.ModelInferResponse:
+        """The one response of a finished run: its text (after the prompt, unless excluded)."""
+        return self.response(model, r, (self.prompt_text if self.prepend else "") + run.text, run, final=True,
+                             promise=True)
 
     def response(self, model: str, r, text: str | None, run: TextRun | None, final: bool,
                  promise: bool) -> kpb.ModelInferResponse:
@@ -343,7 +347,7 @@ class KServeService:
     replicas), tokenizer, limits and metrics as LockstepService."""
 
     def __init__(self, admission, info: pb.ModelInfo, tokenizer, limits: Limits, metrics=None):
-        self.admission, self.info, self.tokenizer, self.limits = admission, info, tokenizer, limits
+        self.admission, self.tokenizer, self.limits = admission, tokenizer, limits
         self.metrics, self.model = metrics, info.model
         self.streams = 0  # calls still running (a drain waits for their last message)
 
@@ -367,16 +371,19 @@ class KServeService:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not valid ({request.error})")
 
+    def _not_served(self, name: str, version: str) -> str:
+        """Why a model or version is not served here ("" when it is)."""
+        if name != self.model:
+            return f"model {quote(name)}: not served here (this server serves {self.model!r})"
+        if version not in ("", VERSION):
+            return f"model {self.model!r} version {quote(version)}: not served here (version {VERSION} is)"
+        return ""
+
     async def _model(self, request, context) -> None:
         """NOT_FOUND for a model or version not served here."""
         await self._malformed(request, context)
-        if request.name != self.model:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {quote(request.name)}: not served here (this server serves {self.model!r})")
-        if request.version not in ("", VERSION):
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {self.model!r} version {quote(request.version)}: not served here "
-                                f"(version {VERSION} is)")
+        if why := self._not_served(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, why)
 
     async def ServerLive(self, request, context):
         await self._malformed(request, context)
@@ -389,7 +396,7 @@ class KServeService:
     async def ModelReady(self, request, context):
         """A probe, as Triton's: a model or version not served here is not ready (no error)."""
         await self._malformed(request, context)
-        served = request.name == self.model and request.version in ("", VERSION)
+        served = not self._not_served(request.name, request.version)
         return kpb.ModelReadyResponse(ready=served and self.admission.up and self.admission.accepting)
 
     async def ServerMetadata(self, request, context):
@@ -421,31 +428,28 @@ class KServeService:
         """Every check of one request (raises BadRequest), cheapest first; then parse_request's."""
         if isinstance(req, Malformed):
             raise Invalid(f"request: not a valid ModelInferRequest ({req.error})")
-        if req.model_name != self.model:
-            raise BadRequest(grpc.StatusCode.NOT_FOUND, f"model {quote(req.model_name)}: not served here "
-                                                        f"(this server serves {self.model!r})")
-        if req.model_version not in ("", VERSION):
-            raise BadRequest(grpc.StatusCode.NOT_FOUND, f"model {self.model!r} version {quote(req.model_version)}: "
-                                                        f"not served here (version {VERSION} is)")
+        if why := self._not_served(req.model_name, req.model_version):
+            raise BadRequest(grpc.StatusCode.NOT_FOUND, why)
         if len(req.id) > MAX_ID_CHARS:  # parse_request checks it further (printable ASCII)
             raise Invalid(f"id: at most {MAX_ID_CHARS} characters, got {len(req.id)}")
         found = tensors(req)
         if found.get("stream") and not streaming:
             raise Invalid("input 'stream': true needs ModelStreamInfer (ModelInfer answers once)")
         s = sampling(found, req.parameters)
-        g = pb.GenerateRequest(text=_text("text_input", found["text_input"]), max_tokens=s.get("max_tokens", 16),
+        checked = _Request(req, _text("text_input", found["text_input"]), found, streaming)  # before tokenizing
+        g = pb.GenerateRequest(text=checked.prompt_text, max_tokens=s.get("max_tokens", 16),
                                request_id=req.id, stop=s.get("stop", ()), stop_token_ids=s.get("stop_token_ids", ()))
         g.sampling.temperature = s.get("temperature", 1.0)  # vLLM's defaults
         g.sampling.top_p = s.get("top_p", 1.0)
         g.sampling.top_k = s.get("top_k", 0)
         g.sampling.seed = s.get("seed", 0)
         try:
-            parsed = parse_request(g, self.limits, self.tokenizer, self.model, s.get("ignore_eos", False))
+            checked.parsed = parse_request(g, self.limits, self.tokenizer, self.model, s.get("ignore_eos", False))
         except BadRequest as exc:  # the shared checks name the native door's fields
             message = str(exc).replace("sampling.", "sampling_parameters.").replace("prompt:", "input 'text_input':")
             message = message.replace("max_tokens:", "sampling_parameters.max_tokens:")
             raise BadRequest(exc.code, message.replace("request_id:", "id:")) from None
-        return _Request(req, parsed, found, streaming)
+        return checked
 
     async def _admit(self, req, context, streaming: bool):
         """(_Request, admitted Request, its queue); raises BadRequest or Refused, counted."""
@@ -472,16 +476,12 @@ class KServeService:
                 checked, r, queue = await self._admit(request, context, streaming=False)
             except (BadRequest, Refused) as exc:
                 await context.abort(exc.code, str(exc))
-            await context.send_initial_metadata((("lockstep-request-id", r.request_id),
-                                                 ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
-                                                 ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"),
-                                                 *replica_metadata(r)))
+            await context.send_initial_metadata(promise_metadata(r))
             run = self._run(checked, r, queue, context)
             await _drain(run)
             if run.error is not None:
                 await context.abort(run.outcome.code, run.error)
-            text = (checked.prompt_text if checked.prepend else "") + run.text
-            return checked.response(self.model, r, text, run, final=True, promise=True)
+            return checked.whole(self.model, r, run)
         finally:
             self.streams -= 1
 
@@ -538,9 +538,7 @@ class KServeService:
             if run.error is not None:
                 out.put_nowait(_error(rid, self.model, run.error))
                 return
-            text = (checked.prompt_text if checked.prepend else "") + run.text
-            out.put_nowait(kpb.ModelStreamInferResponse(
-                infer_response=checked.response(self.model, r, text, run, final=True, promise=True)))
+            out.put_nowait(kpb.ModelStreamInferResponse(infer_response=checked.whole(self.model, r, run)))
             return
         rest = ""
         async with contextlib.aclosing(run.events()) as events:
