@@ -60,6 +60,23 @@ def test_the_converted_path_is_known_before_converting_and_complete_after(folder
     assert fresh.parent == tmp_path / "gguf" and fresh.name == folder.name and not gguf.is_converted(fresh)
 
 
+def test_the_conversion_writes_what_transformers_reads_from_the_file_itself(folder):
+    """The conversion reads the file once (gguf._read_once shares gguf's reader and name
+    map); transformers' own reading, outside it, gives the same tensors and tokenizer, and
+    the gguf module's names are its own again after."""
+    import gguf as gguf_py
+    from safetensors.torch import load_file
+
+    assert not hasattr(gguf_py.GGUFReader, "cache_info") and not hasattr(gguf_py.get_tensor_name_map, "cache_info")
+    path = gguf.packaged_file("smollm2-135m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ours = load_file(folder / "model.safetensors")
+    theirs = {k: v for k, v in hf.state_dict().items() if k in ours}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert tok.get_vocab() == transformers.AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
 def test_greedy_tokens_equal_transformers_for_chat_prompts(folder, chats):
     program = scheduler.compile(scheduler.from_hf_config(folder), scheduler.parse_pool("cpu:1"), OPTIONS)
     ours = LocalExecutor(plan_from_program(program.view(), checkpoint=str(folder)))
