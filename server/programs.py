@@ -122,9 +122,11 @@ def resolve_model(args) -> scheduler.ModelSpec:
     return scheduler.get_model(name)
 
 
-def compile_program(args, prompt_len: int | None = None, objective: str = "latency"
+def compile_program(args, prompt_len: int | None = None, objective: str = "latency", meanwhile=None
                     ) -> tuple[scheduler.Program, scheduler.ModelSpec, scheduler.Pool]:
-    """(program, model, pool) from the flags of `add_program_args`."""
+    """(program, model, pool) from the flags of `add_program_args`. `meanwhile(pool)`: called
+    on this thread while a calibration is measured in its own process, if one is (serve
+    starts Ray then: the calibration builds a compiled package on about one core)."""
     model = resolve_model(args)
     pool = scheduler.parse_pool(args.pool)
     args.dtype = resolve_dtype(args.dtype, pool)
@@ -134,10 +136,10 @@ def compile_program(args, prompt_len: int | None = None, objective: str = "laten
                                        prefill_chunk=args.prefill_chunk,
                                        prompt_len=min(128, args.max_context - 1) if prompt_len is None else prompt_len,
                                        itl_target_ms=args.itl_target_ms, objective=objective)
-    return scheduler.compile(model, pool, options, calibration(args, model, pool)), model, pool
+    return scheduler.compile(model, pool, options, calibration(args, model, pool, meanwhile)), model, pool
 
 
-def calibration(args, model, pool) -> scheduler.Calibration | None:
+def calibration(args, model, pool, meanwhile=None) -> scheduler.Calibration | None:
     if args.calibration in ("none", None, ""):
         return None
     if args.calibration != "auto":
@@ -160,13 +162,21 @@ def calibration(args, model, pool) -> scheduler.Calibration | None:
         print(f"lockstep: calibrating {model.name} on this host (once; cached in {path})", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
-                        "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
-                        "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp),
-                        # The served weights: a compiled calibration then builds the package serve loads.
-                        *(["--compiled-steps", "on", "--checkpoint", args.checkpoint or ""]
-                          if compiled_steps(args) else [])],
-                       check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "server.cli", "calibrate", "--model", args.model, "--dtype", args.dtype,
+               "--max-slots", str(args.max_slots), "--max-context", str(args.max_context),
+               "--prefill-chunk", str(args.prefill_chunk), "--repeats", "3", "-o", str(tmp),
+               # The served weights: a compiled calibration then builds the package serve loads.
+               *(["--compiled-steps", "on", "--checkpoint", args.checkpoint or ""] if compiled_steps(args) else [])]
+        with subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL) as proc:
+            try:
+                if meanwhile is not None:
+                    meanwhile(pool)
+                code = proc.wait()
+            except BaseException:  # as subprocess.run: the measurement is not left running
+                proc.kill()
+                raise
+        if code:
+            raise subprocess.CalledProcessError(code, cmd)
         tmp.replace(path)
     return scheduler.Calibration.load(path)
 

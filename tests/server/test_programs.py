@@ -71,3 +71,45 @@ def test_a_bad_compiled_steps_environment_is_one_line_and_exit_2(value):
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "LOCKSTEP_COMPILED_STEPS must be one of auto, on, off" in run.stderr
+
+
+def _calibration_args(*flags):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    programs.add_program_args(p)
+    return p.parse_args(["--model", "tiny", "--max-context", "64", "--prefill-chunk", "16", *flags])
+
+
+def _children() -> set[int]:
+    return {int(c) for t in os.listdir("/proc/self/task")
+            for c in open(f"/proc/self/task/{t}/children").read().split()}
+
+
+def test_serve_starts_ray_meanwhile_while_a_calibration_is_measured(tmp_path, monkeypatch):
+    """compile_program's `meanwhile(pool)` runs while the calibration's own process measures
+    (serve starts Ray there), and the calibration is then read as usual."""
+    monkeypatch.setattr(programs, "CACHE_DIR", tmp_path)
+    args = _calibration_args()
+    seen = []
+
+    def meanwhile(pool):
+        seen.append((pool.groups[0].device.name, list(tmp_path.glob("calib-*.json")), len(_children())))
+
+    program, model, pool = programs.compile_program(args, meanwhile=meanwhile)
+    assert len(seen) == 1 and seen[0][0] == "cpu" and seen[0][1] == [] and seen[0][2] >= 1, seen  # the measurement's process was running
+    assert len(list(tmp_path.glob("calib-*.json"))) == 1
+    programs.compile_program(args, meanwhile=meanwhile)  # cached now: nothing to overlap
+    assert len(seen) == 1
+
+
+def test_a_failure_meanwhile_stops_the_calibration_and_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "CACHE_DIR", tmp_path)
+    before = _children()
+
+    def meanwhile(pool):
+        raise RuntimeError("ray.init failed")
+
+    with pytest.raises(RuntimeError, match="ray.init failed"):
+        programs.compile_program(_calibration_args(), meanwhile=meanwhile)
+    assert not list(tmp_path.glob("calib-*.json")) and _children() == before
