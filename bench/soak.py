@@ -10,7 +10,7 @@ as its own process on 127.0.0.1 and drives it over gRPC (grpc.aio), with a fixed
    run to the end.
 2. Burst: 10x capacity (max_slots + max_queue) requests at once (max_tokens --burst-tokens,
    long enough for the queue to stay full a while). RESOURCE_EXHAUSTED refusals: count
-   and client-side latency p50/p99 (goal < 10 ms); the same for --probes single requests
+   and client-side latency p50/p99 (goal < 50 ms); the same for --probes single requests (< 5 ms)
    sent one at a time while the queue is still full (the burst's figure includes this
    client starting 720 calls on one event loop). Admitted: TTFT / the TTFT the server
    predicted (`lockstep-predicted-ttft-s`), measured by the client and by the server.
@@ -131,7 +131,7 @@ class Stream:
         self.action, self.k = action, k  # complete | cancel | disconnect, after k tokens
         self.ends: list[str] = []  # terminal events: finished:<reason> | error:<CODE> | cancelled | disconnected
         self.admitted = False  # the server sent its admission metadata
-        self.predicted_ttft_s = self.ttft_s = self.server_ttft_s = self.error_s = None
+        self.predicted_ttft_s = self.predicted_tpot_s = self.ttft_s = self.server_ttft_s = self.error_s = None
         self.cancel_too_late = False  # call.cancel() found the call already done
 
 
@@ -147,6 +147,8 @@ async def run_stream(target: str, stub, req: pb.GenerateRequest, s: Stream) -> S
         meta = dict(await call.initial_metadata() or ())
         if "lockstep-predicted-ttft-s" in meta:
             s.admitted, s.predicted_ttft_s = True, float(meta["lockstep-predicted-ttft-s"])
+            e2e = float(meta["lockstep-predicted-e2e-s"])
+            s.predicted_tpot_s = (e2e - s.predicted_ttft_s) / (req.max_tokens - 1) if req.max_tokens > 1 else 0.0
         async for msg in call:
             if msg.WhichOneof("kind") == "finished":
                 s.ends.append(f"finished:{msg.finished.finish_reason}")
@@ -281,7 +283,12 @@ def report(args, r: dict, m: dict, exit_code: int, wall_s: float) -> tuple[list,
     for name, xs in (("burst_refusal_ms", refused(burst)), ("probe_refusal_ms", refused(r["probes"])),
                      ("ttft_client_over_predicted", [s.ttft_s / s.predicted_ttft_s for s in adm if s.ttft_s]),
                      ("ttft_server_over_predicted", [s.server_ttft_s / s.predicted_ttft_s for s in adm
-                                                     if s.server_ttft_s])):
+                                                     if s.server_ttft_s]),
+                     # Issue 19: a first token no later than max(20% of its promised TTFT, one
+                     # promised TPOT) after its promise; 1 is that bound, as the client saw it.
+                     ("ttft_late_over_bound", [(s.ttft_s - s.predicted_ttft_s)
+                                               / max(0.2 * s.predicted_ttft_s, s.predicted_tpot_s)
+                                               for s in adm if s.ttft_s])):
         f[name] = {"p50": percentile(xs, .5), "p99": percentile(xs, .99), "n": len(xs)}
     cuts = f["client_cancels"] + f["client_disconnects"]
     pq = lambda x: f"{f[x]['p50']:.2f} / {f[x]['p99']:.2f} (n={f[x]['n']})"
@@ -312,11 +319,14 @@ def report(args, r: dict, m: dict, exit_code: int, wall_s: float) -> tuple[list,
          rss[2] - rss[0] < args.rss_goal_mb),
         (f"burst: {f['burst_sent']} at once (10x capacity {f['capacity']})", f"{f['burst_admitted']} admitted, "
          f"{f['burst_refusal_ms']['n']} refused", "", None),
-        ("burst refusal latency p50 / p99 ms", pq("burst_refusal_ms"), "p99 < 10",
-         f["burst_refusal_ms"]["p99"] < 10),
-        ("single refusals, queue full, p50 / p99 ms", pq("probe_refusal_ms"), "p99 < 10",
-         f["probe_refusal_ms"]["p99"] < 10),
+        # Issue 19's goals (bench/refusal_floor.py measures what any gRPC server here can do).
+        ("burst refusal latency p50 / p99 ms", pq("burst_refusal_ms"), "p99 < 50",
+         f["burst_refusal_ms"]["p99"] < 50),
+        ("single refusals, queue full, p50 / p99 ms", pq("probe_refusal_ms"), "p99 < 5",
+         f["probe_refusal_ms"]["p99"] < 5),
         ("burst TTFT client-measured / predicted p50 / p99", pq("ttft_client_over_predicted"), "", None),
+        ("burst first token late / max(20% TTFT, 1 TPOT) p50 / p99", pq("ttft_late_over_bound"), "p99 <= 1",
+         f["ttft_late_over_bound"]["p99"] <= 1),
         ("burst TTFT server-measured / predicted p50 / p99", pq("ttft_server_over_predicted"), "", None),
         ("server exit code after SIGTERM", exit_code, "0", exit_code == 0),
         ("wall time s", f"{wall_s:.1f}", "", None),
