@@ -151,8 +151,10 @@ def add_serving_args(p) -> None:
                    help="the quantile of the served decode and mixed steps (the last 128) their pace covers, "
                         "before the guard band. Streams run ahead of their promises and their lead absorbs a "
                         "slow step, so 0.5 (the median) gives faster cadences, but promises break when the host "
-                        "slows within a stream's life; prefill ticks always cover the 95th percentile "
-                        "(default 0.95)")
+                        "slows within a stream's life (default 0.95)")
+    p.add_argument("--prefill-quantile", type=float, default=0.95,
+                   help="the same for prefill ticks (the last 16): a first token has no lead, so a lower "
+                        "quantile promises sooner first tokens and some of them late (default 0.95)")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines, each a whole server in a Ray actor on its own devices (a placement group "
                         "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "

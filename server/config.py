@@ -25,6 +25,7 @@ class ServeConfig:
     alone_own_step: bool = EngineConfig.alone_own_step
     admission_window_s: float = EngineConfig.admission_window_s
     pace_quantile: float = EngineConfig.pace_quantile
+    prefill_quantile: float = EngineConfig.prefill_quantile
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host

@@ -61,8 +61,9 @@ def _validate(args) -> None:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     from server.cli import MAX_WINDOW_MS
 
-    if not 0 < args.pace_quantile <= 1:  # NaN fails it too
-        raise SpecError(f"--pace-quantile must be in (0, 1], got {args.pace_quantile}")
+    for flag in ("pace_quantile", "prefill_quantile"):
+        if not 0 < getattr(args, flag) <= 1:  # NaN fails it too
+            raise SpecError(f"--{flag.replace('_', '-')} must be in (0, 1], got {getattr(args, flag)}")
     if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
         raise SpecError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
     if args.replicas < 1:
@@ -96,6 +97,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
                          admission_window_s=args.admission_window_ms / 1e3, pace_quantile=args.pace_quantile,
+                         prefill_quantile=args.prefill_quantile,
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,

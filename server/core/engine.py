@@ -103,6 +103,7 @@ class EngineConfig:
     adaptive_pacing: bool = True
     # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
     pace_quantile: float = 0.95
+    prefill_quantile: float = PREFILL_QUANTILE  # the same for prefill ticks (`serve --prefill-quantile`)
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True
@@ -187,7 +188,7 @@ class Engine:
         scales = {PREFILL: config.prefill_scale or config.time_scale, DECODE: config.time_scale,
                   MIXED: config.time_scale}
         # Their margin over the measured steps' quantile is the guard band too.
-        quantiles = {PREFILL: PREFILL_QUANTILE, DECODE: config.pace_quantile, MIXED: config.pace_quantile}
+        quantiles = {PREFILL: config.prefill_quantile, DECODE: config.pace_quantile, MIXED: config.pace_quantile}
         self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
                                     margin=config.guard_band_frac, quantile=quantiles[phase],
                                     min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]),

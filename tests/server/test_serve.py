@@ -97,7 +97,8 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--auth-token-file", "/etc/os-release"], "must hold one token"),  # spaces, several lines
     (["--front-end-nice", "-1"], "--front-end-nice must be in 0..19"),
     (["--front-end-nice", "20"], "--front-end-nice must be in 0..19"),
-    *[([f"--pace-quantile={q}"], "--pace-quantile must be in (0, 1]") for q in ("0", "-0.5", "1.5", "nan", "inf", "-inf")],
+    *[([f"--{flag}={q}"], f"--{flag} must be in (0, 1]") for flag in ("pace-quantile", "prefill-quantile")
+      for q in ("0", "-0.5", "1.5", "nan", "inf", "-inf")],
     (["--replicas", "0"], "--replicas must be >= 1"),
     (["--replicas", "2"], "--replicas places engines with Ray; drop --no-ray"),
     (["--route", "random"], "--route: invalid choice"),

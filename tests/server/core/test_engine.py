@@ -301,6 +301,19 @@ def test_streams_are_paced_at_their_quantile_and_first_tokens_at_the_tail(quanti
     assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1)
 
 
+@pytest.mark.parametrize("quantile, prefill", [(0.95, 1.5), (0.5, 1.0)])
+def test_first_tokens_are_paced_at_the_prefill_quantile_chosen(quantile, prefill):
+    """`--prefill-quantile`: the same for prefill ticks, their own choice (decode keeps its)."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_quantile=quantile))
+    plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    for i in range(engine.pacers["prefill"].min_samples):
+        engine._account(plan, engine.sched, {}, VIEW.step_s(plan.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
+    assert engine.pacers["prefill"].factor == pytest.approx(prefill * 1.1)
+    assert engine.pacers["decode"].quantile == 0.95
+
+
 def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
     """Prefill ticks are one in 33 at c=1: a start-up scale measured in a slow minute must
     not hold every first token late until 128 of them have run."""
