@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -197,7 +198,7 @@ class CompiledStage:
             cached = path.exists()
             if not cached:
                 _compile(model, path)
-            runner = torch._inductor.aoti_load_package(str(path))
+            runner = _load(path)
             varies = _invariance(runner, model)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means eager, with its reason
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -214,6 +215,26 @@ class CompiledStage:
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
         hidden = torch.arange(keys, device=positions.device)[None, :] > positions[:, None]  # [N, L]
         return self.runner(x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+
+
+def _load(path: Path):
+    """The package's runner. torch's loader extracts the package's library into
+    $TMPDIR/aotinductor_XXXXXX and removes it only when the loader is destroyed: never in a
+    process that ends with os._exit or a signal, as serve's own do, so each start left 316 MB
+    behind for smollm2-135m (146 such folders had filled this host's disk). Loaded from a
+    folder of our own, removed at once: the library stays mapped after its file is gone
+    (tests/server/runtime/test_compiled.py runs steps after it)."""
+    tmp = tempfile.mkdtemp(prefix="lockstep-aoti-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tmp  # read by the C++ loader; only for the load
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.inference_mode()
