@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import multiprocessing
 import sys
 import time
-from pathlib import Path
-
 import grpc
 
+import soak  # bench/soak.py: a script's own folder is on sys.path
 from client.client import build_request
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Refuser(pb_grpc.LockstepServicer):
@@ -46,21 +42,12 @@ def _serve(port_queue) -> None:
     asyncio.run(main())
 
 
-def _soak():
-    spec = importlib.util.spec_from_file_location("soak", REPO / "bench" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
 
 
 async def drive(target: str, burst: int, probes: int) -> tuple[list[float], list[float], float]:
-    soak = _soak()
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.LockstepStub(channel)
     await soak.run_stream(target, stub, build_request([1, 2, 3], 4), soak.Stream())  # connected, warm
