@@ -174,6 +174,10 @@ def add_runtime_args(p) -> None:
     p.add_argument("--core-cpus", default="",
                    help="CPUs the engine core process runs on, one torch thread each, e.g. 0 or 0-3; the front end "
                         "runs on the others (default: all CPUs for both)")
+    p.add_argument("--tick-log", default="",
+                   help="append a JSON line per tick (step shape, measured, program and paced ms, overrun) and per "
+                        "ended request (its promise, the pace it was made at, when each token was made) to this "
+                        "file (default: off; docs/architecture.md, \"The tick log\")")
     p.add_argument("--front-end-nice", type=int, default=0,
                    help="in deterministic mode, lower the event loop (gRPC handlers, admission, token sends) by "
                         "this niceness, below the engine core (default 0: off; 19 delayed token deliveries "

@@ -48,3 +48,5 @@ class ServeConfig:
     # The engine core (tick loop, scheduler, pacer, executor) in a process of its own
     # (server/core/process.py); False: on a thread of the front end's process (tests).
     engine_process: bool = True
+    # `serve --tick-log`: the engine core appends one JSON line per tick and per ended request here ("": off).
+    tick_log: str = ""

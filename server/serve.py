@@ -68,6 +68,14 @@ def _validate(args) -> None:
         raise SpecError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.tick_log:
+        if args.replicas > 1:
+            raise SpecError("--tick-log records one engine core's ticks; replicas have one each (drop one)")
+        try:
+            args.tick_log = os.path.abspath(args.tick_log)  # an actor's process has another working folder
+            open(args.tick_log, "a").close()  # here, not in the core process after the calibration
+        except OSError as exc:
+            raise SpecError(f"--tick-log {args.tick_log}: {exc.strerror or exc}") from None
     if args.replicas > 1 and args.no_ray:
         raise SpecError("--replicas places engines with Ray; drop --no-ray")
     if args.pipeline and (args.executor != "ray" or args.throughput):
@@ -92,7 +100,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                         f"each; {model.name} on {args.pool} compiles to {stages}")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          compiled=args.compiled_steps == "on",
-                         core_cpus=args.core_cpus,
+                         core_cpus=args.core_cpus, tick_log=args.tick_log,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
 import logging
 import math
 import threading
@@ -160,6 +161,9 @@ class Request:
     admitted_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
+    made_s: list[float] = field(default_factory=list)  # perf_counter s each token was sampled
+    # Each phase's pace factor when it was queued (the tick log's record of what its promise was made at).
+    factors: dict[str, float] = field(default_factory=dict)
 
     def promise(self, ttft_s: float, e2e_s: float) -> None:
         """Records what admission promised: first token and last token, seconds from arrival."""
@@ -219,6 +223,10 @@ class Engine:
         self._done: concurrent.futures.Future | None = None
         self.failure: BaseException | None = None  # why the loop ended, if it died
         self.on_death: Callable[[BaseException], None] | None = None  # called once, from the engine thread
+        # `serve --tick-log`: a line-buffered text file that gets one JSON line per tick and
+        # one per request that ended (docs/architecture.md, "The tick log"); None: off.
+        self.tick_log = None
+        self._t0 = time.perf_counter()  # the tick log's times count from here
 
     # -- client side (any thread) --------------------------------------------------
     def start(self, thread: concurrent.futures.Executor | None = None) -> None:
@@ -285,6 +293,8 @@ class Engine:
                       ticks=self._ticks.__getitem__)  # the pace its promise was made at
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
+            if self.tick_log is not None:
+                request.factors = {phase: pacer.factor for phase, pacer in self.pacers.items()}
             self._requests[seq.seq_id] = request
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
             self._delivery_ends[seq.seq_id] = request.arrival_s + request.predicted_e2e_s
@@ -586,10 +596,11 @@ class Engine:
         self.ticks += 1
         self.overruns += overrun
         program_s = self.program.step_s(plan.key)
+        paced_s = self.tick_s(plan.key)  # at the pace it ran under, before this tick re-paces
         if overrun:  # rare by design (the pace covers the 95th percentile + 10%): each one is worth a line
             log.warning("tick %d overran (a token came after its promised time): %s step took %.2f ms, paced "
                         "%.2f ms (program %.2f ms)%s", self.ticks, tuple(plan.key), measured * 1e3,
-                        self.tick_s(plan.key) * 1e3, program_s * 1e3, " after an idle spell" if cold else "")
+                        paced_s * 1e3, program_s * 1e3, " after an idle spell" if cold else "")
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer = self.pacers[plan.phase]
         before = pacer.factor
@@ -605,6 +616,8 @@ class Engine:
             self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)
+        if self.tick_log is not None:
+            self._log_tick(plan, tokens, measured, program_s, paced_s, overrun, now, cold)
         with self._lock:
             self._in_flight = None
             for out in sched.update(plan, tokens):
@@ -623,10 +636,31 @@ class Engine:
         """(running, waiting, free slots), under the lock."""
         return len(self.sched.running), len(self.sched.waiting), len(self.sched.free_slots)
 
+    def _log_tick(self, plan: TickPlan, tokens: dict[int, int], measured: float, program_s: float, paced_s: float,
+                  overrun: bool, now: float, cold: bool) -> None:
+        """One tick's line of the tick log (times in ms; `end` from the engine's start)."""
+        self.tick_log.write(json.dumps({
+            "tick": self.ticks, "end_ms": round((now - self._t0) * 1e3, 3), "phase": plan.phase,
+            "key": list(plan.key), "rows": [seq.seq_id for seq in plan.rows], "sampled": len(tokens),
+            "measured_ms": round(measured * 1e3, 3), "program_ms": round(program_s * 1e3, 3),
+            "paced_ms": round(paced_s * 1e3, 3), "factor": round(self.pacers[plan.phase].factor, 4),
+            "overrun": overrun, "cold": cold}) + "\n")
+
+    def _log_request(self, r: Request, reason: str) -> None:
+        """A request's line of the tick log, as it ends: what it was promised (seconds from its
+        arrival), the pace factors its promise was made at, and when each token was made."""
+        self.tick_log.write(json.dumps({
+            "request": r.seq.seq_id, "id": r.request_id, "arrival_ms": round((r.arrival_s - self._t0) * 1e3, 3),
+            "prompt": len(r.prompt), "max_tokens": r.max_tokens, "reason": reason,
+            "ttft_ms": round(r.predicted_ttft_s * 1e3, 3), "tpot_ms": round(r.predicted_tpot_s * 1e3, 3),
+            "factors": {p: round(f, 4) for p, f in r.factors.items()},
+            "made_ms": [round((t - r.arrival_s) * 1e3, 3) for t in r.made_s]}) + "\n")
+
     def _emit(self, r: Request, token: int, now: float) -> None:
         if r.first_token_s is None:
             r.first_token_s = now
         r.last_token_s = now
+        r.made_s.append(now)
         r.out.append(token)
         r.emit(token, self.ticks, now)
 
@@ -637,6 +671,8 @@ class Engine:
                 self._delivery_ends[r.seq.seq_id] = r.due_s(len(r.out) - 1)
             else:  # cancelled, failed: nothing more is handed out
                 self._delivery_ends.pop(r.seq.seq_id, None)
+            if self.tick_log is not None:
+                self._log_request(r, reason)
             r.emit(Finished(reason, message), self.ticks, time.perf_counter())
 
 

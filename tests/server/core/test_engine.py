@@ -191,6 +191,32 @@ def test_steps_ahead_of_their_promises_leave_each_promised_token_time_free(align
         assert len(spanned) >= 10, spanned
 
 
+def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp_path):
+    """`serve --tick-log`: one JSON line per tick (its shape, measured beside program and
+    paced time) and one per request as it ends (its promise, the pace factors it was made
+    at, when each token was made), so a run's promises can be checked and replayed."""
+    import json
+
+    engine = Engine(Timed(0.010), VIEW, replace(EXACT, admission_window_s=0.0))
+    path = tmp_path / "ticks.jsonl"
+    engine.tick_log = open(path, "a", buffering=1, encoding="utf-8")
+    r, made = stream_one(engine, 6, 0.05, 0.03)
+    engine.tick_log.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    ticks, requests = [x for x in lines if "tick" in x], [x for x in lines if "request" in x]
+    assert [t["tick"] for t in ticks] == list(range(1, engine.ticks + 1)) and len(ticks) >= 6
+    assert {t["phase"] for t in ticks} >= {"prefill", "decode"}
+    for t in ticks:
+        assert t["rows"] == [r.seq.seq_id] and t["sampled"] in (0, 1)
+        assert t["measured_ms"] >= 10.0 and t["program_ms"] > 0 and t["paced_ms"] > 0 and t["overrun"] is False
+    (logged,) = requests
+    assert logged["request"] == r.seq.seq_id and logged["reason"] == "length" and logged["max_tokens"] == 6
+    assert logged["ttft_ms"] == pytest.approx(50.0) and logged["tpot_ms"] == pytest.approx(30.0)
+    assert set(logged["factors"]) == {"prefill", "decode", "mixed"}
+    assert logged["made_ms"] == [pytest.approx((t - r.arrival_s) * 1e3, abs=1e-3) for t in made]
+    assert all(m <= logged["ttft_ms"] + k * logged["tpot_ms"] for k, m in enumerate(logged["made_ms"]))
+
+
 def test_ticks_just_after_an_idle_spell_are_not_paced_from():
     """This host's first steps after a pause run slower (engine.COLD_IDLE_S): the ticks that
     start within COLD_WINDOW_S of an idle spell count, but no pacer sees them; the ticks
