@@ -359,6 +359,8 @@ class Engine:
                 waited = now - r.arrival_s  # promises count from each one's arrival
                 r.promise(waited + ttft, waited + ttft + (r.max_tokens - 1) * cadence)
                 r.seq.cadence_s, r.seq.ticks = r.predicted_tpot_s, ticks.__getitem__
+                if self.tick_log is not None:
+                    r.factors = {phase: pacer.factor for phase, pacer in self.pacers.items()}
                 self._delivery_ends[r.seq.seq_id] = r.arrival_s + r.predicted_e2e_s
                 self._last_promise = (r.arrival_s, r.predicted_ttft_s)
         if self.on_group_close is not None:

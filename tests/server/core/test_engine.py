@@ -215,6 +215,17 @@ def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp
     assert set(logged["factors"]) == {"prefill", "decode", "mixed"}
     assert logged["made_ms"] == [pytest.approx((t - r.arrival_s) * 1e3, abs=1e-3) for t in made]
     assert all(m <= logged["ttft_ms"] + k * logged["tpot_ms"] for k, m in enumerate(logged["made_ms"]))
+    # A member of an admission window is promised when the window closes: its factors then.
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+
+    windowed = Engine(None, VIEW, EXACT)
+    windowed.tick_log = open(tmp_path / "windowed.jsonl", "a", buffering=1, encoding="utf-8")
+    member = Request("b", list(range(8)), 4, GREEDY, frozenset(), lambda *a: None)
+    with windowed._lock:
+        assert windowed.submit_windowed(member) and member.factors == {}
+        windowed.close_window()
+    assert member.factors == {p: pacer.factor for p, pacer in windowed.pacers.items()}
 
 
 def test_ticks_just_after_an_idle_spell_are_not_paced_from():
