@@ -140,8 +140,8 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:
         engine = Engine(executor, program, engine_config, metrics)
-    if cfg.tick_log:  # line-buffered: the core process ends by os._exit, and a line is written whole
-        engine.tick_log = open(cfg.tick_log, "a", buffering=1, encoding="utf-8")
+    if cfg.tick_log:
+        engine.open_tick_log(cfg.tick_log)
     if hasattr(executor, "watch"):  # stage actors: a dead one ends the engine at once
         executor.watch(lambda why: engine.fail(ExecutorFailed(why)))
     return engine, executor, scale

@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import threading
 import time
 import traceback
@@ -637,6 +638,15 @@ class Engine:
     def _occupancy(self) -> tuple[int, int, int]:
         """(running, waiting, free slots), under the lock."""
         return len(self.sched.running), len(self.sched.waiting), len(self.sched.free_slots)
+
+    def open_tick_log(self, path: str) -> None:
+        """Starts the tick log (`serve --tick-log`): appends to `path`, line-buffered (the core
+        process ends by os._exit; each line goes whole), a first line saying where its times
+        count from: perf_counter and Unix seconds of the engine's start (perf_counter is
+        CLOCK_MONOTONIC, one clock for every process of the host)."""
+        self.tick_log = open(path, "a", buffering=1, encoding="utf-8")
+        self.tick_log.write(json.dumps({"start": {"perf_counter_s": self._t0, "unix_s": time.time() - (
+            time.perf_counter() - self._t0), "pid": os.getpid()}}) + "\n")
 
     def _log_tick(self, plan: TickPlan, tokens: dict[int, int], measured: float, program_s: float, paced_s: float,
                   overrun: bool, now: float, cold: bool) -> None:

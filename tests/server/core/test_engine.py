@@ -199,11 +199,12 @@ def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp
 
     engine = Engine(Timed(0.010), VIEW, replace(EXACT, admission_window_s=0.0))
     path = tmp_path / "ticks.jsonl"
-    engine.tick_log = open(path, "a", buffering=1, encoding="utf-8")
+    engine.open_tick_log(str(path))
     r, made = stream_one(engine, 6, 0.05, 0.03)
     engine.tick_log.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     ticks, requests = [x for x in lines if "tick" in x], [x for x in lines if "request" in x]
+    assert lines[0]["start"]["perf_counter_s"] == engine._t0 and len(ticks) + len(requests) == len(lines) - 1
     assert [t["tick"] for t in ticks] == list(range(1, engine.ticks + 1)) and len(ticks) >= 6
     assert {t["phase"] for t in ticks} >= {"prefill", "decode"}
     for t in ticks:
@@ -220,7 +221,7 @@ def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp
     from server.runtime.sampling import GREEDY
 
     windowed = Engine(None, VIEW, EXACT)
-    windowed.tick_log = open(tmp_path / "windowed.jsonl", "a", buffering=1, encoding="utf-8")
+    windowed.open_tick_log(str(tmp_path / "windowed.jsonl"))
     member = Request("b", list(range(8)), 4, GREEDY, frozenset(), lambda *a: None)
     with windowed._lock:
         assert windowed.submit_windowed(member) and member.factors == {}
