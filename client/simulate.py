@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
-        if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not args.guard_band_ms >= 0:
+        if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not (args.guard_band_ms or 0) >= 0:
             raise ValueError("--concurrency, --max-queue and the guard bands must be >= 0")
         if not 0 <= args.time_scale < float("inf"):
             raise ValueError(f"--time-scale must be finite and >= 0 (0: what serve measured), got {args.time_scale}")

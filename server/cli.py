@@ -127,9 +127,10 @@ def add_serving_args(p) -> None:
                    help="requests waiting for a KV slot; one more gets RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
-    p.add_argument("--guard-band-ms", type=float, default=1.5,
+    p.add_argument("--guard-band-ms", type=float, default=None,
                    help="a step that would overlap a held token's promised time starts this long after it (the "
-                        "front end sends it meanwhile), taken from the streams' lead, not from any tick (default 1.5)")
+                        "front end and the client take the token meanwhile), taken from the streams' lead, not "
+                        "from any tick (default 5; with --pipeline 1.5, added to each tick)")
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")

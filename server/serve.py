@@ -57,8 +57,10 @@ def _validate(args) -> None:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.front_end_nice <= 19:
         raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
-    if min(args.time_scale, args.guard_band_ms, args.guard_band_pct or 0, args.grace_s, args.duration_s) < 0:
+    if min(args.time_scale, args.guard_band_pct or 0, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
+    if args.guard_band_ms is not None and not 0 <= args.guard_band_ms <= MAX_GUARD_MS:  # NaN fails it too
+        raise SpecError(f"--guard-band-ms must be in 0..{MAX_GUARD_MS:g}, got {args.guard_band_ms}")
     from server.cli import MAX_WINDOW_MS
 
     for flag in ("pace_quantile", "prefill_quantile"):
@@ -90,6 +92,20 @@ def _validate(args) -> None:
         raise SpecError("--core-cpus pins this host's one engine core; replicas are placed by Ray (drop one)")
 
 
+MAX_GUARD_MS = 1000.0  # a wait before a step, per held token: more is a typo, not a setting
+
+
+def guard_band_s(args) -> float:
+    """`--guard-band-ms` in seconds; unset, the engine's default, or with --pipeline the 1.5 ms
+    a pipelined tick adds (there it is in every tick, not taken from a lead)."""
+    if args.guard_band_ms is not None:
+        return args.guard_band_ms / 1e3
+    from server.core.engine import EngineConfig
+    from server.core.pipelined import PIPELINED_GUARD_S
+
+    return PIPELINED_GUARD_S if args.pipeline else EngineConfig.guard_band_s
+
+
 def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
     """`meanwhile(pool)`: called while a calibration is measured, if one is (compile_program)."""
     _validate(args)
@@ -102,7 +118,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          compiled=args.compiled_steps == "on",
                          core_cpus=args.core_cpus, tick_log=args.tick_log,
                          deterministic=not args.throughput, time_scale=args.time_scale,
-                         guard_band_s=args.guard_band_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
+                         guard_band_s=guard_band_s(args), guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
                          admission_window_s=args.admission_window_ms / 1e3, pace_quantile=args.pace_quantile,
                          prefill_quantile=args.prefill_quantile,

@@ -90,13 +90,18 @@ class EngineConfig:
     time_scale: float = 1.0  # program seconds -> wall seconds (simulated pools run slower)
     prefill_scale: float = 0.0  # the same for prefill steps, measured apart (0: time_scale)
     # Seconds after a held token's promised time before a step that would overlap it starts
-    # (`align_to_deliveries`): the front end sends it meanwhile. Spent from the streams'
-    # lead, not added to any tick: it opened every tick, and paced every tick 1.5 ms longer,
-    # until the ticks followed the work (side by side: tokens/s at c=1 and c=8 0.83 and 0.90
-    # of --throughput with it in every tick, 0.91 and 0.99 without, as many tokens within
-    # their bound; none at all: the aligned steps started as the tokens went and 42-51% were
-    # within their bound, against 85-87%; bench/peer_vllm.py's loads, BENCHMARKS.md).
-    guard_band_s: float = 0.0015
+    # (`align_to_deliveries`): the front end sends it and the client reads it meanwhile.
+    # Spent from the streams' lead, not added to any tick: it opened every tick, and paced
+    # every tick 1.5 ms longer, until the ticks followed the work (side by side: tokens/s at
+    # c=1 and c=8 0.83 and 0.90 of --throughput with it in every tick, 0.91 and 0.99
+    # without, as many tokens within their bound; none at all: the aligned steps started as
+    # the tokens went and 42-51% were within their bound, against 85-87%; bench/peer_vllm.py's
+    # loads, BENCHMARKS.md). 5 ms, not 1.5: a token's way to a client takes up to 3-4 ms
+    # here with idle cores (bench/delivery_floor.py), and 8 streams' tokens fall due at one
+    # instant at c=8; side by side in two runs, tokens within their bound 92-93% -> 96% at
+    # c=1, 49-54% -> 59-66% at c=8, 46-60% -> 63-81% in the burst, the same at 2 req/s,
+    # tokens/s within the runs' noise (BENCHMARKS.md, "A wider guard after each delivery").
+    guard_band_s: float = 0.005
     max_queue: int = 64  # waiting requests beyond this are refused at once
     # And this fraction of the predicted step: the margin that absorbs the host's jitter
     # (gRPC and the client share its cores), so steps finish inside their tick. The first

@@ -26,6 +26,9 @@ from scheduler.ticks import Seq, TickPlan
 from server.core.engine import Engine, EngineConfig, Request, _sleep_until
 from server.runtime.step import ExecutorFailed
 
+# The guard a pipelined turn adds to its paced time (`--guard-band-ms` unset): here it is in
+# every turn, not taken from a lead as the plain engine's is (EngineConfig.guard_band_s).
+PIPELINED_GUARD_S = 0.0015
 # The engine thread waits on its condition until this close to a turn, then sleeps the
 # rest (a submit in between may bring an earlier turn: it notifies the condition).
 WAKE_EARLY_S = 0.001

@@ -104,6 +104,7 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--tick-log", "t.jsonl", "--replicas", "2"], "--tick-log records one engine core's ticks"),
     (["--tick-log", "/nonexistent/ticks.jsonl"], "--tick-log /nonexistent/ticks.jsonl: No such file or directory"),
     (["--tick-log", "/"], "--tick-log /: Is a directory"),
+    *[(["--guard-band-ms", v], "--guard-band-ms must be in 0..1000") for v in ("-1", "nan", "inf", "1e9")],
     (["--route", "random"], "--route: invalid choice"),
     (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
     (["--core-cpus", "x"], "--core-cpus: 'x' is not a CPU id or range like 0-3"),
@@ -115,6 +116,20 @@ def test_bad_serve_flags_exit_2_with_one_line(args, message):
     out = subprocess.run([*SERVE, *args, "--no-ray"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_guard_after_a_delivery_is_5_ms_unless_set_and_1_5_in_a_pipelined_tick():
+    """`--guard-band-ms` unset: 5 ms taken from the streams' lead (the plain engine), 1.5 ms
+    in every pipelined turn; set, what was given."""
+    from types import SimpleNamespace
+
+    from server.core.engine import EngineConfig
+    from server.serve import guard_band_s
+
+    assert guard_band_s(SimpleNamespace(guard_band_ms=None, pipeline=False)) == EngineConfig.guard_band_s == 0.005
+    assert guard_band_s(SimpleNamespace(guard_band_ms=None, pipeline=True)) == 0.0015
+    assert guard_band_s(SimpleNamespace(guard_band_ms=0.0, pipeline=False)) == 0.0
+    assert guard_band_s(SimpleNamespace(guard_band_ms=8.0, pipeline=True)) == 0.008
 
 
 def descendants(pid: int) -> set[int]:
