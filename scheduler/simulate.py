@@ -137,7 +137,8 @@ class ArrivalWindow(NamedTuple):
 
 
 def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[StepKey], float], alone: bool,
-                  in_flight: TickPlan | None = None, elapsed_s: float = 0.0) -> dict[int, tuple[float, float]]:
+                  in_flight: TickPlan | None = None, elapsed_s: float = 0.0,
+                  tail_s: Callable[[StepKey], float] | None = None) -> dict[int, tuple[float, float]]:
     """seq_id -> (first token, cadence), seconds from now, for an arrival group: `members`,
     already queued in `sched` (without promises) in one admission window that the first of
     them opened `alone` (docs/architecture.md, "Arrival groups"). `sched` is left untouched;
@@ -147,7 +148,9 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
     is promised no earlier than the start of the tick that makes its second (a member that
     has its first token waits for its group's prompts before it decodes), so its second
     token is due a cadence after that start: no tick from there on is longer than the
-    cadence (scheduler/ticks.py), whatever arrives meanwhile and changes which tick it is."""
+    cadence (scheduler/ticks.py), whatever arrives meanwhile and changes which tick it is.
+    `tail_s`: as in `predict_arrival`, the longest prefill tick's tail before the members'
+    second tokens, added to every member's first token."""
     sim = sched.clone()
     ids = {s.seq_id for s in members}
     mine = [s for s in (*sim.running, *sim.waiting) if s.seq_id in ids]
@@ -156,9 +159,10 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
     cadence = group_cadence(sim, tuple(mine), alone)
     for seq in mine:
         seq.cadence_s = cadence
-    t = 0.0
+    t, tail = 0.0, 0.0
     if in_flight is not None:
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
+        tail = _tail(tail_s, in_flight, 0.0)
         sim.update(rebind(in_flight, sim))
     first: dict[int, float] = {}  # seq_id -> when the tick that makes its first token ends
     second: dict[int, float] = {}  # seq_id -> when the tick that makes its second token starts
@@ -178,6 +182,7 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
             raise RuntimeError("the scheduler stalled with an arrival group waiting")  # a bug, not an input
         run = run_length(sim, plan)
         dt = tick_s(plan.key)
+        tail = _tail(tail_s, plan, tail)
         if run > 1:  # only the first two tokens of a jumped run can matter
             for i, seq in enumerate(plan.rows):
                 if seq.seq_id in ids and not plan.is_slice(i):
@@ -191,13 +196,21 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
                 token(out.seq.seq_id, t, dt)
         t += dt
     # A member missing from `first` ended at the tick that just ended (one token).
-    return {i: (max(first[i], second.get(i, 0.0)) if i in first else 0.0, cadence) for i in ids}
+    return {i: (max(first[i], second.get(i, 0.0)) + tail if i in first else 0.0, cadence) for i in ids}
+
+
+def _tail(tail_s: Callable[[StepKey], float] | None, plan: TickPlan, longest: float) -> float:
+    """The longest prefill tick's tail so far: `longest`, or this plan's if it is longer."""
+    if tail_s is None or plan.phase != PREFILL:
+        return longest
+    return max(longest, tail_s(plan.key) or 0.0)
 
 
 def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
                     tick_s: Callable[[StepKey], float], clone: bool = True,
                     in_flight: TickPlan | None = None, elapsed_s: float = 0.0,
-                    first_token_only: bool = False) -> tuple[float, float]:
+                    first_token_only: bool = False,
+                    tail_s: Callable[[StepKey], float] | None = None) -> tuple[float, float]:
     """(TTFT, end-to-end) in seconds for a request arriving now, from a clone of `sched`
     (left untouched; `clone=False` runs `sched` itself forward, for a caller that passes a
     copy already); the queue bound does not apply (the caller checks it).
@@ -206,11 +219,15 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
     `elapsed_s` into it. It finishes first, in what is left of it, and the new request
     joins the tick after, as in the engine (a request arriving mid-tick is admitted at the
     tick's end): without it, the new request would be planned into a tick already running.
-    `first_token_only`: stop at the first token (a router choosing by TTFT); e2e is then NaN."""
+    `first_token_only`: stop at the first token (a router choosing by TTFT); e2e is then NaN.
+    `tail_s`: seconds a prefill tick of a shape may run past `tick_s` (prefill ticks paced at
+    their median, server/core/engine.py: PREFILL_TICK_QUANTILE): the first token is promised
+    the longest one's later, and so every token after it. None: no tails."""
     sim = sched.clone() if clone else sched
-    t, ttft = 0.0, None
+    t, ttft, tail = 0.0, None, 0.0
     if in_flight is not None:
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
+        tail = _tail(tail_s, in_flight, 0.0)
         sim.update(rebind(in_flight, sim))
     new = Seq(NEW_ID, prompt_len, max_tokens)
     new.cadence_s = promise_cadence(sim, new)
@@ -220,18 +237,19 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
         if plan is None:
             raise RuntimeError("the scheduler stalled with a request waiting")  # a bug, not an input
         run = run_length(sim, plan)
+        tail = _tail(tail_s, plan, tail)
         if run > 1:  # all but the last tick of the run at once
             skip(plan, run - 1)
             t += (run - 1) * tick_s(plan.key)
         t += tick_s(plan.key)
         sim.update(plan)
         if ttft is None and new.generated:
-            ttft = t
+            ttft = t + tail
             if first_token_only:
                 return ttft, math.nan
             if new.cadence_s:  # the promise: each later token one cadence after the last
                 return ttft, ttft + (max_tokens - 1) * new.cadence_s
-    return ttft, t
+    return ttft, t + tail
 
 
 @dataclass(frozen=True)

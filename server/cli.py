@@ -154,8 +154,14 @@ def add_serving_args(p) -> None:
                         "slow step, so 0.5 (the median) gives faster cadences, but promises break when the host "
                         "slows within a stream's life (default 0.95)")
     p.add_argument("--prefill-quantile", type=float, default=0.95,
-                   help="the same for prefill ticks (the last 16): a first token has no lead, so a lower "
-                        "quantile promises sooner first tokens and some of them late (default 0.95)")
+                   help="the quantile of the served prefill steps (the last 16) a first token's promise covers: "
+                        "it has no lead before it, so a lower one promises sooner first tokens and some of them "
+                        "late (default 0.95)")
+    p.add_argument("--prefill-tails", choices=("one", "each"), default="one",
+                   help="one: prefill ticks run at the median of their steps, and a first token is promised one "
+                        "prefill tick at --prefill-quantile (a burst's prompts go in by several ticks back to "
+                        "back, and one's lead absorbs another's excess); each: every prefill tick paced at "
+                        "--prefill-quantile (default one)")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines, each a whole server in a Ray actor on its own devices (a placement group "
                         "spreads them over the nodes), behind this process's gRPC and HTTP (default 1: one "

@@ -26,6 +26,7 @@ class ServeConfig:
     admission_window_s: float = EngineConfig.admission_window_s
     pace_quantile: float = EngineConfig.pace_quantile
     prefill_quantile: float = EngineConfig.prefill_quantile
+    prefill_tail_once: bool = EngineConfig.prefill_tail_once
     host: str = "127.0.0.1"
     port: int = 0
     metrics_host: str = ""  # "" : the same as host

@@ -121,7 +121,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          guard_band_s=guard_band_s(args), guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
                          admission_window_s=args.admission_window_ms / 1e3, pace_quantile=args.pace_quantile,
-                         prefill_quantile=args.prefill_quantile,
+                         prefill_quantile=args.prefill_quantile, prefill_tail_once=args.prefill_tails == "one",
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,

@@ -134,7 +134,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
                                  admission_window_s=cfg.admission_window_s, pace_quantile=cfg.pace_quantile,
-                                 prefill_quantile=cfg.prefill_quantile,
+                                 prefill_quantile=cfg.prefill_quantile, prefill_tail_once=cfg.prefill_tail_once,
                                  prefill_scale=prefill_scale)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)

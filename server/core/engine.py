@@ -57,6 +57,16 @@ log = logging.getLogger("lockstep.engine")
 # and 0% at the 95th percentile (bench/peer_vllm.py; BENCHMARKS.md, "Pace at the median").
 # The promise is the product: the 95th percentile is the default.
 PREFILL_QUANTILE = 0.95
+# ... but a run of prefill ticks back to back (an arrival group's prompts: 3-4 ticks at c=8)
+# does not take the tail on each: the lead of one absorbs another's excess. So prefill ticks
+# are paced at the median of their own, and a first token's promise adds one tick's tail:
+# the longest prefill tick before it, at the PREFILL_QUANTILE pace less the median's
+# (`Engine.tail_s`). A lone prompt's first token is promised as before (one tick, at the
+# 95th percentile); a wave's is not paced by the worst of the last 16 on every tick
+# (measured, one tick log at c=8: prefill ticks at 1.08-1.32x their program time, all
+# paced at 1.79x, one c=1 tick's 1.63 x the 10% margin; the group's first tokens promised
+# 706-731 ms, made by 475-508; docs/architecture.md, "The tick log").
+PREFILL_TICK_QUANTILE = 0.5
 # Ticks just after an idle spell are not paced from. Measured on this host (compiled
 # smollm2-135m bf16, batch-1 decode steps of 14.5 ms back to back): after 0.05 s idle none
 # slower; after 0.3, 1 and 3 s idle the first 4-8 steps ran 1.2-1.7x slower (85-140 ms
@@ -111,6 +121,9 @@ class EngineConfig:
     # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
     pace_quantile: float = 0.95
     prefill_quantile: float = PREFILL_QUANTILE  # the same for prefill ticks (`serve --prefill-quantile`)
+    # Prefill ticks at their median and one tick's tail per first token (PREFILL_TICK_QUANTILE;
+    # `serve --prefill-tails one`), or every prefill tick at `prefill_quantile` (`each`).
+    prefill_tail_once: bool = True
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True
@@ -182,6 +195,8 @@ class Request:
 
 
 class Engine:
+    prefill_tail = True  # prefill ticks at their median + one tick's tail per first token (PREFILL_TICK_QUANTILE)
+
     def __init__(self, executor, program: ProgramView, config: EngineConfig = EngineConfig(), metrics=None):
         self.executor = executor
         self.config = config
@@ -199,11 +214,19 @@ class Engine:
                   MIXED: config.time_scale}
         # Their margin over the measured steps' quantile is the guard band too.
         quantiles = {PREFILL: config.prefill_quantile, DECODE: config.pace_quantile, MIXED: config.pace_quantile}
-        self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                                    margin=config.guard_band_frac, quantile=quantiles[phase],
-                                    min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]),
-                                    fast_window=PACE_FAST[phase])
-                       for phase in (PREFILL, DECODE, MIXED)}
+        tail_once = self.prefill_tail and config.prefill_tail_once
+        if tail_once:  # prefill ticks at their median, a first token's promise with one tick's tail
+            quantiles[PREFILL] = min(PREFILL_TICK_QUANTILE, config.prefill_quantile)
+
+        def pacer(phase: str, quantile: float) -> Pacer:
+            return Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
+                         margin=config.guard_band_frac, quantile=quantile, min_samples=PACE_SAMPLES[phase],
+                         every=min(64, PACE_SAMPLES[phase]), fast_window=PACE_FAST[phase])
+
+        self.pacers = {phase: pacer(phase, quantiles[phase]) for phase in (PREFILL, DECODE, MIXED)}
+        # The same prefill ticks at `prefill_quantile`: what one tick before a first token may take.
+        self._tail = pacer(PREFILL, config.prefill_quantile) if tail_once else None
+        self._tails: dict[StepKey, float] = {}  # prefill shape -> seconds of its tail (`tail_s`)
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:
@@ -248,8 +271,17 @@ class Engine:
         bounds every tick while it runs (scheduler/ticks.py)."""
         return self._ticks[key]
 
+    def tail_s(self, key: StepKey) -> float:
+        """Seconds a prefill tick of this shape may run past its paced time, at the pace of
+        `prefill_quantile` (0 for other phases): a first token's promise adds the longest of
+        its prefill ticks' (scheduler/simulate.py, `predict_arrival`)."""
+        return self._tails.get(key, 0.0)
+
     def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        if self._tail is not None:
+            excess = max(0.0, self._tail.factor - factors[PREFILL])
+            self._tails = {k: s * excess for k, s in self.program.steps.items() if k.phase == PREFILL}
         # Swapped whole: `predict` on another thread reads one table or the other.
         self._ticks = paced_ticks(self.program, factors)
 
@@ -260,14 +292,15 @@ class Engine:
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
             snapshot.delivering = self._delivering(time.perf_counter())
-        ticks = self._ticks  # the pace now, read once
+        ticks, tails = self._ticks, self._tails  # the pace now, read once
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
+        tail = tails.get if self.config.deterministic and tails else None
         if in_flight is None:
-            return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False)
+            return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, tail_s=tail)
         plan, began = in_flight
         return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
-                               elapsed_s=time.perf_counter() - began)
+                               elapsed_s=time.perf_counter() - began, tail_s=tail)
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
@@ -353,13 +386,13 @@ class Engine:
         self._window = None
         live = [r for r in members if r.seq.seq_id in self._requests]
         if live:
-            ticks = self._ticks
+            ticks, tails = self._ticks, self._tails
             snapshot = self.sched.clone()
             snapshot.tick_s = ticks.__getitem__
             now = time.perf_counter()
             plan, began = self._in_flight or (None, now)
             promises = promise_group(snapshot, [r.seq for r in live], ticks.__getitem__, alone, in_flight=plan,
-                                     elapsed_s=now - began)
+                                     elapsed_s=now - began, tail_s=tails.get if tails else None)
             for r in live:
                 ttft, cadence = promises[r.seq.seq_id]
                 waited = now - r.arrival_s  # promises count from each one's arrival
@@ -612,7 +645,12 @@ class Engine:
         # Rows that failed ran again alone: such a tick says nothing about the pace.
         pacer = self.pacers[plan.phase]
         before = pacer.factor
-        if not cold and len(tokens) == len(plan.rows) and pacer.observe(measured, program_s):
+        counts = not cold and len(tokens) == len(plan.rows)
+        tail_moved = self._tail is not None and plan.phase == PREFILL and counts and self._tail.observe(
+            measured, program_s)
+        if tail_moved:
+            self._repace()  # the first tokens' tails (`tail_s`)
+        if counts and pacer.observe(measured, program_s):
             # Phases with few ticks follow the decode pacer until they re-pace themselves:
             # prefill only slower (its start-up scale is measured apart), mixed both ways
             # (it starts from decode's measurement: a slow start-up held the company
@@ -621,6 +659,8 @@ class Engine:
                 for phase, down in ((PREFILL, False), (MIXED, True)):
                     if self.pacers[phase].follow(pacer.factor / before, down) and self.metrics is not None:
                         self.metrics.set_pace(phase, self.pacers[phase].factor, repaced=True)
+                if self._tail is not None:
+                    self._tail.follow(pacer.factor / before)
             self._repace()
             if self.metrics is not None:
                 self.metrics.set_pace(plan.phase, pacer.factor, repaced=True)

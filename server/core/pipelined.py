@@ -35,6 +35,10 @@ WAKE_EARLY_S = 0.001
 
 
 class PipelinedEngine(Engine):
+    # Its turns and predictions come from scheduler/pipeline.py's tables, which know no
+    # first-token tail: prefill ticks keep the `prefill_quantile` pace, as before.
+    prefill_tail = False
+
     def __init__(self, executor, program, config: EngineConfig = EngineConfig(), metrics=None, groups: int = 2):
         if not config.deterministic:
             raise ValueError("pipelined stages are paced turns: deterministic mode only")
@@ -51,7 +55,7 @@ class PipelinedEngine(Engine):
         return len(self.pipe.groups)
 
     def _repace(self) -> None:
-        factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        factors = {p: pacer.factor for p, pacer in self.pacers.items()}  # (no prefill tails: prefill_tail off)
         # Swapped whole, as in Engine._repace: `predict` on another thread reads one pair or the other.
         self._ticks, self._issues = ticks, issues = pipelined_tables(self.program, factors, self.config.guard_band_s)
         self._gap = cadence_gap(issues)

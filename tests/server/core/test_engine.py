@@ -325,8 +325,9 @@ def test_prefill_ticks_follow_the_decode_ticks_when_the_host_slows_down():
 @pytest.mark.parametrize("quantile, decode", [(0.95, 1.5), (0.5, 1.0)])
 def test_streams_are_paced_at_their_quantile_and_first_tokens_at_the_tail(quantile, decode):
     """Decode ticks follow the chosen quantile of their steps (`--pace-quantile`: the
-    median lets their lead absorb one slow step in ten). A prefill tick ends in a first
-    token with no lead before it: its pace covers the 95th percentile whatever is chosen."""
+    median lets their lead absorb one slow step in ten). Prefill ticks run at their median,
+    and a first token, which has no lead before it, is promised one prefill tick at the
+    95th percentile whatever is chosen (`tail_s`)."""
     from scheduler.ticks import TickPlan
 
     engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, pace_quantile=quantile))
@@ -336,20 +337,64 @@ def test_streams_are_paced_at_their_quantile_and_first_tokens_at_the_tail(quanti
         for i in range(engine.pacers[phase].min_samples):
             engine._account(plan, engine.sched, {}, program * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
     assert engine.pacers["decode"].factor == pytest.approx(decode * 1.1)
-    assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.0 * 1.1)
+    assert engine.tail_s(plan.key) == pytest.approx((1.5 - 1.0) * 1.1 * program)
+    assert engine.tick_s(plan.key) + engine.tail_s(plan.key) == pytest.approx(1.5 * 1.1 * program)
 
 
 @pytest.mark.parametrize("quantile, prefill", [(0.95, 1.5), (0.5, 1.0)])
 def test_first_tokens_are_paced_at_the_prefill_quantile_chosen(quantile, prefill):
-    """`--prefill-quantile`: the same for prefill ticks, their own choice (decode keeps its)."""
+    """`--prefill-quantile`: the same for a first token's prefill tail, its own choice
+    (decode keeps its); the ticks themselves at the median, or lower if chosen."""
     from scheduler.ticks import TickPlan
 
     engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_quantile=quantile))
     plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
     for i in range(engine.pacers["prefill"].min_samples):
         engine._account(plan, engine.sched, {}, VIEW.step_s(plan.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
-    assert engine.pacers["prefill"].factor == pytest.approx(prefill * 1.1)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.0 * 1.1)
+    assert engine.tail_s(plan.key) == pytest.approx((prefill - 1.0) * 1.1 * VIEW.step_s(plan.key))
     assert engine.pacers["decode"].quantile == 0.95
+
+
+def test_with_a_tail_on_each_prefill_tick_every_tick_is_paced_at_the_quantile():
+    """`--prefill-tails each`: every prefill tick at `prefill_quantile`, no first-token tail."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_tail_once=False))
+    plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    for i in range(engine.pacers["prefill"].min_samples):
+        engine._account(plan, engine.sched, {}, VIEW.step_s(plan.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
+    assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1) and engine.tail_s(plan.key) == 0.0
+    assert engine.predict(VIEW.prefill_chunk, 4)[0] == pytest.approx(engine.tick_s(plan.key))
+
+
+def test_a_group_s_prefill_ticks_are_promised_at_their_median_and_one_tail():
+    """A lone prompt's first token: one prefill tick, promised at its 95th percentile. An
+    arrival group's prompts go in by several prefill ticks back to back: their first tokens
+    are promised the ticks at the median and one tick's tail, not a tail on every tick."""
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
+    chunk = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    for i in range(engine.pacers["prefill"].min_samples):
+        engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
+    tail = engine.tail_s(chunk.key)
+    assert tail > 0
+    ttft, _ = engine.predict(VIEW.prefill_chunk, 4)  # alone: one chunk-sized prefill tick
+    assert ttft == pytest.approx(engine.tick_s(chunk.key) + tail)
+    members = [Request(f"m{i}", list(range(VIEW.prefill_chunk)), 4, GREEDY, frozenset(), lambda *a: None)
+               for i in range(3)]
+    with engine._lock:
+        for r in members:
+            assert engine.submit_windowed(r)
+        engine.close_window()
+    # Three whole chunks (a prompt each) before the group decodes; a tail once.
+    for r in members:  # promised from its arrival; the window closed a moment later
+        waited = r.predicted_ttft_s - 3 * engine.tick_s(chunk.key) - tail
+        assert 0 <= waited < 0.05, waited
 
 
 def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
