@@ -64,6 +64,7 @@ class Rec:
     ttft_pred_s: float | None = None
     e2e_pred_s: float | None = None
     error: str = ""
+    request_id: str = ""  # Lockstep's x-request-id (bench/promise_misses.py joins the tick log by it)
 
 
 def one(base: str) -> Rec:
@@ -85,6 +86,7 @@ def one(base: str) -> Rec:
         if resp.status != 200:
             rec.error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
             return rec
+        rec.request_id = resp.getheader("x-request-id") or ""
         if resp.getheader("lockstep-predicted-ttft-s"):
             rec.ttft_pred_s = float(resp.getheader("lockstep-predicted-ttft-s"))
             rec.e2e_pred_s = float(resp.getheader("lockstep-predicted-e2e-s"))

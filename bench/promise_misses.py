@@ -2,8 +2,8 @@
 
 Starts `lockstep serve` with `--tick-log` and drives it with `bench/peer_vllm.py`'s own
 streaming client (c=1, c=8, 8 simultaneous arrivals). `perf_counter` is CLOCK_MONOTONIC,
-one clock for every process of the host, so each client record joins its request's line
-of the tick log (by arrival time), and every token splits into:
+one clock for every process of the host, and each client record joins its request's line
+of the tick log by the id the door sent it (`x-request-id`), so every token splits into:
 
 - the client's send to the door's first read of the request (the promise counts from there);
 - when the engine made the token against its promised time (negative: early, held);
@@ -37,16 +37,13 @@ def split(ticks: list[dict], recs: list[peer_vllm.Rec]) -> dict[str, np.ndarray]
     `bound` (max(10% TPOT, 5 ms)); per request, `ttft` (promised) and `first` (its first
     token made - promised); for the client records that join a request of the log."""
     t0 = ticks[0]["start"]["perf_counter_s"]
-    served = sorted((x for x in ticks if "request" in x), key=lambda r: r["arrival_ms"])
-    arrivals = np.array([t0 + r["arrival_ms"] / 1e3 for r in served])
+    served = {x["id"]: x for x in ticks if "request" in x}  # by the id the client got (x-request-id)
     out: dict[str, list[float]] = {k: [] for k in ("door", "made", "way", "miss", "bound", "first", "ttft")}
     for c in recs:
-        if not c.tokens_s or not len(arrivals):
+        r = served.get(c.request_id)
+        if r is None or not c.tokens_s:
             continue
-        i = int(np.argmin(np.abs(arrivals - c.send_s)))
-        if not 0 <= arrivals[i] - c.send_s < 0.2:  # no request of the log came in just after this send
-            continue
-        r, arrival = served[i], arrivals[i]
+        arrival = t0 + r["arrival_ms"] / 1e3
         out["door"].append((arrival - c.send_s) * 1e3)
         out["ttft"].append(r["ttft_ms"])
         out["first"].append(r["made_ms"][0] - r["ttft_ms"])

@@ -177,7 +177,8 @@ class CoreClient:
         self._requests[rid] = Stream(r, queue, self.config.deterministic)  # before the send: its events may follow its answer at once
         # The deadline goes as seconds from the arrival, as the promise counts.
         self._send(Admit(rid, list(r.prompt), r.max_tokens, r.sampling, sorted(r.stop_ids), r.arrival_s,
-                         None if time_remaining_s is None else time_remaining_s + time.perf_counter() - r.arrival_s))
+                         None if time_remaining_s is None else time_remaining_s + time.perf_counter() - r.arrival_s,
+                         r.request_id))
         msg = await answer
         if isinstance(msg, Refused):
             self._requests.pop(rid, None)

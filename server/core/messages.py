@@ -38,6 +38,7 @@ class Admit(msgspec.Struct, tag=True):
     stop_ids: list[int]
     arrival_s: float
     time_remaining_s: float | None  # the client's deadline, from arrival; None: none
+    request_id: str = ""  # the id its client knows it by (x-request-id; the tick log's `id`)
 
 
 class Cancel(msgspec.Struct, tag=True):

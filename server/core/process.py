@@ -177,7 +177,7 @@ class Core:
             else:
                 outbox.put(("tok", rid, item, tick, t))
 
-        r = Request(f"rid-{rid}", msg.prompt, msg.max_tokens, msg.sampling, frozenset(msg.stop_ids), emit,
+        r = Request(msg.request_id or f"rid-{rid}", msg.prompt, msg.max_tokens, msg.sampling, frozenset(msg.stop_ids), emit,
                     arrival_s=msg.arrival_s)
         # Under the engine's lock: the answer is in the outbox before the request's first
         # token can be (the engine emits under the same lock).
