@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE =
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench protos clean
+.PHONY: setup demo test bench protos clean prometheus
 
 setup: $(STAMP)
 
@@ -34,8 +34,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/lockstep demo
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest -q
+
+# What the tests need beyond Python: Debian's prometheus (tests/deploy/test_prometheus.py),
+# installed when missing and this is root with apt-get; otherwise those tests skip and say why.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& echo "installing Debian's prometheus for its tests (log: /tmp/lockstep-apt.log)" \
+		&& { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus) > /tmp/lockstep-apt.log 2>&1 || echo "warning: could not install prometheus (see /tmp/lockstep-apt.log); its tests will skip"; }; } || true
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
