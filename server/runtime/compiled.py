@@ -22,6 +22,7 @@ the eager path (`CompiledStage.build` returns it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,13 @@ from server.runtime.model import SparseMoE, StageModel, apply_rope, rope_tables
 # 4: q, k, v and gate, up as one linear each, q rotated before the scores.
 COMPILED_VERSION = 4
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
+# Inductor's own cache (FX graphs, generated C++, its objects: 250-500 MB a build of
+# smollm2-135m) goes to TORCHINDUCTOR_CACHE_DIR, by default $TMPDIR/torchinductor_<user>,
+# and nothing prunes it: 17 GB of a dev host's /tmp after a few sessions of builds. The
+# package is what a server keeps (CACHE_DIR), so a build uses a cache of its own, removed
+# with its temp folder, unless the operator chose one (the variable set before this
+# import: torch sets it itself at its first compile, so it is read here, once).
+OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
 # Inductor options: frozen weights (the linears become oneDNN's prepacked kernels, every
 # elementwise op fused around them); no autotuning. Measured side by side (smollm2-135m,
@@ -285,6 +293,17 @@ def _compile(model: StageModel, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # whole or absent: a crash leaves no half package
             partial = Path(tmp) / path.name
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                     inductor_configs=dict(INDUCTOR_OPTIONS))
+            with _inductor_cache(Path(tmp) / "inductor"):
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                         inductor_configs=dict(INDUCTOR_OPTIONS))
             os.replace(partial, path)
+
+
+def _inductor_cache(folder: Path):
+    """The Inductor cache a build writes to: `folder` (removed with the build's temp folder),
+    or the operator's TORCHINDUCTOR_CACHE_DIR (OWN_INDUCTOR_CACHE)."""
+    if OWN_INDUCTOR_CACHE:
+        return contextlib.nullcontext()
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    return temporary_cache_dir(str(folder))

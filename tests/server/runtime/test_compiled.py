@@ -98,3 +98,21 @@ def test_loading_a_package_leaves_nothing_in_the_temp_folder(compiled_plans, tmp
     assert runner.compiled is not None and runner.compiled.cached
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("aotinductor_", "lockstep-aoti-"))]
     assert os.environ["TMPDIR"] == str(tmp_path)
+
+
+def test_a_build_leaves_nothing_in_inductors_cache_unless_the_operator_chose_one(compiled_plans, tmp_path,
+                                                                                 monkeypatch):
+    """Inductor's cache (250-500 MB a build of smollm2-135m, by default under $TMPDIR, never
+    pruned) is the build's own, removed with it; a TORCHINDUCTOR_CACHE_DIR set before the
+    server started is the operator's, and kept."""
+    model = LocalExecutor(replace(compiled_plans["tiny"], compiled=False, pack_weights=False)).runners[0].model
+    default = tmp_path / "torchinductor_default"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(default))  # where torch would write (it sets the variable)
+    monkeypatch.setattr(compiled, "OWN_INDUCTOR_CACHE", False)
+    compiled._compile(model, tmp_path / "own" / "step.pt2")
+    assert (tmp_path / "own" / "step.pt2").is_file() and [p.name for p in (tmp_path / "own").iterdir()] == ["step.pt2"]
+    assert not default.exists() or not any(default.iterdir())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(default)
+    monkeypatch.setattr(compiled, "OWN_INDUCTOR_CACHE", True)  # the operator's: the build writes there, untouched
+    with compiled._inductor_cache(tmp_path / "unused"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(default)
