@@ -67,6 +67,11 @@ PREFILL_QUANTILE = 0.95
 # paced at 1.79x, one c=1 tick's 1.63 x the 10% margin; the group's first tokens promised
 # 706-731 ms, made by 475-508; docs/architecture.md, "The tick log").
 PREFILL_TICK_QUANTILE = 0.5
+# ... and from SHAPE_SAMPLES prefill ticks of one slice shape on, that shape's ticks at the
+# median of its own steps: the served steps err from their program by shape (one tick log:
+# a lone c=1 prompt's 32-token step at 1.2-1.4x, beside its request's parsing; a burst's
+# 64-token steps at 1.08-1.23x), and one median for all paced the burst's ticks at 1.46x.
+SHAPE_SAMPLES = 4
 # Ticks just after an idle spell are not paced from. Measured on this host (compiled
 # smollm2-135m bf16, batch-1 decode steps of 14.5 ms back to back): after 0.05 s idle none
 # slower; after 0.3, 1 and 3 s idle the first 4-8 steps ran 1.2-1.7x slower (85-140 ms
@@ -227,6 +232,11 @@ class Engine:
         # The same prefill ticks at `prefill_quantile`: what one tick before a first token may take.
         self._tail = pacer(PREFILL, config.prefill_quantile) if tail_once else None
         self._tails: dict[StepKey, float] = {}  # prefill shape -> seconds of its tail (`tail_s`)
+        # Prefill slice tokens -> the pacer of that shape's ticks (SHAPE_SAMPLES; with the tail only).
+        self._shapes: dict[int, Pacer] = {}
+        self._shape_pacer = lambda factor: Pacer(factor, adaptive=config.adaptive_pacing, margin=config.guard_band_frac,
+                                                 quantile=quantiles[PREFILL], min_samples=SHAPE_SAMPLES,
+                                                 every=SHAPE_SAMPLES, fast_window=SHAPE_SAMPLES)
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:
@@ -279,11 +289,16 @@ class Engine:
 
     def _repace(self) -> None:
         factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        ticks = paced_ticks(self.program, factors)
         if self._tail is not None:
-            excess = max(0.0, self._tail.factor - factors[PREFILL])
-            self._tails = {k: s * excess for k, s in self.program.steps.items() if k.phase == PREFILL}
+            shaped = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
+            for k, s in self.program.steps.items():
+                if k.phase == PREFILL and k.tokens in shaped:
+                    ticks[k] = s * shaped[k.tokens]
+            self._tails = {k: max(0.0, s * self._tail.factor - ticks[k])
+                           for k, s in self.program.steps.items() if k.phase == PREFILL}
         # Swapped whole: `predict` on another thread reads one table or the other.
-        self._ticks = paced_ticks(self.program, factors)
+        self._ticks = ticks
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
@@ -646,10 +661,13 @@ class Engine:
         pacer = self.pacers[plan.phase]
         before = pacer.factor
         counts = not cold and len(tokens) == len(plan.rows)
-        tail_moved = self._tail is not None and plan.phase == PREFILL and counts and self._tail.observe(
-            measured, program_s)
-        if tail_moved:
-            self._repace()  # the first tokens' tails (`tail_s`)
+        if self._tail is not None and plan.phase == PREFILL and counts:
+            shape = self._shapes.get(plan.key.tokens)
+            if shape is None:
+                shape = self._shapes[plan.key.tokens] = self._shape_pacer(self.pacers[PREFILL].factor)
+            shape_moved = shape.observe(measured, program_s) or shape.samples == shape.min_samples
+            if self._tail.observe(measured, program_s) | shape_moved:
+                self._repace()  # the first tokens' tails (`tail_s`), this shape's ticks
         if counts and pacer.observe(measured, program_s):
             # Phases with few ticks follow the decode pacer until they re-pace themselves:
             # prefill only slower (its start-up scale is measured apart), mixed both ways

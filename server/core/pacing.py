@@ -74,6 +74,11 @@ class Pacer:
             raise ValueError(f"fast_window must be in 1..window, got {self.fast_window}")
         self._ratios = deque(maxlen=self.window)
 
+    @property
+    def samples(self) -> int:
+        """Ticks observed so far (its own estimate applies from `min_samples` on)."""
+        return self._seen
+
     def follow(self, ratio: float, down: bool = False) -> bool:
         """Scales the factor by `ratio` (another phase's re-pace) while this pacer has not
         re-estimated from its own ticks; returns whether it changed. Only slower (> 1)

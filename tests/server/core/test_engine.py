@@ -357,6 +357,31 @@ def test_first_tokens_are_paced_at_the_prefill_quantile_chosen(quantile, prefill
     assert engine.pacers["decode"].quantile == 0.95
 
 
+def test_each_prefill_shape_is_paced_from_its_own_steps_after_four():
+    """The served prefill steps err from their program by shape (a lone prompt's step
+    beside its request's parsing, a burst's larger ones): from SHAPE_SAMPLES ticks of a
+    slice shape on, its ticks run at the median of its own, + the band; the tail tops each
+    up to the phase's 95th percentile, + the band."""
+    from scheduler.ticks import TickPlan
+    from server.core.engine import SHAPE_SAMPLES
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
+    small, chunk = (TickPlan("prefill", 1, (), shape=n) for n in (8, VIEW.prefill_chunk))
+    for i in range(16):
+        engine._account(small, engine.sched, {}, VIEW.step_s(small.key) * 1.4, False, 0.0)
+        engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (1.1 if i else 1.6), False, 0.0)
+    for plan, ratio in ((small, 1.4), (chunk, 1.1)):
+        assert engine.tick_s(plan.key) == pytest.approx(VIEW.step_s(plan.key) * ratio * 1.1)
+        # The phase's 95th percentile of these 32 ticks: 1.4 (the 1.6 is one in 32).
+        assert engine.tick_s(plan.key) + engine.tail_s(plan.key) == pytest.approx(VIEW.step_s(plan.key) * 1.4 * 1.1)
+    fresh = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_scale=2.0))
+    for _ in range(SHAPE_SAMPLES - 1):  # too few of its own: the phase's pace still
+        fresh._account(chunk, fresh.sched, {}, VIEW.step_s(chunk.key) * 1.0, False, 0.0)
+    assert fresh.tick_s(chunk.key) == pytest.approx(VIEW.step_s(chunk.key) * fresh.pacers["prefill"].factor)
+    fresh._account(chunk, fresh.sched, {}, VIEW.step_s(chunk.key) * 1.0, False, 0.0)
+    assert fresh.tick_s(chunk.key) == pytest.approx(VIEW.step_s(chunk.key) * 1.0 * 1.1)
+
+
 def test_with_a_tail_on_each_prefill_tick_every_tick_is_paced_at_the_quantile():
     """`--prefill-tails each`: every prefill tick at `prefill_quantile`, no first-token tail."""
     from scheduler.ticks import TickPlan
