@@ -158,7 +158,8 @@ def add_serving_args(p) -> None:
                         "it has no lead before it, so a lower one promises sooner first tokens and some of them "
                         "late (default 0.95)")
     p.add_argument("--prefill-tails", choices=("one", "each"), default="one",
-                   help="one: prefill ticks run at the median of their steps, and a first token is promised one "
+                   help="one: prefill ticks run at the median of their steps (each slice shape at its own after 4 "
+                        "of them), and a first token is promised one "
                         "prefill tick at --prefill-quantile (a burst's prompts go in by several ticks back to "
                         "back, and one's lead absorbs another's excess); each: every prefill tick paced at "
                         "--prefill-quantile (default one)")
