@@ -185,7 +185,7 @@ class Request:
     admitted_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
-    made_s: list[float] = field(default_factory=list)  # perf_counter s each token was sampled
+    made_s: list[float] = field(default_factory=list)  # perf_counter s each token was sampled (tick log on)
     # Each phase's pace factor when it was queued (the tick log's record of what its promise was made at).
     factors: dict[str, float] = field(default_factory=dict)
 
@@ -223,20 +223,16 @@ class Engine:
         if tail_once:  # prefill ticks at their median, a first token's promise with one tick's tail
             quantiles[PREFILL] = min(PREFILL_TICK_QUANTILE, config.prefill_quantile)
 
-        def pacer(phase: str, quantile: float) -> Pacer:
-            return Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                         margin=config.guard_band_frac, quantile=quantile, min_samples=PACE_SAMPLES[phase],
-                         every=min(64, PACE_SAMPLES[phase]), fast_window=PACE_FAST[phase])
-
-        self.pacers = {phase: pacer(phase, quantiles[phase]) for phase in (PREFILL, DECODE, MIXED)}
+        self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
+                                    margin=config.guard_band_frac, quantile=quantiles[phase],
+                                    min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]),
+                                    fast_window=PACE_FAST[phase])
+                       for phase in (PREFILL, DECODE, MIXED)}
         # The same prefill ticks at `prefill_quantile`: what one tick before a first token may take.
-        self._tail = pacer(PREFILL, config.prefill_quantile) if tail_once else None
+        self._tail = self.pacers[PREFILL].fresh(quantile=config.prefill_quantile) if tail_once else None
         self._tails: dict[StepKey, float] = {}  # prefill shape -> seconds of its tail (`tail_s`)
         # Prefill slice tokens -> the pacer of that shape's ticks (SHAPE_SAMPLES; with the tail only).
         self._shapes: dict[int, Pacer] = {}
-        self._shape_pacer = lambda factor: Pacer(factor, adaptive=config.adaptive_pacing, margin=config.guard_band_frac,
-                                                 quantile=quantiles[PREFILL], min_samples=SHAPE_SAMPLES,
-                                                 every=SHAPE_SAMPLES, fast_window=SHAPE_SAMPLES)
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._repace()
         if config.deterministic and self.sched is not None:
@@ -287,8 +283,12 @@ class Engine:
         its prefill ticks' (scheduler/simulate.py, `predict_arrival`)."""
         return self._tails.get(key, 0.0)
 
+    def factors(self) -> dict[str, float]:
+        """Each phase's pace factor now."""
+        return {phase: pacer.factor for phase, pacer in self.pacers.items()}
+
     def _repace(self) -> None:
-        factors = {p: pacer.factor for p, pacer in self.pacers.items()}
+        factors = self.factors()
         ticks = paced_ticks(self.program, factors)
         if self._tail is not None:
             shaped = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
@@ -348,7 +348,7 @@ class Engine:
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             if self.tick_log is not None:
-                request.factors = {phase: pacer.factor for phase, pacer in self.pacers.items()}
+                request.factors = self.factors()
             self._requests[seq.seq_id] = request
             self._last_promise = (request.arrival_s, request.predicted_ttft_s)
             self._delivery_ends[seq.seq_id] = request.arrival_s + request.predicted_e2e_s
@@ -414,7 +414,7 @@ class Engine:
                 r.promise(waited + ttft, waited + ttft + (r.max_tokens - 1) * cadence)
                 r.seq.cadence_s, r.seq.ticks = r.predicted_tpot_s, ticks.__getitem__
                 if self.tick_log is not None:
-                    r.factors = {phase: pacer.factor for phase, pacer in self.pacers.items()}
+                    r.factors = self.factors()
                 self._delivery_ends[r.seq.seq_id] = r.arrival_s + r.predicted_e2e_s
                 self._last_promise = (r.arrival_s, r.predicted_ttft_s)
         if self.on_group_close is not None:
@@ -664,9 +664,10 @@ class Engine:
         if self._tail is not None and plan.phase == PREFILL and counts:
             shape = self._shapes.get(plan.key.tokens)
             if shape is None:
-                shape = self._shapes[plan.key.tokens] = self._shape_pacer(self.pacers[PREFILL].factor)
+                shape = self._shapes[plan.key.tokens] = self.pacers[PREFILL].fresh(
+                    min_samples=SHAPE_SAMPLES, every=SHAPE_SAMPLES, fast_window=SHAPE_SAMPLES)
             shape_moved = shape.observe(measured, program_s) or shape.samples == shape.min_samples
-            if self._tail.observe(measured, program_s) | shape_moved:
+            if self._tail.observe(measured, program_s) or shape_moved:
                 self._repace()  # the first tokens' tails (`tail_s`), this shape's ticks
         if counts and pacer.observe(measured, program_s):
             # Phases with few ticks follow the decode pacer until they re-pace themselves:
@@ -735,7 +736,8 @@ class Engine:
         if r.first_token_s is None:
             r.first_token_s = now
         r.last_token_s = now
-        r.made_s.append(now)
+        if self.tick_log is not None:  # only the tick log reads them
+            r.made_s.append(now)
         r.out.append(token)
         r.emit(token, self.ticks, now)
 

@@ -74,6 +74,14 @@ class Pacer:
             raise ValueError(f"fast_window must be in 1..window, got {self.fast_window}")
         self._ratios = deque(maxlen=self.window)
 
+    def fresh(self, **changes) -> "Pacer":
+        """A pacer with these settings and this one's others, starting from its factor now,
+        with no samples of its own."""
+        settings = dict(factor=self.factor, adaptive=self.adaptive, quantile=self.quantile, margin=self.margin,
+                        window=self.window, min_samples=self.min_samples, every=self.every,
+                        tolerance=self.tolerance, fast_window=self.fast_window)
+        return Pacer(**{**settings, **changes})
+
     @property
     def samples(self) -> int:
         """Ticks observed so far (its own estimate applies from `min_samples` on)."""

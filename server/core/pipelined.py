@@ -55,7 +55,7 @@ class PipelinedEngine(Engine):
         return len(self.pipe.groups)
 
     def _repace(self) -> None:
-        factors = {p: pacer.factor for p, pacer in self.pacers.items()}  # (no prefill tails: prefill_tail off)
+        factors = self.factors()  # (no prefill tails: prefill_tail off)
         # Swapped whole, as in Engine._repace: `predict` on another thread reads one pair or the other.
         self._ticks, self._issues = ticks, issues = pipelined_tables(self.program, factors, self.config.guard_band_s)
         self._gap = cadence_gap(issues)

@@ -122,7 +122,7 @@ class Core:
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
-        self.outbox.put(Ready(scale, {p: pacer.factor for p, pacer in engine.pacers.items()}, os.getpid(), engine.status(),
+        self.outbox.put(Ready(scale, engine.factors(), os.getpid(), engine.status(),
                               compiled=executor.compiled()))
         engine.start(self.device)
         threading.Thread(target=self._receive_loop, name="lockstep-core-in", daemon=True).start()

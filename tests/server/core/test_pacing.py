@@ -83,3 +83,12 @@ def test_a_host_that_got_faster_again_is_followed_within_a_window():
     # The host is back: followed within 192 ticks (~15 s of an 80 ms cadence), not ~40 s.
     feed(pacer, [1.0] * 192)
     assert pacer.factor == pytest.approx(1.0 * (1 + pacer.margin))
+
+
+def test_a_fresh_pacer_keeps_the_settings_and_factor_but_not_the_samples():
+    p = Pacer(1.3, quantile=0.5, margin=0.1, min_samples=16, every=16, fast_window=4)
+    for _ in range(20):
+        p.observe(1.5, 1.0)
+    f = p.fresh(min_samples=4)
+    assert (f.factor, f.quantile, f.margin, f.every, f.fast_window, f.min_samples) == (p.factor, 0.5, 0.1, 16, 4, 4)
+    assert f.samples == 0 and p.samples == 20
