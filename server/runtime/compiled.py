@@ -35,14 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.runtime.model import SparseMoE, StageModel, apply_rope, rope_tables
+from server.runtime.model import HALF_ROW_BLOCK, SparseMoE, StageModel, apply_rope, rope_tables
 
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
 # calibrations of compiled steps, server/programs.py) of older code are not used.
 # 2: linears autotuned between the GEMM template and ATen's kernels; 3: no autotuning;
-# 4: q, k, v and gate, up as one linear each, q rotated before the scores.
-COMPILED_VERSION = 4
+# 4: q, k, v and gate, up as one linear each, q rotated before the scores; 5: half-precision
+# steps in blocks of at most 32 tokens (`run_blocked`: a 64-token step's time changes).
+COMPILED_VERSION = 5
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 # Inductor's own cache (FX graphs, generated C++, its objects: 250-500 MB a build of
 # smollm2-135m) goes to TORCHINDUCTOR_CACHE_DIR, by default $TMPDIR/torchinductor_<user>,
@@ -222,7 +223,42 @@ class CompiledStage:
         keys = max(k for _, k, _, _ in attend)  # the step's widest key bucket: every row's keys fit
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
         hidden = torch.arange(keys, device=positions.device)[None, :] > positions[:, None]  # [N, L]
-        return self.runner(x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+        return run_blocked(self.runner, model, x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+
+
+def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos, sin, hidden, caches):
+    """The package over a step's N tokens; in half precision, over blocks of at most
+    HALF_ROW_BLOCK tokens, one call each, in order. oneDNN's bf16 and fp16 linears switch
+    kernels above 32 rows, as on the eager path (server/runtime/model.py, HALF_ROW_BLOCK);
+    whether a row's bits change with it depends on the host: a package that was row-invariant
+    on one host (Sapphire Rapids, 105 MB L3) was not on another (480 MB L3: a 32-token slice's
+    rows 7 and 11 differed alone and beside 8+ more tokens), and `_invariance` then sent every
+    step eager. The blocks run in position order, each writing its keys before the next reads
+    them, and a token attends only to positions up to its own (its slice's earlier tokens, or
+    earlier steps'), so each token sees the keys of one whole call: the same result.
+    Returns the last stage's logits [R, V] in `last_index` order, or hidden [N, h]."""
+    n = x.shape[0]
+    if model.cache_k.dtype == torch.float32 or n <= HALF_ROW_BLOCK:
+        return runner(x, positions, slots, last_index, cos, sin, hidden, caches)
+    outs, picks = [], []
+    for start in range(0, n, HALF_ROW_BLOCK):
+        end = min(n, start + HALF_ROW_BLOCK)
+        mine = ((last_index >= start) & (last_index < end)).nonzero().flatten()  # positions in last_index
+        local = last_index[mine] - start
+        # The package takes at least 2 logit rows (its traced "rows" dimension) and 2 tokens.
+        ask = torch.cat([local, local.new_zeros(max(0, 2 - len(local)))])
+        out = runner(x[start:end], positions[start:end], slots[start:end], ask, cos[start:end], sin[start:end],
+                     hidden[start:end], caches)
+        if not model.has_head:
+            outs.append(out)
+        elif len(mine):
+            outs.append(out[:len(mine)])
+            picks.append(mine)
+    if not model.has_head:
+        return torch.cat(outs)
+    logits = torch.empty(len(last_index), outs[0].shape[-1], dtype=outs[0].dtype)
+    logits[torch.cat(picks)] = torch.cat(outs)
+    return logits
 
 
 def _load(path: Path):
@@ -247,9 +283,12 @@ def _load(path: Path):
 
 @torch.inference_mode()
 def _invariance(runner, model: StageModel) -> str:
-    """"" if a token's output row is bitwise the same alone (4 token rows, 3 of them
-    padding) and beside a 60-token prompt slice in another slot (64 rows: past the 32 rows
-    where oneDNN's half-precision kernels change); else why not. On scratch caches."""
+    """"" if every token's output row is bitwise the same whatever else its step holds: a
+    token alone (4 token rows, 3 of them padding) and beside a 63-token prompt slice in
+    another slot (64 rows: past the 32 rows where oneDNN's half-precision kernels change),
+    and the slice's first 32 rows there and in a step of their own; else why not. Run as
+    served (`run_blocked`), on scratch caches. A single row is not enough: bf16 rounding hid
+    a kernel switch in most rows (one host's package changed 2 rows of a 32-token slice)."""
     spec, dtype = model.spec, model.cache_k.dtype
     caches = [torch.zeros_like(c) for c in block_caches(model)]
     gen = torch.Generator().manual_seed(0)
@@ -258,22 +297,28 @@ def _invariance(runner, model: StageModel) -> str:
     else:
         tokens = torch.randn(64, spec.hidden_size, generator=gen).to(dtype)
     slot, other = 0, (1 if model.scratch_slot > 1 else model.scratch_slot)  # the slice: another slot
-    outs = []
-    for n in (4, 64):
-        positions = torch.cat([torch.tensor([5]), torch.arange(n - 1)])  # the token at 5, then the slice at 0..
-        slots = torch.full((n,), other if n > 4 else model.scratch_slot, dtype=torch.int64)
-        slots[0] = slot
+
+    def step(ids, positions, slots):
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, dtype)
         hidden = torch.arange(128)[None, :] > positions[:, None]
         for c in caches:
             c.zero_()
-        outs.append(runner(tokens[:n].clone(), positions, slots, torch.zeros(4, dtype=torch.int64), cos, sin,
-                           hidden, caches)[0].clone())
-    if torch.equal(outs[0], outs[1]):
-        return ""
-    return (f"a row's result changes with the step's row count in this package (max difference "
-            f"{(outs[0].float() - outs[1].float()).abs().max().item():.3g}), so the kernels Inductor picked "
-            f"on this host are not batch-invariant")
+        rows = torch.arange(len(ids))  # every token's row (logits, or the hidden state it hands on)
+        return run_blocked(runner, model, tokens[ids].clone(), positions, slots, rows, cos, sin, hidden,
+                           caches).clone()
+
+    scratch = model.scratch_slot
+    alone = step(torch.arange(4), torch.tensor([5, 0, 0, 0]), torch.tensor([slot, scratch, scratch, scratch]))
+    mixed = step(torch.arange(64), torch.cat([torch.tensor([5]), torch.arange(63)]),
+                 torch.tensor([slot] + [other] * 63))
+    own = step(torch.arange(1, 33), torch.arange(32), torch.full((32,), other))  # the slice's first 32 alone
+    for a, b, what in ((alone[:1], mixed[:1], "a token alone and beside a prompt slice"),
+                       (own, mixed[1:33], "a prompt slice alone and beside a token")):
+        if not torch.equal(a, b):
+            return (f"a row's result changes with the step's row count in this package ({what}: max difference "
+                    f"{(a.float() - b.float()).abs().max().item():.3g}), so the kernels Inductor picked on this "
+                    f"host are not batch-invariant")
+    return ""
 
 
 def _compile(model: StageModel, path: Path) -> None:
