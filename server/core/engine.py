@@ -251,6 +251,9 @@ class Engine:
         self._window: ArrivalWindow | None = None
         self._groups = itertools.count()
         self.on_group_close: Callable[[list[Request], list[Request]], None] | None = None  # (promised, ended), under the lock
+        # Called on the engine thread before each step, no lock held (the core process: let
+        # its output thread send the last tick's tokens first, server/core/process.py).
+        self.before_step: Callable[[], object] | None = None
         self._stop = False
         self.accepting = True
         self.ticks = 0
@@ -496,6 +499,8 @@ class Engine:
                     r = self._requests[seq.seq_id]
                     r.admitted_s = r.admitted_s or now
             if plan is not None:
+                if self.before_step is not None:
+                    self.before_step()
                 self._tick(plan)
         if self.failure is None:  # else fail() ended them "unavailable"
             self._end_all("shutdown", "server is shutting down")

@@ -44,6 +44,10 @@ from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal,
                                   Shutdown, Start, Stop, ToCore)
 
 PARENT_CHECK_S = 0.2  # how often the core checks that its front end is still there
+# The longest a step waits for the output thread to send what the ticks before it made
+# (Outbox.flush): encoding and sending a tick's events takes ~0.1-0.3 ms here; a bound, so
+# a stuck send can never stall the engine.
+FLUSH_S = 0.005
 EXIT_FATAL = 1
 
 
@@ -63,15 +67,21 @@ def sockets(ctx: zmq.Context, bind: bool, pull_address: str, push_address: str) 
 
 class Outbox:
     """What the core's threads hand to the output thread, in order: messages and event
-    tuples. `put` takes a lock for an append only; `take` waits for something to send."""
+    tuples. `put` takes a lock for an append only; `take` waits for something to send;
+    `sent` counts what went; `flush` waits (bounded) until all put so far went."""
 
     def __init__(self):
-        self._cv = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)  # something to send
+        self._went = threading.Condition(lock)  # something sent
         self._items: list = []
+        self._put = 0  # items put so far
+        self._sent = 0  # ... and sent
 
     def put(self, item) -> None:
         with self._cv:
             self._items.append(item)
+            self._put += 1
             self._cv.notify()
 
     def __len__(self) -> int:
@@ -83,6 +93,22 @@ class Outbox:
                 self._cv.wait(timeout_s)
             items, self._items = self._items, []
         return items
+
+    def sent(self, n: int) -> None:
+        """The output thread sent `n` more items (those of its last `take`)."""
+        with self._cv:
+            self._sent += n
+            self._went.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Waits until every item put so far was sent, at most `timeout_s`; whether it was.
+        Waiting releases the GIL: the engine thread calls it before each step, since a
+        compiled step holds the GIL throughout (torch's AOTInductor runner does not release
+        it), and the output thread could otherwise send the tick's tokens only after the
+        next step (docs/architecture.md, "The engine core process")."""
+        with self._cv:
+            target = self._put
+            return self._went.wait_for(lambda: self._sent >= target, timeout_s)
 
 
 class MetricsRelay:
@@ -121,6 +147,7 @@ class Core:
         self.engine = engine
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
+        engine.before_step = lambda: self.outbox.flush(FLUSH_S)
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
         self.outbox.put(Ready(scale, engine.factors(), os.getpid(), engine.status(),
                               compiled=executor.compiled()))
@@ -224,6 +251,8 @@ class Core:
         encoder = msgspec.msgpack.Encoder()
         while True:
             items = self.outbox.take()
+            if not items:
+                continue
             events = None
             for item in items:
                 if isinstance(item, tuple):
@@ -248,6 +277,7 @@ class Core:
                 if self.engine is not None:
                     events.status = self.engine.status()
                 self.push.send(encoder.encode(events))
+            self.outbox.sent(len(items))
 
     # -- endings --------------------------------------------------------------------
     def _engine_died(self, exc: BaseException) -> None:

@@ -191,6 +191,22 @@ def test_steps_ahead_of_their_promises_leave_each_promised_token_time_free(align
         assert len(spanned) >= 10, spanned
 
 
+def test_before_step_runs_before_every_step_with_no_lock_held():
+    """The core process hooks its outbox's flush here (server/core/process.py)."""
+    executor = Timed(0.002)
+    engine = Engine(executor, VIEW, replace(EXACT, admission_window_s=0.0))
+    calls = []
+
+    def before_step():
+        assert engine._lock.acquire(blocking=False)  # not held by the engine thread
+        engine._lock.release()
+        calls.append(len(executor.spans))  # steps run before this one
+
+    engine.before_step = before_step
+    stream_one(engine, 6, 0.05, 0.01)
+    assert calls == list(range(len(executor.spans))) and len(calls) >= 6
+
+
 def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp_path):
     """`serve --tick-log`: one JSON line per tick (its shape, measured beside program and
     paced time) and one per request as it ends (its promise, the pace factors it was made

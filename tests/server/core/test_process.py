@@ -1,6 +1,7 @@
 """The engine core process's transport and messages (server/core/process.py, messages.py)."""
 
 import threading
+import time
 
 import msgspec
 import pytest
@@ -50,6 +51,33 @@ def test_the_outbox_keeps_order_and_never_waits_to_put():
         box.put(i)
     assert box.take() == list(range(10_000))
     assert box.take(timeout_s=0.01) == []
+
+
+def test_flush_waits_until_the_output_thread_sent_everything_and_is_bounded():
+    """The engine thread flushes before each step (a compiled step holds the GIL, so the
+    output thread, a Python thread, could send the last tick's tokens only after it)."""
+    box = Outbox()
+    assert box.flush(0.0)  # nothing put: nothing to wait for
+    box.put("a")
+    start = time.perf_counter()
+    assert not box.flush(0.05)  # nobody sends: it gives up at its bound
+    assert 0.04 < time.perf_counter() - start < 1.0
+    sent = []
+
+    def output_thread():  # as Core._send_loop: take, send, say so
+        while len(sent) < 3:
+            items = box.take(timeout_s=1.0)
+            time.sleep(0.02)  # the send
+            sent.extend(items)
+            box.sent(len(items))
+
+    thread = threading.Thread(target=output_thread)
+    thread.start()
+    box.put("b")
+    box.put("c")
+    assert box.flush(5.0)  # the Python thread ran meanwhile: the wait released the GIL
+    assert sent == ["a", "b", "c"]
+    thread.join(5)
 
 
 def test_messages_round_trip_and_a_wrong_one_is_an_error():
