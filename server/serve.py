@@ -61,6 +61,8 @@ def _validate(args) -> None:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.guard_band_ms is not None and not 0 <= args.guard_band_ms <= MAX_GUARD_MS:  # NaN fails it too
         raise SpecError(f"--guard-band-ms must be in 0..{MAX_GUARD_MS:g}, got {args.guard_band_ms}")
+    if not 0 <= args.send_wait_ms <= MAX_SEND_WAIT_MS:  # NaN fails it too
+        raise SpecError(f"--send-wait-ms must be in 0..{MAX_SEND_WAIT_MS:g}, got {args.send_wait_ms}")
     from server.cli import MAX_WINDOW_MS
 
     for flag in ("pace_quantile", "prefill_quantile"):
@@ -93,6 +95,7 @@ def _validate(args) -> None:
 
 
 MAX_GUARD_MS = 1000.0  # a wait before a step, per held token: more is a typo, not a setting
+MAX_SEND_WAIT_MS = 100.0  # a bound on a wait that takes ~0.1-0.3 ms: more is a typo
 
 
 def guard_band_s(args) -> float:
@@ -118,7 +121,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          compiled=args.compiled_steps == "on",
                          core_cpus=args.core_cpus, tick_log=args.tick_log,
                          deterministic=not args.throughput, time_scale=args.time_scale,
-                         guard_band_s=guard_band_s(args), guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
+                         guard_band_s=guard_band_s(args), send_wait_s=args.send_wait_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
                          admission_window_s=args.admission_window_ms / 1e3, pace_quantile=args.pace_quantile,
                          prefill_quantile=args.prefill_quantile, prefill_tail_once=args.prefill_tails == "one",

@@ -44,10 +44,6 @@ from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal,
                                   Shutdown, Start, Stop, ToCore)
 
 PARENT_CHECK_S = 0.2  # how often the core checks that its front end is still there
-# The longest a step waits for the output thread to send what the ticks before it made
-# (Outbox.flush): encoding and sending a tick's events takes ~0.1-0.3 ms here; a bound, so
-# a stuck send can never stall the engine.
-FLUSH_S = 0.005
 EXIT_FATAL = 1
 
 
@@ -147,7 +143,8 @@ class Core:
         self.engine = engine
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
-        engine.before_step = lambda: self.outbox.flush(FLUSH_S)
+        if self.config.send_wait_s > 0:  # a bound (`serve --send-wait-ms`): a stuck send never stalls the engine
+            engine.before_step = lambda: self.outbox.flush(self.config.send_wait_s)
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
         self.outbox.put(Ready(scale, engine.factors(), os.getpid(), engine.status(),
                               compiled=executor.compiled()))
