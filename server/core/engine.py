@@ -251,9 +251,13 @@ class Engine:
         self._window: ArrivalWindow | None = None
         self._groups = itertools.count()
         self.on_group_close: Callable[[list[Request], list[Request]], None] | None = None  # (promised, ended), under the lock
-        # Called on the engine thread before each step, no lock held (the core process: let
-        # its output thread send the last tick's tokens first, server/core/process.py).
+        # Called on the engine thread, no lock held, before a step that follows one that made a
+        # first token (the core process: its output thread sends that token first,
+        # server/core/process.py). A first token has no lead, so `_quiet_until` never holds
+        # the next step for its delivery; later tokens go out while the engine waits for
+        # their promised times (the lock's wait releases the GIL) or ride with the next.
         self.before_step: Callable[[], object] | None = None
+        self._first_out = False  # a tick made a first token since the last `before_step`
         self._stop = False
         self.accepting = True
         self.ticks = 0
@@ -499,7 +503,8 @@ class Engine:
                     r = self._requests[seq.seq_id]
                     r.admitted_s = r.admitted_s or now
             if plan is not None:
-                if self.before_step is not None:
+                if self.before_step is not None and self._first_out:
+                    self._first_out = False
                     self.before_step()
                 self._tick(plan)
         if self.failure is None:  # else fail() ended them "unavailable"
@@ -740,6 +745,7 @@ class Engine:
     def _emit(self, r: Request, token: int, now: float) -> None:
         if r.first_token_s is None:
             r.first_token_s = now
+            self._first_out = True
         r.last_token_s = now
         if self.tick_log is not None:  # only the tick log reads them
             r.made_s.append(now)
