@@ -132,9 +132,9 @@ def add_serving_args(p) -> None:
                         "front end and the client take the token meanwhile), taken from the streams' lead, not "
                         "from any tick (default 5; with --pipeline 1.5, added to each tick)")
     p.add_argument("--send-wait-ms", type=float, default=5.0,
-                   help="before each step, the engine core waits at most this long for the tokens the ticks "
-                        "before it made to be sent to the front end (a compiled step holds the core's GIL, so "
-                        "they would otherwise go after it); 0: no wait (default 5)")
+                   help="before the step after a first token, the engine core waits at most this long for "
+                        "it to be sent to the front end (a compiled step holds the core's GIL, so it would "
+                        "otherwise go after that step); 0: no wait (default 5)")
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")

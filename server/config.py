@@ -43,8 +43,8 @@ class ServeConfig:
     core_cpus: tuple[int, ...] = ()
     # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
-    # The longest the core's engine thread waits before a step for the output thread to send
-    # the tokens made before it (server/core/process.py, Outbox.flush); 0: no wait.
+    # The longest the core's engine thread waits, before the step after a first token, for the
+    # output thread to send it (server/core/process.py, Outbox.flush); 0: no wait.
     send_wait_s: float = 0.005
     front_end_nice: int = 0  # 19 measured best with the engine in this process; 0 beside a core process (BENCHMARKS.md)
     http_port: int = -1  # OpenAI-compatible HTTP (server/frontend/openai_api.py) on this port; 0: any free one; -1: off

@@ -98,10 +98,10 @@ class Outbox:
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until every item put so far was sent, at most `timeout_s`; whether it was.
-        Waiting releases the GIL: the engine thread calls it before each step, since a
-        compiled step holds the GIL throughout (torch's AOTInductor runner does not release
-        it), and the output thread could otherwise send the tick's tokens only after the
-        next step (docs/architecture.md, "The engine core process")."""
+        Waiting releases the GIL: the engine thread calls it before the step after a first
+        token, since a compiled step holds the GIL throughout (torch's AOTInductor runner
+        does not release it), and the output thread could otherwise send that token only
+        after the step (docs/architecture.md, "The engine core process")."""
         with self._cv:
             target = self._put
             return self._went.wait_for(lambda: self._sent >= target, timeout_s)
