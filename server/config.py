@@ -41,11 +41,11 @@ class ServeConfig:
     # CPUs the engine core process runs on (its torch threads: one each); the front end's
     # process runs on the others. Empty: both anywhere (see server/core/affinity.py).
     core_cpus: tuple[int, ...] = ()
-    # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
-    # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     # The longest the core's engine thread waits, before the step after a first token, for the
     # output thread to send it (server/core/process.py, Outbox.flush); 0: no wait.
     send_wait_s: float = 0.005
+    # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
+    # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 0  # 19 measured best with the engine in this process; 0 beside a core process (BENCHMARKS.md)
     http_port: int = -1  # OpenAI-compatible HTTP (server/frontend/openai_api.py) on this port; 0: any free one; -1: off
     pipeline: bool = False  # one row group per stage, their steps in flight together (server/core/pipelined.py)

@@ -231,11 +231,12 @@ def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos,
     HALF_ROW_BLOCK tokens, one call each, in order. oneDNN's bf16 and fp16 linears switch
     kernels above 32 rows, as on the eager path (server/runtime/model.py, HALF_ROW_BLOCK);
     whether a row's bits change with it depends on the host: a package that was row-invariant
-    on one host (Sapphire Rapids, 105 MB L3) was not on another (480 MB L3: a 32-token slice's
-    rows 7 and 11 differed alone and beside 8+ more tokens), and `_invariance` then sent every
-    step eager. The blocks run in position order, each writing its keys before the next reads
+    on the first hosts was not on another (its L3 reported as 480 MB: a 32-token slice's rows 7
+    and 11 differed alone and beside 8+ more tokens), and `_invariance` then sent every step
+    eager. The blocks run in position order, each writing its keys before the next reads
     them, and a token attends only to positions up to its own (its slice's earlier tokens, or
-    earlier steps'), so each token sees the keys of one whole call: the same result.
+    earlier steps'), so each token sees the keys of one whole call: the same result. N is a
+    multiple of ROW_MULTIPLE (server/runtime/step.py), so every block has at least 4 tokens.
     Returns the last stage's logits [R, V] in `last_index` order, or hidden [N, h]."""
     n = x.shape[0]
     if model.cache_k.dtype == torch.float32 or n <= HALF_ROW_BLOCK:
