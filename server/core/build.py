@@ -90,6 +90,8 @@ def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple
 # The floor: measured quiet at start, the jitter was 3-5%, but the same steps served beside
 # 8 streams' HTTP ran 10-35% over their start-up pace (bench/peer_vllm.py: prefill 87-112
 # ms against 85 paced), so the start-up guard keeps 10% until the served steps re-pace it.
+# It paces the first ticks only: re-paced from served steps, a phase takes their quantile +
+# MIN_GUARD (EngineConfig.pace_margin), their jitter being in the quantile already.
 JITTER_REPEATS = 9
 MIN_GUARD, MAX_GUARD = 0.10, 0.30
 
@@ -112,6 +114,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     keys = program.key_buckets
     prefill_scale = 0.0  # 0: the time scale
     guard = cfg.guard_band_frac if cfg.guard_band_frac is not None else EngineConfig.guard_band_frac
+    margin = None  # the served pace's margin: the band (given), or MIN_GUARD when the band is measured here
     if program.simulated and not cfg.time_scale:
         # The chip's times against the host's, at the shortest and the longest contexts.
         scale = measure_time_scale(executor, program, (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
@@ -124,6 +127,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         scale = cfg.time_scale or max(1.0, measured)
         if cfg.guard_band_frac is None:  # the guard band from the jitter measured here, not a flat 20%
             guard = min(MAX_GUARD, max(MIN_GUARD, jitter))
+            margin = MIN_GUARD  # the first ticks' margin only: served steps measure their own jitter
         # Prefill shapes get their own scale (their predictions err differently: measured
         # 1.5x against decode's 1.2x for smollm2-135m here; at decode's scale every first
         # token came ~10 ms past its promise, bench/peer_vllm.py). Their first runs also
@@ -135,7 +139,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
                                  admission_window_s=cfg.admission_window_s, pace_quantile=cfg.pace_quantile,
                                  prefill_quantile=cfg.prefill_quantile, prefill_tail_once=cfg.prefill_tail_once,
-                                 prefill_scale=prefill_scale)
+                                 prefill_scale=prefill_scale, pace_margin=margin)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:

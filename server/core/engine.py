@@ -122,6 +122,12 @@ class EngineConfig:
     # (gRPC and the client share its cores), so steps finish inside their tick. The first
     # ticks' margin; then the pace follows the measured steps (adaptive_pacing).
     guard_band_frac: float = 0.20
+    # The margin over the served steps' quantile once a phase paces from its own ticks
+    # (server/core/pacing.py); None: guard_band_frac. `serve` sets it apart when it measured
+    # the band at start (server/core/build.py): the quantile of the served ticks measures
+    # their jitter itself, and a start-up measured in a noisy second (a band of 28.8%) held
+    # every later pace 17% above the usual start's 10% through a whole benchmark.
+    pace_margin: float | None = None
     adaptive_pacing: bool = True
     # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
     pace_quantile: float = 0.95
@@ -224,7 +230,8 @@ class Engine:
             quantiles[PREFILL] = min(PREFILL_TICK_QUANTILE, config.prefill_quantile)
 
         self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
-                                    margin=config.guard_band_frac, quantile=quantiles[phase],
+                                    margin=config.guard_band_frac if config.pace_margin is None else config.pace_margin,
+                                    quantile=quantiles[phase],
                                     min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]),
                                     fast_window=PACE_FAST[phase])
                        for phase in (PREFILL, DECODE, MIXED)}

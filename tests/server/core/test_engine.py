@@ -482,3 +482,20 @@ def test_mixed_ticks_follow_the_decode_pace_down_from_a_pessimistic_start():
     assert engine.pacers["decode"].factor == pytest.approx(1.1 * 1.1)
     assert engine.pacers["mixed"].factor == pytest.approx(mixed * 1.1 / 1.6)
     assert engine.pacers["prefill"].factor == prefill
+
+
+def test_a_wide_start_up_band_paces_only_the_first_ticks():
+    """`serve` measures the band at start (server/core/build.py): the first ticks take it,
+    the served steps' own quantile then takes `pace_margin`, not that band."""
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.288, pace_margin=0.1, time_scale=1.0))
+    assert engine.pacers["decode"].factor == pytest.approx(1.288)
+    plan = TickPlan("decode", 1, ())
+    for _ in range(engine.pacers["decode"].min_samples):
+        engine._account(plan, engine.sched, {}, 1.05 * VIEW.step_s(plan.key), False, 0.0)
+    assert engine.pacers["decode"].factor == pytest.approx(1.05 * 1.1)
+    same = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.288, time_scale=1.0))  # no pace_margin: the band
+    for _ in range(same.pacers["decode"].min_samples):
+        same._account(plan, same.sched, {}, 1.05 * VIEW.step_s(plan.key), False, 0.0)
+    assert same.pacers["decode"].factor == pytest.approx(1.05 * 1.288)
