@@ -54,8 +54,8 @@ def test_the_outbox_keeps_order_and_never_waits_to_put():
 
 
 def test_flush_waits_until_the_output_thread_sent_everything_and_is_bounded():
-    """The engine thread flushes before each step (a compiled step holds the GIL, so the
-    output thread, a Python thread, could send the last tick's tokens only after it)."""
+    """The engine thread flushes before the step after a first token (a compiled step holds
+    the GIL, so the output thread, a Python thread, could send that token only after it)."""
     box = Outbox()
     assert box.flush(0.0)  # nothing put: nothing to wait for
     box.put("a")
