@@ -26,6 +26,7 @@ on, and `on_death` tells the server, which reports it and exits non-zero.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -84,6 +85,12 @@ SHAPE_SAMPLES = 4
 # a stream that starts cold would be: docs/architecture.md, "Where it falls short").
 COLD_IDLE_S = 0.25  # an idle spell at least this long (engine waiting for work) ...
 COLD_WINDOW_S = 0.2  # ... makes the ticks that start within this long after it cold
+# A request promised while the engine is cold (idle, or in the cold window) gets, on its
+# first token and so on every token, the most the ticks of one of the last COLD_SPELLS cold
+# spells ran past their pace (`Engine.cold_s`): measured, the c=8 load's first wave (right
+# after a quiet wait) made its first b8 decode step in 110 ms against 33.5 paced, and its 8
+# streams came late for 10 ticks, 7.9-8.6% of the load's ticks (bench/peer_vllm.py).
+COLD_SPELLS = 16
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
 # 1.8-2.8 on this host, where served steps ran at 1.1-1.3x) held every first token late
@@ -253,6 +260,9 @@ class Engine:
         self._last_step_s = 0.0  # the last step's measured seconds (what the next one will likely take)
         self._last_tick_end = time.perf_counter()  # when the last tick (or the engine's build) ended
         self._cold_until = 0.0  # perf_counter s: ticks starting before it follow an idle spell (COLD_IDLE_S)
+        self._cold_excess = 0.0  # s the cold ticks under way ran past their pace, summed
+        self._in_cold = False  # the last tick was cold
+        self._cold_spells: collections.deque = collections.deque(maxlen=COLD_SPELLS)  # each past spell's excess, s
         # The open admission window (its members: Requests queued, promises pending; its
         # closes_s: perf_counter s); None when no window is open.
         self._window: ArrivalWindow | None = None
@@ -320,16 +330,29 @@ class Engine:
         tick in flight (a request arriving mid-tick is admitted at its end)."""
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
-            snapshot.delivering = self._delivering(time.perf_counter())
+            now = time.perf_counter()
+            snapshot.delivering = self._delivering(now)
+            cold = self.cold_s(now)
         ticks, tails = self._ticks, self._tails  # the pace now, read once
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
         tail = tails.get if self.config.deterministic and tails else None
         if in_flight is None:
-            return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, tail_s=tail)
-        plan, began = in_flight
-        return predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
-                               elapsed_s=time.perf_counter() - began, tail_s=tail)
+            ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, tail_s=tail)
+        else:
+            plan, began = in_flight
+            ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False,
+                                        in_flight=plan, elapsed_s=time.perf_counter() - began, tail_s=tail)
+        return ttft + cold, e2e + cold
+
+    def cold_s(self, now: float) -> float:
+        """Under the lock: seconds a promise made at `now` adds for a start after an idle
+        spell (COLD_IDLE_S): the most the cold ticks of one of the last COLD_SPELLS spells ran
+        past their pace; 0 while the engine is warm, in throughput mode, or before any spell."""
+        if not self.config.deterministic or not self._cold_spells:
+            return 0.0
+        cold = now < self._cold_until or (self.sched.idle() and now - self._last_tick_end >= COLD_IDLE_S)
+        return max(self._cold_spells) if cold else 0.0
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
@@ -422,10 +445,11 @@ class Engine:
             plan, began = self._in_flight or (None, now)
             promises = promise_group(snapshot, [r.seq for r in live], ticks.__getitem__, alone, in_flight=plan,
                                      elapsed_s=now - began, tail_s=tails.get if tails else None)
+            cold = self.cold_s(now)
             for r in live:
                 ttft, cadence = promises[r.seq.seq_id]
-                waited = now - r.arrival_s  # promises count from each one's arrival
-                r.promise(waited + ttft, waited + ttft + (r.max_tokens - 1) * cadence)
+                offset = now - r.arrival_s + cold  # promises count from each one's arrival (+ a cold start's allowance)
+                r.promise(offset + ttft, offset + ttft + (r.max_tokens - 1) * cadence)
                 r.seq.cadence_s, r.seq.ticks = r.predicted_tpot_s, ticks.__getitem__
                 if self.tick_log is not None:
                     r.factors = self.factors()
@@ -625,6 +649,7 @@ class Engine:
     def _tick(self, plan: TickPlan) -> None:
         step_start = time.perf_counter()
         if step_start - self._last_tick_end >= COLD_IDLE_S:
+            self._end_cold_spell()  # one spell per idle spell, even with no warm tick between
             self._cold_until = step_start + COLD_WINDOW_S
         cold = step_start < self._cold_until
         tokens = self._step(plan)
@@ -675,6 +700,11 @@ class Engine:
                         "%.2f ms (program %.2f ms)%s", self.ticks, tuple(plan.key), measured * 1e3,
                         paced_s * 1e3, program_s * 1e3, " after an idle spell" if cold else "")
         # Rows that failed ran again alone: such a tick says nothing about the pace.
+        if cold:  # how far a start after an idle spell runs past its pace (`cold_s`)
+            self._cold_excess += max(0.0, measured - paced_s)
+            self._in_cold = True
+        else:
+            self._end_cold_spell()
         pacer = self.pacers[plan.phase]
         before = pacer.factor
         counts = not cold and len(tokens) == len(plan.rows)
@@ -715,6 +745,12 @@ class Engine:
                 self.metrics.set_queue(running, waiting, self.max_slots - free)
         if self.metrics is not None:
             self.metrics.observe_tick(plan.phase, len(plan.rows), measured, program_s * self.config.time_scale, overrun)
+
+    def _end_cold_spell(self) -> None:
+        """Records the cold spell under way, if any (`cold_s` reads the last COLD_SPELLS)."""
+        if self._in_cold:
+            self._cold_spells.append(self._cold_excess)
+            self._cold_excess, self._in_cold = 0.0, False
 
     def _occupancy(self) -> tuple[int, int, int]:
         """(running, waiting, free slots), under the lock."""

@@ -499,3 +499,37 @@ def test_a_wide_start_up_band_paces_only_the_first_ticks():
     for _ in range(same.pacers["decode"].min_samples):
         same._account(plan, same.sched, {}, 1.05 * VIEW.step_s(plan.key), False, 0.0)
     assert same.pacers["decode"].factor == pytest.approx(1.05 * 1.288)
+
+
+def test_a_promise_made_cold_adds_the_worst_recent_cold_spell():
+    """Ticks just after an idle spell run slow and are not paced from (COLD_IDLE_S); a
+    request promised while the engine is cold gets the most one recent spell's ticks ran
+    past their pace, on its first token and so on every token; a warm engine adds nothing."""
+    import time
+
+    from scheduler.ticks import TickPlan
+
+    engine = Engine(None, VIEW, replace(EXACT, admission_window_s=0.0))
+    plan = TickPlan("decode", 1, ())
+    paced = engine.tick_s(plan.key)
+    with engine._lock:
+        assert engine.cold_s(time.perf_counter() + 1.0) == 0.0  # no spell measured yet
+    for extra in (0.010, 0.020):  # a spell: two cold ticks 10 and 20 ms past their pace
+        engine._account(plan, engine.sched, {}, paced + extra, False, 0.0, cold=True)
+    engine._account(plan, engine.sched, {}, paced, False, 0.0)  # a warm tick ends it
+    engine._account(plan, engine.sched, {}, paced + 0.005, False, 0.0, cold=True)  # a milder one
+    engine._end_cold_spell()
+    now = time.perf_counter()
+    engine._last_tick_end = now - 1.0  # idle for a second
+    with engine._lock:
+        assert engine.cold_s(now) == pytest.approx(0.030)
+    cold_ttft, cold_e2e = engine.predict(8, 4)
+    engine._last_tick_end = time.perf_counter()  # it just ticked: warm
+    with engine._lock:
+        assert engine.cold_s(time.perf_counter()) == 0.0
+    ttft, e2e = engine.predict(8, 4)
+    assert cold_ttft - ttft == pytest.approx(0.030, abs=1e-6) and cold_e2e - e2e == pytest.approx(0.030, abs=1e-6)
+    fast = Engine(None, VIEW, replace(EXACT, deterministic=False))  # throughput mode promises no cold start
+    fast._cold_spells.append(0.030)
+    with fast._lock:
+        assert fast.cold_s(time.perf_counter() + 1.0) == 0.0
