@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import threading
 import time
 import traceback
@@ -86,8 +87,8 @@ SHAPE_SAMPLES = 4
 COLD_IDLE_S = 0.25  # an idle spell at least this long (engine waiting for work) ...
 COLD_WINDOW_S = 0.2  # ... makes the ticks that start within this long after it cold
 # A request promised while the engine is cold (idle, or in the cold window) gets, on its
-# first token and so on every token, the most the ticks of one of the last COLD_SPELLS cold
-# spells ran past their pace (`Engine.cold_s`): measured, the c=8 load's first wave (right
+# first token and so on every token, the median over the last COLD_SPELLS cold spells of how
+# far their ticks ran past their pace (`Engine.cold_s`): measured, the c=8 load's first wave (right
 # after a quiet wait) made its first b8 decode step in 110 ms against 33.5 paced, and its 8
 # streams came late for 10 ticks, 7.9-8.6% of the load's ticks (bench/peer_vllm.py).
 COLD_SPELLS = 16
@@ -347,12 +348,13 @@ class Engine:
 
     def cold_s(self, now: float) -> float:
         """Under the lock: seconds a promise made at `now` adds for a start after an idle
-        spell (COLD_IDLE_S): the most the cold ticks of one of the last COLD_SPELLS spells ran
-        past their pace; 0 while the engine is warm, in throughput mode, or before any spell."""
+        spell (COLD_IDLE_S): the median over the last COLD_SPELLS spells of how far their cold
+        ticks ran past their pace; 0 while the engine is warm, in throughput mode, or before
+        any spell."""
         if not self.config.deterministic or not self._cold_spells:
             return 0.0
         cold = now < self._cold_until or (self.sched.idle() and now - self._last_tick_end >= COLD_IDLE_S)
-        return max(self._cold_spells) if cold else 0.0
+        return statistics.median(self._cold_spells) if cold else 0.0
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
