@@ -82,15 +82,15 @@ SHAPE_SAMPLES = 4
 # re-paces on the median of 4) held every later first token at 2-4x its step: a peer run
 # whose warm-up prefills took 80-129 ms against 33 ms of program promised c=8's first
 # tokens at 842 ms against 249 in the run before (bench/peer_vllm.py; BENCHMARKS.md). Such
-# ticks still count and log an overrun; their tokens' promises are not covered (a lead for
-# a stream that starts cold would be: docs/architecture.md, "Where it falls short").
+# ticks still count and log an overrun.
 COLD_IDLE_S = 0.25  # an idle spell at least this long (engine waiting for work) ...
 COLD_WINDOW_S = 0.2  # ... makes the ticks that start within this long after it cold
 # A request promised while the engine is cold (idle, or in the cold window) gets, on its
-# first token and so on every token, the median over the last COLD_SPELLS cold spells of how
-# far their ticks ran past their pace (`Engine.cold_s`): measured, the c=8 load's first wave (right
-# after a quiet wait) made its first b8 decode step in 110 ms against 33.5 paced, and its 8
-# streams came late for 10 ticks, 7.9-8.6% of the load's ticks (bench/peer_vllm.py).
+# first token and so on every token, the median over the last COLD_SPELLS cold spells of
+# how far their ticks ran past their pace (`Engine.cold_s`): measured on the fourteenth
+# session's host, the c=8 load's first wave (after a quiet wait) made its first b8 decode
+# step in 110 ms against 33.5 paced, and its 8 streams came late for 10 ticks, 7.9-8.6% of
+# the load's ticks (bench/peer_vllm.py; docs/architecture.md, "Where it falls short").
 COLD_SPELLS = 16
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
