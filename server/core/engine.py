@@ -705,7 +705,7 @@ class Engine:
         if cold:  # how far a start after an idle spell runs past its pace (`cold_s`)
             self._cold_excess += max(0.0, measured - paced_s)
             self._in_cold = True
-        else:
+        elif self._in_cold:
             self._end_cold_spell()
         pacer = self.pacers[plan.phase]
         before = pacer.factor

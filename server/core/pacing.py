@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from itertools import islice
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -62,10 +62,11 @@ class Pacer:
     # calibration between the start-up measurement and the first request, and with only the
     # 128-tick rule every tick of the first streams overran.
     fast_window: int = 16
-    repaces: int = 0
-    _ratios: deque = field(default_factory=deque, repr=False)
-    _seen: int = 0
-    _fresh: int = 0  # ticks since the last fast re-pace (the fast rule reads the last fast_window of them)
+    # Its state, not settings (so `fresh` copies the settings alone).
+    repaces: int = field(default=0, init=False)
+    _ratios: deque = field(default_factory=deque, repr=False, init=False)
+    _seen: int = field(default=0, init=False)
+    _fresh: int = field(default=0, init=False)  # ticks since the last fast re-pace (the fast rule reads the last fast_window of them)
 
     def __post_init__(self):
         if not self.factor > 0 or not 0 < self.quantile <= 1 or self.margin < 0:
@@ -77,10 +78,7 @@ class Pacer:
     def fresh(self, **changes) -> "Pacer":
         """A pacer with these settings and this one's others, starting from its factor now,
         with no samples of its own."""
-        settings = dict(factor=self.factor, adaptive=self.adaptive, quantile=self.quantile, margin=self.margin,
-                        window=self.window, min_samples=self.min_samples, every=self.every,
-                        tolerance=self.tolerance, fast_window=self.fast_window)
-        return Pacer(**{**settings, **changes})
+        return replace(self, **changes)  # __post_init__ gives it an empty window
 
     @property
     def samples(self) -> int:

@@ -248,8 +248,6 @@ class Core:
         encoder = msgspec.msgpack.Encoder()
         while True:
             items = self.outbox.take()
-            if not items:
-                continue
             events = None
             for item in items:
                 if isinstance(item, tuple):
