@@ -252,7 +252,7 @@ def predictions(args) -> None:
         errors.append(predicted / got)
         print(f"{phase:<8} {bucket:>5} {tokens:>7} {predicted * 1e3:>12.3f} {got * 1e3:>11.3f} {predicted / got:>18.3f}")
     worst = max(abs(e - 1) for e in errors)
-    print(f"worst |predicted/measured - 1| = {worst:.3f} (goal <= 0.05); "
+    print(f"worst |predicted/measured - 1| = {worst:.3f} (issue 20: <= 0.03 compiled, on a GPU <= 0.05); "
           f"program decode step at batch 1 = {program.schedule('decode', 1)['step_s'] * 1e3:.3f} ms "
           f"(at max context)")
 
