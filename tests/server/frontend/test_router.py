@@ -4,6 +4,7 @@ own actor; the router's gRPC and HTTP front end in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -201,6 +202,16 @@ def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(f
     assert [r.outstanding for r in fleet.router.replicas] == [1, 1]
     restarts = fleet.router.replicas[0].restarts
     old = fleet.replica_stub(0)
+    # The router's restart waits for the gate, so the replica is down for the checks below:
+    # restarted within 1.2 s of its death, it once served two of round-robin's four picks.
+    gate, restart = threading.Event(), fleet.router._restart
+
+    async def gated_restart(rep):
+        while not gate.is_set() and fleet.router.accepting:
+            await asyncio.sleep(0.05)
+        await restart(rep)
+
+    fleet.router._restart = gated_restart
     ray.kill(fleet.router.replicas[0].actor, no_restart=False)
     # Once its process is gone (its port refuses), new requests go to the other replica,
     # before Ray reports the death (~1.6 s). A request routed in the instant before, while
@@ -225,6 +236,8 @@ def test_a_killed_replica_fails_its_streams_the_other_serves_and_it_comes_back(f
                 outcomes.append(exc.code().name)
     finally:
         fleet.router.policy = "prediction"
+        gate.set()  # the replica may come back now
+        fleet.router._restart = restart
     assert outcomes.count("UNAVAILABLE") <= 1 and outcomes.count("1") >= 3, outcomes
     for w in workers:
         w.join(120)
