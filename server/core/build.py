@@ -97,7 +97,10 @@ def warm_up(executor, program: ProgramView, keys: tuple[int, ...], phases: tuple
 # a token, served at 18.4 ms median, 23 of its first 128 ticks overran; `make demo` 21 and
 # 50 of 146); with 30%, 1 of them (its first decode step), and the pace the served steps
 # then set was lower (21.8 ms against 23.4: the lead lets each step start after its held
-# token is sent; docs/architecture.md, "Where it falls short").
+# token is sent; docs/architecture.md, "Where it falls short"). Decode and mixed ticks
+# only: the first prefill ticks keep the measured jitter, at least MIN_GUARD (none of a
+# fresh server's prefill steps overran at 10%, and at 25% c=1's first tokens were promised
+# 1.1x vLLM's, against 0.9-0.97x, through bench/peer_vllm.py's c=1 load).
 JITTER_REPEATS = 9
 MIN_GUARD, START_GUARD, MAX_GUARD = 0.10, 0.25, 0.30
 
@@ -121,6 +124,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     prefill_scale = 0.0  # 0: the time scale
     guard = cfg.guard_band_frac if cfg.guard_band_frac is not None else EngineConfig.guard_band_frac
     margin = None  # the served pace's margin: the band (given), or MIN_GUARD when the band is measured here
+    prefill_guard = None  # the first prefill ticks' band, when measured here (None: the band)
     if program.simulated and not cfg.time_scale:
         # The chip's times against the host's, at the shortest and the longest contexts.
         scale = measure_time_scale(executor, program, (keys[0], keys[-1]), ("decode", "mixed", "prefill"))
@@ -133,6 +137,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         scale = cfg.time_scale or max(1.0, measured)
         if cfg.guard_band_frac is None:  # the guard band from the jitter measured here, not a flat 20%
             guard = min(MAX_GUARD, max(START_GUARD, jitter))
+            prefill_guard = min(MAX_GUARD, max(MIN_GUARD, jitter))
             margin = MIN_GUARD  # the first ticks' margin only: served steps measure their own jitter
         # Prefill shapes get their own scale (their predictions err differently: measured
         # 1.5x against decode's 1.2x for smollm2-135m here; at decode's scale every first
@@ -145,7 +150,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
                                  admission_window_s=cfg.admission_window_s, pace_quantile=cfg.pace_quantile,
                                  prefill_quantile=cfg.prefill_quantile, prefill_tail_once=cfg.prefill_tail_once,
-                                 prefill_scale=prefill_scale, pace_margin=margin)
+                                 prefill_scale=prefill_scale, pace_margin=margin, prefill_guard_frac=prefill_guard)
     if cfg.pipeline:
         engine = PipelinedEngine(executor, program, engine_config, metrics, groups=groups)
     else:

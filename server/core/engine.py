@@ -136,6 +136,11 @@ class EngineConfig:
     # their jitter itself, and a start-up measured in a noisy second (a band of 28.8%) held
     # every later pace 17% above the usual start's 10% through a whole benchmark.
     pace_margin: float | None = None
+    # The first prefill ticks' band apart (None: guard_band_frac). `serve` sets it to the
+    # measured jitter (at least MIN_GUARD, server/core/build.py), not the decode ticks' wider
+    # start-up floor: a fresh server's prefill steps ran within it, and a prefill pacer
+    # re-estimates only after 16 of its own ticks (16 requests at c=1).
+    prefill_guard_frac: float | None = None
     adaptive_pacing: bool = True
     # The quantile of the served decode and mixed steps their pace covers (PREFILL_QUANTILE for prefill).
     pace_quantile: float = 0.95
@@ -237,7 +242,10 @@ class Engine:
         if tail_once:  # prefill ticks at their median, a first token's promise with one tick's tail
             quantiles[PREFILL] = min(PREFILL_TICK_QUANTILE, config.prefill_quantile)
 
-        self.pacers = {phase: Pacer(scales[phase] * (1 + config.guard_band_frac), adaptive=config.adaptive_pacing,
+        bands = {phase: config.guard_band_frac for phase in (PREFILL, DECODE, MIXED)}
+        if config.prefill_guard_frac is not None:
+            bands[PREFILL] = config.prefill_guard_frac
+        self.pacers = {phase: Pacer(scales[phase] * (1 + bands[phase]), adaptive=config.adaptive_pacing,
                                     margin=config.guard_band_frac if config.pace_margin is None else config.pace_margin,
                                     quantile=quantiles[phase],
                                     min_samples=PACE_SAMPLES[phase], every=min(64, PACE_SAMPLES[phase]),

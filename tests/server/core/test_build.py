@@ -24,5 +24,11 @@ def test_a_band_measured_at_start_paces_only_the_first_ticks(band):
             assert cfg.guard_band_frac == band and cfg.pace_margin is None
         assert engine.pacers["decode"].margin == (MIN_GUARD if band is None else band)
         assert engine.pacers["decode"].factor == pytest.approx(scale * (1 + cfg.guard_band_frac))
+        if band is None:  # the first prefill ticks: the measured jitter, not the decode ticks' floor
+            assert MIN_GUARD <= cfg.prefill_guard_frac <= MAX_GUARD
+        else:
+            assert cfg.prefill_guard_frac is None
+        prefill_band = cfg.guard_band_frac if cfg.prefill_guard_frac is None else cfg.prefill_guard_frac
+        assert engine.pacers["prefill"].factor == pytest.approx((cfg.prefill_scale or scale) * (1 + prefill_band))
     finally:
         executor.close()
