@@ -5,7 +5,8 @@ wall seconds. The factor starts as the measured time scale x (1 + the guard band
 fixed margin of the first ticks; from then on it follows this host (a slowdown at once:
 `fast_window`); every `every` ticks
 it is re-estimated as the `quantile` of measured / program step time over the last
-`window` ticks, plus `margin`, and replaced when it moved by more than `tolerance`
+`window` ticks, plus `margin`, and replaced when it moved by more than `tolerance` (the
+first estimate from its own ticks always: the start-up factor is a guess)
 (a faster host so within `window` + `every` ticks)
 (a re-pace: counted and exported). So a step overruns its tick rarely (less than
 1 - quantile of the time, the margin absorbing most of that tail), whether the host drifted slower (its memory bandwidth moves 25-41 GB/s here from
