@@ -52,7 +52,7 @@ from protos.inference import model_config_pb2 as mc
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.frontend.api import Malformed, Refused, _client_ending, _lenient, promise_metadata, replica_metadata
 from server.frontend.textrun import TextRun
-from server.frontend.validate import BadRequest, Limits, parse_request, quote
+from server.frontend.validate import BadRequest, Limits, float32_change, parse_request, quote
 
 PROTOCOL = "kserve"  # the `protocol` label of this door's request metrics
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -436,6 +436,9 @@ class KServeService:
         if found.get("stream") and not streaming:
             raise Invalid("input 'stream': true needs ModelStreamInfer (ModelInfer answers once)")
         s = sampling(found, req.parameters)
+        for key in ("temperature", "top_p"):
+            if key in s and (why := float32_change(s[key])):
+                raise Invalid(f"sampling_parameters.{key}: {why}")
         checked = _Request(req, _text("text_input", found["text_input"]), found, streaming)  # before tokenizing
         g = pb.GenerateRequest(text=checked.prompt_text, max_tokens=s.get("max_tokens", 16),
                                request_id=req.id, stop=s.get("stop", ()), stop_token_ids=s.get("stop_token_ids", ()))

@@ -35,7 +35,7 @@ from server.frontend.api import Refused, replica_metadata
 from server.frontend.httpd import RECEIVED_KEY
 from server.frontend.textrun import TextRun
 from server.frontend.tokenizer import ChatTemplate
-from server.frontend.validate import BadRequest, Limits, parse_request
+from server.frontend.validate import BadRequest, Limits, float32_change, parse_request
 
 # gRPC status of a refusal or a bad request -> (HTTP status, OpenAI error type)
 _HTTP = {
@@ -112,6 +112,13 @@ def _number(body: dict, name: str, default, kind=float):
         raise _bad(f"{name}: must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)[:40]}", name)
     if isinstance(value, float) and not math.isfinite(value):
         raise _bad(f"{name}: must be finite", name)
+    if kind is float:  # temperature, top_p: float32 fields of the native request
+        try:
+            why = float32_change(float(value))
+        except OverflowError:  # an integer past the doubles
+            why = f"{str(value)[:40]} is out of range"
+        if why:
+            raise _bad(f"{name}: {why}", name)
     return value
 
 

@@ -10,6 +10,8 @@ See docs/security.md for the limits and why they are what they are.
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 
 import grpc
@@ -55,6 +57,25 @@ class Parsed:
 def quote(s: str, n: int = QUOTE_CHARS) -> str:
     """`s` for an error message: repr of at most n characters, and the full length if cut."""
     return repr(s) if len(s) <= n else f"{s[:n]!r}... ({len(s)} characters)"
+
+
+def float32_change(v: float) -> str:
+    """How a float a door read as a double (JSON: the OpenAI and KServe doors) would change in
+    the native request's float32 fields (sampling.temperature, top_p), or "" if it would not
+    change class: a nonzero value below float32's range arrives as 0, which means greedy
+    (temperature) or unset (top_p), and a finite one above it as infinity. The range checks
+    run on the float32, so such a value would pass as another."""
+    if not math.isfinite(v):
+        return ""  # NaN and infinities stay themselves: the range checks refuse them
+    try:
+        narrowed = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # past float32's largest (some Pythons raise, others round to infinity)
+        narrowed = math.inf
+    if math.isinf(narrowed):
+        return f"{v!r} is past the float32 range (the wire type): it would arrive as infinity"
+    if v != 0.0 and narrowed == 0.0:
+        return f"{v!r} is below the float32 range (the wire type): it would arrive as 0"
+    return ""
 
 
 def _invalid(message: str) -> BadRequest:

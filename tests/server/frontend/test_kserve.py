@@ -476,6 +476,18 @@ def test_every_malformed_request_gets_a_named_error_and_the_server_goes_on(tiny,
     assert after["running"] == before["running"] == 0 and after["queue_length"] == 0
 
 
+@pytest.mark.parametrize("key, value", [("temperature", 2.9304163522946516e-240), ("top_p", 1e-300),
+                                        ("temperature", 1e39)])
+def test_a_double_that_a_float32_field_would_change_is_refused_by_name(tiny, door, key, value):
+    """The door reads sampling_parameters as doubles; the engine's request holds float32: a
+    temperature of 2.93e-240 would arrive as 0 and sample greedily (hypothesis found it)."""
+    req = _valid()
+    req.raw_input_contents[1] = _raw_bytes(json.dumps({"max_tokens": 2, key: value}).encode())
+    with pytest.raises(grpc.RpcError) as err:
+        door.ModelInfer(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"sampling_parameters.{key}" in err.value.details()
+
+
 def test_after_malformed_requests_the_door_still_answers(tiny):
     for payload, code in ((b"\xff\x00garbage", grpc.StatusCode.INVALID_ARGUMENT), (b"", grpc.StatusCode.NOT_FOUND)):
         with pytest.raises(grpc.RpcError) as err:

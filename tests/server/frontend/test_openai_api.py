@@ -174,6 +174,11 @@ def test_a_stop_string_ends_the_text_before_it(tiny):
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 2}, 400, "top_p"),
+    # Doubles that a float32 field would turn into 0 (greedy, unset) or infinity.
+    ({"prompt": "x", "temperature": 2.93e-240}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 1e-300}, 400, "top_p"),
+    ({"prompt": "x", "temperature": 1e39}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 10**400}, 400, "temperature"),
     ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "stop": [1, 2]}, 400, "stop"),

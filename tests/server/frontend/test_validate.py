@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from server.runtime.sampling import MIN_TEMPERATURE
 from server.frontend.tokenizer import ByteTokenizer
-from server.frontend.validate import QUOTE_CHARS, BadRequest, Limits, parse_request
+from server.frontend.validate import QUOTE_CHARS, BadRequest, Limits, float32_change, parse_request
 
 LIMITS = Limits(max_tokens=200, max_prompt_tokens=255, vocab_size=512, max_context=256)
 TOKENIZER = ByteTokenizer(512)
@@ -53,6 +53,15 @@ def test_every_float32_temperature_is_either_served_or_refused_by_name(t):
         assert exc.args[0].startswith("sampling.temperature")
     else:
         assert p.sampling.temperature == 0.0 or 0.0099 < p.sampling.temperature <= 100.0
+
+
+@given(st.floats())
+def test_a_double_is_flagged_exactly_when_a_float32_field_would_change_its_class(v):
+    """The JSON doors read doubles; the native request's temperature and top_p are float32:
+    a nonzero double that would arrive as 0, or a finite one as infinity, is flagged."""
+    narrowed = pb.SamplingParams(temperature=v).temperature
+    changed = (v != 0.0 and narrowed == 0.0) or (abs(v) < float("inf") and abs(narrowed) == float("inf"))
+    assert bool(float32_change(v)) == changed
 
 
 @given(st.floats(width=32))
