@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from client.client import temperature_arg
 from client.connect import add_security_args, security_from_args
 from protos.lockstep.v1 import lockstep_pb2 as pb
 from protos.lockstep.v1 import lockstep_pb2_grpc as pb_grpc
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True, help="host:port of `lockstep serve`")
     p.add_argument("--folder", required=True, type=Path, help="the model's checkpoint folder (tokenizer, chat template)")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=temperature_arg, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("questions", nargs="+")
     add_security_args(p)

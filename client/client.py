@@ -108,6 +108,29 @@ class Generation:
         return statistics.fmean(gaps) if gaps else 0.0
 
 
+def temperature_arg(text: str) -> float:
+    """argparse type of `--temperature`: 0 (greedy) or in [0.01, 100] as the server serves it
+    (server/runtime/sampling.py), checked here as the float32 the request carries: NaN,
+    infinities, and a double a float32 would turn into 0 (greedy) are refused at once
+    (exit 2), not sent."""
+    import argparse
+    import struct
+
+    from server.runtime.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
+    try:
+        wire = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        wire = float("inf")
+    if not (value == 0.0 or MIN_TEMPERATURE <= wire <= MAX_TEMPERATURE):  # NaN fails it too
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or in [0.01, {MAX_TEMPERATURE:g}], got {text[:40]}")
+    return value
+
+
 def build_request(prompt: str | list[int], max_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 0.0, seed: int = 0, stop=(), stop_token_ids=(), request_id: str = "",
                   model: str = "") -> pb.GenerateRequest:

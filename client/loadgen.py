@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.aio import AsyncLockstepClient
-from client.client import LockstepError, NotReady
+from client.client import LockstepError, NotReady, temperature_arg
 from client.connect import add_security_args, security_from_args
 from client.report import RequestRecord, run_rates, summarize
 
@@ -212,7 +212,7 @@ def add_load_args(p, target_required: bool = True) -> None:
                    help="max_tokens per request: N, normal:MEAN:STD or uniform:LO:HI")
     p.add_argument("--output-len-dist", dest="output_len", type=LengthDist.parse, help="alias of --output-len")
     p.add_argument("--seed", type=int, default=0, help="seeds lengths, prompts, arrivals and sampling")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=temperature_arg, default=0.0)
     p.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=200ms,tpot=20ms (for goodput)")
     p.add_argument("--request-timeout-s", type=float, default=120.0)
     p.add_argument("--connect-timeout-s", type=float, default=30.0)
