@@ -15,28 +15,11 @@ START_GUARD) and follows the served steps after 128 decode ticks (4 requests her
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 from pathlib import Path
 
 import peer_vllm  # bench/peer_vllm.py: a script's own folder is on sys.path
-
-
-def stream(base: str) -> None:
-    host, port = base.split("//")[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    body = json.dumps({"model": peer_vllm.MODEL, "prompt": peer_vllm.PROMPT, "max_tokens": peer_vllm.OUTPUT_TOKENS,
-                       "temperature": 0, "stream": True, "ignore_eos": True})
-    try:
-        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-        while resp.readline():
-            pass
-    finally:
-        conn.close()
 
 
 def main() -> int:
@@ -50,7 +33,8 @@ def main() -> int:
     proc, base, _ = peer_vllm.start_lockstep(["--tick-log", str(log), *serve_flags], args.out / "serve.log")
     try:
         for _ in range(args.requests):
-            stream(base)
+            if (rec := peer_vllm.one(base)).error:  # the peer bench's own streaming client
+                raise RuntimeError(rec.error)
     finally:
         peer_vllm.stop(proc)
     lines = [json.loads(x) for x in log.read_text().splitlines()]

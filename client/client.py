@@ -114,7 +114,6 @@ def temperature_arg(text: str) -> float:
     infinities, and a double a float32 would turn into 0 (greedy) are refused at once
     (exit 2), not sent."""
     import argparse
-    import struct
 
     from server.runtime.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -122,10 +121,7 @@ def temperature_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
-    try:
-        wire = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        wire = float("inf")
+    wire = pb.SamplingParams(temperature=value).temperature  # the float32 the request carries
     if not (value == 0.0 or MIN_TEMPERATURE <= wire <= MAX_TEMPERATURE):  # NaN fails it too
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or in [0.01, {MAX_TEMPERATURE:g}], got {text[:40]}")
     return value

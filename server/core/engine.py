@@ -346,12 +346,9 @@ class Engine:
         if snapshot.tick_s is not None:
             snapshot.tick_s = ticks.__getitem__
         tail = tails.get if self.config.deterministic and tails else None
-        if in_flight is None:
-            ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, tail_s=tail)
-        else:
-            plan, began = in_flight
-            ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False,
-                                        in_flight=plan, elapsed_s=time.perf_counter() - began, tail_s=tail)
+        plan, began = in_flight or (None, now)
+        ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
+                                    elapsed_s=time.perf_counter() - began, tail_s=tail)
         return ttft + cold, e2e + cold
 
     def cold_s(self, now: float) -> float:

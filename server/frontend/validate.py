@@ -11,7 +11,6 @@ See docs/security.md for the limits and why they are what they are.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import grpc
@@ -67,10 +66,7 @@ def float32_change(v: float) -> str:
     run on the float32, so such a value would pass as another."""
     if not math.isfinite(v):
         return ""  # NaN and infinities stay themselves: the range checks refuse them
-    try:
-        narrowed = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:  # past float32's largest (some Pythons raise, others round to infinity)
-        narrowed = math.inf
+    narrowed = pb.SamplingParams(temperature=v).temperature  # what the field itself keeps
     if math.isinf(narrowed):
         return f"{v!r} is past the float32 range (the wire type): it would arrive as infinity"
     if v != 0.0 and narrowed == 0.0:
