@@ -534,3 +534,47 @@ def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     fast._cold_spells.append(0.030)
     with fast._lock:
         assert fast.cold_s(time.perf_counter() + 1.0) == 0.0
+
+
+def test_arrivals_taken_in_before_a_first_token_closes_the_window_join_its_group():
+    """A compiled step holds the GIL, so the core process reads arrivals queued during a
+    group's first prefill step only after it: the engine calls `before_window_close` before
+    that tick's first token closes the window, and what it takes in joins the group (one
+    promise: company's cadence for both), not the queue behind a lone stream."""
+    import threading
+
+    from server.core.engine import Finished, Request
+    from server.runtime.executor import LocalExecutor
+    from server.runtime.sampling import GREEDY
+    from server.runtime.stage import plan_from_program
+    from tests.server.helpers import random_prompt
+
+    engine = Engine(LocalExecutor(plan_from_program(VIEW, seed=0)), VIEW, replace(EXACT, admission_window_s=5.0))
+    done = threading.Semaphore(0)
+
+    def emit(item, tick, t):
+        if isinstance(item, Finished):
+            done.release()
+
+    first, late = (Request(str(i), random_prompt(8, seed=i), 4, GREEDY, frozenset(), emit) for i in range(2))
+    calls = []
+
+    def take_in():
+        calls.append(engine.window_closes_at())
+        with engine._lock:
+            assert engine.submit_windowed(late)  # the window is still open: it joins
+
+    engine.before_window_close = take_in
+    with engine._lock:
+        assert engine.submit_windowed(first)
+    engine.start()
+    try:
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert len(calls) == 1 and calls[0] is not None
+    assert late.seq.group == first.seq.group
+    keys = VIEW.key_buckets[0]
+    company = max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys))
+    assert [first.predicted_tpot_s, late.predicted_tpot_s] == pytest.approx([company] * 2)
