@@ -25,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +40,17 @@ from torch import nn
 
 from server.runtime.model import HALF_ROW_BLOCK, SparseMoE, StageModel, apply_rope, rope_tables
 
+log = logging.getLogger("lockstep.compiled")
+REPO = Path(__file__).resolve().parents[2]
+
 
 # Bump when StepGraph's computation or INDUCTOR_OPTIONS change: cached packages (and the
 # calibrations of compiled steps, server/programs.py) of older code are not used.
 # 2: linears autotuned between the GEMM template and ATen's kernels; 3: no autotuning;
 # 4: q, k, v and gate, up as one linear each, q rotated before the scores; 5: half-precision
-# steps in blocks of at most 32 tokens (`run_blocked`: a 64-token step's time changes).
-COMPILED_VERSION = 5
+# steps in blocks of at most 32 tokens (`run_blocked`: a 64-token step's time changes); 6:
+# half-precision steps past 32 tokens in one call of a second package (WIDE_PACK_ROWS).
+COMPILED_VERSION = 6
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "compiled"
 # Inductor's own cache (FX graphs, generated C++, its objects: 250-500 MB a build of
 # smollm2-135m) goes to TORCHINDUCTOR_CACHE_DIR, by default $TMPDIR/torchinductor_<user>,
@@ -66,6 +73,22 @@ OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 # and 3.6x (bf16) slower. `build` still checks each package's rows for batch invariance
 # before it serves (`_invariance`).
 INDUCTOR_OPTIONS = {"freezing": True}
+
+# Half-precision steps past HALF_ROW_BLOCK tokens (docs/compiled-steps.md, "Wide steps").
+# oneDNN picks a bf16 matmul's kernel from the row count and from the layout its weight was
+# packed in, and Inductor packs frozen weights for the traced row count (TRACED_TOKENS):
+# packed so, a row's bits change past 32 rows, so steps ran in blocks of 32 tokens, each a
+# whole pass over the weights (a 64-token prefill 1.9x a 32-token one). Packed for one row
+# (WIDE_PACK_ROWS), every linear of smollm2-135m gave each row the bits it has alone at
+# every row count up to 128 (the 1536-input down_proj moved past 130-150; the others were
+# checked to 512), and the same bits as the narrow packing at up to 32 rows (this host, 1
+# and 2 threads, torch 2.13). But the one-row packing runs a decode step 12% slower (18.5
+# against 16.4 ms at batch 1, in the package). So a stage has two packages of the same
+# graph: the narrow one for steps of up to HALF_ROW_BLOCK tokens, the wide one for larger
+# steps, in calls of at most WIDE_ROWS tokens; `build` checks that a row's bits are the same
+# in both before they serve, else the narrow one serves in blocks as before.
+WIDE_PACK_ROWS = 1
+WIDE_ROWS = 128
 
 
 class StepGraph(nn.Module):
@@ -155,9 +178,10 @@ def weights_digest(model: StageModel) -> str:
     return digest.hexdigest()
 
 
-def package_key(model: StageModel, weights: str) -> str:
+def package_key(model: StageModel, weights: str, pack_rows: int = 0) -> str:
+    """`pack_rows`: the row count half-precision weights are packed for (0: the traced one)."""
     spec = model.spec
-    shape = {"version": COMPILED_VERSION, "weights": weights, "torch": torch.__version__,
+    shape = {"version": COMPILED_VERSION, "weights": weights, "torch": torch.__version__, "pack_rows": pack_rows,
              "cpu": torch.backends.cpu.get_cpu_capability(), "layers": [model.start, model.end],
              "dtype": str(model.cache_k.dtype), "cache": list(model.cache_k.shape), "options": INDUCTOR_OPTIONS,
              "traced_tokens": TRACED_TOKENS,
@@ -190,9 +214,10 @@ def block_caches(model: StageModel) -> list[torch.Tensor]:
 class CompiledStage:
     """A stage's package, loaded, with the KV cache it writes (the eager model's buffers)."""
 
-    def __init__(self, runner, model: StageModel, path: Path, seconds: float, cached: bool):
+    def __init__(self, runner, model: StageModel, path: Path, seconds: float, cached: bool, wide=None):
         self.runner, self.model, self.path = runner, model, path
         self.seconds, self.cached = seconds, cached  # compile (or load) time; whether it came from disk
+        self.wide = wide  # half precision: the package for steps past HALF_ROW_BLOCK tokens, or None
         self.caches = block_caches(model)
 
     @classmethod
@@ -202,19 +227,28 @@ class CompiledStage:
         if why:
             return why
         start = time.perf_counter()
+        half = model.cache_k.dtype != torch.float32
         try:
-            path = CACHE_DIR / f"{package_key(model, weights_digest(model))}.pt2"
-            cached = path.exists()
+            digest = weights_digest(model)
+            path = CACHE_DIR / f"{package_key(model, digest)}.pt2"
+            wide_path = CACHE_DIR / f"{package_key(model, digest, WIDE_PACK_ROWS)}.pt2" if half else None
+            cached = path.exists() and (wide_path is None or wide_path.exists())
             if not cached:
-                _compile(model, path)
+                _compile(model, {p: rows for p, rows in ((path, 0), (wide_path, WIDE_PACK_ROWS))
+                                 if p is not None and not p.exists()})
             runner = _load(path)
-            varies = _invariance(runner, model)
+            wide = _load(wide_path) if half and wide_path.exists() else None
+            varies = _invariance(runner, model, wide)
+            if wide is not None and varies:
+                log.warning("wide steps off (blocks of %d tokens instead): %s", HALF_ROW_BLOCK, varies)
+                wide = None
+                varies = _invariance(runner, model)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means eager, with its reason
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return f"compilation failed ({type(exc).__name__}: {first[:200]})"
         if varies:
             return varies
-        return cls(runner, model, path, time.perf_counter() - start, cached)
+        return cls(runner, model, path, time.perf_counter() - start, cached, wide)
 
     @torch.inference_mode()
     def __call__(self, x, positions, write_slots, attend, last_index):
@@ -223,10 +257,11 @@ class CompiledStage:
         keys = max(k for _, k, _, _ in attend)  # the step's widest key bucket: every row's keys fit
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
         hidden = torch.arange(keys, device=positions.device)[None, :] > positions[:, None]  # [N, L]
-        return run_blocked(self.runner, model, x, positions, write_slots, last_index, cos, sin, hidden, self.caches)
+        return run_blocked(self.runner, model, x, positions, write_slots, last_index, cos, sin, hidden, self.caches,
+                           self.wide)
 
 
-def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos, sin, hidden, caches):
+def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos, sin, hidden, caches, wide=None):
     """The package over a step's N tokens; in half precision, over blocks of at most
     HALF_ROW_BLOCK tokens, one call each, in order. oneDNN's bf16 and fp16 linears switch
     kernels above 32 rows, as on the eager path (server/runtime/model.py, HALF_ROW_BLOCK);
@@ -237,13 +272,21 @@ def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos,
     them, and a token attends only to positions up to its own (its slice's earlier tokens, or
     earlier steps'), so each token sees the keys of one whole call: the same result. N is a
     multiple of ROW_MULTIPLE (server/runtime/step.py), so every block has at least 4 tokens.
+    With `wide` (the package of WIDE_PACK_ROWS, whose rows have the same bits at any row
+    count up to WIDE_ROWS: CompiledStage.build), a step past HALF_ROW_BLOCK tokens runs on it
+    in calls of at most WIDE_ROWS tokens instead.
     Returns the last stage's logits [R, V] in `last_index` order, or hidden [N, h]."""
     n = x.shape[0]
     if model.cache_k.dtype == torch.float32 or n <= HALF_ROW_BLOCK:
         return runner(x, positions, slots, last_index, cos, sin, hidden, caches)
+    block = HALF_ROW_BLOCK
+    if wide is not None:
+        runner, block = wide, WIDE_ROWS
+        if n <= block:
+            return runner(x, positions, slots, last_index, cos, sin, hidden, caches)
     outs, picks = [], []
-    for start in range(0, n, HALF_ROW_BLOCK):
-        end = min(n, start + HALF_ROW_BLOCK)
+    for start in range(0, n, block):
+        end = min(n, start + block)
         mine = ((last_index >= start) & (last_index < end)).nonzero().flatten()  # positions in last_index
         local = last_index[mine] - start
         # The package takes at least 2 logit rows (its traced "rows" dimension) and 2 tokens.
@@ -283,38 +326,42 @@ def _load(path: Path):
 
 
 @torch.inference_mode()
-def _invariance(runner, model: StageModel) -> str:
+def _invariance(runner, model: StageModel, wide=None) -> str:
     """"" if every token's output row is bitwise the same whatever else its step holds: a
-    token alone (4 token rows, 3 of them padding) and beside a 63-token prompt slice in
-    another slot (64 rows: past the 32 rows where oneDNN's half-precision kernels change),
-    and the slice's first 32 rows there and in a step of their own; else why not. Run as
-    served (`run_blocked`), on scratch caches. A single row is not enough: bf16 rounding hid
-    a kernel switch in most rows (one host's package changed 2 rows of a 32-token slice)."""
+    token alone (4 token rows, 3 of them padding) and beside a prompt slice in another slot
+    (n = 64 rows, past the 32 rows where oneDNN's half-precision kernels change; with a
+    `wide` package, WIDE_ROWS); the slice's first 32 rows there and in a step of their own;
+    the slice but its last 3 tokens there and alone; else why not. Run as served
+    (`run_blocked`), on scratch caches. A single row is not enough: bf16 rounding hid a
+    kernel switch in most rows (one host's package changed 2 rows of a 32-token slice)."""
     spec, dtype = model.spec, model.cache_k.dtype
+    n = min(WIDE_ROWS if wide is not None else 64, (model.cache_k.shape[-2] - 1) // 4 * 4)
     caches = [torch.zeros_like(c) for c in block_caches(model)]
     gen = torch.Generator().manual_seed(0)
     if model.has_embed:
-        tokens = torch.randint(spec.vocab_size, (64,), generator=gen)
+        tokens = torch.randint(spec.vocab_size, (n,), generator=gen)
     else:
-        tokens = torch.randn(64, spec.hidden_size, generator=gen).to(dtype)
+        tokens = torch.randn(n, spec.hidden_size, generator=gen).to(dtype)
     slot, other = 0, (1 if model.scratch_slot > 1 else model.scratch_slot)  # the slice: another slot
 
     def step(ids, positions, slots):
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, dtype)
-        hidden = torch.arange(128)[None, :] > positions[:, None]
+        hidden = torch.arange(n)[None, :] > positions[:, None]
         for c in caches:
             c.zero_()
         rows = torch.arange(len(ids))  # every token's row (logits, or the hidden state it hands on)
         return run_blocked(runner, model, tokens[ids].clone(), positions, slots, rows, cos, sin, hidden,
-                           caches).clone()
+                           caches, wide).clone()
 
     scratch = model.scratch_slot
     alone = step(torch.arange(4), torch.tensor([5, 0, 0, 0]), torch.tensor([slot, scratch, scratch, scratch]))
-    mixed = step(torch.arange(64), torch.cat([torch.tensor([5]), torch.arange(63)]),
-                 torch.tensor([slot] + [other] * 63))
+    mixed = step(torch.arange(n), torch.cat([torch.tensor([5]), torch.arange(n - 1)]),
+                 torch.tensor([slot] + [other] * (n - 1)))
     own = step(torch.arange(1, 33), torch.arange(32), torch.full((32,), other))  # the slice's first 32 alone
+    most = step(torch.arange(1, n - 3), torch.arange(n - 4), torch.full((n - 4,), other))
     for a, b, what in ((alone[:1], mixed[:1], "a token alone and beside a prompt slice"),
-                       (own, mixed[1:33], "a prompt slice alone and beside a token")):
+                       (own, mixed[1:33], "a prompt slice alone and beside a token"),
+                       (most, mixed[1:n - 3], f"a {n - 4}-token prompt slice alone and beside a token")):
         if not torch.equal(a, b):
             return (f"a row's result changes with the step's row count in this package ({what}: max difference "
                     f"{(a.float() - b.float()).abs().max().item():.3g}), so the kernels Inductor picked on this "
@@ -322,7 +369,13 @@ def _invariance(runner, model: StageModel) -> str:
     return ""
 
 
-def _compile(model: StageModel, path: Path) -> None:
+def _compile(model: StageModel, paths: dict[Path, int]) -> None:
+    """Build the stage's package at each path, its half-precision weights packed for that
+    row count (0: the traced one; WIDE_PACK_ROWS). The graph is exported once; with two
+    packages, the export is saved and a child process builds the last one beside this one
+    (a build is mostly single-threaded Python: smollm2-135m's two took 71 s at once on
+    this 2-core host, 108 s one after the other, 55-62 s for one alone). Packages that fail in the child are not written
+    (their reason on its stderr); the caller goes on without them."""
     from torch.export import Dim
 
     n, rows = Dim("tokens", min=2, max=1 << 16), Dim("rows", min=2, max=1 << 16)
@@ -334,15 +387,65 @@ def _compile(model: StageModel, path: Path) -> None:
             [None] * (2 * len(model.block_ids)))
     caches = [torch.zeros_like(c) for c in block_caches(model)]
     graph = StepGraph(model).eval()
-    with torch.no_grad():
+    folder = next(iter(paths)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs, child = list(paths.items()), None
+    with torch.no_grad(), tempfile.TemporaryDirectory(dir=folder) as tmp:
         exported = torch.export.export(graph, (*example_inputs(model), caches), dynamic_shapes=dims)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # whole or absent: a crash leaves no half package
-            partial = Path(tmp) / path.name
-            with _inductor_cache(Path(tmp) / "inductor"):
-                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                         inductor_configs=dict(INDUCTOR_OPTIONS))
-            os.replace(partial, path)
+        try:
+            if len(jobs) > 1:
+                saved = Path(tmp) / "exported.pt2"
+                torch.export.save(exported, saved)
+                (path, pack_rows), jobs = jobs[-1], jobs[:-1]
+                # The child's Inductor cache as this process's (torch sets the variable at its
+                # first compile: inherited, it would read as the operator's, and stay behind).
+                env = {k: v for k, v in os.environ.items() if OWN_INDUCTOR_CACHE or k != "TORCHINDUCTOR_CACHE_DIR"}
+                child = subprocess.Popen([sys.executable, "-m", "server.runtime.compiled", str(saved), str(path),
+                                          str(pack_rows)], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+            for path, pack_rows in jobs:
+                _package(exported, path, pack_rows)
+            if child is not None and child.wait() != 0:
+                log.warning("the package for %d-row packing was not built (exit %d; its error above)",
+                            pack_rows, child.returncode)
+        finally:
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _package(exported, path: Path, pack_rows: int) -> None:
+    """AOTInductor's package of `exported` at `path` (whole or absent: a crash leaves no half
+    package), weights packed for `pack_rows` (`_pack_for_rows`)."""
+    with torch.no_grad(), tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp) / path.name
+        with _inductor_cache(Path(tmp) / "inductor"), _pack_for_rows(pack_rows):
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                     inductor_configs=dict(INDUCTOR_OPTIONS))
+        os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _pack_for_rows(rows: int):
+    """Inductor's freezing packs each half-precision linear's weight for the traced row count
+    (TRACED_TOKENS); within this context, for `rows` (WIDE_PACK_ROWS: see there; 0: as
+    traced). Inductor has no option for it, so its CPU pass
+    (mkldnn_fusion.CpuMkldnnDeviceOp.pack_linear_weight) is wrapped for the build."""
+    if not rows:
+        yield
+        return
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    cls = mkldnn_fusion.CpuMkldnnDeviceOp
+    original = cls.pack_linear_weight
+
+    def pack_linear_weight(self, graph, is_lp_weight, transpose_weight_node, batch_size):
+        return original(self, graph, is_lp_weight, transpose_weight_node, rows if is_lp_weight else batch_size)
+
+    cls.pack_linear_weight = pack_linear_weight
+    try:
+        yield
+    finally:
+        cls.pack_linear_weight = original
 
 
 def _inductor_cache(folder: Path):
@@ -353,3 +456,7 @@ def _inductor_cache(folder: Path):
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     return temporary_cache_dir(str(folder))
+
+
+if __name__ == "__main__":  # `_compile`'s child: python -m server.runtime.compiled EXPORTED PACKAGE PACK_ROWS
+    _package(torch.export.load(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

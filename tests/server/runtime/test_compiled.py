@@ -57,6 +57,37 @@ def test_compiled_steps_compute_what_the_eager_ones_do(compiled_plans, model):
         assert fast.out == slow.out
 
 
+def test_half_precision_steps_past_32_tokens_run_on_the_wide_package_with_the_same_bits(compiled_plans):
+    """bf16: a step of more than HALF_ROW_BLOCK tokens runs on the package packed for one row,
+    in one call, and each row gets exactly what the narrow package gives it in blocks of 32
+    (what served it before, and what serves when the wide one fails the build's check)."""
+    stage = LocalExecutor(compiled_plans["wide-bf16"]).runners[0].compiled
+    assert stage.wide is not None  # passed the build's check on this host
+    calls = []
+
+    def wide(*args):
+        calls.append(args[0].shape[0])
+        return stage.wide(*args)
+
+    model = stage.model
+    n = 96
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(model.spec.vocab_size, (n,), generator=gen)
+    positions = torch.arange(n)
+    slots = torch.zeros(n, dtype=torch.int64)
+    cos, sin = compiled.rope_tables(model.rope_inv_freq, model.rope_scale, positions, model.cache_k.dtype)
+    hidden = torch.arange(128)[None, :] > positions[:, None]
+    rows = torch.arange(n)
+    runs = []
+    for runner in (wide, None):
+        for c in stage.caches:
+            c.zero_()
+        runs.append(compiled.run_blocked(stage.runner, model, x, positions, slots, rows, cos, sin, hidden,
+                                         stage.caches, runner).clone())
+    assert calls == [n]
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_a_second_build_loads_the_package_from_disk(compiled_plans):
     first = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
     again = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
@@ -121,8 +152,10 @@ def test_a_build_leaves_nothing_in_inductors_cache_unless_the_operator_chose_one
     default = tmp_path / "torchinductor_default"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(default))  # where torch would write (it sets the variable)
     monkeypatch.setattr(compiled, "OWN_INDUCTOR_CACHE", False)
-    compiled._compile(model, tmp_path / "own" / "step.pt2")
-    assert (tmp_path / "own" / "step.pt2").is_file() and [p.name for p in (tmp_path / "own").iterdir()] == ["step.pt2"]
+    # Two packages: the second built by a child process from the saved export, beside the first.
+    compiled._compile(model, {tmp_path / "own" / "step.pt2": 0, tmp_path / "own" / "wide.pt2": compiled.WIDE_PACK_ROWS})
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["step.pt2", "wide.pt2"]
+    assert all(p.stat().st_size > 0 for p in (tmp_path / "own").iterdir())
     assert not default.exists() or not any(default.iterdir())
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(default)
     monkeypatch.setattr(compiled, "OWN_INDUCTOR_CACHE", True)  # the operator's: the build writes there, untouched
