@@ -374,8 +374,9 @@ def _compile(model: StageModel, paths: dict[Path, int]) -> None:
     row count (0: the traced one; WIDE_PACK_ROWS). The graph is exported once; with two
     packages, the export is saved and a child process builds the last one beside this one
     (a build is mostly single-threaded Python: smollm2-135m's two took 71 s at once on
-    this 2-core host, 108 s one after the other, 55-62 s for one alone). Packages that fail in the child are not written
-    (their reason on its stderr); the caller goes on without them."""
+    this 2-core host, 108 s one after the other, 55-62 s for one alone). A package that
+    fails in the child is not written (its reason on the child's stderr); the caller goes
+    on without it."""
     from torch.export import Dim
 
     n, rows = Dim("tokens", min=2, max=1 << 16), Dim("rows", min=2, max=1 << 16)
@@ -396,17 +397,18 @@ def _compile(model: StageModel, paths: dict[Path, int]) -> None:
             if len(jobs) > 1:
                 saved = Path(tmp) / "exported.pt2"
                 torch.export.save(exported, saved)
-                (path, pack_rows), jobs = jobs[-1], jobs[:-1]
+                (child_path, child_rows), jobs = jobs[-1], jobs[:-1]
                 # The child's Inductor cache as this process's (torch sets the variable at its
                 # first compile: inherited, it would read as the operator's, and stay behind).
                 env = {k: v for k, v in os.environ.items() if OWN_INDUCTOR_CACHE or k != "TORCHINDUCTOR_CACHE_DIR"}
-                child = subprocess.Popen([sys.executable, "-m", "server.runtime.compiled", str(saved), str(path),
-                                          str(pack_rows)], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+                child = subprocess.Popen([sys.executable, "-m", "server.runtime.compiled", str(saved),
+                                          str(child_path), str(child_rows)], cwd=REPO, env=env,
+                                         stdout=subprocess.DEVNULL)
             for path, pack_rows in jobs:
                 _package(exported, path, pack_rows)
             if child is not None and child.wait() != 0:
-                log.warning("the package for %d-row packing was not built (exit %d; its error above)",
-                            pack_rows, child.returncode)
+                log.warning("%s (weights packed for %d rows) was not built (exit %d; its error above)",
+                            child_path.name, child_rows, child.returncode)
         finally:
             if child is not None and child.poll() is None:
                 child.kill()
