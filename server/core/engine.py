@@ -283,11 +283,6 @@ class Engine:
         # the next step for its delivery; later tokens go out while the engine waits for
         # their promised times (the lock's wait releases the GIL) or ride with the next.
         self.before_step: Callable[[], object] | None = None
-        # Called on the engine thread, no lock held, before a tick that made a window
-        # member's first token closes its admission window: lets the caller take in the
-        # arrivals already at its door (the core process: those queued in its socket while
-        # the step held the GIL), so that they join the group instead of finding it closed.
-        self.before_window_close: Callable[[], object] | None = None
         self._first_out = False  # a tick made a first token since the last `before_step`
         self._stop = False
         self.accepting = True
@@ -669,8 +664,6 @@ class Engine:
         self._last_step_s = measured
         window = self._window  # read once: the core's input thread may close it meanwhile
         if window is not None and self._gives_a_member_its_first_token(plan, window.group):
-            if self.before_window_close is not None:
-                self.before_window_close()
             with self._lock:  # promises before tokens: the window closes now at the latest
                 self.close_window()
         now = time.perf_counter()

@@ -44,14 +44,6 @@ from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal,
                                   Shutdown, Start, Stop, ToCore)
 
 PARENT_CHECK_S = 0.2  # how often the core checks that its front end is still there
-# Before a tick's first token closes an admission window: how long the engine thread lets
-# the input thread take in what is queued (`Core._take_in_arrivals`), seconds. A compiled
-# step holds the GIL, so arrivals that reach the socket during the group's first prefill
-# step are read only after it; the window closed first, and they were admitted behind the
-# lone stream it promised (measured: 7 of a burst of 8, sent 5 ms after the first, waited
-# 600 ms for its 32 tokens and trickled in at 4 prompt tokens a tick: TTFT 0.8-1.3 s).
-TAKE_IN_POLL_S = 0.0005  # a pause that lets the input thread run
-TAKE_IN_MAX_S = 0.003  # at most, however many keep coming
 EXIT_FATAL = 1
 
 
@@ -141,7 +133,6 @@ class Core:
         self.exit_code = 0
         self.device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep-engine")
         self.windowed: dict[int, tuple[int, float | None]] = {}  # id(request) -> (rid, time remaining) of window members
-        self.received = 0  # messages the input thread has taken in (`_take_in_arrivals` watches it)
 
     # -- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -152,7 +143,6 @@ class Core:
         self.engine = engine
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
-        engine.before_window_close = self._take_in_arrivals
         if self.config.send_wait_s > 0:  # a bound (`serve --send-wait-ms`): a stuck send never stalls the engine
             engine.before_step = lambda: self.outbox.flush(self.config.send_wait_s)
         threading.Thread(target=self._send_loop, name="lockstep-core-out", daemon=True).start()
@@ -180,7 +170,6 @@ class Core:
             except msgspec.DecodeError as exc:  # not ours: say so, and stop (the front end is the only peer)
                 self._fatal(f"undecodable message from the front end: {exc}")
                 return
-            self.received += 1
             if isinstance(msg, Admit):
                 self._admit(msg)
             elif isinstance(msg, Cancel):
@@ -196,16 +185,6 @@ class Core:
                 self.engine.stop(msg.timeout_s)  # ends what is left with "shutdown"
                 self._exit(0)
                 return
-
-    def _take_in_arrivals(self) -> None:
-        """On the engine thread, before a first token closes an admission window: sleeps
-        (releasing the GIL) while the input thread keeps taking in messages, TAKE_IN_POLL_S
-        at a time, TAKE_IN_MAX_S at most: arrivals queued during the step join the window."""
-        deadline = time.perf_counter() + TAKE_IN_MAX_S
-        seen = -1
-        while seen != self.received and time.perf_counter() < deadline:
-            seen = self.received
-            time.sleep(TAKE_IN_POLL_S)
 
     def _admit(self, msg: Admit) -> None:
         rid, outbox = msg.rid, self.outbox
