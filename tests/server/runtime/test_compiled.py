@@ -88,6 +88,21 @@ def test_half_precision_steps_past_32_tokens_run_on_the_wide_package_with_the_sa
     assert torch.equal(runs[0], runs[1])
 
 
+def test_a_wide_package_that_fails_the_check_leaves_the_narrow_one_in_blocks(compiled_plans, monkeypatch, caplog):
+    """A wide package whose rows move (on another host, another torch) is dropped with one
+    logged line; the narrow package serves every step, in blocks of HALF_ROW_BLOCK tokens."""
+    real = compiled._invariance
+
+    def check(runner, model, wide=None):
+        return "rows moved" if wide is not None else real(runner, model)
+
+    monkeypatch.setattr(compiled, "_invariance", check)
+    with caplog.at_level("WARNING", logger="lockstep.compiled"):
+        stage = LocalExecutor(compiled_plans["wide-bf16"]).runners[0].compiled
+    assert stage is not None and stage.wide is None
+    assert "wide steps off (blocks of 32 tokens instead): rows moved" in caplog.text
+
+
 def test_a_second_build_loads_the_package_from_disk(compiled_plans):
     first = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
     again = LocalExecutor(compiled_plans["tiny"]).runners[0].compiled
