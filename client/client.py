@@ -6,6 +6,7 @@ back as typed exceptions (`InvalidArgument`, `OutOfRange`, `ResourceExhausted`, 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -113,8 +114,6 @@ def temperature_arg(text: str) -> float:
     (server/runtime/sampling.py), checked here as the float32 the request carries: NaN,
     infinities, and a double a float32 would turn into 0 (greedy) are refused at once
     (exit 2), not sent."""
-    import argparse
-
     from server.runtime.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
     try:

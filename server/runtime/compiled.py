@@ -227,17 +227,17 @@ class CompiledStage:
         if why:
             return why
         start = time.perf_counter()
-        half = model.cache_k.dtype != torch.float32
         try:
             digest = weights_digest(model)
             path = CACHE_DIR / f"{package_key(model, digest)}.pt2"
-            wide_path = CACHE_DIR / f"{package_key(model, digest, WIDE_PACK_ROWS)}.pt2" if half else None
+            wide_path = (CACHE_DIR / f"{package_key(model, digest, WIDE_PACK_ROWS)}.pt2"  # half precision only
+                         if model.cache_k.dtype != torch.float32 else None)
             cached = path.exists() and (wide_path is None or wide_path.exists())
             if not cached:
                 _compile(model, {p: rows for p, rows in ((path, 0), (wide_path, WIDE_PACK_ROWS))
                                  if p is not None and not p.exists()})
             runner = _load(path)
-            wide = _load(wide_path) if half and wide_path.exists() else None
+            wide = _load(wide_path) if wide_path is not None and wide_path.exists() else None
             varies = _invariance(runner, model, wide)
             if wide is not None and varies:
                 log.warning("wide steps off (blocks of %d tokens instead): %s", HALF_ROW_BLOCK, varies)
