@@ -13,7 +13,7 @@ from scheduler.ir import build_ir
 from scheduler.model import ModelSpec, activation_dtype, check_dtype
 from scheduler.placement import OBJECTIVES, build_table, place
 from scheduler.program import SCHEMA_VERSION, Program, ProgramView, Timeline, fingerprint, hash_body
-from scheduler.ticks import key_bucket, key_buckets, slice_sizes
+from scheduler.ticks import MIN_PROMPT_KEYS, key_bucket, key_buckets, slice_sizes
 
 
 @dataclass(frozen=True)
@@ -217,14 +217,15 @@ def _choose_slices(timeline: Timeline, options: CompileOptions, chunk: int, keys
 def _step_table(timeline: Timeline, options: CompileOptions, chunk: int, keys: list[int],
                 slices: dict[int, int]) -> list[dict]:
     """Seconds of every step shape the runtime runs (ticks.StepKey): decode and mixed per
-    bucket and key bucket, prefill per slice shape and key bucket (the slice ending at the
-    bucket's last key)."""
+    bucket and key bucket, prefill per slice shape and key bucket, from MIN_PROMPT_KEYS
+    (the slice ending at the bucket's last key)."""
     time = timeline.step_and_bottleneck_s
     rows = []
     for k in keys:
         for b in options.buckets:
             rows.append(("decode", b, k, 1, *time("decode", b, 1, k - 1)))
             rows.append(("mixed", b, k, slices[b], *time("mixed", b, slices[b], k - 1)))
+    for k in key_buckets(options.max_context, MIN_PROMPT_KEYS):
         rows += [("prefill", 1, k, p, *time("prefill", 1, p, k - p)) for p in slice_sizes(chunk) if p <= k]
     return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s, "bottleneck_s": neck}
             for ph, b, k, t, s, neck in sorted(rows)]

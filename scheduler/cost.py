@@ -46,6 +46,9 @@ class Calibration:
     # The runtime attends to a power-of-two number of keys >= key_bucket_min (0 = exact
     # context), capped at max_context: a decode step costs what its key bucket costs.
     key_bucket_min: int = 0
+    # Prefill steps attend from prompt_key_min keys (ticks.MIN_PROMPT_KEYS; 0: key_bucket_min,
+    # as every step did before it): their chunks at position 0 were measured so.
+    prompt_key_min: int = 0
     max_context: int = 0
     measured: dict = field(default_factory=dict)  # mem_bw_bytes_per_s, and FLOP/s per dtype
 
@@ -66,6 +69,7 @@ class Calibration:
                 raise SpecError(f"calibration 'measured' figures must be positive: {measured}")
             extra = dict(model_fingerprint=str(data.get("model_fingerprint", "")),
                          key_bucket_min=int(data.get("key_bucket_min", 0)),
+                         prompt_key_min=int(data.get("prompt_key_min", 0)),
                          max_context=int(data.get("max_context", 0)), measured=measured)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SpecError):
@@ -84,12 +88,15 @@ class Calibration:
                    for (k, p, b), points in self.table.items() for t, s in points]
         return {"device": self.device, "source": self.source, "entries": entries,
                 "model_fingerprint": self.model_fingerprint, "key_bucket_min": self.key_bucket_min,
+                "prompt_key_min": self.prompt_key_min,
                 "max_context": self.max_context, "measured": self.measured}
 
-    def attended_keys(self, context: int) -> int:
-        if not self.key_bucket_min:
+    def attended_keys(self, context: int, prompt: bool = False) -> int:
+        """Keys a row at `context` attends: in a decode or mixed step; `prompt`: in a prefill step."""
+        least = (self.prompt_key_min or self.key_bucket_min) if prompt else self.key_bucket_min
+        if not least:
             return context
-        keys = max(self.key_bucket_min, 1 << (context - 1).bit_length())
+        keys = max(least, 1 << (context - 1).bit_length())
         return min(keys, self.max_context) if self.max_context else keys
 
     def apply_to(self, device: DeviceSpec) -> DeviceSpec:
@@ -104,29 +111,37 @@ class Calibration:
             changes.update(mem_bw_bytes_per_s=self.measured["mem_bw_bytes_per_s"], memory_efficiency=1.0)
         return dataclasses.replace(device, **changes)
 
-    def history_per_token(self, kind: str, end: int) -> float | None:
-        """Seconds a prompt token ending at context `end` spends attending the earlier
-        tokens, beyond what one at position 0 of the largest measured chunk spends: from the
-        history points (that chunk ending at longer key buckets), per token of the chunk.
-        None without history points (older calibrations: the analytic estimate applies)."""
-        chunks = self.table.get((kind, "prefill", 1))
-        if not chunks or not self.table.get((kind, "history", 1)):
+    def history_per_token(self, kind: str, end: int, own: int = 0, prompt: bool = True) -> float | None:
+        """Seconds a prompt token ending at context `end` spends attending keys beyond `own`
+        (the keys its measured step attended; 0: those of the largest measured chunk at
+        position 0), from the history points (that chunk ending at longer key buckets),
+        linear in keys between them and that chunk at position 0, per token of the chunk.
+        `prompt`: the token is in a prefill step (else a mixed one). None without history
+        points (older calibrations: the analytic estimate applies)."""
+        chunks, history = self.table.get((kind, "prefill", 1)), self.table.get((kind, "history", 1))
+        if not chunks or not history:
             return None
         tokens, first = chunks[-1]
-        if self.attended_keys(end) <= self.attended_keys(tokens):
+        base = self.attended_keys(tokens, prompt=True)
+        keys, own = self.attended_keys(end, prompt), own or base
+        if keys <= own:
             return 0.0
-        return max(self.lookup(kind, "history", 1, self.attended_keys(end)) - first, 0.0) / tokens
+        points = sorted({base: first, **{k: s for k, s in history if k > base}}.items())
+        return max(_interpolate(points, keys) - _interpolate(points, own), 0.0) / tokens
 
     def lookup(self, kind: str, phase: str, batch: int, tokens: int) -> float | None:
         points = self.table.get((kind, phase, batch))
-        if not points:
-            return None
-        if len(points) == 1:
-            return points[0][1]
-        xs = [p[0] for p in points]
-        i = min(max(bisect.bisect_left(xs, tokens), 1), len(points) - 1)
-        (x0, y0), (x1, y1) = points[i - 1], points[i]
-        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0) if x1 != x0 else y1
+        return _interpolate(points, tokens) if points else None
+
+
+def _interpolate(points, x: float) -> float:
+    """points: sorted (x, seconds): linear between them, extrapolated from the nearest two past the ends."""
+    if len(points) == 1:
+        return points[0][1]
+    xs = [p[0] for p in points]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0) if x1 != x0 else y1
 
 
 class CostModel:
@@ -204,14 +219,16 @@ class CostModel:
                 return None
             tokens, seconds = points[-1]  # the largest chunk measured, at position 0
             extra = (seconds - one) * slice_tokens / tokens
-        history = self._history(layer, device, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens)
+        # Measured beside decode rows at the smallest key bucket, which the slice attends too.
+        history = self._history(layer, device, tp, 1, slice_tokens, past_tokens + 1 - slice_tokens, keys, False)
         return max(0.0, extra) + max(0.0, history)
 
-    def _history(self, layer, device, tp, batch, tokens, start) -> float:
+    def _history(self, layer, device, tp, batch, tokens, start, own: int = 0, prompt: bool = True) -> float:
         """Seconds `tokens` prompt tokens from position `start` spend attending the ones
-        before them: per token from the calibration's history points where it has them,
-        else the FLOP count's difference against the same tokens at position 0."""
-        per_token = self.calibration.history_per_token(layer.kind, start + tokens)
+        before them, beyond the `own` keys they were measured at (Calibration.history_per_token):
+        per token from the calibration's history points where it has them, else the FLOP
+        count's difference against the same tokens at position 0."""
+        per_token = self.calibration.history_per_token(layer.kind, start + tokens, own, prompt)
         if per_token is not None:
             return per_token * tokens
         return (self.compute_time(self.ir.work(layer, tp, batch, tokens, start), device)
@@ -230,4 +247,6 @@ class CostModel:
         measured = cal.lookup(layer.kind, "prefill", batch, new_tokens)  # a chunk at position 0
         if measured is None or past_tokens == 0:
             return measured
-        return measured + self._history(layer, device, tp, batch, new_tokens, past_tokens)  # a later chunk
+        # A later chunk (or one that ends in a wider key bucket than measured at position 0).
+        return measured + self._history(layer, device, tp, batch, new_tokens, past_tokens,
+                                        cal.attended_keys(new_tokens, prompt=True))

@@ -51,7 +51,9 @@ def pipelined_tables(view: ProgramView, factors: dict[str, float], guard_s: floa
     time, a step that fits both."""
     cadence = {k: view.cadence_s(k, factors) + guard_s for k in view.key_buckets}
     issue = {k: view.issue_s(k, factors) + guard_s for k in view.key_buckets}
-    return {key: cadence[key.keys] for key in view.steps}, {key: issue[key.keys] for key in view.steps}
+    # A prefill step below the smallest key bucket (ticks.MIN_PROMPT_KEYS) ticks as the bucket holding it.
+    return ({key: cadence[view.holding_bucket(key.keys)] for key in view.steps},
+            {key: issue[view.holding_bucket(key.keys)] for key in view.steps})
 
 
 def pipeline_chunk(view: ProgramView) -> int:
@@ -60,7 +62,8 @@ def pipeline_chunk(view: ProgramView) -> int:
     the issue there (program seconds); the smallest slice if none does."""
     sizes = slice_sizes(view.prefill_chunk)
     fits = [p for p in sizes
-            if all(view.steps[key] <= view.cadence_s(key.keys) and view.bottlenecks[key] <= view.issue_s(key.keys)
+            if all(view.steps[key] <= view.cadence_s(view.holding_bucket(key.keys))
+                   and view.bottlenecks[key] <= view.issue_s(view.holding_bucket(key.keys))
                    for key in view.steps if key.phase == PREFILL and key.tokens == p)]
     return fits[-1] if fits else sizes[0]
 

@@ -162,6 +162,11 @@ class ProgramView:
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
                              dict(self.slices), tick_s=tick_s, alone_own_step=alone_own_step)
 
+    def holding_bucket(self, keys: int) -> int:
+        """The smallest key bucket of decode and mixed steps with at least `keys` keys (a
+        prefill step's keys start lower: ticks.MIN_PROMPT_KEYS)."""
+        return next(b for b in self.key_buckets if b >= keys)
+
     def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The TPOT promised in company at key bucket `keys` (and the pipelined engine's
         tick): the longest decode or mixed step of any bucket there, each times its phase's

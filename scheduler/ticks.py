@@ -51,6 +51,10 @@ from typing import Callable, NamedTuple
 
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to powers of two
+# Prefill steps (prompt slices alone) attend from 32 keys: a fresh 25-token prompt's step
+# attended 128 keys, 4/5 of them masked, and attention is a third of a prompt step
+# (docs/architecture.md, "Prompt keys"). Decode and mixed steps keep MIN_KEY_BUCKET.
+MIN_PROMPT_KEYS = 32
 MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 12, 16, 24, ... (multiples of the matmul row multiple), up to the chunk
 # Prompts one prefill or mixed step packs at most: its logit rows are padded to a multiple
 # of 4 (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
@@ -58,14 +62,21 @@ SLICE_ROWS = 4
 CADENCE_ULP = 1 + 1e-9  # relative slack when a tick is compared with a promised cadence
 
 
-def key_bucket(context: int, max_context: int) -> int:
-    """Keys a row attends: a power of two >= its context, >= MIN_KEY_BUCKET, <= max_context."""
-    return min(max(MIN_KEY_BUCKET, 1 << (context - 1).bit_length()), max_context)
+def key_bucket(context: int, max_context: int, least: int = MIN_KEY_BUCKET) -> int:
+    """Keys a row attends: a power of two >= its context, >= `least` (MIN_KEY_BUCKET; a
+    prefill step's rows: MIN_PROMPT_KEYS), <= max_context."""
+    return min(max(least, 1 << (context - 1).bit_length()), max_context)
 
 
-def key_buckets(max_context: int) -> list[int]:
-    """Every key bucket a program with this context admits: 128, 256, ..., max_context."""
-    out, k = [], MIN_KEY_BUCKET
+def prompt_keys(context: int, max_context: int) -> int:
+    """Keys a row of a prefill step attends (`key_bucket` from MIN_PROMPT_KEYS)."""
+    return key_bucket(context, max_context, MIN_PROMPT_KEYS)
+
+
+def key_buckets(max_context: int, least: int = MIN_KEY_BUCKET) -> list[int]:
+    """Every key bucket a program with this context admits: 128, 256, ..., max_context
+    (a prefill step's, from `least` = MIN_PROMPT_KEYS: 32, 64, 128, ...)."""
+    out, k = [], least
     while k < max_context:
         out.append(k)
         k *= 2
@@ -277,10 +288,11 @@ class TickScheduler:
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
             slices, spans = self._pack(prefilling, self.chunk)
-            keys = max(key_bucket(p + n, self.max_context) for p, n in spans)
-            plan = TickPlan(PREFILL, 1, tuple(slices), spans, keys, slice_shape(sum(n for _, n in spans), self.chunk))
+            plan = TickPlan(PREFILL, 1, tuple(slices), spans, max(prompt_keys(p + n, self.max_context) for p, n in spans),
+                            slice_shape(sum(n for _, n in spans), self.chunk))
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
             # it are one gap in their streams.
+            keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
             if not decoding or self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1)):
                 return plan
         if decoding:

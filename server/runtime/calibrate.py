@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import scheduler
-from scheduler.ticks import MIN_KEY_BUCKET, key_buckets, slice_sizes
+from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, key_buckets, prompt_keys, slice_sizes
 from scheduler.program import fingerprint
 from server.runtime.executor import LocalExecutor
 from server.runtime.stage import RuntimePlan, StageSpec
@@ -138,7 +138,9 @@ class Calibrator:
         # chunk at position 0 plus the analytic cost of its history, a 1000-token prompt of
         # smollm2-135m was predicted 1488 ms and ran 1935 eager, 1193 and 2905 compiled
         # (bench/decode.py --only predictions; BENCHMARKS.md).
-        history = [Point("history", 1, k) for k in key_buckets(self.max_context) if k > max(self.options.prefill_chunk, MIN_KEY_BUCKET)]
+        # From the chunk's own key bucket (a prefill step's rows attend from MIN_PROMPT_KEYS).
+        chunk_keys = prompt_keys(self.options.prefill_chunk, self.max_context)
+        history = [Point("history", 1, k) for k in key_buckets(self.max_context, MIN_PROMPT_KEYS) if k > chunk_keys]
         return decode + prefill + history + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
@@ -185,6 +187,7 @@ class Calibrator:
             "max_slots": self.max_slots,
             "max_context": self.max_context,
             "key_bucket_min": MIN_KEY_BUCKET,
+            "prompt_key_min": MIN_PROMPT_KEYS,
             "source": f"lockstep calibrate on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",

@@ -330,7 +330,8 @@ def _invariance(runner, model: StageModel, wide=None) -> str:
     """"" if every token's output row is bitwise the same whatever else its step holds: a
     token alone (4 token rows, 3 of them padding) and beside a prompt slice in another slot
     (n = 64 rows, past the 32 rows where oneDNN's half-precision kernels change; with a
-    `wide` package, WIDE_ROWS); the slice's first 32 rows there and in a step of their own;
+    `wide` package, WIDE_ROWS; n keys); the slice's first 32 rows there and in a step of
+    their own at 32 keys (masked keys add exact zeros whatever their count);
     the slice but its last 3 tokens there and alone; else why not. Run as served
     (`run_blocked`), on scratch caches. A single row is not enough: bf16 rounding hid a
     kernel switch in most rows (one host's package changed 2 rows of a 32-token slice)."""
@@ -344,9 +345,9 @@ def _invariance(runner, model: StageModel, wide=None) -> str:
         tokens = torch.randn(n, spec.hidden_size, generator=gen).to(dtype)
     slot, other = 0, (1 if model.scratch_slot > 1 else model.scratch_slot)  # the slice: another slot
 
-    def step(ids, positions, slots):
+    def step(ids, positions, slots, keys=n):
         cos, sin = rope_tables(model.rope_inv_freq, model.rope_scale, positions, dtype)
-        hidden = torch.arange(n)[None, :] > positions[:, None]
+        hidden = torch.arange(keys)[None, :] > positions[:, None]
         for c in caches:
             c.zero_()
         rows = torch.arange(len(ids))  # every token's row (logits, or the hidden state it hands on)
@@ -357,7 +358,8 @@ def _invariance(runner, model: StageModel, wide=None) -> str:
     alone = step(torch.arange(4), torch.tensor([5, 0, 0, 0]), torch.tensor([slot, scratch, scratch, scratch]))
     mixed = step(torch.arange(n), torch.cat([torch.tensor([5]), torch.arange(n - 1)]),
                  torch.tensor([slot] + [other] * (n - 1)))
-    own = step(torch.arange(1, 33), torch.arange(32), torch.full((32,), other))  # the slice's first 32 alone
+    # The slice's first 32 alone, at 32 keys (a prefill step's: scheduler.ticks.MIN_PROMPT_KEYS).
+    own = step(torch.arange(1, 33), torch.arange(32), torch.full((32,), other), 32)
     most = step(torch.arange(1, n - 3), torch.arange(n - 4), torch.full((n - 4,), other))
     for a, b, what in ((alone[:1], mixed[:1], "a token alone and beside a prompt slice"),
                        (own, mixed[1:33], "a prompt slice alone and beside a token"),

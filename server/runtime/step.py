@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.ticks import SLICE_ROWS, key_bucket
+from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, PREFILL, SLICE_ROWS, key_bucket
 from server.runtime.model import ROW_MULTIPLE
 from server.runtime.sampling import GREEDY, SamplingParams
 
@@ -108,8 +108,8 @@ class StepTensors:
     write_slots: torch.Tensor  # [N] int64: padding goes to the scratch slot
     last_index: torch.Tensor  # [R] int64: index in [0, N) of each row's last real token (padding rows: N - 1)
     # (slot, keys attended, first token index, tokens) per real row: keys is a power of
-    # two >= the row's context (>= MIN_KEY_BUCKET, <= max_context), so a row's work
-    # depends on itself alone.
+    # two >= the row's context (>= MIN_KEY_BUCKET, in a prefill step >= MIN_PROMPT_KEYS;
+    # <= max_context), so a row's work depends on itself alone.
     attend: tuple[tuple[int, int, int, int], ...]
 
     def to(self, device) -> "StepTensors":
@@ -127,6 +127,7 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
     write_slots = torch.full((n_tokens,), scratch_slot, dtype=torch.int64)
     last_index = torch.full((batch.rows,), n_tokens - 1, dtype=torch.int64)
     attend, at = [], 0
+    least = MIN_PROMPT_KEYS if batch.phase == PREFILL else MIN_KEY_BUCKET
     for r, (slot, toks, pos) in enumerate(zip(batch.slot_ids, batch.token_ids, batch.positions)):
         n = len(toks)
         # Checked here, not by indexing: slot -1 would silently use the scratch slot and
@@ -139,7 +140,7 @@ def tensorize(batch: StepBatch, scratch_slot: int, max_context: int) -> StepTens
         positions[at:at + n] = torch.arange(pos, pos + n)
         write_slots[at:at + n] = slot
         last_index[r] = at + n - 1
-        attend.append((slot, key_bucket(pos + n, max_context), at, n))
+        attend.append((slot, key_bucket(pos + n, max_context, least), at, n))
         at += n
     return StepTensors(tokens, positions, write_slots, last_index, tuple(attend))
 

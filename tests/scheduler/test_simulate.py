@@ -20,6 +20,11 @@ def tick_s(key: StepKey) -> float:
     return TICK_S[(key.phase, key.batch)] * (1 + (key.keys.bit_length() - 8) / 8)
 
 
+# A 40-token prompt alone, in 16-token prefill steps ending at 16, 32 and 40: from
+# MIN_PROMPT_KEYS (32) keys, as a prefill step's keys start.
+PROMPT_40 = sum(tick_s(StepKey("prefill", 1, k, 16)) for k in (32, 32, 64))
+
+
 def tick_by_tick(sched: TickScheduler, prompt_len: int, max_tokens: int) -> tuple[float, float]:
     """The reference: every tick, no jumps."""
     sim = sched.clone()
@@ -51,7 +56,7 @@ def busy(arrivals: list[tuple[int, int]], warm_ticks: int, mixed: bool = False) 
 def test_an_idle_server_predicts_prefill_chunks_then_decode_ticks():
     sched = busy([], 0)
     ttft, e2e = predict_arrival(sched, prompt_len=40, max_tokens=5, tick_s=tick_s)
-    assert ttft == 3 * 0.050  # 40 tokens in 16-token chunks
+    assert ttft == PROMPT_40  # 40 tokens in 16-token chunks
     assert abs(e2e - (ttft + 4 * 0.010)) < 1e-12
     assert sched.idle()  # the engine's state is untouched
 
@@ -93,8 +98,8 @@ def test_a_lone_closed_loop_stream_gets_prefill_then_decode_ticks():
     results, end = simulate_load(busy([], 0), [SimRequest(40, 5)] * 3, tick_s, concurrency=1)
     for r in results:
         assert r.status == "OK" and len(r.token_s) == 5
-        assert abs(r.ttft_s - 3 * 0.050) < 1e-9 and all(abs(g - 0.010) < 1e-9 for g in r.itl_s)
-    assert abs(end - 3 * (0.150 + 4 * 0.010)) < 1e-9
+        assert abs(r.ttft_s - PROMPT_40) < 1e-9 and all(abs(g - 0.010) < 1e-9 for g in r.itl_s)
+    assert abs(end - 3 * (PROMPT_40 + 4 * 0.010)) < 1e-9
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -279,8 +284,9 @@ def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_togethe
     assert [r.promise[1] for r in grouped] == [decode] * 8
     assert all(r.late_s <= 1e-9 for r in grouped)
     first_wave = [r.ttft_s for r in grouped[:4]]
-    # 4 x 12 prompt tokens in chunks of 16: three prefill ticks, then the first decode tick.
-    assert first_wave == pytest.approx([3 * tick_s(StepKey("prefill", 1, 128, 16))] * 4)
+    # 4 x 12 prompt tokens in chunks of 16: three prefill ticks (each row within 32 keys),
+    # then the first decode tick.
+    assert first_wave == pytest.approx([3 * tick_s(StepKey("prefill", 1, 32, 16))] * 4)
     pair, _ = simulate_load(promising(), burst[:2], tick_s, window_s=0.01)  # room left: company
     assert [r.promise[1] for r in pair] == [company] * 2
     alone, end_alone = simulate_load(promising(), burst, tick_s)

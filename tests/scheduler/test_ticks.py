@@ -186,9 +186,10 @@ def test_a_plan_names_the_key_bucket_of_its_longest_row_and_its_static_slice_sha
     plans = []
     while not long.decoding:
         plans.append(step(sched)[0])
-    # 200 tokens: three 64-token chunks (ending at 64, 128, 192 keys), then 8 in an 8-token shape.
+    # 200 tokens: three 64-token chunks (ending at 64, 128, 192 keys), then 8 in an 8-token
+    # shape; a prefill step's keys start at MIN_PROMPT_KEYS (32), not MIN_KEY_BUCKET.
     assert [(p.phase, length(p), p.shape, p.keys) for p in plans] == [
-        (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 256), (PREFILL, 8, 8, 256)]
+        (PREFILL, 64, 64, 64), (PREFILL, 64, 64, 128), (PREFILL, 64, 64, 256), (PREFILL, 8, 8, 256)]
     sched.add(short)
     mixed = step(sched)[0]  # the long row decodes at 201 keys; the slice ends at 16
     assert (mixed.phase, length(mixed), mixed.shape, mixed.keys) == (MIXED, 16, 16, 256)

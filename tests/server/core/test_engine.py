@@ -402,10 +402,10 @@ def test_each_prefill_shape_is_paced_from_its_own_steps_after_four():
 
 def test_with_a_tail_on_each_prefill_tick_every_tick_is_paced_at_the_quantile():
     """`--prefill-tails each`: every prefill tick at `prefill_quantile`, no first-token tail."""
-    from scheduler.ticks import TickPlan
+    from scheduler.ticks import TickPlan, prompt_keys
 
     engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1, prefill_tail_once=False))
-    plan = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    plan = TickPlan("prefill", 1, (), keys=prompt_keys(VIEW.prefill_chunk, VIEW.max_context), shape=VIEW.prefill_chunk)
     for i in range(engine.pacers["prefill"].min_samples):
         engine._account(plan, engine.sched, {}, VIEW.step_s(plan.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
     assert engine.pacers["prefill"].factor == pytest.approx(1.5 * 1.1) and engine.tail_s(plan.key) == 0.0
@@ -418,10 +418,10 @@ def test_a_group_s_prefill_ticks_are_promised_at_their_median_and_one_tail():
     are promised the ticks at the median and one tick's tail, not a tail on every tick."""
     from server.core.engine import Request
     from server.runtime.sampling import GREEDY
-    from scheduler.ticks import TickPlan
+    from scheduler.ticks import TickPlan, prompt_keys
 
     engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
-    chunk = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    chunk = TickPlan("prefill", 1, (), keys=prompt_keys(VIEW.prefill_chunk, VIEW.max_context), shape=VIEW.prefill_chunk)
     for i in range(engine.pacers["prefill"].min_samples):
         engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (1.5 if i % 10 == 0 else 1.0), False, 0.0)
     tail = engine.tail_s(chunk.key)

@@ -25,8 +25,11 @@ def test_every_bucket_and_key_length_is_measured(doc):
             assert {("embed", "decode", batch, tokens), ("block", "decode", batch, tokens),
                     ("head", "decode", batch, tokens)} <= keys
     assert ("block", "prefill", 1, 32) in keys
-    # The largest chunk ending at each key bucket past its own (128): its history measured.
-    assert ("block", "history", 1, 256) in keys and not any(k[1] == "history" and k[3] <= 128 for k in keys)
+    # The largest chunk ending at each key bucket past its own (32: a prefill step's keys
+    # start at MIN_PROMPT_KEYS): its history measured.
+    assert {("block", "history", 1, k) for k in (64, 128, 256)} <= keys
+    assert not any(k[1] == "history" and k[3] <= 32 for k in keys)
+    assert doc["prompt_key_min"] == 32 and doc["key_bucket_min"] == 128
     assert all(e["seconds"] >= 0 for e in doc["entries"])
     assert doc["measured"]["mem_bw_bytes_per_s"] > 1e8 and doc["measured"]["fp32"] > 1e8
 

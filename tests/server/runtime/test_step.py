@@ -68,7 +68,8 @@ def test_rows_are_packed_and_padding_goes_to_the_scratch_slot():
     assert t.tokens.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]
     assert t.positions.tolist() == [10, 11, 12, 0, 0, 0, 0, 0]
     assert t.write_slots.tolist() == [0, 0, 0, 1] + [SCRATCH] * 4
-    assert t.attend == ((0, 128, 0, 3), (1, 128, 3, 1))  # (slot, keys, first token, tokens); padding attends nothing
+    # (slot, keys, first token, tokens); a prefill step's keys from MIN_PROMPT_KEYS; padding attends nothing.
+    assert t.attend == ((0, 32, 0, 3), (1, 32, 3, 1))
     assert t.last_index.tolist() == [2, 3, 7, 7]  # logit rows: bucket 2 runs as 4
 
 
