@@ -225,8 +225,11 @@ def _step_table(timeline: Timeline, options: CompileOptions, chunk: int, keys: l
         for b in options.buckets:
             rows.append(("decode", b, k, 1, *time("decode", b, 1, k - 1)))
             rows.append(("mixed", b, k, slices[b], *time("mixed", b, slices[b], k - 1)))
+    # Every slice shape at every key bucket: a step packing several prompts may hold more
+    # tokens than its keys (three 21-token prompts: a 64-token step at 32 keys), costed as
+    # its shape at position 0 (an upper bound: it attends fewer keys than that).
     for k in key_buckets(options.max_context, MIN_PROMPT_KEYS):
-        rows += [("prefill", 1, k, p, *time("prefill", 1, p, k - p)) for p in slice_sizes(chunk) if p <= k]
+        rows += [("prefill", 1, k, p, *time("prefill", 1, p, max(0, k - p))) for p in slice_sizes(chunk)]
     return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s, "bottleneck_s": neck}
             for ph, b, k, t, s, neck in sorted(rows)]
 
