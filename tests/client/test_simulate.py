@@ -24,10 +24,11 @@ def test_a_closed_loop_of_one_matches_the_program(tmp_path, alone):
     steps = {(x["phase"], x["batch"], x["keys"], x["tokens"]): x["step_s"] for x in compiled["steps"]}
     s = doc["summary"]
     assert s["ok"] == 40 and s["errors"] == {}
-    # Alone: two prefill ticks (a 32-token chunk, then the last 8 tokens in an 8-token
-    # slice), then one token per promised TPOT at 128 keys (40 + 8 tokens attend <= 128):
-    # the longest tick, as in company (the default), or its own decode step (`own`).
-    assert s["ttft_s"]["p50"] == pytest.approx(steps[("prefill", 1, 128, 32)] + steps[("prefill", 1, 128, 8)])
+    # Alone: two prefill ticks (a 32-token chunk at 32 keys, then the last 8 tokens in an
+    # 8-token slice ending at 40: 64 keys, as a prefill step's keys start at 32), then one
+    # token per promised TPOT at 128 keys (40 + 8 tokens attend <= 128): the longest tick,
+    # as in company (the default), or its own decode step (`own`).
+    assert s["ttft_s"]["p50"] == pytest.approx(steps[("prefill", 1, 32, 32)] + steps[("prefill", 1, 64, 8)])
     cadence = compiled["cadence"][0]
     assert s["itl_s"]["p50"] == pytest.approx(cadence["alone_s"] if alone == "own" else cadence["tick_s"])
     assert cadence["alone_s"] == steps[("decode", 1, 128, 1)] and cadence["keys"] == 128
