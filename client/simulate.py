@@ -97,8 +97,7 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     else:
         sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own")
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1),
-                                          window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
-                                          gather_s=0.0 if args.throughput else args.gather_ms / 1e3)
+                                          window_s=0.0 if args.throughput else args.admission_window_ms / 1e3)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -125,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
             raise ValueError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
-        if not 0 <= args.gather_ms <= MAX_WINDOW_MS:
-            raise ValueError(f"--gather-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.gather_ms}")
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not (args.guard_band_ms or 0) >= 0:

@@ -285,8 +285,7 @@ class SimResult:
 
 
 def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[StepKey], float],
-                  concurrency: int = 0, jumps: bool = True, window_s: float = 0.0,
-                  gather_s: float = 0.0) -> tuple[list[SimResult], float]:
+                  concurrency: int = 0, jumps: bool = True, window_s: float = 0.0) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
     these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
@@ -303,8 +302,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     `window_s` of it (and before a member's first token) join its group, and the group is
     promised together when it closes (at the first tick boundary after its bound or a
     member's first token; the engine closes it mid-tick or just before that token, from
-    the same state run forward: the same promises). `gather_s`: its first prefill tick starts
-    that long after it opened, or when it closes if sooner (the engine's `gather_s`).
+    the same state run forward: the same promises).
 
     Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
@@ -392,12 +390,6 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             send(waiting_to_send.pop(0), t)
         if window and (t >= window.closes_s or any(s.generated for s in window.members)):  # its bound, or a first token
             close(t)
-        if window and gather_s and not sched.running:  # the group's first tick waits for its gather
-            until = min(window.closes_s, window.closes_s - window_s + gather_s)
-            if t < until:
-                nxt = next_event()
-                t = until if nxt is None or nxt <= t else min(until, nxt)
-                continue
         plan = sched.schedule()
         nxt = next_event()
         if plan is None:

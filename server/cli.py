@@ -148,10 +148,6 @@ def add_serving_args(p) -> None:
                         "it are promised together, as one arrival group whose prompts go in by whole prefill "
                         "steps (0: none; default 50). Its prompt goes in meanwhile: the window delays the "
                         "promise, not the first token")
-    p.add_argument("--gather-ms", type=float, default=0.0,
-                   help="an arrival group's first prefill step starts this long after its admission window "
-                        "opened (at most the window), so that arrivals of the same instant go in together instead "
-                        "of the first alone (default 0: at once)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (a quantile of the last 128 + the guard band, re-estimated every 64 ticks; "

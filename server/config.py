@@ -24,7 +24,6 @@ class ServeConfig:
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
     admission_window_s: float = EngineConfig.admission_window_s
-    gather_s: float = EngineConfig.gather_s
     pace_quantile: float = EngineConfig.pace_quantile
     prefill_quantile: float = EngineConfig.prefill_quantile
     prefill_tail_once: bool = EngineConfig.prefill_tail_once

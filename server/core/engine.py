@@ -161,10 +161,6 @@ class EngineConfig:
     # for its stream; with 20 ms, two of the 8 came too late once (docs/architecture.md,
     # "Arrival groups").
     admission_window_s: float = 0.050
-    # An arrival group's first prefill tick starts this long after its window opened (or
-    # when the window closes, if sooner), so that arrivals of the same instant go in
-    # together rather than the first alone (`Engine._gather_until`). 0: at once.
-    gather_s: float = 0.0
     # A step that would overlap a held token's promised time starts just after it, while
     # every stream keeps its lead (Engine._quiet_until). False: steps back to back.
     align_to_deliveries: bool = True
@@ -535,12 +531,6 @@ class Engine:
                     self._lock.wait(max(0.0, quiet + self.config.guard_band_s - time.perf_counter()))
                     if self._stop:
                         break
-                gather = self._gather_until(time.perf_counter())
-                while gather is not None and not self._stop:  # a submit wakes it: wait on until then
-                    self._lock.wait(max(0.0, gather - time.perf_counter()))
-                    gather = self._gather_until(time.perf_counter())
-                if self._stop:
-                    break
                 for r in [r for r in self._requests.values() if r.cancelled]:
                     self.sched.abort(r.seq)
                     self._finish(r, "cancelled")
@@ -557,16 +547,6 @@ class Engine:
                 self._tick(plan)
         if self.failure is None:  # else fail() ended them "unavailable"
             self._end_all("shutdown", "server is shutting down")
-
-    def _gather_until(self, now: float) -> float | None:
-        """Under the lock: when an open admission window's first prefill tick may start, if
-        not now (perf_counter s), or None: `gather_s` after the window opened, or its close if
-        sooner, while none of its members has started."""
-        w = self._window
-        if not self.config.gather_s or w is None or self.sched.running:
-            return None
-        until = min(w.closes_s, w.closes_s - self.config.admission_window_s + self.config.gather_s)
-        return until if now < until else None
 
     def _quiet_until(self, now: float) -> float | None:
         """Under the lock: when the next step should start if not now (perf_counter s), or

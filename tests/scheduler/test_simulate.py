@@ -225,38 +225,24 @@ def test_prompts_are_packed_into_one_prefill_step_and_into_a_mixed_steps_slice()
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.floats(0, 2.0)), min_size=1, max_size=14),
-       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.02, 0.3]), st.sampled_from([0.0, 0.005, 0.5]))
-def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step, window_s,
-                                                                             gather_s):
+       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.02, 0.3]))
+def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step, window_s):
     """The promise property of the policy: a request's promise (first token, cadence),
     fixed at its admission by running the scheduler forward, holds whatever arrives after
     it, because no tick lasts longer than any running stream's cadence; an arrival group's
-    promises (an admission window of `window_s`, its first tick `gather_s` in) hold too."""
+    promises (an admission window of `window_s`) hold too."""
     from scheduler.simulate import SimRequest, simulate_load
 
     requests = [SimRequest(p, m, a) for p, m, a in reqs]
     sched = promising(mixed)
     sched.alone_own_step = alone_own_step
-    results, _ = simulate_load(sched, requests, tick_s, window_s=window_s, gather_s=gather_s)
+    results, _ = simulate_load(sched, requests, tick_s, window_s=window_s)
     for r in results:
         if r.status == "OK":
             assert r.late_s <= 1e-9, (r.index, r.late_s)
             assert r.promise is not None and abs(r.ttft_s - r.promise[0]) <= 1e-9
             if r.promise[1]:
                 assert all(abs(g - r.promise[1]) <= 1e-9 for g in r.itl_s)  # delivered on the cadence
-
-
-def test_a_gathering_window_starts_a_lone_prompt_that_much_later():
-    """`gather_s` (the engine's): a window's first prefill tick starts that long after it
-    opened, never after it closes; a lone request's first token comes that much later."""
-    from scheduler.simulate import SimRequest, simulate_load
-
-    lone = [SimRequest(40, 5, 0.0)]
-    base, _ = simulate_load(promising(), lone, tick_s, window_s=0.05)
-    gathered, _ = simulate_load(promising(), lone, tick_s, window_s=0.05, gather_s=0.004)
-    capped, _ = simulate_load(promising(), lone, tick_s, window_s=0.002, gather_s=0.004)
-    assert gathered[0].ttft_s == pytest.approx(base[0].ttft_s + 0.004)
-    assert capped[0].ttft_s == pytest.approx(base[0].ttft_s + 0.002)
 
 
 def test_a_cadence_rounded_on_its_way_through_a_promise_still_admits_its_longest_tick():

@@ -323,54 +323,6 @@ def test_an_admission_window_promises_its_group_together_and_its_prompts_go_in_f
         assert not no_window.submit_windowed(Request("x", prompts[0], 6, GREEDY, frozenset(), lambda *a: None))
 
 
-@pytest.mark.parametrize("gather_s", [0.0, 1.0])
-def test_a_gathering_window_starts_its_first_prefill_step_with_the_arrivals_of_the_same_instant(gather_s):
-    """`gather_s`: an arrival group's first prefill step waits that long after its window
-    opened, so a request arriving 200 ms after the first goes into the same step; without
-    it, the first goes in alone, as soon as it arrives."""
-    import threading
-    import time
-
-    from server.core.engine import Finished, Request
-    from server.runtime.executor import LocalExecutor
-    from server.runtime.sampling import GREEDY
-    from server.runtime.stage import plan_from_program
-    from tests.server.helpers import random_prompt
-
-    class Rows(Recording):
-        def __init__(self, executor):
-            super().__init__(executor)
-            self.rows = []
-
-        def step(self, batch):
-            self.rows.append(len(batch.slot_ids))
-            return super().step(batch)
-
-    executor = Rows(LocalExecutor(plan_from_program(VIEW, seed=0)))
-    engine = Engine(executor, VIEW, replace(EXACT, admission_window_s=5.0, gather_s=gather_s))
-    done = threading.Semaphore(0)
-
-    def emit(item, tick, t):
-        if isinstance(item, Finished):
-            done.release()
-
-    requests = [Request(str(i), random_prompt(8, seed=i), 2, GREEDY, frozenset(), emit) for i in range(2)]
-    engine.start()
-    try:
-        for r in requests:
-            with engine._lock:
-                assert engine.submit_windowed(r)
-            time.sleep(0.2)
-        with engine._lock:
-            engine.close_window()
-        for _ in requests:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
-    assert executor.phases[0] == "prefill"
-    assert executor.rows[0] == (2 if gather_s else 1)
-
-
 def test_prefill_ticks_follow_the_decode_ticks_when_the_host_slows_down():
     """Prefill ticks are few (one in 32 between streams of 32 tokens): until their own
     pacer has its samples, they stretch by the decode pacer's slowdown."""
