@@ -288,8 +288,8 @@ class TickScheduler:
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
             slices, spans = self._pack(prefilling, self.chunk)
-            plan = TickPlan(PREFILL, 1, tuple(slices), spans, max(prompt_keys(p + n, self.max_context) for p, n in spans),
-                            slice_shape(sum(n for _, n in spans), self.chunk))
+            prompt = max(prompt_keys(p + n, self.max_context) for p, n in spans)
+            plan = TickPlan(PREFILL, 1, tuple(slices), spans, prompt, slice_shape(sum(n for _, n in spans), self.chunk))
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
             # it are one gap in their streams.
             keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))

@@ -119,23 +119,22 @@ def test_the_step_table_times_every_tick_the_scheduler_can_plan(program):
 
     view = program.view()
     rng, sched = random.Random(0), view.tick_scheduler(max_queue=1000)
+    def run_all() -> set:
+        seen = set()
+        while not sched.idle():
+            plan = sched.schedule()
+            assert view.step_s(plan.key) > 0
+            seen.add(plan.key)
+            sched.update(plan)
+        return seen
+
     for i in range(40):
         sched.add(Seq(i, rng.randint(1, view.max_context // 2), rng.randint(1, view.max_context // 2)))
-    seen = set()
-    while not sched.idle():
-        plan = sched.schedule()
-        assert view.step_s(plan.key) > 0
-        seen.add(plan.key)
-        sched.update(plan)
+    seen = run_all()
     # Short prompts at once: prefill steps pack several, more tokens than their keys.
     for i in range(40, 60):
         sched.add(Seq(i, rng.randint(2, 20), 2))
-    packed = set()
-    while not sched.idle():
-        plan = sched.schedule()
-        assert view.step_s(plan.key) > 0
-        packed.add(plan.key)
-        sched.update(plan)
+    packed = run_all()
     assert any(k.phase == "prefill" and k.tokens > k.keys for k in packed) or view.prefill_chunk <= 32
     assert {k.phase for k in seen} == {"prefill", "decode", "mixed"} and {k.keys for k in seen} >= set(view.key_buckets[1:])
     keys = view.key_buckets
