@@ -26,6 +26,7 @@ death (exit 1).
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import signal
 import sys
@@ -141,6 +142,14 @@ class Core:
         engine, executor, scale = self.device.submit(build_engine, self.config, self.program,
                                                      MetricsRelay(self.outbox)).result()
         self.engine = engine
+        # Everything built so far (torch, the compiled package's runner, the program) lives as
+        # long as the core: out of the collector's sight, as the front end's (server/app.py).
+        # Two tick logs without it had a decode step at 2-2.4x its program time every ~95
+        # ticks (gaps 98, 93 and 95; 38-44 ms against 18.1 at batch 1), as a full collection
+        # walked it with the GIL held; the one after, no such beat (3 slow steps in 1166,
+        # gaps 577 and 244), the steps' p99 the same (BENCHMARKS.md, "Eighteenth session").
+        gc.collect()
+        gc.freeze()
         engine.on_death = self._engine_died
         engine.on_group_close = self._group_closed
         if self.config.send_wait_s > 0:  # a bound (`serve --send-wait-ms`): a stuck send never stalls the engine
