@@ -13,7 +13,6 @@ import sys
 import torch
 
 from scheduler.program import ProgramView
-from scheduler.ticks import PREFILL, prompt_keys
 from server.config import ServeConfig
 from server.core.affinity import available
 from server.core.engine import Engine, EngineConfig
@@ -30,12 +29,9 @@ SWITCH_INTERVAL_S = 0.0002
 
 def _shapes(program: ProgramView, keys: tuple[int, ...], phases: tuple[str, ...]):
     """(program seconds, a StepBatch of that shape with every row real) for the program's
-    steps of these phases at these key buckets; rows end at the bucket's last key. Prefill
-    shapes with `keys` empty: each at its own key bucket, the keys a prompt of that many
-    tokens attends from position 0, as most prefill steps run (scheduler.ticks.MIN_PROMPT_KEYS)."""
+    steps of these phases at these key buckets; rows end at the bucket's last key."""
     for key, predicted in sorted(program.steps.items()):
-        own = key.phase == PREFILL and not keys and key.keys == prompt_keys(key.tokens, program.max_context)
-        if key.phase in phases and (key.keys in keys or own):
+        if key.phase in phases and key.keys in keys:
             yield predicted, full_batch(key.phase, key.batch, key.tokens, key.keys, program.max_slots)
 
 
@@ -147,10 +143,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         # 1.5x against decode's 1.2x for smollm2-135m here; at decode's scale every first
         # token came ~10 ms past its promise, bench/peer_vllm.py). Their first runs also
         # build their oneDNN primitives (the demo's first prefill tick overran).
-        # Each shape at its own keys, as a fresh prompt runs it: prefill steps attend from 32
-        # keys, so the same shapes at 128 keys were not the steps served, and their scale
-        # measured the history model's interpolation between the two, not those steps.
-        prefill_scale = 0.0 if cfg.time_scale else max(1.0, measure_steps(executor, program, (), ("prefill",),
+        prefill_scale = 0.0 if cfg.time_scale else max(1.0, measure_steps(executor, program, keys[:1], ("prefill",),
                                                                           3, warmup=2)[0])
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,

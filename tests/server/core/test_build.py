@@ -32,20 +32,3 @@ def test_a_band_measured_at_start_paces_only_the_first_ticks(band):
         assert engine.pacers["prefill"].factor == pytest.approx((cfg.prefill_scale or scale) * (1 + prefill_band))
     finally:
         executor.close()
-
-
-def test_the_prefill_scale_measures_each_shape_at_its_own_keys():
-    """Prefill steps attend from MIN_PROMPT_KEYS: the start-up prefill scale times each slice
-    shape as a fresh prompt runs it (at prompt_keys of its tokens), one step per shape, not the
-    shapes at the smallest decode bucket."""
-    from server.core.build import _shapes
-    from scheduler.ticks import prompt_keys, slice_sizes
-
-    view = PROGRAM.view()
-    shapes = list(_shapes(view, (), ("prefill",)))
-    assert [len(b.token_ids[0]) for _, b in shapes] == slice_sizes(view.prefill_chunk)
-    for predicted, batch in shapes:
-        tokens = len(batch.token_ids[0])
-        assert batch.positions[0] + tokens == prompt_keys(tokens, view.max_context)  # it ends at its bucket's last key
-        assert predicted == view.steps[("prefill", 1, prompt_keys(tokens, view.max_context), tokens)]
-    assert len(list(_shapes(view, (128,), ("prefill",)))) == len(slice_sizes(view.prefill_chunk))  # all at 128
