@@ -290,10 +290,12 @@ class TickScheduler:
             slices, spans = self._pack(prefilling, self.chunk)
             prompt = max(prompt_keys(p + n, self.max_context) for p, n in spans)
             plan = TickPlan(PREFILL, 1, tuple(slices), spans, prompt, slice_shape(sum(n for _, n in spans), self.chunk))
+            if not decoding:
+                return plan
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
             # it are one gap in their streams.
             keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
-            if not decoding or self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1)):
+            if self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1)):
                 return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)

@@ -277,13 +277,11 @@ def run_blocked(runner, model: StageModel, x, positions, slots, last_index, cos,
     in calls of at most WIDE_ROWS tokens instead.
     Returns the last stage's logits [R, V] in `last_index` order, or hidden [N, h]."""
     n = x.shape[0]
-    if model.cache_k.dtype == torch.float32 or n <= HALF_ROW_BLOCK:
+    block = n  # fp32, or half precision up to HALF_ROW_BLOCK tokens: one call
+    if model.cache_k.dtype != torch.float32 and n > HALF_ROW_BLOCK:
+        runner, block = (wide, WIDE_ROWS) if wide is not None else (runner, HALF_ROW_BLOCK)
+    if n <= block:
         return runner(x, positions, slots, last_index, cos, sin, hidden, caches)
-    block = HALF_ROW_BLOCK
-    if wide is not None:
-        runner, block = wide, WIDE_ROWS
-        if n <= block:
-            return runner(x, positions, slots, last_index, cos, sin, hidden, caches)
     outs, picks = [], []
     for start in range(0, n, block):
         end = min(n, start + block)
