@@ -293,9 +293,9 @@ class TickScheduler:
             if not decoding:
                 return plan
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
-            # it are one gap in their streams.
-            keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
-            if self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), keys, 1)):
+            # it (the prompts' rows in it too) are one gap in their streams.
+            gap = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
+            if self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), gap, 1)):
                 return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)

@@ -211,3 +211,22 @@ def test_slice_shapes_and_key_buckets():
     assert slice_sizes(100) == [4, 8, 12, 16, 24, 32, 48, 64, 96, 100] and slice_sizes(2) == [2]
     assert [slice_shape(n, 64) for n in (1, 4, 5, 9, 33, 35, 49, 64)] == [4, 4, 8, 12, 48, 48, 64, 64]
     assert [key_bucket(c, 1024) for c in (1, 128, 129, 600, 1024)] == [128, 128, 256, 1024, 1024]
+
+
+def test_a_decode_tick_that_keeps_a_prompt_out_is_keyed_by_its_own_rows():
+    """A prefill tick that does not fit a running stream's cadence leaves a decode tick of
+    the decoding rows, at their key bucket, not at the bucket of the prompt chunk kept out
+    (a later chunk of a long prompt, 512 keys: the decode tick was timed at 512)."""
+    sched = TickScheduler(max_slots=4, max_context=1024, chunk=64, buckets=(1, 2, 4), slices={},
+                          tick_s=lambda key: 0.001 if key.phase == DECODE else 1.0)
+    short = Seq(0, prompt_len=10, max_tokens=50)
+    sched.add(short)
+    while not short.decoding:
+        step(sched)
+    step(sched)  # a decode tick: a prefill tick may come next
+    short.cadence_s = 0.01  # no room for a 1 s prefill tick
+    long = Seq(1, prompt_len=400, max_tokens=5)
+    sched.add(long)
+    long.prefilled = 256  # its next chunk ends at 320: 512 keys
+    plan = sched.schedule()
+    assert plan.phase == DECODE and plan.rows == (short,) and plan.keys == 128
