@@ -20,9 +20,11 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from client.report import scrape
+from server.serve import PACE_RECORD_S
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--max-slots", "8", "--max-context", "1024",
@@ -37,9 +39,21 @@ def _compare_module():
 
 
 def pace_factors(metrics_url: str) -> str:
-    factors = {dict(labels)["phase"]: v for (name, labels), v in scrape(metrics_url).items()
-               if name == "lockstep_pace_factor"}
-    return ",".join(f"{k}={v:.6f}" for k, v in sorted(factors.items()))
+    """The server's pace factors, and what else of its pace simulate reads from serve's record
+    (the prefill shapes paced apart, the first tokens' tail factor, the cold allowance)."""
+    from server.programs import recorded_pace
+
+    samples = scrape(metrics_url)
+    factors = {dict(labels)["phase"]: v for (name, labels), v in samples.items() if name == "lockstep_pace_factor"}
+    text = ",".join(f"{k}={v:.6f}" for k, v in sorted(factors.items()))
+    plan = next((dict(labels).get("plan_hash") for (name, labels), _ in samples.items()
+                 if name == "lockstep_server_info"), None)
+    pace = recorded_pace(plan) if plan else None
+    if pace is not None:
+        shapes = ",".join(f"{n}:{f:.3f}" for n, f in sorted(pace.shapes.items())) or "-"
+        tail = "-" if pace.tail is None else f"{pace.tail:.3f}"
+        text += f"; recorded: prefill shapes {shapes}, tail {tail}, cold {pace.cold_s * 1e3:.1f} ms"
+    return text
 
 
 def main() -> int:
@@ -67,6 +81,7 @@ def main() -> int:
             load = ["--target", target, "--warmup", "2", *common]
             subprocess.run([sys.executable, "-m", "client.loadgen", *load, "--output", str(load_out)], cwd=REPO,
                            check=True, stderr=subprocess.DEVNULL)
+            time.sleep(2 * PACE_RECORD_S)  # serve records a moved pace within PACE_RECORD_S
             pace = pace_factors(metrics_url)
             # Exactly serve's flags and load's: no pace, no time scale given.
             subprocess.run([sys.executable, "-m", "server.cli", "simulate", *serve, *load, "--output", str(sim_out)],

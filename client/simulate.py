@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
 from scheduler.fleet import simulate_fleet
-from scheduler.simulate import SimRequest, paced_ticks, simulate_load
+from scheduler.simulate import Pace, SimRequest, simulate_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 PHASES = ("prefill", "decode", "mixed")
 
 
-def _pace(text: str) -> dict[str, float]:
+def _pace(text: str) -> Pace:
     try:
         if "=" not in text:
             out = {p: float(text) for p in PHASES}
@@ -59,7 +60,7 @@ def _pace(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"pace must be F or PHASE=F,... , got {text!r}") from None
     if set(out) - set(PHASES) or not all(0 < f < float("inf") for f in out.values()):
         raise argparse.ArgumentTypeError(f"pace factors must be finite and > 0 for {', '.join(PHASES)}, got {text!r}")
-    return out
+    return Pace(out)
 
 
 def _records(results) -> list[RequestRecord]:
@@ -84,12 +85,14 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     ctx = program.max_context
     requests = [SimRequest(min(p, ctx - 1), max(1, min(m, ctx - min(p, ctx - 1))), None if a is None else float(a))
                 for (p, m), a in zip(lengths, arrivals)]
-    # As serve's pacers start: the time scale x (1 + the guard band).
+    # As serve's pacers start: the time scale x (1 + the guard band); or the pace given, or
+    # the one serve last ran at (its prefill shapes, tails and cold allowance with it).
     factor = args.time_scale * (1 + args.guard_band_pct / 100)
-    factors = {**{p: factor for p in PHASES}, **(args.pace or {})}
+    given = args.pace or Pace({})
+    pace = replace(given, factors={**{p: factor for p in PHASES}, **given.factors})
     # Ticks follow the work; in deterministic mode the promised cadences bound them, as in
     # serve (whose --guard-band-ms is spent from the streams' lead, in no tick).
-    ticks = paced_ticks(program, factors)
+    ticks, tails = pace.tables(program)
     promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
         scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own") for _ in range(args.replicas)]
@@ -97,7 +100,9 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     else:
         sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own")
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1),
-                                          window_s=0.0 if args.throughput else args.admission_window_ms / 1e3)
+                                          window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
+                                          tail_s=None if args.throughput or not tails else tails.get,
+                                          cold_s=0.0 if args.throughput else pace.cold_s)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         program = compile_program(args)[0].view()
         args.burstiness = burstiness(args)  # as lockstep load
         if not args.time_scale and args.guard_band_pct is None and args.pace is None:
-            args.pace = recorded_pace(program.plan_hash)  # as serve's pacers started, phase by phase
+            args.pace = recorded_pace(program.plan_hash)  # the pace serve last ran at, whole
         if not args.time_scale:  # as serve: measured there; the last measurement for this program
             args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
         if args.guard_band_pct is None:  # as serve: from the jitter measured there, else 20%

@@ -36,6 +36,67 @@ def paced_ticks(view: ProgramView, factors: dict[str, float]) -> dict[StepKey, f
     return {key: seconds * factors[key.phase] for key, seconds in view.steps.items()}
 
 
+# A promise made after the engine sat idle this long (seconds, waiting for work) ...
+COLD_IDLE_S = 0.25
+# ... or within this long after the first tick that followed such a spell, adds the cold
+# allowance (`Pace.cold_s`; server/core/engine.py, where it is measured).
+COLD_WINDOW_S = 0.2
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Everything a promise's tick times come from, at one moment: the engine's pacers
+    (server/core/engine.py, server/core/pacing.py). The engine builds its tick and tail
+    tables from it (`tables`); serve records it as it moves, and `lockstep simulate`
+    builds the same tables from the record, so a simulated promise is the engine's.
+
+    factors: phase -> wall seconds of a paced tick per program second; shapes: prefill
+    slice tokens -> the factor of that shape's ticks once it has samples of its own (else
+    the prefill factor); tail: the prefill ticks' factor at the tail quantile (a first
+    token's promise adds the longest tail of the prefill ticks before it), None: no tails;
+    cold_s: seconds a promise made after an idle spell adds (COLD_IDLE_S)."""
+
+    factors: dict[str, float]
+    shapes: dict[int, float] = field(default_factory=dict)
+    tail: float | None = None
+    cold_s: float = 0.0
+
+    def tables(self, view: ProgramView) -> tuple[dict[StepKey, float], dict[StepKey, float]]:
+        """(tick seconds, tail seconds) per step shape; tails only for prefill shapes."""
+        ticks = paced_ticks(view, self.factors)
+        for key, seconds in view.steps.items():
+            if key.phase == PREFILL and key.tokens in self.shapes:
+                ticks[key] = seconds * self.shapes[key.tokens]
+        if self.tail is None:
+            return ticks, {}
+        return ticks, {k: max(0.0, s * self.tail - ticks[k]) for k, s in view.steps.items() if k.phase == PREFILL}
+
+    def to_json(self) -> dict:
+        return {"factors": dict(self.factors), "shapes": {str(n): f for n, f in self.shapes.items()},
+                "tail": self.tail, "cold_s": self.cold_s}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Pace":
+        """From `to_json`, or from a bare {phase: factor} (serve's record before the tails).
+        Raises ValueError on anything else, or on a factor not finite and > 0."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a pace is a JSON object, got {type(data).__name__}")
+        try:
+            if "factors" not in data:
+                pace = cls({str(k): float(v) for k, v in data.items()})
+            else:
+                tail = data.get("tail")
+                pace = cls({str(k): float(v) for k, v in data["factors"].items()},
+                           {int(n): float(f) for n, f in (data.get("shapes") or {}).items()},
+                           None if tail is None else float(tail), float(data.get("cold_s") or 0.0))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a pace: {exc}") from None
+        factors = [*pace.factors.values(), *pace.shapes.values(), *([] if pace.tail is None else [pace.tail])]
+        if not pace.factors or not all(0 < f < math.inf for f in factors) or not 0 <= pace.cold_s < math.inf:
+            raise ValueError(f"pace factors must be finite and > 0, the cold allowance finite and >= 0: {data}")
+        return pace
+
+
 def _decode_run(sched: TickScheduler) -> int:
     """Ticks the next decode plan would repeat unchanged (>= 1): until a row finishes or
     a row's context enters a bigger key bucket, as long as no prompt is pending and
@@ -285,7 +346,9 @@ class SimResult:
 
 
 def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[StepKey], float],
-                  concurrency: int = 0, jumps: bool = True, window_s: float = 0.0) -> tuple[list[SimResult], float]:
+                  concurrency: int = 0, jumps: bool = True, window_s: float = 0.0,
+                  tail_s: Callable[[StepKey], float] | None = None,
+                  cold_s: float = 0.0) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
     these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
@@ -304,6 +367,10 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     member's first token; the engine closes it mid-tick or just before that token, from
     the same state run forward: the same promises).
 
+    `tail_s` and `cold_s`: the prefill tails and the cold allowance the engine's promises
+    add (`Pace`): a promise made while the simulated engine is cold (idle COLD_IDLE_S, or
+    within COLD_WINDOW_S of the first tick after that) adds `cold_s`, as the engine's.
+
     Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
     closed = any(r.arrival_s is None for r in requests)
@@ -320,12 +387,23 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     in_flight, t = 0, 0.0
     delivery_ends: dict[int, float] = {}  # index -> its last token's promised time (the engine's `_delivery_ends`)
     window: ArrivalWindow | None = None  # the open admission window
+    last_end, cold_until = -math.inf, -math.inf  # the last tick's end; cold ticks start before cold_until
 
-    def close(at: float) -> None:
-        """Promises the open window's group (the engine's `close_window`)."""
+    def cold(at: float) -> float:
+        """The engine's `cold_s`: the allowance a promise made at `at` adds."""
+        return cold_s if at < cold_until or (sched.idle() and at - last_end >= COLD_IDLE_S) else 0.0
+
+    def close(at: float, in_flight: TickPlan | None = None) -> None:
+        """Promises the open window's group (the engine's `close_window`); `in_flight`: the
+        tick that just made a member's first token, not yet applied to `sched` (the engine
+        closes the window then, its tick still in flight: its tail is in the promise)."""
         nonlocal window
         members, alone, window = window.members, window.alone, None
-        for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone).items():
+        allowance = cold(at)
+        elapsed = 0.0 if in_flight is None else tick_s(in_flight.key)
+        for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone, in_flight, elapsed,
+                                                tail_s=tail_s).items():
+            ttft += allowance
             promises[i] = (at + ttft, cadence)
             delivery_ends[i] = at + ttft + (requests[i].max_tokens - 1) * cadence
             results[i].promise = (at + ttft - results[i].arrival_s, cadence)
@@ -356,7 +434,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                 sched.add(seq)
                 in_flight += 1
                 return
-            ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s)
+            ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s, tail_s=tail_s)
+            ttft += cold(at)
             seq.cadence_s = promise_cadence(sched, seq)
             promises[i] = (at + ttft, seq.cadence_s)
             delivery_ends[i] = at + ttft + (r.max_tokens - 1) * seq.cadence_s
@@ -398,6 +477,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             t = max(t, nxt)
             continue
         dt = tick_s(plan.key)
+        if t - last_end >= COLD_IDLE_S:  # the first tick after an idle spell
+            cold_until = t + COLD_WINDOW_S
         run = run_length(sched, plan) if jumps else 1
         if nxt is not None:  # stop at the first tick boundary at or after the next arrival or free client
             run = min(run, max(1, math.ceil((nxt - t) / dt)))
@@ -409,6 +490,14 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             t += (run - 1) * dt
         before = {s.seq_id: s.generated for s in plan.rows}
         t += dt
+        last_end = t
+        if window and any(seq.group == window.group and plan.samples(i) for i, seq in enumerate(plan.rows)):
+            # As the engine: arrivals within the window joined it as they came, during the
+            # tick; it closes before the first token is handed out, the tick in flight.
+            while (upcoming and upcoming[0][0] <= min(t, window.closes_s) and not waiting_to_send
+                   and (closed or not concurrency or in_flight < concurrency)):
+                send(heapq.heappop(upcoming)[1], t)
+            close(t, in_flight=plan)
         for out in sched.update(plan):
             i = out.seq.seq_id
             if out.seq.generated > before[i]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import scheduler
 from scheduler.program import fingerprint
+from scheduler.simulate import Pace
 
 CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 # Part of the cached calibration's name: bump it when the runtime's step costs change, so
@@ -197,9 +198,9 @@ def _time_scale_path(plan_hash: str) -> Path:
 
 
 def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | None = None,
-                      pace: dict[str, float] | None = None) -> None:
-    """Serve's measured time scale, start-up guard band and start-up pace factors for this
-    program, for `simulate` (best effort)."""
+                      pace: dict | None = None) -> None:
+    """Serve's measured time scale, start-up guard band and pace (phase -> factor at start,
+    then the engine's whole `Pace.to_json`) for this program, for `simulate` (best effort)."""
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale,
@@ -208,14 +209,13 @@ def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | Non
         pass
 
 
-def recorded_pace(plan_hash: str) -> dict[str, float] | None:
-    """Each phase's start-up pace factor serve last used for this program here, or None."""
+def recorded_pace(plan_hash: str) -> Pace | None:
+    """The pace serve last ran this program at here (its start-up factors, then each move:
+    serve.record_pace), or None."""
     try:
-        pace = json.loads(_time_scale_path(plan_hash).read_text())["pace"]
-        pace = {str(k): float(v) for k, v in pace.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return Pace.from_json(json.loads(_time_scale_path(plan_hash).read_text())["pace"])
+    except (OSError, ValueError, KeyError):
         return None
-    return pace if pace and all(0 < v < float("inf") for v in pace.values()) else None
 
 
 def recorded_guard_band(plan_hash: str) -> float | None:

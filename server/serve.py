@@ -196,16 +196,19 @@ def _until(stop: threading.Event, duration_s: float, failed=lambda: False) -> bo
 PACE_RECORD_S = 1.0  # how often the pace serve runs at is recorded for `lockstep simulate`, when it moved
 
 
-async def record_pace(pace: dict[str, float], info: dict, interval_s: float = PACE_RECORD_S) -> None:
-    """Records `pace` (phase -> factor, kept current by the metrics' set_pace) for
-    `lockstep simulate` whenever it moved, until cancelled: simulate then predicts with the
-    pace the server runs at now, not the one it started with (this host's served steps ran
-    at up to 1.8x the start-up measurement, which has no client beside it: simulated first
-    tokens at c=8 0.71x the measured; BENCHMARKS.md, "Simulated against measured")."""
+async def record_pace(metrics, info: dict, interval_s: float = PACE_RECORD_S) -> None:
+    """Records the engine's pace (`metrics.pace_state`: scheduler/simulate.Pace, kept current
+    by the engine; else `metrics.pace`, phase -> factor) for `lockstep simulate` whenever it
+    moved, until cancelled: simulate then predicts with the pace the server runs at now, not
+    the one it started with (this host's served steps ran at up to 1.8x the start-up
+    measurement, which has no client beside it: simulated first tokens at c=8 0.71x the
+    measured; BENCHMARKS.md, "Simulated against measured"), and with the prefill tails and
+    cold allowance the engine's promises add (without them, first tokens simulated 0.8x
+    the measured at c=1, c=8 and a bursty load)."""
     last = dict(info.get("pace") or {})
     while True:
         await asyncio.sleep(interval_s)
-        now = dict(pace)
+        now = dict(metrics.pace_state or metrics.pace)
         if now and now != last:
             record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), now)
             last = now
@@ -220,7 +223,7 @@ async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=N
     # then the pace it runs at (a re-pace recorded within PACE_RECORD_S).
     record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), info.get("pace"))
     print(_ready_line(info), flush=True)
-    recorder = asyncio.ensure_future(record_pace(server.metrics.pace, info))
+    recorder = asyncio.ensure_future(record_pace(server.metrics, info))
     try:
         died = await asyncio.to_thread(_until, stop, args.duration_s, server.failed.is_set)
     finally:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import ArrivalWindow, paced_ticks, predict_arrival, promise_group
+from scheduler.simulate import COLD_IDLE_S, COLD_WINDOW_S, ArrivalWindow, Pace, predict_arrival, promise_group
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -83,8 +83,8 @@ SHAPE_SAMPLES = 4
 # whose warm-up prefills took 80-129 ms against 33 ms of program promised c=8's first
 # tokens at 842 ms against 249 in the run before (bench/peer_vllm.py; BENCHMARKS.md). Such
 # ticks still count and log an overrun.
-COLD_IDLE_S = 0.25  # an idle spell at least this long (engine waiting for work) ...
-COLD_WINDOW_S = 0.2  # ... makes the ticks that start within this long after it cold
+# COLD_IDLE_S: an idle spell at least this long (engine waiting for work) makes the ticks
+# that start within COLD_WINDOW_S after it cold (scheduler/simulate.py, which mirrors it).
 # A request promised while the engine is cold (idle, or in the cold window) gets, on its
 # first token and so on every token, the median over the last COLD_SPELLS cold spells of
 # how far their ticks ran past their pace (`Engine.cold_s`): measured on the fourteenth
@@ -257,7 +257,12 @@ class Engine:
         # Prefill slice tokens -> the pacer of that shape's ticks (SHAPE_SAMPLES; with the tail only).
         self._shapes: dict[int, Pacer] = {}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
+        self._cold_spells: collections.deque = collections.deque(maxlen=COLD_SPELLS)  # each past spell's excess, s
+        # The pace the metrics were last told (`_report_pace`); None while the engine is built:
+        # the factors go with the ready message (its tails are 0 then, the cold allowance too).
+        self._reported: Pace | None = None
         self._repace()
+        self._reported = self.pace()
         if config.deterministic and self.sched is not None:
             self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
             self.sched.alone_own_step = config.alone_own_step
@@ -271,7 +276,6 @@ class Engine:
         self._cold_until = 0.0  # perf_counter s: ticks starting before it follow an idle spell (COLD_IDLE_S)
         self._cold_excess = 0.0  # s the cold ticks under way ran past their pace, summed
         self._in_cold = False  # the last tick was cold
-        self._cold_spells: collections.deque = collections.deque(maxlen=COLD_SPELLS)  # each past spell's excess, s
         # The open admission window (its members: Requests queued, promises pending; its
         # closes_s: perf_counter s); None when no window is open.
         self._window: ArrivalWindow | None = None
@@ -320,18 +324,26 @@ class Engine:
         """Each phase's pace factor now."""
         return {phase: pacer.factor for phase, pacer in self.pacers.items()}
 
+    def pace(self) -> Pace:
+        """What every promise's tick times come from now (scheduler/simulate.py, `Pace`):
+        the phases' factors, the prefill shapes paced from their own ticks, the tail's
+        factor and the cold allowance."""
+        shapes = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
+        cold = statistics.median(self._cold_spells) if self.config.deterministic and self._cold_spells else 0.0
+        return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, cold)
+
     def _repace(self) -> None:
-        factors = self.factors()
-        ticks = paced_ticks(self.program, factors)
-        if self._tail is not None:
-            shaped = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
-            for k, s in self.program.steps.items():
-                if k.phase == PREFILL and k.tokens in shaped:
-                    ticks[k] = s * shaped[k.tokens]
-            self._tails = {k: max(0.0, s * self._tail.factor - ticks[k])
-                           for k, s in self.program.steps.items() if k.phase == PREFILL}
+        pace = self.pace()
         # Swapped whole: `predict` on another thread reads one table or the other.
-        self._ticks = ticks
+        self._ticks, self._tails = pace.tables(self.program)
+        self._report_pace(pace)
+
+    def _report_pace(self, pace: Pace | None = None) -> None:
+        """Tells the metrics the pace when it moved (serve records it for `lockstep simulate`)."""
+        pace = pace or self.pace()
+        if self.metrics is not None and self._reported is not None and pace != self._reported:
+            self._reported = pace
+            self.metrics.set_pace_state(pace.to_json())
 
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
@@ -359,7 +371,7 @@ class Engine:
         if not self.config.deterministic or not self._cold_spells:
             return 0.0
         cold = now < self._cold_until or (self.sched.idle() and now - self._last_tick_end >= COLD_IDLE_S)
-        return statistics.median(self._cold_spells) if cold else 0.0
+        return statistics.median(self._cold_spells) if cold else 0.0  # Pace.cold_s
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
@@ -758,6 +770,7 @@ class Engine:
         if self._in_cold:
             self._cold_spells.append(self._cold_excess)
             self._cold_excess, self._in_cold = 0.0, False
+            self._report_pace()
 
     def _occupancy(self) -> tuple[int, int, int]:
         """(running, waiting, free slots), under the lock."""

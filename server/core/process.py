@@ -112,7 +112,7 @@ class MetricsRelay:
     """The engine's metrics object in the core: each call is recorded in the outbox and
     replayed, in order, on the front end's registry (server/frontend/metrics.py)."""
 
-    CALLS = ("observe_tick", "set_pace", "set_queue")
+    CALLS = ("observe_tick", "set_pace", "set_pace_state", "set_queue")
 
     def __init__(self, outbox: Outbox):
         self._outbox = outbox

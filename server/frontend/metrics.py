@@ -129,6 +129,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.model = model
         self.pace: dict[str, float] = {}  # phase -> the pace factor now (the gauge's values)
+        # The engine's whole pace now (scheduler/simulate.py, `Pace.to_json`): what serve
+        # records for `lockstep simulate`; {} until the engine tells it.
+        self.pace_state: dict = {}
         r = self.registry
         request = ["model", "protocol"]
 
@@ -181,6 +184,8 @@ class Metrics:
                            ["phase"], registry=r)
         self._repaces = Counter("lockstep_repaces_total", "Times a phase's pace factor followed the measured steps",
                                 ["phase"], registry=r)
+        self._cold = Gauge("lockstep_cold_allowance_seconds",
+                           "What a promise made after an idle spell adds to its first token", registry=r)
 
         # Totals.
         self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", request, registry=r)
@@ -283,6 +288,12 @@ class Metrics:
 
     def set_engine_up(self, up: bool) -> None:
         self._engine_up.set(1 if up else 0)
+
+    def set_pace_state(self, state: dict) -> None:
+        """The engine's pace, whole (`Pace.to_json`), kept for serve to record; its factors
+        are the pace gauges' (set_pace), its cold allowance a gauge of its own."""
+        self.pace_state = state
+        self._cold.set(state.get("cold_s") or 0.0)
 
     def set_pace(self, phase: str, factor: float, repaced: bool = False) -> None:
         if phase not in PHASES:

@@ -189,6 +189,50 @@ def test_closed_loop_promises_own_steps_to_one_client_and_company_to_several_aft
         assert cadences[0] == own and own not in cadences[clients:]
 
 
+def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
+    """`lockstep simulate` promises what the engine would (scheduler/simulate.Pace): the
+    longest prefill tick's tail on every first token, and the cold allowance on promises
+    made after an idle spell (COLD_IDLE_S) or within COLD_WINDOW_S of its first tick."""
+    from scheduler.simulate import COLD_IDLE_S, COLD_WINDOW_S, SimRequest, simulate_load
+
+    def tail_s(key: StepKey) -> float:  # 1 ms per 32 keys: the 40-token prompt's ticks at 32, 32, 64
+        return key.keys / 32 * 1e-3 if key.phase == "prefill" else 0.0
+
+    cold = 0.030
+    arrivals = [0.0, COLD_WINDOW_S / 2, 5.0, 5.0 + 0.3]  # idle / in the window / idle / warm
+    plain, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in arrivals], tick_s)
+    results, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in arrivals], tick_s, tail_s=tail_s,
+                               cold_s=cold)
+    assert plain[0].promise[0] == pytest.approx(PROMPT_40)
+    assert results[3].arrival_s - results[2].token_s[-1] < COLD_IDLE_S and results[3].arrival_s > 5.0 + COLD_WINDOW_S
+    assert [r.promise[0] - p.promise[0] for r, p in zip(results, plain)] == pytest.approx(
+        [0.002 + cold, 0.002 + cold, 0.002 + cold, 0.002])
+    for r in results:  # held until promised, never later
+        assert r.token_s[0] == pytest.approx(r.arrival_s + r.promise[0]) and r.late_s == 0.0
+    # In an admission window, closed as the engine closes it: at the tick that makes a
+    # member's first token, that tick in flight (its tail in the promise), after the
+    # arrivals within the window joined it.
+    grouped, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in (0.0, 0.001)], tick_s, window_s=0.5,
+                               tail_s=tail_s, cold_s=cold)
+    alone, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in (0.0, 0.001)], tick_s, window_s=0.5)
+    assert [r.promise[0] - p.promise[0] for r, p in zip(grouped, alone)] == pytest.approx([0.002 + cold] * 2)
+    assert grouped[0].promise[1] == grouped[1].promise[1]  # one group, one cadence
+
+
+def test_a_pace_round_trips_through_json_and_refuses_what_is_not_one():
+    from scheduler.simulate import Pace
+
+    pace = Pace({"prefill": 1.2, "decode": 1.4, "mixed": 1.4}, {64: 1.1, 16: 1.3}, 1.6, 0.004)
+    assert Pace.from_json(pace.to_json()) == pace
+    assert Pace.from_json({"prefill": 1.2, "decode": 1.4}) == Pace({"prefill": 1.2, "decode": 1.4})  # an older record
+    for bad in ([1.2], {}, {"factors": {}}, {"decode": "x"}, {"decode": float("nan")}, {"decode": -1.0},
+                {"decode": float("inf")}, {"factors": {"decode": 1.0}, "tail": 0.0},
+                {"factors": {"decode": 1.0}, "shapes": {"a": 1.0}}, {"factors": {"decode": 1.0}, "cold_s": -1e-9},
+                {"factors": {"decode": 1.0}, "cold_s": float("nan")}):
+        with pytest.raises(ValueError):
+            Pace.from_json(bad)
+
+
 def test_a_joiner_waits_while_its_decode_tick_would_break_a_lone_streams_cadence():
     from scheduler.simulate import promise_cadence
 

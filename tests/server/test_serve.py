@@ -387,9 +387,12 @@ def test_pipeline_needs_a_multi_stage_program(pool, message):
 
 def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
     """`lockstep simulate` predicts with the pace the server runs at now: a re-pace reaches
-    the recorded pace within the recording interval; an unchanged pace is not rewritten."""
+    the recorded pace within the recording interval; an unchanged pace is not rewritten;
+    once the engine tells its whole pace (prefill shapes, tails, cold allowance), that is
+    what is recorded."""
     import asyncio
 
+    from scheduler.simulate import Pace
     from server import programs
     from server.frontend.metrics import Metrics
     from server.serve import record_pace
@@ -403,15 +406,19 @@ def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
         metrics.set_pace(phase, factor)
 
     async def run():
-        task = asyncio.ensure_future(record_pace(metrics.pace, info, interval_s=0.02))
+        task = asyncio.ensure_future(record_pace(metrics, info, interval_s=0.02))
         path = tmp_path / f"time-scale-{info['plan_hash'][:16]}.json"
         written = path.stat().st_mtime_ns
         await asyncio.sleep(0.1)
-        assert path.stat().st_mtime_ns == written and programs.recorded_pace(info["plan_hash"]) == start
+        assert path.stat().st_mtime_ns == written and programs.recorded_pace(info["plan_hash"]) == Pace(start)
         metrics.set_pace("decode", 2.0, repaced=True)  # the engine re-paced: the host got slower
         await asyncio.sleep(0.1)
+        assert programs.recorded_pace(info["plan_hash"]) == Pace({**start, "decode": 2.0})
+        whole = Pace({**start, "decode": 2.0}, {64: 1.1}, 1.7, 0.012)
+        metrics.set_pace_state(whole.to_json())
+        await asyncio.sleep(0.1)
         task.cancel()
-        assert programs.recorded_pace(info["plan_hash"]) == {**start, "decode": 2.0}
+        assert programs.recorded_pace(info["plan_hash"]) == whole
         assert programs.recorded_time_scale(info["plan_hash"]) == 1.2  # the start-up measurement stays
 
     asyncio.run(run())

@@ -501,6 +501,31 @@ def test_a_wide_start_up_band_paces_only_the_first_ticks():
     assert same.pacers["decode"].factor == pytest.approx(1.05 * 1.288)
 
 
+def test_the_engine_tells_its_whole_pace_as_it_moves_and_times_ticks_from_it():
+    """What `lockstep simulate` reads (serve records it): the engine's `Pace`, the prefill
+    shapes paced apart, the tail's factor and the cold allowance, told to the metrics when
+    it moves; its tables are the engine's own tick and tail times."""
+    from scheduler.simulate import Pace
+    from scheduler.ticks import TickPlan
+    from server.core.engine import SHAPE_SAMPLES
+    from server.frontend.metrics import Metrics
+
+    metrics = Metrics("tiny")
+    engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1), metrics=metrics)
+    assert metrics.pace_state == {}  # the start: the factors go with the ready message
+    chunk = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
+    for i in range(16):
+        engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (1.1 if i else 1.6), False, 0.0)
+    engine._account(TickPlan("decode", 1, ()), engine.sched, {}, 0.05, False, 0.0, cold=True)
+    engine._end_cold_spell()
+    pace = Pace.from_json(metrics.pace_state)
+    assert pace == engine.pace() and pace.shapes.keys() == {VIEW.prefill_chunk} and pace.tail > pace.shapes[
+        VIEW.prefill_chunk] and pace.cold_s > 0
+    ticks, tails = pace.tables(VIEW)
+    assert ticks == {k: engine.tick_s(k) for k in VIEW.steps} and tails == {k: engine.tail_s(k) for k in tails}
+    assert SHAPE_SAMPLES <= 16 and tails[chunk.key] > 0
+
+
 def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     """Ticks just after an idle spell run slow and are not paced from (COLD_IDLE_S); a
     request promised while the engine is cold gets the median of how far recent spells' ticks
