@@ -13,6 +13,7 @@ sweep sweep.json, sweep.png and a capacity table (tokens/s per user against requ
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from dataclasses import replace
 
@@ -93,6 +94,13 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
     # Ticks follow the work; in deterministic mode the promised cadences bound them, as in
     # serve (whose --guard-band-ms is spent from the streams' lead, in no tick).
     ticks, tails = pace.tables(program)
+    # Tokens leave as late as serve's last ones left (its record: first tokens, later ones),
+    # drawn with the load's seed.
+    (first, later), draws = args.delivery_late, random.Random(args.seed)
+
+    def late(k: int) -> float:
+        return draws.choice(later if k and later else first or later)
+
     promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
         scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own") for _ in range(args.replicas)]
@@ -102,7 +110,8 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1),
                                           window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
                                           tail_s=None if args.throughput or not tails else tails.get,
-                                          cold_s=0.0 if args.throughput else pace.cold_s)
+                                          cold_s=0.0 if args.throughput else pace.cold_s,
+                                          late_s=late if first or later else None)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -138,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else [args.rate]
         if any(r is not None and not 0 < r < float("inf") for r in rates) or not 0 < args.burstiness < float("inf"):
             raise ValueError("rates and --burstiness must be finite and > 0")
-        from server.programs import compile_program, recorded_guard_band, recorded_pace, recorded_time_scale
+        from server.programs import (compile_program, recorded_delivery, recorded_guard_band, recorded_pace,
+                                     recorded_time_scale)
 
         program = compile_program(args)[0].view()
         args.burstiness = burstiness(args)  # as lockstep load
+        # Nothing of the pace given: as serve last ran this program here, its pace whole, and
+        # its tokens handed out as late as its last ones left (none recorded: on time).
+        args.delivery_late = ([], [])
         if not args.time_scale and args.guard_band_pct is None and args.pace is None:
-            args.pace = recorded_pace(program.plan_hash)  # the pace serve last ran at, whole
+            args.pace = recorded_pace(program.plan_hash)
+            args.delivery_late = recorded_delivery(program.plan_hash)
         if not args.time_scale:  # as serve: measured there; the last measurement for this program
             args.time_scale = recorded_time_scale(program.plan_hash) or 1.0
         if args.guard_band_pct is None:  # as serve: from the jitter measured there, else 20%

@@ -348,7 +348,8 @@ class SimResult:
 def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Callable[[StepKey], float],
                   concurrency: int = 0, jumps: bool = True, window_s: float = 0.0,
                   tail_s: Callable[[StepKey], float] | None = None,
-                  cold_s: float = 0.0) -> tuple[list[SimResult], float]:
+                  cold_s: float = 0.0,
+                  late_s: Callable[[int], float] | None = None) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
     these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
@@ -370,6 +371,10 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     `tail_s` and `cold_s`: the prefill tails and the cold allowance the engine's promises
     add (`Pace`): a promise made while the simulated engine is cold (idle COLD_IDLE_S, or
     within COLD_WINDOW_S of the first tick after that) adds `cold_s`, as the engine's.
+    `late_s(k)`: a draw of how late (seconds) promised token k (0: the first) leaves after its
+    time, for each one handed out (serve's record of its own: the front end's timers and
+    writes share the cores with the steps), so what a client sees is the promise plus that
+    spread; None: on time.
 
     Runs of identical ticks are taken at once up to the next arrival (`jumps`),
     so a run costs O(tokens) list appends, not O(ticks) scheduler calls."""
@@ -450,7 +455,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             due, cadence = promises[i]
             delivery_ends[i] = due + (len(token_s) - 1) * cadence
             results[i].late_s = max(0.0, *(x - due - k * cadence for k, x in enumerate(token_s)))
-            token_s[:] = [max(x, due + k * cadence) for k, x in enumerate(token_s)]
+            token_s[:] = [max(x, due + k * cadence) + (late_s(k) if late_s else 0.0) for k, x in enumerate(token_s)]
         return token_s[-1] if token_s else t
 
     def next_event() -> float | None:

@@ -198,15 +198,30 @@ def _time_scale_path(plan_hash: str) -> Path:
 
 
 def record_time_scale(plan_hash: str, scale: float, guard_band_frac: float | None = None,
-                      pace: dict | None = None) -> None:
+                      pace: dict | None = None, delivery_late_s: dict[str, list[float]] | None = None) -> None:
     """Serve's measured time scale, start-up guard band and pace (phase -> factor at start,
-    then the engine's whole `Pace.to_json`) for this program, for `simulate` (best effort)."""
+    then the engine's whole `Pace.to_json`) for this program, and how late its last tokens
+    left ("first" and "later" tokens: seconds past their promised times), for `simulate`
+    (best effort)."""
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         _time_scale_path(plan_hash).write_text(json.dumps({"plan_hash": plan_hash, "time_scale": scale,
-                                                           "guard_band_frac": guard_band_frac, "pace": pace}))
+                                                           "guard_band_frac": guard_band_frac, "pace": pace,
+                                                           "delivery_late_s": delivery_late_s or {}}))
     except OSError:
         pass
+
+
+def recorded_delivery(plan_hash: str) -> tuple[list[float], list[float]]:
+    """How late (seconds, >= 0) the last first tokens and later tokens serve handed out for
+    this program here left past their promised times; ([], []) if none were recorded."""
+    try:
+        late = json.loads(_time_scale_path(plan_hash).read_text())["delivery_late_s"]
+        first, later = ([float(x) for x in late[which]] for which in ("first", "later"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [], []
+    ok = all(0 <= x < float("inf") for x in first + later)
+    return (first, later) if ok else ([], [])
 
 
 def recorded_pace(plan_hash: str) -> Pace | None:

@@ -204,14 +204,18 @@ async def record_pace(metrics, info: dict, interval_s: float = PACE_RECORD_S) ->
     measurement, which has no client beside it: simulated first tokens at c=8 0.71x the
     measured; BENCHMARKS.md, "Simulated against measured"), and with the prefill tails and
     cold allowance the engine's promises add (without them, first tokens simulated 0.8x
-    the measured at c=1, c=8 and a bursty load)."""
-    last = dict(info.get("pace") or {})
+    the measured at c=1, c=8 and a bursty load); and how late the doors' last tokens left
+    (`metrics.delivery_late`), which simulate's own tokens then leave as."""
+    def lateness() -> dict[str, list[float]]:  # how late its tokens left (simulate hands its own out so)
+        return {which: [round(x, 6) for x in xs] for which, xs in metrics.delivery_late.items()}
+
+    last, last_late = dict(info.get("pace") or {}), lateness()
     while True:
         await asyncio.sleep(interval_s)
-        now = dict(metrics.pace_state or metrics.pace)
-        if now and now != last:
-            record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), now)
-            last = now
+        now, late = dict(metrics.pace_state or metrics.pace) or last, lateness()
+        if now and (now != last or late != last_late):
+            record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), now, late)
+            last, last_late = now, late
 
 
 async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=None, bundle=None,

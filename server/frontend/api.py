@@ -89,6 +89,10 @@ class Sent:
         self.last_s, self.n = t, self.n + 1
         return gap
 
+    def late_s(self, r: Request) -> float | None:
+        """How long after its promised time the last token added leaves now (None: no promise)."""
+        return time.perf_counter() - r.due_s(self.n - 1) if r.predicted_ttft_s else None
+
 
 DEADLINE_SLACK_S = 0.05  # a cut this close to the deadline is the deadline (client and server timers race)
 
@@ -305,7 +309,7 @@ class LockstepService:
                 yield pb.GenerateResponse(token=pb.Token(id=item, text=delta, index=sent.n - 1,
                                                          sent_unix_s=time.time(), tick=tick))
                 if self.metrics is not None:
-                    self.metrics.token_emitted(PROTOCOL, gap)
+                    self.metrics.token_emitted(PROTOCOL, gap, sent.late_s(r))
                 if stops:
                     tail += delta
                     if any(s in tail for s in stops):

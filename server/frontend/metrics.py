@@ -13,6 +13,7 @@ Request series are labelled `model` and `protocol` (grpc, http, kserve), tick se
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import threading
@@ -33,6 +34,7 @@ from server.frontend.httpd import SignalFreeUvicorn, bounded_protocol
 LATENCY_BUCKETS_S = tuple(float(f"{m}e{e}") for e in range(-4, 3) for m in (1, 2, 2.5, 5))
 # Rows per tick: the compiled batch buckets are powers of two up to 256.
 BATCH_BUCKETS = tuple(2**k for k in range(9))
+DELIVERY_SAMPLES = 1024  # the last tokens' lateness kept for serve's record (`Metrics.delivery_late`)
 # Measured / predicted step time: fine around 1 (the Groq compiler's estimate was within
 # 2% of measurement, so 0.98 and 1.02 are bucket edges), coarse beyond 0.5 and 2.
 RATIO_BUCKETS = (
@@ -112,8 +114,9 @@ class _RequestSeries:
     def __init__(self, m: Metrics, protocol: str):
         labels = (m.model, protocol)
         self.labels = labels
-        self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.ttft_pred, self.tpot_pred = (
-            h.labels(*labels) for h in (m._ttft, m._itl, m._tpot, m._e2e, m._queue, m._ttft_pred, m._tpot_pred))
+        self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.ttft_pred, self.tpot_pred, self.late = (
+            h.labels(*labels) for h in (m._ttft, m._itl, m._tpot, m._e2e, m._queue, m._ttft_pred, m._tpot_pred,
+                                        m._late))
         self.prompt_tokens = m._prompt_tokens.labels(*labels)
         self.generation_tokens = m._generation_tokens.labels(*labels)
         self.admitted = m._admitted.labels(*labels)
@@ -132,6 +135,12 @@ class Metrics:
         # The engine's whole pace now (scheduler/simulate.py, `Pace.to_json`): what serve
         # records for `lockstep simulate`; {} until the engine tells it.
         self.pace_state: dict = {}
+        # How late each of the last DELIVERY_SAMPLES promised first tokens, and later tokens,
+        # left (seconds past its promised time, 0 when on time): serve records them for
+        # `lockstep simulate`, which hands its tokens out as late (what a client sees beyond
+        # the promise: first tokens come later than the rest, as their steps start cold).
+        self.delivery_late: dict[str, collections.deque] = {
+            which: collections.deque(maxlen=DELIVERY_SAMPLES) for which in ("first", "later")}
         r = self.registry
         request = ["model", "protocol"]
 
@@ -146,6 +155,8 @@ class Metrics:
         self._queue = latency("lockstep_queue_time_seconds", "Arrival to first scheduled tick")
         self._ttft_pred = latency("lockstep_predicted_time_to_first_token_seconds", "TTFT promised at admission")
         self._tpot_pred = latency("lockstep_predicted_time_per_output_token_seconds", "TPOT promised at admission")
+        self._late = latency("lockstep_token_late_seconds",
+                             "How long after its promised time a token left the server (0: on time)")
 
         # Per tick.
         self._batch = Histogram(
@@ -339,8 +350,9 @@ class Metrics:
         s.admitted.inc()
         s.prompt_tokens.inc(prompt_tokens)
 
-    def token_emitted(self, protocol: str, gap_s: float | None) -> None:
-        """One token left for a client; gap_s is None for a request's first token.
+    def token_emitted(self, protocol: str, gap_s: float | None, late_s: float | None = None) -> None:
+        """One token left for a client; gap_s is None for a request's first token, late_s
+        (seconds after its promised time; <= 0: on time) None where nothing was promised.
 
         lockstep_generation_tokens_total counts here, as tokens leave (so its rate is
         live during long streams), not from request_finished's completion_tokens.
@@ -349,6 +361,10 @@ class Metrics:
         s.generation_tokens.inc()
         if gap_s is not None:
             s.itl.observe(gap_s)
+        if late_s is not None:
+            late_s = max(0.0, late_s)
+            s.late.observe(late_s)
+            self.delivery_late["first" if gap_s is None else "later"].append(late_s)
 
     def request_finished(
         self,

@@ -83,7 +83,7 @@ class TextRun:
                     break
                 gap = self.sent.add(t)
                 if self.metrics is not None:
-                    self.metrics.token_emitted(self.protocol, gap)
+                    self.metrics.token_emitted(self.protocol, gap, self.sent.late_s(self.r))
                 self.text += self.decoder.step(item)
                 if self.stops and self._cut_at_stop():
                     self.finish_reason = "stop"

@@ -217,6 +217,11 @@ def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
     alone, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in (0.0, 0.001)], tick_s, window_s=0.5)
     assert [r.promise[0] - p.promise[0] for r, p in zip(grouped, alone)] == pytest.approx([0.002 + cold] * 2)
     assert grouped[0].promise[1] == grouped[1].promise[1]  # one group, one cadence
+    # Handed out as late as serve's tokens left (its record): first tokens, later ones.
+    late, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in arrivals], tick_s, tail_s=tail_s,
+                            cold_s=cold, late_s=lambda k: 0.003 if k == 0 else 0.001)
+    for r, on_time in zip(late, results):
+        assert [x - y for x, y in zip(r.token_s, on_time.token_s)] == pytest.approx([0.003] + [0.001] * 4)
 
 
 def test_a_pace_round_trips_through_json_and_refuses_what_is_not_one():

@@ -389,7 +389,7 @@ def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
     """`lockstep simulate` predicts with the pace the server runs at now: a re-pace reaches
     the recorded pace within the recording interval; an unchanged pace is not rewritten;
     once the engine tells its whole pace (prefill shapes, tails, cold allowance), that is
-    what is recorded."""
+    what is recorded, with how late the front end's last tokens left."""
     import asyncio
 
     from scheduler.simulate import Pace
@@ -416,9 +416,14 @@ def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
         assert programs.recorded_pace(info["plan_hash"]) == Pace({**start, "decode": 2.0})
         whole = Pace({**start, "decode": 2.0}, {64: 1.1}, 1.7, 0.012)
         metrics.set_pace_state(whole.to_json())
+        # How late tokens left past their promise (early counts as on time): first, later.
+        for gap, late in ((None, 0.004), (0.02, -0.0003), (0.02, 0.0015), (None, 0.0)):
+            metrics.token_emitted("grpc", gap, late)
+        metrics.token_emitted("grpc", 0.02, None)  # nothing promised: not a sample
         await asyncio.sleep(0.1)
         task.cancel()
         assert programs.recorded_pace(info["plan_hash"]) == whole
+        assert programs.recorded_delivery(info["plan_hash"]) == ([0.004, 0.0], [0.0, 0.0015])
         assert programs.recorded_time_scale(info["plan_hash"]) == 1.2  # the start-up measurement stays
 
     asyncio.run(run())
