@@ -211,9 +211,19 @@ def outcome(r: Request, sent: Sent, reason: str, code, message: str, end_s: floa
 
 def promise_metadata(r: Request) -> tuple:
     """The promise as gRPC initial metadata, sent at admission: the request id, its predicted
-    TTFT and finish (seconds from arrival), and where a router sent it (replica_metadata)."""
+    TTFT and finish (seconds from arrival), the arrival they count from, and where a router
+    sent it (replica_metadata)."""
     return (("lockstep-request-id", r.request_id), ("lockstep-predicted-ttft-s", f"{r.predicted_ttft_s:.6f}"),
-            ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"), *replica_metadata(r))
+            ("lockstep-predicted-e2e-s", f"{r.predicted_e2e_s:.6f}"),
+            ("lockstep-arrival-unix-s", f"{arrival_unix_s(r):.6f}"), *replica_metadata(r))
+
+
+def arrival_unix_s(r: Request) -> float:
+    """When the door received the request's first bytes, Unix seconds: the instant its promise
+    counts from (token k is due then + TTFT + k x TPOT), so a client can check each token
+    against the promise itself rather than against its own send, which the way to the door
+    (a busy event loop, the network) precedes."""
+    return time.time() - (time.perf_counter() - r.arrival_s)
 
 
 def replica_metadata(r: Request) -> tuple:

@@ -5,7 +5,8 @@ as server-sent events (`data: {...}` chunks, then `data: [DONE]`) or not.
 Same engine, same admission by prediction and same metrics as gRPC (server/api.LocalAdmission,
 outcome, record): a body is translated into a GenerateRequest and checked by the same
 `parse_request`, so every field is validated as the gRPC one is. The prediction is in the
-response headers (`lockstep-predicted-ttft-s`, `lockstep-predicted-e2e-s`). Errors are
+response headers (`lockstep-predicted-ttft-s`, `lockstep-predicted-e2e-s`, and `lockstep-arrival-unix-s`,
+the door's receipt they count from). Errors are
 OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`) with the status that
 says why: 400 bad input, 401 auth, 404 unknown model, 429 queue full, 503 draining or the
 engine down, 504 a deadline the prediction cannot meet (header `x-lockstep-deadline-s`).
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from protos.lockstep.v1 import lockstep_pb2 as pb
-from server.frontend.api import Refused, replica_metadata
+from server.frontend.api import Refused, arrival_unix_s, replica_metadata
 from server.frontend.httpd import RECEIVED_KEY
 from server.frontend.textrun import TextRun
 from server.frontend.tokenizer import ChatTemplate
@@ -277,7 +278,8 @@ class OpenAIFrontEnd:
         if self.metrics is not None:
             self.metrics.request_admitted(PROTOCOL, len(parsed.prompt))
         headers = {"lockstep-predicted-ttft-s": f"{r.predicted_ttft_s:.6f}",
-                   "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}", "x-request-id": r.request_id,
+                   "lockstep-predicted-e2e-s": f"{r.predicted_e2e_s:.6f}",
+                   "lockstep-arrival-unix-s": f"{arrival_unix_s(r):.6f}", "x-request-id": r.request_id,
                    **dict(replica_metadata(r))}
         run = _Run(self, r, queue, parsed.stop, chat, include_usage)
         if stream:

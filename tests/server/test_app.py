@@ -99,10 +99,13 @@ def test_concurrent_streams_get_their_own_tokens(live):
 
 
 def test_admission_metadata_carries_the_prediction(live):
+    sent = time.time()
     call = live.stub.Generate(request([1, 2, 3], 3), timeout=30)
     metadata = dict(call.initial_metadata())
     assert float(metadata["lockstep-predicted-ttft-s"]) > 0
     assert float(metadata["lockstep-predicted-e2e-s"]) >= float(metadata["lockstep-predicted-ttft-s"])
+    # The arrival the promise counts from: after this client's send, before its answer.
+    assert sent - 1e-3 <= float(metadata["lockstep-arrival-unix-s"]) <= time.time()
     assert len(list(call)) == 4  # 3 tokens + finished
 
 

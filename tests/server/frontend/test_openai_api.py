@@ -104,9 +104,12 @@ def test_a_streamed_completion_is_the_same_text_and_ends_with_usage_and_done(tin
 
 
 def test_the_prediction_is_in_the_headers(tiny):
+    sent = time.time()
     raw = tiny.client.completions.with_raw_response.create(model="tiny", prompt="x", max_tokens=4)
     assert float(raw.headers["lockstep-predicted-ttft-s"]) > 0
     assert float(raw.headers["lockstep-predicted-e2e-s"]) >= float(raw.headers["lockstep-predicted-ttft-s"])
+    # The arrival the promise counts from: the door's receipt, after the send.
+    assert sent - 1e-3 <= float(raw.headers["lockstep-arrival-unix-s"]) <= time.time()
 
 
 @pytest.mark.parametrize("late", ["body", "headers"])
