@@ -199,7 +199,8 @@ class ArrivalWindow(NamedTuple):
 
 def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[StepKey], float], alone: bool,
                   in_flight: TickPlan | None = None, elapsed_s: float = 0.0,
-                  tail_s: Callable[[StepKey], float] | None = None) -> dict[int, tuple[float, float]]:
+                  tail_s: Callable[[StepKey], float] | None = None,
+                  ended: bool = False) -> dict[int, tuple[float, float]]:
     """seq_id -> (first token, cadence), seconds from now, for an arrival group: `members`,
     already queued in `sched` (without promises) in one admission window that the first of
     them opened `alone` (docs/architecture.md, "Arrival groups"). `sched` is left untouched;
@@ -211,7 +212,10 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
     token is due a cadence after that start: no tick from there on is longer than the
     cadence (scheduler/ticks.py), whatever arrives meanwhile and changes which tick it is.
     `tail_s`: as in `predict_arrival`, the longest prefill tick's tail before the members'
-    second tokens, added to every member's first token."""
+    second tokens, added to every member's first token. `ended`: the tick in flight has run
+    (the window closes as it made a member's first token): it can run past its pace no
+    more, so its own tail is not one of them (it was, and a lone prompt's first token was
+    held that much after it was made, while the next step ran)."""
     sim = sched.clone()
     ids = {s.seq_id for s in members}
     mine = [s for s in (*sim.running, *sim.waiting) if s.seq_id in ids]
@@ -223,7 +227,7 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
     t, tail = 0.0, 0.0
     if in_flight is not None:
         t = max(0.0, tick_s(in_flight.key) - elapsed_s)
-        tail = _tail(tail_s, in_flight, 0.0)
+        tail = 0.0 if ended else _tail(tail_s, in_flight, 0.0)
         sim.update(rebind(in_flight, sim))
     first: dict[int, float] = {}  # seq_id -> when the tick that makes its first token ends
     second: dict[int, float] = {}  # seq_id -> when the tick that makes its second token starts
@@ -407,7 +411,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         allowance = cold(at)
         elapsed = 0.0 if in_flight is None else tick_s(in_flight.key)
         for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone, in_flight, elapsed,
-                                                tail_s=tail_s).items():
+                                                tail_s=tail_s, ended=in_flight is not None).items():
             ttft += allowance
             promises[i] = (at + ttft, cadence)
             delivery_ends[i] = at + ttft + (requests[i].max_tokens - 1) * cadence

@@ -447,10 +447,11 @@ class Engine:
         self._lock.notify()
         return True
 
-    def close_window(self) -> list[Request]:
+    def close_window(self, ended: bool = False) -> list[Request]:
         """Under the lock: promises the open window's members together (one run forward of
         the scheduler with all of them: scheduler/simulate.promise_group), from what is left
-        of the tick in flight; tells `on_group_close`; returns the members promised."""
+        of the tick in flight (`ended`: its step has run, as when it made a member's first
+        token); tells `on_group_close`; returns the members promised."""
         if self._window is None:
             return []
         members, alone = self._window.members, self._window.alone
@@ -463,7 +464,8 @@ class Engine:
             now = time.perf_counter()
             plan, began = self._in_flight or (None, now)
             promises = promise_group(snapshot, [r.seq for r in live], ticks.__getitem__, alone, in_flight=plan,
-                                     elapsed_s=now - began, tail_s=tails.get if tails else None)
+                                     elapsed_s=now - began, tail_s=tails.get if tails else None,
+                                     ended=ended and plan is not None)
             cold = self.cold_s(now)
             for r in live:
                 ttft, cadence = promises[r.seq.seq_id]
@@ -677,7 +679,7 @@ class Engine:
         window = self._window  # read once: the core's input thread may close it meanwhile
         if window is not None and self._gives_a_member_its_first_token(plan, window.group):
             with self._lock:  # promises before tokens: the window closes now at the latest
-                self.close_window()
+                self.close_window(ended=True)
         now = time.perf_counter()
         # Ticks follow the work, back to back: the engine runs ahead of its promises where
         # steps are shorter than their paced ticks, and a token made early waits for its

@@ -217,6 +217,13 @@ def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
     alone, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in (0.0, 0.001)], tick_s, window_s=0.5)
     assert [r.promise[0] - p.promise[0] for r, p in zip(grouped, alone)] == pytest.approx([0.002 + cold] * 2)
     assert grouped[0].promise[1] == grouped[1].promise[1]  # one group, one cadence
+    # The tick that made the first token has run: no tail of its own. A lone request's first
+    # token is promised when it was made (+ the cold allowance), not a tail after it; in the
+    # group above, the second member's prompt ticks still to run keep theirs (0.002).
+    lone, _ = simulate_load(promising(), [SimRequest(40, 5, 0.0)], tick_s, window_s=0.5, tail_s=tail_s, cold_s=cold)
+    bare, _ = simulate_load(promising(), [SimRequest(40, 5, 0.0)], tick_s, window_s=0.5)
+    assert lone[0].promise[0] - bare[0].promise[0] == pytest.approx(cold)
+    assert bare[0].promise[0] == pytest.approx(PROMPT_40)
     # Handed out as late as serve's tokens left (its record): first tokens, later ones.
     late, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in arrivals], tick_s, tail_s=tail_s,
                             cold_s=cold, late_s=lambda k: 0.003 if k == 0 else 0.001)

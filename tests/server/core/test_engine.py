@@ -440,6 +440,38 @@ def test_a_group_s_prefill_ticks_are_promised_at_their_median_and_one_tail():
         assert 0 <= waited < 0.05, waited
 
 
+def test_a_window_closed_by_a_first_token_adds_no_tail_for_the_tick_that_made_it():
+    """The engine closes an admission window when a tick makes a member's first token, that
+    tick in flight but its step run: it can overrun no more, so its tail is not added (it
+    was: a lone prompt's first token, made, was held a tail longer while the next step ran).
+    Closed by its bound mid-tick, the tick may still overrun: its tail stays."""
+    import time
+
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+    from scheduler.ticks import TickPlan, prompt_keys
+
+    def promised(ended: bool) -> tuple[float, float]:
+        engine = Engine(None, VIEW, replace(EXACT, guard_band_frac=0.1))
+        chunk = TickPlan("prefill", 1, (), keys=prompt_keys(VIEW.prefill_chunk, VIEW.max_context),
+                         shape=VIEW.prefill_chunk)
+        for i in range(engine.pacers["prefill"].min_samples):  # a tail of ms: two slow ticks in 16
+            engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (10.0 if i % 10 == 0 else 1.0), False,
+                            0.0)
+        r = Request("lone", list(range(VIEW.prefill_chunk)), 4, GREEDY, frozenset(), lambda *a: None)
+        with engine._lock:
+            assert engine.submit_windowed(r)
+            plan = engine.sched.schedule()  # its prefill tick, run for exactly its paced time
+            engine._in_flight = (plan, time.perf_counter() - engine.tick_s(plan.key))
+            engine.close_window(ended=ended)
+        return r.predicted_ttft_s - (time.perf_counter() - r.arrival_s), engine.tail_s(plan.key)
+
+    (made, tail), (in_flight, _) = promised(True), promised(False)
+    assert tail > 0.005
+    assert abs(made) < 1e-3  # the first token is due as it is made (its tick ran its pace)
+    assert in_flight - made == pytest.approx(tail, abs=1e-3)
+
+
 def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
     """Prefill ticks are one in 33 at c=1: a start-up scale measured in a slow minute must
     not hold every first token late until 128 of them have run."""
