@@ -684,8 +684,9 @@ class Engine:
         # Ticks follow the work, back to back: the engine runs ahead of its promises where
         # steps are shorter than their paced ticks, and a token made early waits for its
         # promised time at the front end (server/frontend/delivery.py); an overrun is a
-        # token made after it. The lead absorbs a slow step.
-        overrun = self.config.deterministic and self._late(plan, tokens, now)
+        # token made after it (made: when its step ended, before a window closed on it and
+        # promised it from then). The lead absorbs a slow step.
+        overrun = self.config.deterministic and self._late(plan, tokens, step_start + measured)
         self._account(plan, self.sched, tokens, measured, overrun, now, cold)
         self._last_tick_end = time.perf_counter()
 
@@ -694,15 +695,16 @@ class Engine:
         """Whether this tick samples a token for a member of arrival group `group`."""
         return any(seq.group == group and plan.samples(i) for i, seq in enumerate(plan.rows))
 
-    def _late(self, plan: TickPlan, tokens: dict[int, int], now: float) -> bool:
-        """Whether any token of this tick comes after the time its request was promised it."""
+    def _late(self, plan: TickPlan, tokens: dict[int, int], made: float) -> bool:
+        """Whether any token of this tick, made at `made` (perf_counter s), comes after the
+        time its request was promised it."""
         for i, seq in enumerate(plan.rows):
             r = self._requests.get(seq.seq_id)
             if r is None or seq.seq_id not in tokens or not r.predicted_ttft_s:
                 continue
             if not plan.samples(i):
                 continue  # a slice that does not end its prompt: no token
-            if now > r.due_s(len(r.out)):
+            if made > r.due_s(len(r.out)):
                 return True
         return False
 
