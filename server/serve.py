@@ -206,16 +206,16 @@ async def record_pace(metrics, info: dict, interval_s: float = PACE_RECORD_S) ->
     cold allowance the engine's promises add (without them, first tokens simulated 0.8x
     the measured at c=1, c=8 and a bursty load); and how late the doors' last tokens left
     (`metrics.delivery_late`), which simulate's own tokens then leave as."""
-    def lateness() -> dict[str, list[float]]:  # how late its tokens left (simulate hands its own out so)
-        return {which: [round(x, 6) for x in xs] for which, xs in metrics.delivery_late.items()}
-
-    last, last_late = dict(info.get("pace") or {}), lateness()
+    # On the front end's event loop, beside the held tokens' timers: the lateness samples
+    # (2 x 1024) are copied and written only when tokens went out since the last record.
+    last, seen = dict(info.get("pace") or {}), metrics.late_tokens
     while True:
         await asyncio.sleep(interval_s)
-        now, late = dict(metrics.pace_state or metrics.pace) or last, lateness()
-        if now and (now != last or late != last_late):
+        now = dict(metrics.pace_state or metrics.pace) or last
+        if now and (now != last or metrics.late_tokens != seen):
+            late = {which: list(xs) for which, xs in metrics.delivery_late.items()}
             record_time_scale(info["plan_hash"], info["time_scale"], info.get("guard_band_frac"), now, late)
-            last, last_late = now, late
+            last, seen = now, metrics.late_tokens
 
 
 async def _serve_here(config: ServeConfig, args, stop: threading.Event, router=None, bundle=None,

@@ -329,8 +329,12 @@ class Engine:
         the phases' factors, the prefill shapes paced from their own ticks, the tail's
         factor and the cold allowance."""
         shapes = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
-        cold = statistics.median(self._cold_spells) if self.config.deterministic and self._cold_spells else 0.0
-        return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, cold)
+        return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, self._cold_allowance())
+
+    def _cold_allowance(self) -> float:
+        """What a promise made cold adds (`cold_s`, Pace.cold_s): the median of the last
+        COLD_SPELLS spells' excess; 0 in throughput mode or before any spell."""
+        return statistics.median(self._cold_spells) if self.config.deterministic and self._cold_spells else 0.0
 
     def _repace(self) -> None:
         pace = self.pace()
@@ -368,10 +372,8 @@ class Engine:
         spell (COLD_IDLE_S): the median over the last COLD_SPELLS spells of how far their cold
         ticks ran past their pace; 0 while the engine is warm, in throughput mode, or before
         any spell."""
-        if not self.config.deterministic or not self._cold_spells:
-            return 0.0
         cold = now < self._cold_until or (self.sched.idle() and now - self._last_tick_end >= COLD_IDLE_S)
-        return statistics.median(self._cold_spells) if cold else 0.0  # Pace.cold_s
+        return self._cold_allowance() if cold else 0.0
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""

@@ -141,6 +141,7 @@ class Metrics:
         # the promise: first tokens come later than the rest, as their steps start cold).
         self.delivery_late: dict[str, collections.deque] = {
             which: collections.deque(maxlen=DELIVERY_SAMPLES) for which in ("first", "later")}
+        self.late_tokens = 0  # samples taken in all (serve records them when it moved)
         r = self.registry
         request = ["model", "protocol"]
 
@@ -365,6 +366,7 @@ class Metrics:
             late_s = max(0.0, late_s)
             s.late.observe(late_s)
             self.delivery_late["first" if gap_s is None else "later"].append(late_s)
+            self.late_tokens += 1
 
     def request_finished(
         self,
