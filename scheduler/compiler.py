@@ -13,7 +13,7 @@ from scheduler.ir import build_ir
 from scheduler.model import ModelSpec, activation_dtype, check_dtype
 from scheduler.placement import OBJECTIVES, build_table, place
 from scheduler.program import SCHEMA_VERSION, Program, ProgramView, Timeline, fingerprint, hash_body
-from scheduler.ticks import MIN_PROMPT_KEYS, key_bucket, key_buckets, slice_sizes
+from scheduler.ticks import MIN_PROMPT_KEYS, key_bucket, key_buckets, prompt_keys, slice_sizes
 
 
 @dataclass(frozen=True)
@@ -227,9 +227,10 @@ def _step_table(timeline: Timeline, options: CompileOptions, chunk: int, keys: l
             rows.append(("mixed", b, k, slices[b], *time("mixed", b, slices[b], k - 1)))
     # Every slice shape at every key bucket: a step packing several prompts may hold more
     # tokens than its keys (three 21-token prompts: a 64-token step at 32 keys), costed as
-    # its shape at position 0 (an upper bound: it attends fewer keys than that).
+    # such (CostModel.packed_layer_times), else as the slice ending at the bucket's last key.
     for k in key_buckets(options.max_context, MIN_PROMPT_KEYS):
-        rows += [("prefill", 1, k, p, *time("prefill", 1, p, max(0, k - p))) for p in slice_sizes(chunk)]
+        rows += [("prefill", 1, k, p, *(time("packed", 1, p, k) if k < prompt_keys(p, options.max_context)
+                                        else time("prefill", 1, p, k - p))) for p in slice_sizes(chunk)]
     return [{"phase": ph, "batch": b, "keys": k, "tokens": t, "step_s": s, "bottleneck_s": neck}
             for ph, b, k, t, s, neck in sorted(rows)]
 

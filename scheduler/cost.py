@@ -24,7 +24,7 @@ from scheduler.devices import DeviceSpec, Pool
 from scheduler.errors import SpecError, read_file
 from scheduler.ir import KINDS, Layer, ModelIR, Work
 
-PHASES = ("prefill", "decode", "mixed", "history")
+PHASES = ("prefill", "decode", "mixed", "history", "packed")
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,10 @@ class Calibration:
     Keyed by (kind, phase, batch); each key holds points (tokens, seconds), where tokens is
     the context for decode, the prompt chunk length for prefill (a chunk at position 0),
     the prompt slice for mixed (`batch` decode rows at the smallest key bucket plus a
-    slice at position 0), and the context for history (the largest prefill chunk ending
-    there: what attending a prompt's earlier tokens costs). Between points the time
+    slice at position 0), the context for history (the largest prefill chunk ending
+    there: what attending a prompt's earlier tokens costs), and the step's tokens for
+    packed (prompts of `prompt_key_min` tokens at position 0 in one prefill step: its
+    linears, with the least attention). Between points the time
     is interpolated linearly; past the ends it is extrapolated from the nearest two.
     """
 
@@ -233,6 +235,25 @@ class CostModel:
             return per_token * tokens
         return (self.compute_time(self.ir.work(layer, tp, batch, tokens, start), device)
                 - self.compute_time(self.ir.work(layer, tp, batch, tokens, 0), device))
+
+    def packed_layer_times(self, layer: Layer, device: DeviceSpec, tp: int, tokens: int,
+                           keys: int) -> tuple[float, float]:
+        """(compute, collective) seconds of a prefill step of `tokens` tokens packing several
+        prompts at position 0, none attending more than `keys` keys (fewer than one prompt
+        of `tokens` tokens would). The compiled step reduces each token over its step's key
+        bucket, so attention costs tokens x keys and the linears the tokens alone: linear
+        in keys between the packed measurement (prompts of `prompt_key_min` tokens) and one
+        prompt of `tokens` tokens at its own keys. Without packed points, the one prompt's
+        time (an upper bound: docs/architecture.md, "Prompts packed")."""
+        single, comm = self.layer_times(layer, device, tp, 1, tokens, 0)
+        cal = self.calibration
+        if cal is None or tp != 1 or cal.device != device.name:
+            return single, comm
+        packed = cal.lookup(layer.kind, "packed", 1, tokens)
+        own, least = cal.attended_keys(tokens, prompt=True), cal.prompt_key_min or cal.key_bucket_min
+        if packed is None or keys >= own or own <= least:
+            return single, comm
+        return packed + (single - packed) * max(0, keys - least) / (own - least), comm
 
     def layer_time(self, layer: Layer, device: DeviceSpec, tp: int, batch: int,
                    new_tokens: int, past_tokens: int) -> float:

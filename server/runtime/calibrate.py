@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import scheduler
-from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, key_buckets, prompt_keys, slice_sizes
+from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, PREFILL_ROWS, key_buckets, prompt_keys, slice_sizes
 from scheduler.program import fingerprint
 from server.runtime.executor import LocalExecutor
 from server.runtime.stage import RuntimePlan, StageSpec
@@ -98,7 +98,8 @@ class Point:
     """One calibrated step: `tokens` is the attended keys for decode (the step runs at
     context = tokens), the chunk length for prefill (a chunk at position 0), the prompt
     slice for mixed (`batch` decode rows at the smallest key bucket, the slice at 0), the
-    context for history (the largest slice, ending there)."""
+    context for history (the largest slice, ending there), the step's tokens for packed
+    (prompts of MIN_PROMPT_KEYS tokens at position 0, packed into one prefill step)."""
 
     phase: str
     batch: int
@@ -134,6 +135,13 @@ class Calibrator:
         decode = [Point("decode", b, k) for b in self.options.buckets for k in key_buckets(self.max_context)]
         mixed = [Point("mixed", b, p) for b in self.options.buckets for p in chunks]
         prefill = [Point("prefill", 1, p) for p in chunks]
+        # Prompts packed into one prefill step (scheduler/ticks.PREFILL_ROWS): each attends
+        # its own key bucket, so a step of short prompts costs its tokens' linears and far
+        # less attention than one prompt of as many tokens (measured as rows of
+        # MIN_PROMPT_KEYS tokens; the timing model interpolates in keys between the two,
+        # Calibration.packed_s).
+        rows = min(PREFILL_ROWS, self.max_slots)  # prompts a prefill step packs: one slot each
+        packed = [Point("packed", 1, p) for p in chunks if MIN_PROMPT_KEYS < p <= rows * MIN_PROMPT_KEYS]
         # The largest slice later in a prompt: measured, not the FLOP count's guess. With a
         # chunk at position 0 plus the analytic cost of its history, a 1000-token prompt of
         # smollm2-135m was predicted 1488 ms and ran 1935 eager, 1193 and 2905 compiled
@@ -141,7 +149,7 @@ class Calibrator:
         # From the chunk's own key bucket (a prefill step's rows attend from MIN_PROMPT_KEYS).
         chunk_keys = prompt_keys(self.options.prefill_chunk, self.max_context)
         history = [Point("history", 1, k) for k in key_buckets(self.max_context, MIN_PROMPT_KEYS) if k > chunk_keys]
-        return decode + prefill + history + mixed
+        return decode + prefill + packed + history + mixed
 
     def batch(self, phase: str, bucket: int, context: int) -> StepBatch:
         """All rows real, each ending at `context` (decode: one new token; prefill: a chunk);
@@ -150,6 +158,8 @@ class Calibrator:
         if phase == "mixed":
             return full_batch("mixed", bucket, context, min(MIN_KEY_BUCKET, self.max_context), self.max_slots,
                               slice_end=context)
+        if phase == "packed":  # `context` tokens in prompts of MIN_PROMPT_KEYS tokens at position 0
+            return full_batch("prefill", 1, context, MIN_PROMPT_KEYS, self.max_slots)
         if phase == "history":  # the largest slice (the chunk), ending at `context`
             return full_batch("prefill", bucket, self.options.prefill_chunk, context, self.max_slots)
         n = context if phase == "prefill" else 1  # a prefill slice of `context` tokens at position 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, PREFILL, SLICE_ROWS, key_bucket
+from scheduler.ticks import MIN_KEY_BUCKET, MIN_PROMPT_KEYS, PREFILL, PREFILL_ROWS, SLICE_ROWS, key_bucket
 from server.runtime.model import ROW_MULTIPLE
 from server.runtime.sampling import GREEDY, SamplingParams
 
@@ -27,7 +27,7 @@ class ExecutorFailed(RuntimeError):
 @dataclass(frozen=True)
 class StepBatch:
     """One step. prefill: prompt slices, `bucket` x `chunk` tokens in all, in up to
-    max(`bucket`, SLICE_ROWS) rows (several prompts packed into one chunk); decode:
+    max(`bucket`, PREFILL_ROWS) rows (several prompts packed into one chunk); decode:
     `bucket` rows of one token; mixed: up to `bucket` decoding rows of one token, then up
     to SLICE_ROWS rows of prompt slices, `chunk` tokens in all (stall-free batching:
     running streams advance while prompts go in)."""
@@ -48,7 +48,7 @@ class StepBatch:
             raise ValueError("slot_ids, token_ids, positions and sampling must have one entry per row")
         if any(not 0 < len(t) <= self.chunk for t in self.token_ids):
             raise ValueError(f"each row needs 1..{self.chunk} tokens")
-        rows = {"prefill": max(self.bucket, SLICE_ROWS), "decode": self.bucket, "mixed": self.bucket + SLICE_ROWS}
+        rows = {"prefill": max(self.bucket, PREFILL_ROWS), "decode": self.bucket, "mixed": self.bucket + SLICE_ROWS}
         if not 0 < n <= rows[self.phase]:
             raise ValueError(f"{n} rows do not fit a {self.phase} step of bucket {self.bucket}")
         total = sum(map(len, self.token_ids))
@@ -66,10 +66,10 @@ class StepBatch:
     @property
     def rows(self) -> int:
         """Logit rows: the bucket (mixed: and SLICE_ROWS slices; prefill: at least
-        SLICE_ROWS packed prompts) rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
+        PREFILL_ROWS packed prompts) rounded up to the matmul row multiple (see model.ROW_MULTIPLE)."""
         if self.phase == "mixed":
             return _round_up(self.bucket + SLICE_ROWS)
-        return _round_up(self.bucket if self.phase == "decode" else max(self.bucket, SLICE_ROWS))
+        return _round_up(self.bucket if self.phase == "decode" else max(self.bucket, PREFILL_ROWS))
 
     @property
     def tokens(self) -> int:
@@ -149,7 +149,13 @@ def full_batch(phase: str, bucket: int, tokens: int, end: int, max_slots: int, s
     """A compiled shape with every row real (slots 0, 1, ...), for measuring it: each row's
     `tokens` new tokens end at position `end` - 1; mixed: min(bucket, max_slots - 1) one-token
     decode rows ending at `end` (the prompt holds a slot), then a `tokens` slice ending at
-    `slice_end` (default `end`)."""
+    `slice_end` (default `end`). A prefill step of more tokens than `end` (a prefill step
+    packing several prompts, each within its key bucket `end`): rows of `end` tokens (the
+    last one shorter) at position 0, as many as the tokens need."""
+    if phase == "prefill" and bucket == 1 and tokens > end:
+        lens = [end] * (tokens // end) + ([tokens % end] if tokens % end else [])
+        return StepBatch(phase, 1, tokens, tuple(range(len(lens))), tuple((1,) * n for n in lens),
+                         (0,) * len(lens), (GREEDY,) * len(lens))
     if phase != "mixed":
         rows = range(bucket)
         return StepBatch(phase, bucket, tokens, tuple(rows), tuple((1,) * tokens for _ in rows),

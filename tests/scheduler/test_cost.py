@@ -165,6 +165,31 @@ def test_measured_history_prices_later_chunks_and_slices():
     assert mixed - decode == pytest.approx(slice_extra + 16 * 16e-3 / 64)
 
 
+def test_a_prefill_step_packing_short_prompts_costs_its_tokens_and_the_keys_its_prompts_attend():
+    """Eight 25-token prompts in one 200-token step attend 32 keys each, not the 256 of one
+    200-token prompt: the packed measurement (prompts of `prompt_key_min` tokens) at 32
+    keys, the one prompt's at its own bucket, linear in keys between; without packed
+    points, the one prompt's (an upper bound)."""
+    doc = {**CAL_DOC, "key_bucket_min": 128, "prompt_key_min": 32, "max_context": 1024, "entries": [
+        *CAL_DOC["entries"],
+        {"layer": "block", "phase": "prefill", "batch": 1, "tokens": 256, "seconds": 20e-3},
+        {"layer": "block", "phase": "packed", "batch": 1, "tokens": 64, "seconds": 4e-3},
+        {"layer": "block", "phase": "packed", "batch": 1, "tokens": 256, "seconds": 10e-3},
+    ]}
+    cm = cost_model(calibration=Calibration.from_json(doc))
+    block = cm.ir.layers[1]
+    single = cm.layer_time(block, DEV, 1, 1, 256, 0)
+    assert single == pytest.approx(20e-3)
+    assert cm.packed_layer_times(block, DEV, 1, 256, 32)[0] == pytest.approx(10e-3)
+    assert cm.packed_layer_times(block, DEV, 1, 256, 144)[0] == pytest.approx(15e-3)  # halfway in keys 32..256
+    assert cm.packed_layer_times(block, DEV, 1, 256, 256)[0] == pytest.approx(single)  # its own keys: one prompt
+    assert cm.packed_layer_times(block, DEV, 1, 160, 32)[0] == pytest.approx(7e-3)  # between packed points
+    head = cm.ir.layers[-1]  # no packed points for the head: one prompt's time
+    assert cm.packed_layer_times(head, DEV, 1, 256, 32) == cm.layer_times(head, DEV, 1, 1, 256, 0)
+    plain = cost_model()  # no calibration: the analytic one prompt
+    assert plain.packed_layer_times(block, DEV, 1, 256, 32) == plain.layer_times(block, DEV, 1, 1, 256, 0)
+
+
 def test_calibration_round_trips_through_json():
     cal = Calibration.from_json(CAL_DOC)
     assert cal.source == "bench host, 2024-01-01"

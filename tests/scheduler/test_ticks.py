@@ -230,3 +230,16 @@ def test_a_decode_tick_that_keeps_a_prompt_out_is_keyed_by_its_own_rows():
     long.prefilled = 256  # its next chunk ends at 320: 512 keys
     plan = sched.schedule()
     assert plan.phase == DECODE and plan.rows == (short,) and plan.keys == 128
+
+
+def test_eight_short_prompts_go_in_by_one_prefill_step():
+    """PREFILL_ROWS: a burst of eight 25-token prompts (200 tokens) is one prefill step of a
+    256-token chunk, not four of four prompts each; a ninth waits for a slot."""
+    sched = TickScheduler(max_slots=8, max_context=1024, chunk=256, buckets=(1, 2, 4, 8), max_queue=16)
+    for i in range(9):
+        sched.add(Seq(i, 25, 4))
+    plan = sched.schedule()
+    assert plan.phase == "prefill" and [s.seq_id for s in plan.rows] == list(range(8))
+    assert plan.spans == ((0, 25),) * 8 and plan.key == ("prefill", 1, 32, 256)
+    assert all(o.seq.generated == 1 for o in sched.update(plan))
+    assert sched.schedule().phase == "decode"  # all eight decode together

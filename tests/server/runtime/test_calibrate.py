@@ -62,3 +62,20 @@ def test_samples_accumulate_per_point():
         assert len(cal.samples[point]) == 3
     finally:
         cal.close()
+
+
+@pytest.mark.parametrize("slots, chunk, packed", [(2, 64, [48, 64]), (8, 256, [48, 64, 96, 128, 192, 256]),
+                                                  (8, 32, [])])
+def test_packed_prompts_are_measured_for_every_slice_a_prefill_step_can_pack(slots, chunk, packed):
+    """A prefill step packs one prompt per free slot (at most ticks.PREFILL_ROWS), each
+    within MIN_PROMPT_KEYS keys at the least: slices past 32 tokens, up to slots x 32."""
+    cal = Calibrator(scheduler.get_model("tiny"), "fp32", slots, 512, chunk)
+    try:
+        points = [p for p in cal.points() if p.phase == "packed"]
+        assert [p.tokens for p in points] == packed
+        for p in points:
+            step = cal.batch(p.phase, p.batch, p.tokens)
+            assert sum(map(len, step.token_ids)) == p.tokens and max(map(len, step.token_ids)) == 32
+            assert cal.sample(p) > 0
+    finally:
+        cal.close()

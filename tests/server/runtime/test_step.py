@@ -7,7 +7,7 @@ import torch
 
 from server.runtime.sampling import GREEDY
 from scheduler.ticks import MIN_KEY_BUCKET
-from server.runtime.step import StepBatch, tensorize
+from server.runtime.step import StepBatch, full_batch, tensorize
 
 SCRATCH = 8  # slots 0..7, scratch slot 8
 
@@ -18,8 +18,8 @@ def batch(phase="decode", bucket=4, chunk=1, slots=(0, 1), tokens=((5,), (6,)), 
 
 @pytest.mark.parametrize("kw, message", [
     (dict(bucket=1), "2 rows do not fit a decode step of bucket 1"),
-    (dict(phase="prefill", bucket=1, chunk=8, slots=tuple(range(5)), tokens=((1,),) * 5, positions=(0,) * 5),
-     "5 rows do not fit a prefill step of bucket 1"),  # SLICE_ROWS prompts at most
+    (dict(phase="prefill", bucket=1, chunk=16, slots=tuple(range(9)), tokens=((1,),) * 9, positions=(0,) * 9),
+     "9 rows do not fit a prefill step of bucket 1"),  # PREFILL_ROWS prompts at most
     (dict(phase="prefill", bucket=1, chunk=4, tokens=((1, 2, 3), (1, 2)), positions=(0, 0)),
      "5 prompt tokens do not fit a prefill step of 1 x 4"),
     (dict(phase="mixed", bucket=1, chunk=4, slots=(0, 1, 2), tokens=((1,), (1, 2, 3), (1, 2)), positions=(3, 0, 0)),
@@ -41,12 +41,22 @@ def test_bad_batches_are_refused(kw, message):
 def test_several_prompts_pack_into_one_prefill_chunk_or_mixed_slice():
     prefill = batch(phase="prefill", bucket=1, chunk=8, slots=(0, 1, 2), tokens=((1, 2, 3), (4, 5), (6,)),
                     positions=(0, 0, 0))
-    assert (prefill.tokens, prefill.rows) == (8, 4)  # the shape of one 8-token prompt
+    assert (prefill.tokens, prefill.rows) == (8, 8)  # the shape of one 8-token prompt; PREFILL_ROWS logit rows
     t = tensorize(prefill, SCRATCH, 64)
-    assert t.last_index.tolist() == [2, 4, 5, 7] and t.write_slots.tolist() == [0, 0, 0, 1, 1, 2, SCRATCH, SCRATCH]
+    assert t.last_index.tolist() == [2, 4, 5] + [7] * 5 and t.write_slots.tolist() == [0, 0, 0, 1, 1, 2, SCRATCH, SCRATCH]
     mixed = batch(phase="mixed", bucket=2, chunk=8, slots=(0, 1, 2, 3), tokens=((1,), (2,), (3, 4, 5), (6, 7)),
                   positions=(9, 9, 0, 0))
     assert (mixed.tokens, mixed.rows) == (12, 8)  # 2 + 8 token rows; 2 decode + 4 slice logit rows
+
+
+def test_a_full_prefill_batch_of_more_tokens_than_its_keys_packs_prompts_within_them():
+    """What the calibration measures as a packed step (and the start-up, a prefill shape
+    wider than its key bucket): rows of `end` tokens at position 0, the last one shorter."""
+    b = full_batch("prefill", 1, 200, 32, 8)
+    assert [len(t) for t in b.token_ids] == [32] * 6 + [8] and set(b.positions) == {0}
+    assert b.slot_ids == tuple(range(7)) and (b.tokens, b.rows) == (200, 8)
+    one = full_batch("prefill", 1, 24, 32, 8)  # within its keys: one prompt ending at the last key
+    assert one.token_ids == ((1,) * 24,) and one.positions == (8,)
 
 
 @pytest.mark.parametrize("slots, message", [((0, 8), "slot 8 outside"), ((-1, 0), "slot -1 outside")])
@@ -70,7 +80,7 @@ def test_rows_are_packed_and_padding_goes_to_the_scratch_slot():
     assert t.write_slots.tolist() == [0, 0, 0, 1] + [SCRATCH] * 4
     # (slot, keys, first token, tokens); a prefill step's keys from MIN_PROMPT_KEYS; padding attends nothing.
     assert t.attend == ((0, 32, 0, 3), (1, 32, 3, 1))
-    assert t.last_index.tolist() == [2, 3, 7, 7]  # logit rows: bucket 2 runs as 4
+    assert t.last_index.tolist() == [2, 3] + [7] * 6  # logit rows: a prefill step's PREFILL_ROWS
 
 
 @pytest.mark.parametrize("bucket, chunk, tokens", [(1, 64, 64), (1, 1, 4), (3, 1, 4), (8, 1, 8), (1, 30, 32)])
