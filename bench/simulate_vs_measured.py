@@ -28,7 +28,7 @@ from server.serve import PACE_RECORD_S
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--model", "small", "--pool", "cpu", "--max-slots", "8", "--max-context", "1024",
-               "--prefill-chunk", "256"]
+               "--prefill-chunk", "64"]
 
 
 def _compare_module():

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, default=64, help="most replicas a plan may use (default 64)")
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--max-context", type=int, default=1024)  # serve's defaults (server/programs.py)
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--guard-band-pct", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,7 @@ simulation of the server you run needs no extra flags and compiles the same prog
 - the model: a preset, the packaged real model (`smollm2-135m`), a Hugging Face config,
   checkpoint folder or .gguf file (server/runtime/gguf.py converts it once, cached);
 - the program options with serve's defaults (`auto` dtype: see `resolve_dtype`, 8 slots,
-  1024 tokens, 256-token prefill steps);
+  1024 tokens, 64-token prefill steps);
 - the calibration: `auto` loads this host's cached one for CPU pools (or measures it
   once), as serve does;
 - the time scale serve last measured for a program (the host's slowdown against its
@@ -52,8 +52,14 @@ def add_program_args(p, *, model_required: bool = True) -> None:
                                                    "file (converted once, cached); default: seeded random weights")
     p.add_argument("--max-slots", type=int, default=8, help="KV slots = largest decode batch (default 8)")
     p.add_argument("--max-context", type=int, default=1024, help="tokens per slot (default 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step, up to 8 prompts "
-                                                                  "packed (default 256)")
+    # 64, not 256: side by side (bench/peer_vllm.py, two runs; docs/architecture.md, "Prompts
+    # packed"), 256-token steps put a burst's eight prompts in two ticks instead of four, but
+    # their first tokens came no sooner (the packed 192-token step ran 112-150 ms served,
+    # three 64-token ones 117-136), a c=8 wave's one long tick overran by 14 ms and left its
+    # streams late for 18 ticks (overruns 9.8% and 18.9% at c=8 against 0.0% and 0.0%), and
+    # at 2 req/s first tokens were promised ~20 ms later (TTFT p50 111-113 ms against 90-93).
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step, up to 8 prompts "
+                                                                 "packed (default 64)")
     p.add_argument("--itl-target-ms", type=float, default=0.0,
                    help="the tick the largest bucket's mixed step must fit (default: 1.35x its decode step)")
     p.add_argument("--compiled-steps", choices=COMPILED_CHOICES, default=compiled_default(),

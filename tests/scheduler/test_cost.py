@@ -184,6 +184,10 @@ def test_a_prefill_step_packing_short_prompts_costs_its_tokens_and_the_keys_its_
     assert cm.packed_layer_times(block, DEV, 1, 256, 144)[0] == pytest.approx(15e-3)  # halfway in keys 32..256
     assert cm.packed_layer_times(block, DEV, 1, 256, 256)[0] == pytest.approx(single)  # its own keys: one prompt
     assert cm.packed_layer_times(block, DEV, 1, 160, 32)[0] == pytest.approx(7e-3)  # between packed points
+    noisy = cost_model(calibration=Calibration.from_json({**doc, "entries": [
+        *doc["entries"], {"layer": "head", "phase": "packed", "batch": 1, "tokens": 256, "seconds": 1.0}]}))
+    head = noisy.ir.layers[-1]  # packed measured above one prompt (the host's noise): one prompt's time
+    assert noisy.packed_layer_times(head, DEV, 1, 256, 32) == noisy.layer_times(head, DEV, 1, 1, 256, 0)
     head = cm.ir.layers[-1]  # no packed points for the head: one prompt's time
     assert cm.packed_layer_times(head, DEV, 1, 256, 32) == cm.layer_times(head, DEV, 1, 1, 256, 0)
     plain = cost_model()  # no calibration: the analytic one prompt
