@@ -25,7 +25,7 @@ from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
 from scheduler.fleet import simulate_fleet
-from scheduler.simulate import Pace, SimRequest, simulate_load
+from scheduler.simulate import WINDOW_GRACE_S, Pace, SimRequest, simulate_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +111,8 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
                                           window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
                                           tail_s=None if args.throughput or not tails else tails.get,
                                           cold_s=0.0 if args.throughput else pace.cold_s,
-                                          late_s=late if first or later else None)
+                                          late_s=late if first or later else None,
+                                          window_grace_s=0.0 if args.throughput else WINDOW_GRACE_S)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 

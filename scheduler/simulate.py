@@ -36,6 +36,9 @@ def paced_ticks(view: ProgramView, factors: dict[str, float]) -> dict[StepKey, f
     return {key: seconds * factors[key.phase] for key, seconds in view.steps.items()}
 
 
+# Seconds an admission window waits before it closes on a member's first token, for the
+# arrivals that came during that tick to join (server/core/engine.py, `_let_arrivals_in`).
+WINDOW_GRACE_S = 0.002
 # A promise made after the engine sat idle this long (seconds, waiting for work) ...
 COLD_IDLE_S = 0.25
 # ... or within this long after the first tick that followed such a spell, adds the cold
@@ -353,7 +356,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                   concurrency: int = 0, jumps: bool = True, window_s: float = 0.0,
                   tail_s: Callable[[StepKey], float] | None = None,
                   cold_s: float = 0.0,
-                  late_s: Callable[[int], float] | None = None) -> tuple[list[SimResult], float]:
+                  late_s: Callable[[int], float] | None = None,
+                  window_grace_s: float = 0.0) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
     these arrivals, each lasting `tick_s(plan.key)`. Open loop (every request has an
     arrival time; `concurrency` > 0 caps the requests in flight, the rest wait to be sent)
@@ -370,7 +374,9 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     `window_s` of it (and before a member's first token) join its group, and the group is
     promised together when it closes (at the first tick boundary after its bound or a
     member's first token; the engine closes it mid-tick or just before that token, from
-    the same state run forward: the same promises).
+    the same state run forward: the same promises). `window_grace_s`: the engine's wait
+    before a window closes on a first token (EngineConfig.window_grace_s): arrivals
+    within it join, and the next tick starts after it.
 
     `tail_s` and `cold_s`: the prefill tails and the cold allowance the engine's promises
     add (`Pace`): a promise made while the simulated engine is cold (idle COLD_IDLE_S, or
@@ -500,13 +506,16 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         before = {s.seq_id: s.generated for s in plan.rows}
         t += dt
         last_end = t
+        hold = 0.0
         if window and any(seq.group == window.group and plan.samples(i) for i, seq in enumerate(plan.rows)):
             # As the engine: arrivals within the window joined it as they came, during the
-            # tick; it closes before the first token is handed out, the tick in flight.
-            while (upcoming and upcoming[0][0] <= min(t, window.closes_s) and not waiting_to_send
+            # tick and its grace; it closes before the first token is handed out, the tick
+            # in flight.
+            hold = window_grace_s
+            while (upcoming and upcoming[0][0] <= min(t + hold, window.closes_s) and not waiting_to_send
                    and (closed or not concurrency or in_flight < concurrency)):
                 send(heapq.heappop(upcoming)[1], t)
-            close(t, in_flight=plan)
+            close(t + hold, in_flight=plan)
         for out in sched.update(plan):
             i = out.seq.seq_id
             if out.seq.generated > before[i]:
@@ -516,4 +525,5 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                 heapq.heappush(frees, end)
                 if closed and unsent:
                     heapq.heappush(upcoming, (end, unsent.pop(0)))
+        t += hold  # the engine's next tick starts after the grace
     return [results[i] for i in range(len(requests))], max([t, *(x.token_s[-1] for x in results.values() if x.token_s)])

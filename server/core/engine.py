@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import COLD_IDLE_S, COLD_WINDOW_S, ArrivalWindow, Pace, predict_arrival, promise_group
+from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
+                                promise_group)
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -161,6 +162,9 @@ class EngineConfig:
     # for its stream; with 20 ms, two of the 8 came too late once (docs/architecture.md,
     # "Arrival groups").
     admission_window_s: float = 0.050
+    # Before a window closes on a member's first token, this long for the arrivals that
+    # came during its step to join it (Engine._let_arrivals_in).
+    window_grace_s: float = WINDOW_GRACE_S
     # A step that would overlap a held token's promised time starts just after it, while
     # every stream keeps its lead (Engine._quiet_until). False: steps back to back.
     align_to_deliveries: bool = True
@@ -681,6 +685,7 @@ class Engine:
         window = self._window  # read once: the core's input thread may close it meanwhile
         if window is not None and self._gives_a_member_its_first_token(plan, window.group):
             with self._lock:  # promises before tokens: the window closes now at the latest
+                self._let_arrivals_in(self.config.window_grace_s)
                 self.close_window(ended=True)
         now = time.perf_counter()
         # Ticks follow the work, back to back: the engine runs ahead of its promises where
@@ -691,6 +696,20 @@ class Engine:
         overrun = self.config.deterministic and self._late(plan, tokens, step_start + measured)
         self._account(plan, self.sched, tokens, measured, overrun, now, cold)
         self._last_tick_end = time.perf_counter()
+
+    def _let_arrivals_in(self, seconds: float) -> None:
+        """Under the lock: releases it (and the GIL) for `seconds` before a window closes on
+        its first token, so that arrivals that came during the step join the window. A
+        compiled step holds the GIL throughout (server/core/process.py, Outbox.flush), so the
+        core's input thread reads nothing while it runs: a burst whose later arrivals reached
+        the core during its first prompt's step (the door reads eight simultaneous requests
+        over 0-10 ms) found the window closed as that step ended, and went in one by one as
+        mixed-step slices (one tick log: the last of eight first tokens promised at 449 ms
+        against 208 for the bursts that made the window; docs/architecture.md, "Arrival
+        groups")."""
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            self._lock.wait(left)  # a submit notifies: wait out the rest
 
     @staticmethod
     def _gives_a_member_its_first_token(plan: TickPlan, group: int) -> bool:

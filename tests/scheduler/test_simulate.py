@@ -231,6 +231,26 @@ def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
         assert [x - y for x, y in zip(r.token_s, on_time.token_s)] == pytest.approx([0.003] + [0.001] * 4)
 
 
+def test_an_arrival_within_the_grace_after_a_first_token_joins_its_window():
+    """As the engine (EngineConfig.window_grace_s): a window closed by a member's first token
+    waits its grace first, so a request arriving within it joins the group (one cadence;
+    the first member's first token promised after the second's prompt), and the next tick
+    starts after it. Later, or without the grace, it goes in on its own."""
+    from scheduler.simulate import SimRequest, simulate_load
+
+    first = tick_s(StepKey("prefill", 1, 32, 16))  # the first prompt's one prefill tick ends here
+    pair = [SimRequest(16, 5, 0.0), SimRequest(16, 5, first + 0.001)]
+    grace, _ = simulate_load(promising(), pair, tick_s, window_s=0.5, window_grace_s=0.002)
+    none, _ = simulate_load(promising(), pair, tick_s, window_s=0.5)
+    assert grace[0].promise[1] == grace[1].promise[1] > tick_s(StepKey(DECODE, 1, 128, 1))  # company's cadence
+    assert grace[0].promise[0] > first + 0.002 + tick_s(StepKey("prefill", 1, 32, 16)) - 1e-9  # after both prompts
+    assert none[0].promise == pytest.approx((first, tick_s(StepKey(DECODE, 1, 128, 1))))  # alone: its own step
+    assert all(r.late_s <= 1e-9 for r in (*grace, *none))
+    late = [pair[0], SimRequest(16, 5, first + 0.003)]  # past the grace: on its own
+    after, _ = simulate_load(promising(), late, tick_s, window_s=0.5, window_grace_s=0.002)
+    assert after[0].promise == pytest.approx((first + 0.002, tick_s(StepKey(DECODE, 1, 128, 1))))
+
+
 def test_a_pace_round_trips_through_json_and_refuses_what_is_not_one():
     from scheduler.simulate import Pace
 

@@ -472,6 +472,61 @@ def test_a_window_closed_by_a_first_token_adds_no_tail_for_the_tick_that_made_it
     assert in_flight - made == pytest.approx(tail, abs=1e-3)
 
 
+@pytest.mark.parametrize("grace_s, joins", [(0.05, True), (0.0, False)])
+def test_an_arrival_that_came_during_the_first_prompt_s_step_joins_its_window(grace_s, joins):
+    """A compiled step holds the GIL, so the core's input thread reads an arrival that came
+    during the window's first step only after that step: the window waits `window_grace_s`
+    before it closes on the first token (Engine._let_arrivals_in), and the arrival joins
+    the group (promised with it, its prompt in by the group's prefill steps). Without the
+    grace the window closes first and the arrival goes in on its own."""
+    import threading
+
+    from server.core.engine import Finished, Request
+    from server.runtime.sampling import GREEDY
+
+    step_ended = threading.Event()
+
+    class FirstStepLetsAnArrivalIn(Timed):
+        def step(self, batch):
+            out = super().step(batch)
+            step_ended.set()  # the arrival contends for the lock only once the step is over
+            return out
+
+    engine = Engine(FirstStepLetsAnArrivalIn(0.01), VIEW, replace(EXACT, admission_window_s=5.0,
+                                                                  window_grace_s=grace_s))
+    done = threading.Semaphore(0)
+
+    def emit(item, tick, t):
+        if isinstance(item, Finished):
+            done.release()
+
+    first, late = (Request(name, list(range(8)), 3, GREEDY, frozenset(), emit) for name in ("first", "late"))
+    with engine._lock:
+        assert engine.submit_windowed(first)
+    joined = []
+
+    def arrive():
+        step_ended.wait(10)
+        with engine._lock:
+            joined.append(engine.submit_windowed(late))
+            if not joined[0]:
+                late.promise(*engine.predict(8, 3))
+                engine.submit(late)
+
+    arrival = threading.Thread(target=arrive)
+    arrival.start()
+    engine.start()
+    try:
+        arrival.join(10)
+        for _ in range(2):
+            assert done.acquire(timeout=30)
+    finally:
+        engine.stop()
+    assert joined == [joins]
+    assert (late.seq.group == first.seq.group >= 0) == joins
+    assert (late.predicted_tpot_s == pytest.approx(first.predicted_tpot_s)) == joins  # promised together
+
+
 def test_a_pessimistic_prefill_start_comes_down_after_16_prefill_ticks():
     """Prefill ticks are one in 33 at c=1: a start-up scale measured in a slow minute must
     not hold every first token late until 128 of them have run."""
