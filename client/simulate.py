@@ -25,7 +25,7 @@ from client.report import RequestRecord, run_rates, summarize
 from scheduler.errors import FitError, SpecError
 from scheduler.program import ProgramView
 from scheduler.fleet import simulate_fleet
-from scheduler.simulate import WINDOW_GRACE_S, Pace, SimRequest, simulate_load
+from scheduler.simulate import Pace, SimRequest, simulate_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
                                           tail_s=None if args.throughput or not tails else tails.get,
                                           cold_s=0.0 if args.throughput else pace.cold_s,
                                           late_s=late if first or later else None,
-                                          window_grace_s=0.0 if args.throughput else WINDOW_GRACE_S)
+                                          window_grace_s=0.0 if args.throughput else args.window_grace_ms / 1e3)
     records = _records(results)
     return summarize(records, args.slo, duration), records
 
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
             raise ValueError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
+        if not 0 <= args.window_grace_ms <= MAX_WINDOW_MS:
+            raise ValueError(f"--window-grace-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.window_grace_ms}")
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not (args.guard_band_ms or 0) >= 0:

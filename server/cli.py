@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from scheduler.fleet import POLICIES
+from scheduler.simulate import WINDOW_GRACE_S
 from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
 
 EXIT_BAD_INPUT = 2
@@ -148,6 +149,10 @@ def add_serving_args(p) -> None:
                         "it are promised together, as one arrival group whose prompts go in by whole prefill "
                         "steps (0: none; default 50). Its prompt goes in meanwhile: the window delays the "
                         "promise, not the first token")
+    p.add_argument("--window-grace-ms", type=float, default=WINDOW_GRACE_S * 1e3,
+                   help="before a window closes on a member's first token, let the arrivals that came during that "
+                        "step join it for this long (a compiled step holds the core's input thread until it ends) "
+                        f"(0: none; default {WINDOW_GRACE_S * 1e3:g})")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (a quantile of the last 128 + the guard band, re-estimated every 64 ticks; "

@@ -24,6 +24,7 @@ class ServeConfig:
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
     admission_window_s: float = EngineConfig.admission_window_s
+    window_grace_s: float = EngineConfig.window_grace_s
     pace_quantile: float = EngineConfig.pace_quantile
     prefill_quantile: float = EngineConfig.prefill_quantile
     prefill_tail_once: bool = EngineConfig.prefill_tail_once

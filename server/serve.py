@@ -70,6 +70,8 @@ def _validate(args) -> None:
             raise SpecError(f"--{flag.replace('_', '-')} must be in (0, 1], got {getattr(args, flag)}")
     if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
         raise SpecError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
+    if not 0 <= args.window_grace_ms <= MAX_WINDOW_MS:
+        raise SpecError(f"--window-grace-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.window_grace_ms}")
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
     if args.tick_log:
@@ -123,7 +125,8 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=guard_band_s(args), send_wait_s=args.send_wait_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
-                         admission_window_s=args.admission_window_ms / 1e3, pace_quantile=args.pace_quantile,
+                         admission_window_s=args.admission_window_ms / 1e3,
+                         window_grace_s=args.window_grace_ms / 1e3, pace_quantile=args.pace_quantile,
                          prefill_quantile=args.prefill_quantile, prefill_tail_once=args.prefill_tails == "one",
                          host=args.host, port=args.port, metrics_host=args.metrics_host,
                          metrics_port=args.metrics_port, max_queue=args.max_queue, max_tokens=args.max_tokens,

@@ -53,6 +53,8 @@ def test_a_sweep_writes_a_capacity_curve(tmp_path):
     (["--pace", "decode=0"], "pace factors must be finite and > 0"),
     (["--pace", "verify=1.1"], "pace factors must be finite and > 0"),
     (["--pace", "fast"], "pace must be F or PHASE=F"),
+    *[([f"--{flag}={v}"], f"--{flag} must be in 0..1000") for flag in ("admission-window-ms", "window-grace-ms")
+      for v in ("-1", "nan", "inf")],
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
     out = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *ARGS, *extra, "--output", str(tmp_path)],

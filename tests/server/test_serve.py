@@ -106,6 +106,8 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     (["--tick-log", "/"], "--tick-log /: Is a directory"),
     *[(["--guard-band-ms", v], "--guard-band-ms must be in 0..1000") for v in ("-1", "nan", "inf", "1e9")],
     *[([f"--send-wait-ms={v}"], "--send-wait-ms must be in 0..100") for v in ("-1", "nan", "inf", "-inf", "1e9", "100.5")],
+    *[([f"--{flag}={v}"], f"--{flag} must be in 0..1000") for flag in ("admission-window-ms", "window-grace-ms")
+      for v in ("-1", "nan", "inf", "-inf", "1e9", "1000.5")],
     (["--route", "random"], "--route: invalid choice"),
     (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
     (["--core-cpus", "x"], "--core-cpus: 'x' is not a CPU id or range like 0-3"),
