@@ -37,8 +37,13 @@ def paced_ticks(view: ProgramView, factors: dict[str, float]) -> dict[StepKey, f
 
 
 # Seconds an admission window waits before it closes on a member's first token, for the
-# arrivals that came during that tick to join (server/core/engine.py, `_let_arrivals_in`).
-WINDOW_GRACE_S = 0.002
+# arrivals that came during that tick to join (server/core/engine.py, `_let_arrivals_in`;
+# `--window-grace-ms`). None by default: measured side by side (bench/peer_vllm.py, det
+# against --window-grace-ms 0, one run), 2 ms put more of a burst in its first group, and
+# the group's first tokens are promised after all its prompts: TTFT p50 265 against 222 ms
+# in the burst, 245 against 200 at c=8, p99 273 against 227 (docs/architecture.md,
+# "Arrival groups").
+WINDOW_GRACE_S = 0.0
 # A promise made after the engine sat idle this long (seconds, waiting for work) ...
 COLD_IDLE_S = 0.25
 # ... or within this long after the first tick that followed such a spell, adds the cold

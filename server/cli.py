@@ -152,7 +152,7 @@ def add_serving_args(p) -> None:
     p.add_argument("--window-grace-ms", type=float, default=WINDOW_GRACE_S * 1e3,
                    help="before a window closes on a member's first token, let the arrivals that came during that "
                         "step join it for this long (a compiled step holds the core's input thread until it ends) "
-                        f"(0: none; default {WINDOW_GRACE_S * 1e3:g})")
+                        f"(default {WINDOW_GRACE_S * 1e3:g}: none)")
     p.add_argument("--fixed-pacing", action="store_true",
                    help="keep the start-up pace (time scale x guard band) instead of following the measured "
                         "steps (a quantile of the last 128 + the guard band, re-estimated every 64 ticks; "

@@ -163,7 +163,7 @@ class EngineConfig:
     # "Arrival groups").
     admission_window_s: float = 0.050
     # Before a window closes on a member's first token, this long for the arrivals that
-    # came during its step to join it (Engine._let_arrivals_in).
+    # came during its step to join it (Engine._let_arrivals_in; none by default: WINDOW_GRACE_S).
     window_grace_s: float = WINDOW_GRACE_S
     # A step that would overlap a held token's promised time starts just after it, while
     # every stream keeps its lead (Engine._quiet_until). False: steps back to back.
@@ -706,7 +706,8 @@ class Engine:
         over 0-10 ms) found the window closed as that step ended, and went in one by one as
         mixed-step slices (one tick log: the last of eight first tokens promised at 449 ms
         against 208 for the bursts that made the window; docs/architecture.md, "Arrival
-        groups")."""
+        groups"). Off by default (WINDOW_GRACE_S: the groups it makes cost more than the
+        trickles it saves)."""
         end = time.perf_counter() + seconds
         while (left := end - time.perf_counter()) > 0:
             self._lock.wait(left)  # a submit notifies: wait out the rest
