@@ -1,18 +1,6 @@
 """bench/burst_groups.py's reading of a tick log (no server started)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("burst_groups", ROOT / "bench" / "burst_groups.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench import load_bench
 
 
 def _request(i, arrival, ttft, made):
@@ -24,7 +12,7 @@ def _tick(phase, end):
 
 
 def test_a_burst_that_made_its_window_goes_in_by_prefill_ticks_and_one_that_trickled_by_mixed_ones():
-    groups = _load()
+    groups = load_bench("burst_groups")
     grouped = [_request(i, 1000 + i * 0.5, 200 - i * 0.5, 40 + 30 * (i // 2)) for i in range(8)]
     trickled = [_request(8, 3000, 80, 40)] + [_request(8 + i, 3005, 440, 390) for i in range(1, 8)]
     log = [*grouped, *trickled,

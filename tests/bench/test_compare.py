@@ -1,19 +1,9 @@
 """bench/compare.py's table and bench/peer_rayserve.py's weight copy (no servers started)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench import load_bench
 
 
 def _summary(tok_s, ttft, itl50, itl99, good):
@@ -22,7 +12,7 @@ def _summary(tok_s, ttft, itl50, itl99, good):
 
 
 def test_table_has_rows_and_ratios():
-    compare = _load("compare")
+    compare = load_bench("compare")
     results = {"lockstep": {"c=1": _summary(20.0, 0.1, 0.05, 0.055, 1.0)},
                "peer": {"c=1": _summary(10.0, 0.2, 0.05, 0.1, 0.5)}}
     text = compare.table(results, ["c=1"])
@@ -36,14 +26,14 @@ def test_table_has_rows_and_ratios():
 
 
 def test_table_without_peer_has_no_ratio_row():
-    compare = _load("compare")
+    compare = load_bench("compare")
     text = compare.table({"lockstep": {"c=8": _summary(5.0, 0.1, 0.05, 0.05, 1.0)}}, ["c=8"])
     assert "Lockstep/baseline" not in text and "Lockstep" in text
 
 
 def test_peer_model_matches_lockstep_weights():
     pytest.importorskip("transformers")
-    peer = _load("peer_rayserve")
+    peer = load_bench("peer_rayserve")
     import scheduler
     from server.runtime.model import StageModel
     from server.runtime.weights import init_random

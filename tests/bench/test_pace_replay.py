@@ -1,18 +1,9 @@
 """bench/pace_replay.py on hand-built tick logs: a stream is late exactly when its steps,
 as they ran, spend more than the lead its promise's cadence gave it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("pace_replay", ROOT / "bench" / "pace_replay.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench import load_bench
 
 
 def _tick(phase, rows, measured, program=10.0, batch=1):
@@ -33,7 +24,7 @@ def _log(slow_at: int | None):
 
 
 def test_a_stream_is_late_when_its_steps_spend_more_than_its_lead():
-    replay = _load()
+    replay = load_bench("pace_replay")
     assert len(replay.streams(_log(None))) == 4
     on_time = replay.replay(_log(None), lambda h: 1.0, lead=0.2, window=128)
     assert on_time["streams"] == 4 and on_time["tokens"] == 40 and on_time["late"] == 0.0
@@ -48,7 +39,7 @@ def test_a_stream_is_late_when_its_steps_spend_more_than_its_lead():
 
 
 def test_the_cli_prints_every_rule_for_every_log_and_refuses_what_is_not_one(tmp_path, capsys, monkeypatch):
-    replay = _load()
+    replay = load_bench("pace_replay")
     path, bad = tmp_path / "ticks.jsonl", tmp_path / "bad.jsonl"
     path.write_text("\n".join(json.dumps(t) for t in [{"start": {}}, *_log(0)]))
     bad.write_text("not json\n")
