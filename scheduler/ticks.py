@@ -60,7 +60,9 @@ MIN_SLICE = 4  # prompt tokens: slices are 4, 8, 12, 16, 24, ... (multiples of t
 # (server/runtime/model.ROW_MULTIPLE), so up to 4 prompt rows cost no extra shape.
 SLICE_ROWS = 4
 # Prompts one prefill step packs at most: as many as the largest bucket (8 slots), so a
-# burst of eight short prompts goes in by one step, not four. A prefill step's cost is its
+# burst of eight short prompts can go in by one step where the chunk holds them
+# (`--prefill-chunk 256`; the default 64 holds two or three of 25 tokens: the chunk
+# decides, docs/architecture.md, "Prompts packed"). A prefill step's cost is its
 # tokens, not its rows (the logit rows, 8 against 4, are the LM head's: the same weights
 # read once), and the tokens of eight 25-token prompts in one step cost less than in four
 # (docs/compiled-steps.md: 4 x 44 tokens 87-90 ms, against 40-43 for 64).
