@@ -13,21 +13,12 @@ token before they reached the core).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _peer():
-    spec = importlib.util.spec_from_file_location("peer_vllm", REPO / "bench" / "peer_vllm.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+import peer_vllm  # bench/peer_vllm.py: a script's own folder is on sys.path
 
 
 def bursts(log: list[dict], n: int, size: int = 8) -> list[dict]:
@@ -56,17 +47,15 @@ def main() -> int:
     args = p.parse_args()
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
-    peer = _peer()
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "ticks.jsonl"
-        proc, url, _ = peer.start_lockstep(["--tick-log", str(log_path), *args.lockstep_flags.split()],
-                                           Path(tmp) / "serve.log")
+        proc, url, _ = peer_vllm.start_lockstep(["--tick-log", str(log_path), *args.lockstep_flags.split()],
+                                                Path(tmp) / "serve.log")
         try:
-            peer.closed(url, 1, 3)  # warm: the first streams of a fresh server
-            peer.burst(url, 8, args.rounds)
+            peer_vllm.closed(url, 1, 3)  # warm: the first streams of a fresh server
+            peer_vllm.burst(url, 8, args.rounds)
         finally:
-            proc.send_signal(2)
-            proc.wait(60)
+            peer_vllm.stop(proc)
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
     rows = bursts(log, args.rounds)
     print(f"{'burst':>5s} {'door spread ms':>14s} {'prefill ticks':>13s} {'mixed ticks':>11s} {'last promised ms':>16s}")

@@ -116,8 +116,7 @@ class Pacer:
                 return True
         if len(self._ratios) < self.min_samples or self._seen % self.every:
             return False
-        ordered = sorted(self._ratios)
-        estimate = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] * (1 + self.margin)
+        estimate = quantile(self._ratios, self.quantile) * (1 + self.margin)
         # The first estimate from its own ticks replaces the start-up factor, however close:
         # that was a guess (server/core/build.py: a wide start-up band, 25%, that served steps
         # at 1.22 would otherwise have kept within the tolerance all run long).
@@ -129,3 +128,10 @@ class Pacer:
         self.factor = estimate
         self.repaces += 1
         return True
+
+
+def quantile(samples, q: float) -> float:
+    """The `q` quantile of `samples` as the pacer reads it: the sorted sample at index
+    floor(q x n), the largest for q = 1."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
