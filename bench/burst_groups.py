@@ -58,7 +58,8 @@ def main() -> int:
             peer_vllm.stop(proc)
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
     rows = bursts(log, args.rounds)
-    print(f"{'burst':>5s} {'door spread ms':>14s} {'prefill ticks':>13s} {'mixed ticks':>11s} {'last promised ms':>16s}")
+    print(f"{'burst':>5s} {'door spread ms':>14s} {'prefill ticks':>13s} {'mixed ticks':>11s} "
+          f"{'last promised ms':>16s}")
     for i, b in enumerate(rows):
         print(f"{i:5d} {b['spread_ms']:14.1f} {b['prefill']:13d} {b['mixed']:11d} {b['promised_ms']:16.1f}")
     promised = sorted(b["promised_ms"] for b in rows)

@@ -135,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-        from server.cli import MAX_WINDOW_MS
+        from server.cli import check_window_flags
 
-        if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
-            raise ValueError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
-        if not 0 <= args.window_grace_ms <= MAX_WINDOW_MS:
-            raise ValueError(f"--window-grace-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.window_grace_ms}")
+        check_window_flags(args)
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not (args.guard_band_ms or 0) >= 0:

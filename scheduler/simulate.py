@@ -51,6 +51,13 @@ COLD_IDLE_S = 0.25
 COLD_WINDOW_S = 0.2
 
 
+def promised_cold(at: float, cold_until: float, idle: bool, last_tick_end: float) -> bool:
+    """Whether a promise made at `at` adds the cold allowance: within a cold window (ticks
+    starting before `cold_until`), or with the engine `idle` COLD_IDLE_S since its last tick
+    ended. The engine's rule (`Engine.cold_s`), which the simulation runs too."""
+    return at < cold_until or (idle and at - last_tick_end >= COLD_IDLE_S)
+
+
 @dataclass(frozen=True)
 class Pace:
     """Everything a promise's tick times come from, at one moment: the engine's pacers
@@ -411,7 +418,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
 
     def cold(at: float) -> float:
         """The engine's `cold_s`: the allowance a promise made at `at` adds."""
-        return cold_s if at < cold_until or (sched.idle() and at - last_end >= COLD_IDLE_S) else 0.0
+        return cold_s if promised_cold(at, cold_until, sched.idle(), last_end) else 0.0
 
     def close(at: float, in_flight: TickPlan | None = None) -> None:
         """Promises the open window's group (the engine's `close_window`); `in_flight`: the
@@ -512,7 +519,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         t += dt
         last_end = t
         hold = 0.0
-        if window and any(seq.group == window.group and plan.samples(i) for i, seq in enumerate(plan.rows)):
+        if window and plan.samples_for(window.group):
             # As the engine: arrivals within the window joined it as they came, during the
             # tick and its grace; it closes before the first token is handed out, the tick
             # in flight.

@@ -177,6 +177,11 @@ class TickPlan:
         """Whether row i samples a token: a decode row, or a slice that ends its prompt."""
         return not self.is_slice(i) or sum(self.span(i)) >= self.rows[i].prompt_len
 
+    def samples_for(self, group: int) -> bool:
+        """Whether this tick samples a token for a member of arrival group `group` (its
+        admission window closes at the first such tick: engine and simulation alike)."""
+        return any(seq.group == group and self.samples(i) for i, seq in enumerate(self.rows))
+
 
 @dataclass(frozen=True)
 class Output:

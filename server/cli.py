@@ -122,6 +122,16 @@ def _add_serve(sub) -> None:
 MAX_WINDOW_MS = 1000.0  # --admission-window-ms: a window delays promises; a second is already a long wait
 
 
+def check_window_flags(args) -> None:
+    """Raises SpecError naming `--admission-window-ms` or `--window-grace-ms` outside
+    0..MAX_WINDOW_MS (NaN fails it too): serve and simulate take the same flags."""
+    from scheduler.errors import SpecError
+
+    for flag in ("admission_window_ms", "window_grace_ms"):
+        if not 0 <= getattr(args, flag) <= MAX_WINDOW_MS:
+            raise SpecError(f"--{flag.replace('_', '-')} must be in 0..{MAX_WINDOW_MS:g}, got {getattr(args, flag)}")
+
+
 def add_serving_args(p) -> None:
     """Serve's flags that shape the ticks and the queue: `lockstep simulate` models them."""
     p.add_argument("--max-queue", type=int, default=64,

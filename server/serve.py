@@ -63,15 +63,12 @@ def _validate(args) -> None:
         raise SpecError(f"--guard-band-ms must be in 0..{MAX_GUARD_MS:g}, got {args.guard_band_ms}")
     if not 0 <= args.send_wait_ms <= MAX_SEND_WAIT_MS:  # NaN fails it too
         raise SpecError(f"--send-wait-ms must be in 0..{MAX_SEND_WAIT_MS:g}, got {args.send_wait_ms}")
-    from server.cli import MAX_WINDOW_MS
+    from server.cli import check_window_flags
 
     for flag in ("pace_quantile", "prefill_quantile"):
         if not 0 < getattr(args, flag) <= 1:  # NaN fails it too
             raise SpecError(f"--{flag.replace('_', '-')} must be in (0, 1], got {getattr(args, flag)}")
-    if not 0 <= args.admission_window_ms <= MAX_WINDOW_MS:
-        raise SpecError(f"--admission-window-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.admission_window_ms}")
-    if not 0 <= args.window_grace_ms <= MAX_WINDOW_MS:
-        raise SpecError(f"--window-grace-ms must be in 0..{MAX_WINDOW_MS:g}, got {args.window_grace_ms}")
+    check_window_flags(args)
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
     if args.tick_log:

@@ -42,7 +42,7 @@ from typing import Callable
 
 from scheduler.program import ProgramView
 from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
-                                promise_group)
+                                promise_group, promised_cold)
 from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -376,7 +376,7 @@ class Engine:
         spell (COLD_IDLE_S): the median over the last COLD_SPELLS spells of how far their cold
         ticks ran past their pace; 0 while the engine is warm, in throughput mode, or before
         any spell."""
-        cold = now < self._cold_until or (self.sched.idle() and now - self._last_tick_end >= COLD_IDLE_S)
+        cold = promised_cold(now, self._cold_until, self.sched.idle(), self._last_tick_end)
         return self._cold_allowance() if cold else 0.0
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
@@ -683,7 +683,7 @@ class Engine:
         measured = time.perf_counter() - step_start
         self._last_step_s = measured
         window = self._window  # read once: the core's input thread may close it meanwhile
-        if window is not None and self._gives_a_member_its_first_token(plan, window.group):
+        if window is not None and plan.samples_for(window.group):
             with self._lock:  # promises before tokens: the window closes now at the latest
                 self._let_arrivals_in(self.config.window_grace_s)
                 self.close_window(ended=True)
@@ -711,11 +711,6 @@ class Engine:
         end = time.perf_counter() + seconds
         while (left := end - time.perf_counter()) > 0:
             self._lock.wait(left)  # a submit notifies: wait out the rest
-
-    @staticmethod
-    def _gives_a_member_its_first_token(plan: TickPlan, group: int) -> bool:
-        """Whether this tick samples a token for a member of arrival group `group`."""
-        return any(seq.group == group and plan.samples(i) for i, seq in enumerate(plan.rows))
 
     def _late(self, plan: TickPlan, tokens: dict[int, int], made: float) -> bool:
         """Whether any token of this tick, made at `made` (perf_counter s), comes after the

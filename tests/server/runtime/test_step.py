@@ -43,7 +43,8 @@ def test_several_prompts_pack_into_one_prefill_chunk_or_mixed_slice():
                     positions=(0, 0, 0))
     assert (prefill.tokens, prefill.rows) == (8, 8)  # the shape of one 8-token prompt; PREFILL_ROWS logit rows
     t = tensorize(prefill, SCRATCH, 64)
-    assert t.last_index.tolist() == [2, 4, 5] + [7] * 5 and t.write_slots.tolist() == [0, 0, 0, 1, 1, 2, SCRATCH, SCRATCH]
+    assert t.last_index.tolist() == [2, 4, 5] + [7] * 5
+    assert t.write_slots.tolist() == [0, 0, 0, 1, 1, 2, SCRATCH, SCRATCH]
     mixed = batch(phase="mixed", bucket=2, chunk=8, slots=(0, 1, 2, 3), tokens=((1,), (2,), (3, 4, 5), (6, 7)),
                   positions=(9, 9, 0, 0))
     assert (mixed.tokens, mixed.rows) == (12, 8)  # 2 + 8 token rows; 2 decode + 4 slice logit rows
