@@ -14,6 +14,7 @@ from pathlib import Path
 from scheduler.fleet import POLICIES
 from scheduler.simulate import WINDOW_GRACE_S
 from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
+from server.core.affinity import CORE_NICE
 
 EXIT_BAD_INPUT = 2
 
@@ -201,6 +202,10 @@ def add_runtime_args(p) -> None:
     p.add_argument("--core-cpus", default="",
                    help="CPUs the engine core process runs on, one torch thread each, e.g. 0 or 0-3; the front end "
                         "runs on the others (default: all CPUs for both)")
+    p.add_argument("--core-nice", type=int, default=CORE_NICE,
+                   help="niceness of the engine core process (0..19), so that a token's send and its client "
+                        f"take a core from a step at once (default {CORE_NICE}; 0: the front end's priority; "
+                        "docs/architecture.md, \"A step beside a delivery\")")
     p.add_argument("--tick-log", default="",
                    help="append a JSON line per tick (step shape, measured, program and paced ms, overrun) and per "
                         "ended request (its promise, the pace it was made at, when each token was made) to this "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.core.affinity import CORE_NICE
 from server.core.engine import EngineConfig
 
 NODE_IP = "node-ip"  # ServeConfig.host of a replica on a Ray cluster: its node's address
@@ -48,6 +49,10 @@ class ServeConfig:
     # Niceness added to the front end's event loop thread (gRPC handlers, admission, token
     # sends) in deterministic mode; 0 leaves it at the engine's priority (`_lower_front_end`).
     front_end_nice: int = 0  # 19 measured best with the engine in this process; 0 beside a core process (BENCHMARKS.md)
+    # Niceness of the engine core process, every thread of it (server/core/affinity.py,
+    # `lower_process`), so that a token's send and its client take a core from a step at
+    # once; 0: the front end's priority. docs/architecture.md, "A step beside a delivery".
+    core_nice: int = CORE_NICE
     http_port: int = -1  # OpenAI-compatible HTTP (server/frontend/openai_api.py) on this port; 0: any free one; -1: off
     pipeline: bool = False  # one row group per stage, their steps in flight together (server/core/pipelined.py)
     # The engine core (tick loop, scheduler, pacer, executor) in a process of its own

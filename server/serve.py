@@ -57,6 +57,8 @@ def _validate(args) -> None:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.front_end_nice <= 19:
         raise SpecError(f"--front-end-nice must be in 0..19, got {args.front_end_nice}")
+    if not 0 <= args.core_nice <= 19:
+        raise SpecError(f"--core-nice must be in 0..19, got {args.core_nice}")
     if min(args.time_scale, args.guard_band_pct or 0, args.grace_s, args.duration_s) < 0:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.guard_band_ms is not None and not 0 <= args.guard_band_ms <= MAX_GUARD_MS:  # NaN fails it too
@@ -118,7 +120,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                         f"each; {model.name} on {args.pool} compiles to {stages}")
     config = ServeConfig(program.to_json(), executor=args.executor, seed=args.seed, checkpoint=args.checkpoint,
                          compiled=args.compiled_steps == "on",
-                         core_cpus=args.core_cpus, tick_log=args.tick_log,
+                         core_cpus=args.core_cpus, core_nice=args.core_nice, tick_log=args.tick_log,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=guard_band_s(args), send_wait_s=args.send_wait_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",

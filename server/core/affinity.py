@@ -1,13 +1,20 @@
-"""CPU affinity of the engine core and the front end (`--core-cpus`).
+"""CPU affinity of the engine core and the front end (`--core-cpus`), and the core's
+priority (`--core-nice`).
 
-Linux sets affinity per thread: `pin_process` sets it for every thread a process has
-(/proc/self/task) and so for those it starts later, which inherit it."""
+Linux sets affinity and niceness per thread: `pin_process` and `lower_process` set them for
+every thread a process has (/proc/self/task) and so for those it starts later, which
+inherit them."""
 
 from __future__ import annotations
 
 import os
 
 from scheduler.errors import SpecError
+
+# The engine core's default niceness (`--core-nice`): measured side by side with 0 in four
+# runs of bench/peer_vllm.py's loads and two of bench/soak.py (BENCHMARKS.md, "The engine core
+# below its front end").
+CORE_NICE = 10
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -35,6 +42,16 @@ def parse_cpus(text: str) -> tuple[int, ...]:
 
 def available() -> set[int]:
     return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def lower_process(nice: int) -> None:
+    """Every thread of this process `nice` lower (threads started later inherit it; Linux
+    sets niceness per thread, and os.nice() would lower the calling thread alone)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + nice))
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that just ended
 
 
 def pin_process(cpus) -> None:

@@ -39,7 +39,7 @@ import zmq
 from scheduler.program import Program, ProgramView
 from server.config import ServeConfig
 from server.core import admission
-from server.core.affinity import pin_process
+from server.core.affinity import lower_process, pin_process
 from server.core.engine import Finished, Request
 from server.core.messages import (Admit, Admitted, Cancel, Drain, Events, Fatal, Predict, Prediction, Ready, Refused,
                                   Shutdown, Start, Stop, ToCore)
@@ -310,6 +310,8 @@ def main(argv: list[str]) -> int:
     config = ServeConfig(**start.config)
     if config.core_cpus:
         pin_process(config.core_cpus)  # before the engine's threads start: they inherit it
+    if config.core_nice:
+        lower_process(config.core_nice)  # the same: threads inherit their creator's niceness
     core = Core(pull, push, config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, core.on_signal)

@@ -110,6 +110,9 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
       for v in ("-1", "nan", "inf", "-inf", "1e9", "1000.5")],
     (["--route", "random"], "--route: invalid choice"),
     (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
+    (["--core-nice", "-1"], "--core-nice must be in 0..19"),
+    (["--core-nice", "20"], "--core-nice must be in 0..19"),
+    (["--core-nice", "1e9"], "invalid int value"),
     (["--core-cpus", "x"], "--core-cpus: 'x' is not a CPU id or range like 0-3"),
     (["--core-cpus", "3-1"], "--core-cpus: empty range '3-1'"),
     (["--core-cpus", "99999"], "--core-cpus: CPUs [99999] are not among this process's"),
@@ -451,6 +454,31 @@ def test_core_cpus_pins_the_core_process_and_keeps_the_front_end_off_them():
         assert 0 not in _cpus_allowed(proc.ready_pid) and _cpus_allowed(proc.ready_pid)
         with LockstepClient(target) as client:
             assert len(client.generate("pinned", max_tokens=3, seed=1).tokens) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def _nice(pid: int) -> set[int]:
+    """The niceness of every thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        out.add(int(stat.rsplit(")", 1)[1].split()[16]))  # after "pid (comm)", field 19 is the 17th
+    return out
+
+
+def test_core_nice_lowers_every_thread_of_the_core_process_and_not_the_front_end():
+    proc, target = start("--no-ray", "--core-nice", "7", "--duration-s", "60")
+    try:
+        front = _nice(proc.ready_pid)
+        with LockstepClient(target) as client:  # the torch threads exist once a step has run
+            assert len(client.generate("lowered", max_tokens=3, seed=1).tokens) == 3
+        assert _nice(proc.core_pid) == {min(19, n + 7) for n in front}
+        assert _nice(proc.ready_pid) == front
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
