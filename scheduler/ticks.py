@@ -226,8 +226,11 @@ class TickScheduler:
 
     # -- requests ---------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
-        """Queues `seq`; OverflowError when max_queue seqs already wait."""
-        if len(self.waiting) >= self.max_queue:
+        """Queues `seq`; OverflowError when max_queue seqs already wait beyond the free
+        slots (those the next `schedule` gives to the first waiting): a burst that arrives
+        faster than the ticks take it in still finds max_slots + max_queue places, not
+        max_queue and the few slots its first tick took."""
+        if len(self.waiting) >= self.max_queue + len(self.free_slots):
             raise OverflowError(f"queue full ({self.max_queue} waiting)")
         self.waiting.append(seq)
 

@@ -136,7 +136,8 @@ def check_window_flags(args) -> None:
 def add_serving_args(p) -> None:
     """Serve's flags that shape the ticks and the queue: `lockstep simulate` models them."""
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a KV slot; one more gets RESOURCE_EXHAUSTED (default 64)")
+                   help="requests waiting for a KV slot beyond the free ones; one more gets RESOURCE_EXHAUSTED "
+                        "(default 64)")
     p.add_argument("--throughput", action="store_true", help="do not pace ticks (throughput mode)")
     p.add_argument("--time-scale", type=float, default=0.0, help="program seconds -> wall seconds (default: measured at start)")
     p.add_argument("--guard-band-ms", type=float, default=None,

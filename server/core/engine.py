@@ -126,7 +126,7 @@ class EngineConfig:
     # c=1, 49-54% -> 59-66% at c=8, 46-60% -> 63-81% in the burst, the same at 2 req/s,
     # tokens/s within the runs' noise (BENCHMARKS.md, "A wider guard after each delivery").
     guard_band_s: float = 0.005
-    max_queue: int = 64  # waiting requests beyond this are refused at once
+    max_queue: int = 64  # requests waiting beyond the free slots past this are refused at once
     # And this fraction of the predicted step: the margin that absorbs the host's jitter
     # (gRPC and the client share its cores), so steps finish inside their tick. The first
     # ticks' margin; then the pace follows the measured steps (adaptive_pacing).
@@ -393,7 +393,8 @@ class Engine:
         refusal ~2 ms of the event loop); the message gives the promise made to the last
         request admitted instead."""
         with self._lock:
-            if self._occupancy()[1] < self.config.max_queue:
+            _, waiting, free = self._occupancy()
+            if waiting < self.config.max_queue + free:  # the free slots are the first waiting's (TickScheduler.add)
                 return None
             at, ttft = self._last_promise
         return queue_full_message(self.config.max_queue, time.perf_counter() - at, ttft)

@@ -84,7 +84,8 @@ class PipelinedEngine(Engine):
         super().submit(request)
 
     def _sched_for(self, request: Request):
-        if self.pipe.waiting() >= self.config.max_queue:  # the bound is the engine's, over all groups
+        _, waiting, free = self._occupancy()
+        if waiting >= self.config.max_queue + free:  # the bound is the engine's, over all groups
             raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
         return self.pipe.groups[request.group].sched
 

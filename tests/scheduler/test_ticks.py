@@ -72,12 +72,16 @@ def test_admission_is_fifo_into_the_lowest_free_slot():
     assert [(s.seq_id, s.slot) for s in sched.running] == [(1, 1), (2, 0)]
 
 
-def test_a_full_queue_refuses():
-    sched = make(max_queue=2)
-    sched.add(Seq(0, 4, 2))
-    sched.add(Seq(1, 4, 2))
+def test_a_full_queue_refuses_past_max_queue_beyond_the_free_slots():
+    sched = make(max_slots=4, max_queue=2)
+    for i in range(6):  # 4 for the free slots, 2 queued beyond them
+        sched.add(Seq(i, 4, 2))
     with pytest.raises(OverflowError, match="queue full"):
-        sched.add(Seq(2, 4, 2))
+        sched.add(Seq(6, 4, 2))
+    sched.schedule()  # the slots taken: max_queue wait, and no more
+    assert len(sched.running) == 4 and len(sched.waiting) == 2
+    with pytest.raises(OverflowError, match="queue full"):
+        sched.add(Seq(6, 4, 2))
 
 
 def test_a_stop_token_ends_the_sequence_and_frees_its_slot():

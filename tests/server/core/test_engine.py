@@ -646,3 +646,21 @@ def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     fast._cold_spells.append(0.030)
     with fast._lock:
         assert fast.cold_s(time.perf_counter() + 1.0) == 0.0
+
+
+def test_a_burst_finds_every_slot_and_the_queue_before_it_is_refused():
+    """Submitted faster than the ticks take them in, max_slots + max_queue requests are
+    queued before one is refused: the free slots are the first waiting's."""
+    from server.core.engine import Request
+    from server.runtime.sampling import GREEDY
+
+    engine = Engine(None, VIEW, replace(EXACT, max_queue=3))
+    slots = engine.sched.max_slots
+    for i in range(slots + 3):
+        assert engine.queue_full() is None
+        r = Request(f"r{i}", list(range(8)), 4, GREEDY, frozenset(), lambda *a: None)
+        r.promise(*engine.predict(8, 4))
+        engine.submit(r)
+    assert "queue full (3 waiting)" in engine.queue_full()
+    with pytest.raises(OverflowError, match="queue full"):
+        engine.submit(Request("over", list(range(8)), 4, GREEDY, frozenset(), lambda *a: None))
