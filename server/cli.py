@@ -13,8 +13,8 @@ from pathlib import Path
 
 from scheduler.fleet import POLICIES
 from scheduler.simulate import WINDOW_GRACE_S
-from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
 from server.core.affinity import CORE_NICE
+from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
 
 EXIT_BAD_INPUT = 2
 

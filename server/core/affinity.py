@@ -11,9 +11,9 @@ import os
 
 from scheduler.errors import SpecError
 
-# The engine core's default niceness (`--core-nice`): measured side by side with 0 in four
-# runs of bench/peer_vllm.py's loads and two of bench/soak.py (BENCHMARKS.md, "The engine core
-# below its front end").
+# The engine core's default niceness (`--core-nice`): measured side by side with 0 in six
+# runs of bench/peer_vllm.py's loads and four of bench/soak.py (BENCHMARKS.md, "Twenty-first
+# session: the engine core below its front end").
 CORE_NICE = 10
 
 
