@@ -126,7 +126,7 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
         r = requests[i]
         candidates = []
         for rep in replicas:
-            full = len(rep.sched.waiting) >= rep.sched.max_queue
+            full = rep.sched.full()
             ttft = _predict(rep, r, t, tick_s) if policy == "prediction" and not full else math.inf
             candidates.append(Candidate(rep.index, ttft, len(rep.sched.waiting) + len(rep.sched.running), full))
         chosen = pick(policy, candidates, turn)

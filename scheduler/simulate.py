@@ -415,6 +415,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     delivery_ends: dict[int, float] = {}  # index -> its last token's promised time (the engine's `_delivery_ends`)
     window: ArrivalWindow | None = None  # the open admission window
     last_end, cold_until = -math.inf, -math.inf  # the last tick's end; cold ticks start before cold_until
+    free_during = len(sched.free_slots)  # the free slots while the last tick ran (TickScheduler.full)
 
     def cold(at: float) -> float:
         """The engine's `cold_s`: the allowance a promise made at `at` adds."""
@@ -443,7 +444,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         results[i] = SimResult(i, r.arrival_s if r.arrival_s is not None else at, r.prompt_len)
         if window and results[i].arrival_s > window.closes_s:
             close(at)  # arrived after the window: promised as any other, beside the group
-        if len(sched.waiting) >= sched.max_queue:
+        if sched.full(free_during):  # as the engine saw it while the tick it arrived in ran
             results[i].status = "RESOURCE_EXHAUSTED"
             if closed and unsent:  # a refused client sends its next request at once
                 heapq.heappush(upcoming, (at, unsent.pop(0)))
@@ -497,6 +498,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         if window and (t >= window.closes_s or any(s.generated for s in window.members)):  # its bound, or a first token
             close(t)
         plan = sched.schedule()
+        free_during = len(sched.free_slots)  # what an arrival during this tick finds (TickScheduler.full)
         nxt = next_event()
         if plan is None:
             if nxt is None:

@@ -225,12 +225,19 @@ class TickScheduler:
             self.free_slots = list(range(self.max_slots))
 
     # -- requests ---------------------------------------------------------------------
+    def full(self, free_slots: int | None = None) -> bool:
+        """Whether max_queue seqs already wait beyond the free slots (those the next
+        `schedule` gives to the first waiting): a burst that arrives faster than the ticks
+        take it in still finds max_slots + max_queue places, not max_queue and the few
+        slots its first tick took. The bound of `add`, the engine's and the simulations'.
+        `free_slots`: the count during the tick the arrival came in, for a caller that
+        takes arrivals only after the tick's `update` (scheduler/simulate.py)."""
+        free = len(self.free_slots) if free_slots is None else free_slots
+        return len(self.waiting) >= self.max_queue + free
+
     def add(self, seq: Seq) -> None:
-        """Queues `seq`; OverflowError when max_queue seqs already wait beyond the free
-        slots (those the next `schedule` gives to the first waiting): a burst that arrives
-        faster than the ticks take it in still finds max_slots + max_queue places, not
-        max_queue and the few slots its first tick took."""
-        if len(self.waiting) >= self.max_queue + len(self.free_slots):
+        """Queues `seq`; OverflowError when the queue is `full`."""
+        if self.full():
             raise OverflowError(f"queue full ({self.max_queue} waiting)")
         self.waiting.append(seq)
 

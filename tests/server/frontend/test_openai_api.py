@@ -281,9 +281,10 @@ def test_a_deadline_the_prediction_cannot_meet_gets_504(tiny):
 def test_a_full_queue_gets_429_and_the_server_goes_on(tiny):
     slow = served(TINY, max_queue=1, max_tokens=64, deterministic=True, time_scale=50.0)
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        calls = 2 * (OPTIONS.max_slots + 1)  # twice the room: the slots and a queue of 1 beyond them
+        with concurrent.futures.ThreadPoolExecutor(calls) as pool:
             futures = [pool.submit(slow.post, "/completions", json.dumps({"prompt": "q", "max_tokens": 3}).encode())
-                       for _ in range(8)]
+                       for _ in range(calls)]
             codes = [f.result()[0] for f in futures]
         assert 429 in codes and 200 in codes, codes
         assert all(c in (200, 429) for c in codes)
