@@ -10,7 +10,10 @@ of the tick log by the id the door sent it (`x-request-id`), so every token spli
 - the client's receipt after the token could go: after max(promised, made);
 
 and the client's miss (receipt against send + promise, as `bench/peer_vllm.py` counts it),
-within max(10% of the TPOT, 5 ms).
+within max(10% of the TPOT, 5 ms). And where the token went out: the share released while
+a step of the log ran, and for those and the others apart the share whose way took more
+than 5 ms (a Python front end and client that wake for a token take a core from a step;
+docs/architecture.md, "A step beside a delivery").
 
     .venv/bin/python bench/promise_misses.py [--out out/misses] [serve flags ...]
 """
@@ -33,12 +36,15 @@ LOADS = [("c=1", lambda url: peer_vllm.closed(url, 1, 12)), ("c=8", lambda url: 
 
 def split(ticks: list[dict], recs: list[peer_vllm.Rec]) -> dict[str, np.ndarray]:
     """Per token, in ms: `door` (client send -> the door's read), `made` (made - promised),
-    `way` (client receipt - max(promised, made)), `miss` (receipt - send - promised) and
-    `bound` (max(10% TPOT, 5 ms)); per request, `ttft` (promised) and `first` (its first
-    token made - promised); for the client records that join a request of the log."""
+    `way` (client receipt - max(promised, made)), `miss` (receipt - send - promised),
+    `bound` (max(10% TPOT, 5 ms)) and `inside` (1 if it was released, at max(promised,
+    made), while a step of the log ran, else 0); per request, `ttft` (promised) and `first`
+    (its first token made - promised); for the client records that join a request of the log."""
     t0 = ticks[0]["start"]["perf_counter_s"]
     served = {x["id"]: x for x in ticks if "request" in x}  # by the id the client got (x-request-id)
-    out: dict[str, list[float]] = {k: [] for k in ("door", "made", "way", "miss", "bound", "first", "ttft")}
+    steps = sorted((x["end_ms"] - x["measured_ms"], x["end_ms"]) for x in ticks if "tick" in x)
+    ends = np.array([end for _, end in steps])
+    out: dict[str, list[float]] = {k: [] for k in ("door", "made", "way", "miss", "bound", "inside", "first", "ttft")}
     for c in recs:
         r = served.get(c.request_id)
         if r is None or not c.tokens_s:
@@ -53,7 +59,15 @@ def split(ticks: list[dict], recs: list[peer_vllm.Rec]) -> dict[str, np.ndarray]
             out["way"].append((got - arrival) * 1e3 - max(due, made))
             out["miss"].append((got - c.send_s) * 1e3 - due)
             out["bound"].append(max(0.1 * r["tpot_ms"], 5.0))
+            out["inside"].append(_inside(steps, ends, r["arrival_ms"] + max(due, made)))
     return {k: np.array(v) for k, v in out.items()}
+
+
+def _inside(steps: list[tuple[float, float]], ends: np.ndarray, at_ms: float) -> float:
+    """1.0 if `at_ms` (since the log's start) falls within a step (its end - measured, its
+    end), else 0.0; `steps` sorted, `ends` their ends."""
+    i = int(np.searchsorted(ends, at_ms))
+    return float(i < len(steps) and steps[i][0] <= at_ms)
 
 
 def main() -> int:
@@ -79,7 +93,8 @@ def main() -> int:
     print(f"per token, ms (p50 / p99); made: against its promise (negative: early, held); "
           f"way: the client's receipt after max(promised, made); {log}")
     print(f"{'load':8} {'tokens':>6} {'send->door':>13} {'made - promised':>17} {'way':>13} {'client miss':>13} "
-          f"{'within bound':>13} {'late at the engine':>19} {'TTFT promised':>14} {'first made - promised':>22}")
+          f"{'within bound':>13} {'late at the engine':>19} {'TTFT promised':>14} {'first made - promised':>22} "
+          f"{'released in a step':>19} {'way > 5 ms: in a step / between':>32}")
     for name, recs in records.items():
         s = split(ticks, recs)
         if not len(s["miss"]):
@@ -89,9 +104,12 @@ def main() -> int:
         def pair(x):
             return f"{np.percentile(x, 50):.1f} / {np.percentile(x, 99):.1f}"
 
+        inside = s["inside"] > 0
+        slow = [f"{np.mean(s['way'][part] > 5.0):.1%}" if part.any() else "-" for part in (inside, ~inside)]
         print(f"{name:8} {len(s['miss']):6d} {pair(s['door']):>13} {pair(s['made']):>17} {pair(s['way']):>13} "
               f"{pair(s['miss']):>13} {np.mean(np.abs(s['miss']) <= s['bound']):13.1%} "
-              f"{np.mean(s['made'] > 0):19.1%} {np.percentile(s['ttft'], 50):14.1f} {pair(s['first']):>22}")
+              f"{np.mean(s['made'] > 0):19.1%} {np.percentile(s['ttft'], 50):14.1f} {pair(s['first']):>22} "
+              f"{np.mean(inside):19.1%} {' / '.join(slow):>32}")
     return 0
 
 
