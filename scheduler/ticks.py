@@ -67,6 +67,15 @@ SLICE_ROWS = 4
 # read once), and the tokens of eight 25-token prompts in one step cost less than in four
 # (docs/compiled-steps.md: 4 x 44 tokens 87-90 ms, against 40-43 for 64).
 PREFILL_ROWS = 8
+def queue_is_full(waiting: int, free_slots: int, max_queue: int) -> bool:
+    """Whether `max_queue` requests already wait beyond the `free_slots` (those the next
+    schedule gives to the first waiting): a burst that arrives faster than the ticks take
+    it in still finds max_slots + max_queue places, not max_queue and the few slots its
+    first tick took. The one bound of the scheduler (`TickScheduler.full`), the engines
+    (server/core/engine.py) and the simulations."""
+    return waiting >= max_queue + free_slots
+
+
 CADENCE_ULP = 1 + 1e-9  # relative slack when a tick is compared with a promised cadence
 
 
@@ -226,14 +235,11 @@ class TickScheduler:
 
     # -- requests ---------------------------------------------------------------------
     def full(self, free_slots: int | None = None) -> bool:
-        """Whether max_queue seqs already wait beyond the free slots (those the next
-        `schedule` gives to the first waiting): a burst that arrives faster than the ticks
-        take it in still finds max_slots + max_queue places, not max_queue and the few
-        slots its first tick took. The bound of `add`, the engine's and the simulations'.
-        `free_slots`: the count during the tick the arrival came in, for a caller that
-        takes arrivals only after the tick's `update` (scheduler/simulate.py)."""
-        free = len(self.free_slots) if free_slots is None else free_slots
-        return len(self.waiting) >= self.max_queue + free
+        """`queue_is_full` for this scheduler; `free_slots`: the count during the tick the
+        arrival came in, for a caller that takes arrivals only after the tick's `update`
+        (scheduler/simulate.py)."""
+        return queue_is_full(len(self.waiting), len(self.free_slots) if free_slots is None else free_slots,
+                          self.max_queue)
 
     def add(self, seq: Seq) -> None:
         """Queues `seq`; OverflowError when the queue is `full`."""

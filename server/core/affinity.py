@@ -44,20 +44,22 @@ def available() -> set[int]:
     return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
+def _each_thread(set_one) -> None:
+    """Calls `set_one(tid)` for every thread of this process (/proc/self/task)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            set_one(int(tid))
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that just ended
+
+
 def lower_process(nice: int) -> None:
     """Every thread of this process `nice` lower (threads started later inherit it; Linux
     sets niceness per thread, and os.nice() would lower the calling thread alone)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + nice))
-        except (ProcessLookupError, PermissionError):
-            pass  # a thread that just ended
+    _each_thread(lambda tid: os.setpriority(os.PRIO_PROCESS, tid,
+                                            min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice)))
 
 
 def pin_process(cpus) -> None:
     """Every thread of this process onto `cpus` (threads started later inherit it)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except (ProcessLookupError, PermissionError):
-            pass  # a thread that just ended
+    _each_thread(lambda tid: os.sched_setaffinity(tid, cpus))

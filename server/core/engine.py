@@ -43,7 +43,7 @@ from typing import Callable
 from scheduler.program import ProgramView
 from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
                                 promise_group, promised_cold)
-from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, slice_shape
+from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
 from server.runtime.step import ExecutorFailed, StepBatch
@@ -393,8 +393,7 @@ class Engine:
         refusal ~2 ms of the event loop); the message gives the promise made to the last
         request admitted instead."""
         with self._lock:
-            _, waiting, free = self._occupancy()
-            if waiting < self.config.max_queue + free:  # the free slots are the first waiting's (TickScheduler.add)
+            if not self._full():
                 return None
             at, ttft = self._last_promise
         return queue_full_message(self.config.max_queue, time.perf_counter() - at, ttft)
@@ -797,6 +796,12 @@ class Engine:
     def _occupancy(self) -> tuple[int, int, int]:
         """(running, waiting, free slots), under the lock."""
         return len(self.sched.running), len(self.sched.waiting), len(self.sched.free_slots)
+
+    def _full(self) -> bool:
+        """Under the lock: whether the queue bound refuses an arrival (ticks.queue_is_full, over
+        what `_occupancy` counts: every group of a pipelined engine)."""
+        _, waiting, free = self._occupancy()
+        return queue_is_full(waiting, free, self.config.max_queue)
 
     def open_tick_log(self, path: str) -> None:
         """Starts the tick log (`serve --tick-log`): appends to `path`, line-buffered (the core

@@ -84,8 +84,7 @@ class PipelinedEngine(Engine):
         super().submit(request)
 
     def _sched_for(self, request: Request):
-        _, waiting, free = self._occupancy()
-        if waiting >= self.config.max_queue + free:  # the bound is the engine's, over all groups
+        if self._full():  # the bound is the engine's, over all groups
             raise OverflowError(f"queue full ({self.config.max_queue} waiting)")
         return self.pipe.groups[request.group].sched
 
