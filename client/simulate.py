@@ -103,10 +103,10 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
 
     promises = None if args.throughput else ticks.__getitem__
     if args.replicas > 1:
-        scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own") for _ in range(args.replicas)]
+        scheds = [program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own", args.join_share) for _ in range(args.replicas)]
         results, duration = simulate_fleet(scheds, requests, ticks.__getitem__, args.route)
     else:
-        sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own")
+        sched = program.tick_scheduler(args.max_queue, promises, args.alone_tpot == "own", args.join_share)
         results, duration = simulate_load(sched, requests, ticks.__getitem__, args.concurrency or (0 if rate else 1),
                                           window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
                                           tail_s=None if args.throughput or not tails else tails.get,
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-        from server.cli import check_window_flags
+        from server.cli import check_promise_flags
 
-        check_window_flags(args)
+        check_promise_flags(args)
         if args.replicas > 1 and (args.rate is None and not args.sweep or args.concurrency):
             raise ValueError("--replicas > 1 simulates open-loop arrivals: give --rate or --sweep, no --concurrency")
         if args.concurrency < 0 or args.max_queue < 0 or not (args.guard_band_pct or 0) >= 0 or not (args.guard_band_ms or 0) >= 0:

@@ -109,7 +109,7 @@ def simulate_fleet(scheds: list[TickScheduler], requests: list[SimRequest], tick
             for i, seq in enumerate(plan.rows):
                 if not plan.is_slice(i):
                     results[seq.seq_id].token_s.extend(rep.start_s + k * dt for k in range(1, rep.run))
-            skip(plan, rep.run - 1)
+            skip(plan, rep.run - 1, rep.sched)
         before = {s.seq_id: s.generated for s in plan.rows}
         for out in rep.sched.update(plan):
             if out.seq.generated > before[out.seq.seq_id]:
@@ -154,7 +154,7 @@ def _predict(rep: _Replica, r: SimRequest, now: float, tick_s: Callable[[StepKey
     by_id = {s.seq_id: s for s in sim.running}
     plan = replace(rep.plan, rows=tuple(by_id.get(s.seq_id) or replace(s) for s in rep.plan.rows))
     done = min(rep.run - 1, int((now - rep.start_s) / dt))  # inside a run of equal ticks
-    skip(plan, done)
+    skip(plan, done, sim)
     start = rep.start_s + done * dt
     return predict_arrival(sim, r.prompt_len, r.max_tokens, tick_s, clone=False, in_flight=plan,
                            elapsed_s=now - start, first_token_only=True)[0]

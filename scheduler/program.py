@@ -156,11 +156,12 @@ class ProgramView:
     def step_s(self, key: StepKey) -> float:
         return self.steps[key]
 
-    def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = False) -> TickScheduler:
+    def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = False,
+                       join_share: float = 1.0) -> TickScheduler:
         """A fresh tick scheduler for this program's slots, context, buckets and slices;
         `tick_s` (paced seconds per step shape): promised cadences bound its ticks."""
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
-                             dict(self.slices), tick_s=tick_s, alone_own_step=alone_own_step)
+                             dict(self.slices), tick_s=tick_s, alone_own_step=alone_own_step, join_share=join_share)
 
     def holding_bucket(self, keys: int) -> int:
         """The smallest key bucket of decode and mixed steps with at least `keys` keys (a

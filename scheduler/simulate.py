@@ -131,6 +131,8 @@ def _mixed_run(sched: TickScheduler, plan: TickPlan) -> int:
     (A long prompt going in beside decoding streams is a long run of such ticks.)"""
     if (sched.waiting and sched.free_slots) or len(plan.spans) != 1:
         return 1
+    if any(sched.tick_for(s, plan.key) > s.cadence_s for s in plan.rows[:plan.decoding]):
+        return 1  # each such tick spends slack: `fits` looks at them one at a time
     *decoding, seq = plan.rows
     (_, n), keys = plan.spans[0], plan.keys
     run = min((seq.prompt_len - seq.prefilled) // n, (keys - seq.prefilled) // n)
@@ -149,9 +151,11 @@ def run_length(sched: TickScheduler, plan: TickPlan) -> int:
     return 1
 
 
-def skip(plan: TickPlan, ticks: int) -> None:
+def skip(plan: TickPlan, ticks: int, sched: TickScheduler) -> None:
     """Applies `ticks` of `plan` at once (all but the last tick of a run; update() does
-    that one): decoding rows gain a token each tick, the prompt row a slice."""
+    that one): decoding rows gain a token each tick, the prompt row a slice, and `sched`'s
+    running seqs bank the ticks (TickScheduler.bank)."""
+    sched.bank(plan, ticks)
     for i, seq in enumerate(plan.rows):
         if plan.is_slice(i):
             seq.prefilled += ticks * plan.span(i)[1]
@@ -199,8 +203,9 @@ def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> f
     if len(seqs) >= sched.max_slots:
         return decode
     if not sched.slices:  # prefill ticks alternate with decode ticks
-        return decode + max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
-    return max(decode, *(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets))
+        return decode + sched.join_share * max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
+    mixed = max(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets)
+    return decode + sched.join_share * max(0.0, mixed - decode)
 
 
 class ArrivalWindow(NamedTuple):
@@ -268,7 +273,7 @@ def promise_group(sched: TickScheduler, members: list[Seq], tick_s: Callable[[St
                 if seq.seq_id in ids and not plan.is_slice(i):
                     for k in range(min(run - 1, 2)):
                         token(seq.seq_id, t + k * dt, dt)
-            skip(plan, run - 1)
+            skip(plan, run - 1, sim)
             t += (run - 1) * dt
         before = {s.seq_id: s.generated for s in plan.rows}
         for out in sim.update(plan):
@@ -319,7 +324,7 @@ def predict_arrival(sched: TickScheduler, prompt_len: int, max_tokens: int,
         run = run_length(sim, plan)
         tail = _tail(tail_s, plan, tail)
         if run > 1:  # all but the last tick of the run at once
-            skip(plan, run - 1)
+            skip(plan, run - 1, sim)
             t += (run - 1) * tick_s(plan.key)
         t += tick_s(plan.key)
         sim.update(plan)
@@ -515,7 +520,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             for i, seq in enumerate(plan.rows):
                 if not plan.is_slice(i):
                     results[seq.seq_id].token_s.extend(t + k * dt for k in range(1, run))
-            skip(plan, run - 1)
+            skip(plan, run - 1, sched)
             t += (run - 1) * dt
         before = {s.seq_id: s.generated for s in plan.rows}
         t += dt
@@ -526,10 +531,13 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
             # tick and its grace; it closes before the first token is handed out, the tick
             # in flight.
             hold = window_grace_s
-            while (upcoming and upcoming[0][0] <= min(t + hold, window.closes_s) and not waiting_to_send
+            # A closed loop's client sends at t, which may be past the window's bound: that send
+            # closes the window itself (promised beside the group), and no later one joins.
+            while (window and upcoming and upcoming[0][0] <= min(t + hold, window.closes_s) and not waiting_to_send
                    and (closed or not concurrency or in_flight < concurrency)):
                 send(heapq.heappop(upcoming)[1], t)
-            close(t + hold, in_flight=plan)
+            if window:
+                close(t + hold, in_flight=plan)
         for out in sched.update(plan):
             i = out.seq.seq_id
             if out.seq.generated > before[i]:

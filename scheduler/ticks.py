@@ -24,7 +24,12 @@ the cadence of any seq holding a slot (`fits`): a waiting seq takes a slot only 
 decode tick with it keeps every cadence, and prompt slices go in beside decoding seqs only
 when the mixed tick does; otherwise they wait (FIFO, no overtaking).
 Every tick is then no longer than any running stream's cadence, so each of its tokens is
-computed no later than promised, whoever arrives later.
+computed no later than promised, whoever arrives later. A stream banks what its ticks leave
+of its cadence (`Seq.slack_s`: a decode tick shorter than the cadence it was promised), and
+a longer tick fits when its banked slack covers the excess: a cadence below the mixed tick
+(`join_share` < 1) lets a prompt go in beside the stream once it has banked the room, so
+the stream is not promised the mixed tick on every token (docs/architecture.md, "Joins paid
+from slack").
 
 Arrival groups (`Seq.group`: requests admitted together in one admission window, when
 they found the server idle): a member that has its first token but has not decoded yet
@@ -144,6 +149,11 @@ class Seq:
     # decoded yet waits while a running member of its group still has prompt to go in, so
     # the group's prompts go in by whole prefill steps, not slices beside its first streams.
     group: int = -1
+    # Schedule seconds its tokens so far came before their promises (its cadence less the
+    # ticks between its tokens, summed from its first token), and seconds of ticks since its
+    # last token: a tick longer than the cadence fits while the slack covers the excess.
+    slack_s: float = 0.0
+    gap_s: float = 0.0
 
     @property
     def decoding(self) -> bool:
@@ -222,12 +232,19 @@ class TickScheduler:
     # that finds nothing running or waiting is not alone: the others of a closed loop come
     # back one by one as their streams end (scheduler/simulate.promise_cadence).
     delivering: bool = False
+    # The share of the longest mixed (or prefill) tick's excess over the longest decode tick
+    # that a stream promised in company pays on every token (scheduler/simulate.group_cadence):
+    # 1.0, the longest tick (no tick ever needs slack); below it, a prompt goes in beside a
+    # stream only as its banked slack allows (`fits`).
+    join_share: float = 1.0
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
             raise ValueError(f"buckets must ascend to at least max_slots={self.max_slots}, got {self.buckets}")
         if self.slices and (set(self.slices) != set(self.buckets) or min(self.slices.values()) < 1):
             raise ValueError(f"slices must give a prompt slice >= 1 for every bucket {self.buckets}, got {self.slices}")
+        if not 0 <= self.join_share <= 1:
+            raise ValueError(f"join_share must be in [0, 1], got {self.join_share}")
         if min(self.max_slots, self.max_context, self.chunk) < 1 or self.max_queue < 0:
             raise ValueError("max_slots, max_context and chunk must be >= 1 and max_queue >= 0")
         if not self.free_slots and not self.running:
@@ -266,25 +283,52 @@ class TickScheduler:
         return TickScheduler(self.max_slots, self.max_context, self.chunk, self.buckets, self.max_queue, self.slices,
                              deque(replace(s) for s in self.waiting), [replace(s) for s in self.running],
                              list(self.free_slots), self.last_phase, self.tick_s, self.alone_own_step,
-                             self.delivering)
+                             self.delivering, self.join_share)
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
     # -- ticks ------------------------------------------------------------------------
-    def fits(self, *keys: StepKey, joining: Seq | None = None) -> bool:
+    def fits(self, *keys: StepKey, joining: Seq | None = None, started: bool = False) -> bool:
         """Whether a gap of these ticks (one after another) in the running seqs' streams, and
         in `joining`'s, keeps every promised cadence, each at the pace its promise was made
         at (`Seq.ticks`: a later re-pace does not tighten or loosen an earlier promise)."""
         if self.tick_s is None:
             return True
-        for seq in (*self.running, *((joining,) if joining is not None else ())):
+        # A tick now (`started`): the running seqs past their first token; one still before it
+        # has no gap between tokens at stake (its first token's promise is where the scheduler
+        # run forward made it). A decode tick to come (a joiner's): every running seq.
+        running = (s for s in self.running if s.generated or not started)
+        for seq in (*running, *((joining,) if joining is not None else ())):
             # CADENCE_ULP: a cadence that went through a promise's (TTFT, e2e) round trip is
             # the longest tick give or take a rounding; without it that tick was refused
             # (the server's waves at c=8, first tokens up to 1.3 s past their promise).
-            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > seq.cadence_s * CADENCE_ULP:
+            # A tick now may spend the seq's banked slack; a decode tick to come may not: it is
+            # every tick from then on (a joiner's batch), and each must keep the cadence.
+            room = seq.cadence_s + max(0.0, seq.slack_s) - seq.gap_s if started else seq.cadence_s
+            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > room * CADENCE_ULP:
                 return False
         return True
+
+    def tick_for(self, seq: Seq, key: StepKey) -> float:
+        """Seconds of tick `key` at the pace `seq`'s promise was made at (0 without promises)."""
+        ticks = seq.ticks or self.tick_s
+        return ticks(key) if ticks is not None and seq.cadence_s > 0 else 0.0
+
+    def bank(self, plan: TickPlan, ticks: int = 1) -> None:
+        """Books `ticks` ticks of `plan` (before `update` applies its last one, or a run
+        skipped at once) into the slack of every running seq past its first token: each tick
+        adds to its gap, and each token it samples banks its cadence less the gap."""
+        rows = {id(s) for i, s in enumerate(plan.rows) if not plan.is_slice(i)}
+        for seq in self.running:
+            if seq.cadence_s <= 0 or seq.generated < 1:
+                continue
+            tick = self.tick_for(seq, plan.key)
+            if id(seq) in rows:  # it samples on each of them
+                seq.slack_s += ticks * seq.cadence_s - seq.gap_s - ticks * tick
+                seq.gap_s = 0.0
+            else:
+                seq.gap_s += ticks * tick
 
     def _may_enter(self, seq: Seq) -> bool:
         """Whether `seq` may take a slot now: the decode tick of every running seq and it,
@@ -313,7 +357,7 @@ class TickScheduler:
             slices, spans = self._pack(prefilling, shape, SLICE_ROWS)
             keys = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
             plan = TickPlan(MIXED, bucket, (*decoding, *slices), spans, keys, shape)
-            if self.fits(plan.key):
+            if self.fits(plan.key, started=True):
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
             slices, spans = self._pack(prefilling, self.chunk, PREFILL_ROWS)
@@ -324,7 +368,9 @@ class TickScheduler:
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
             # it (the prompts' rows in it too) are one gap in their streams.
             gap = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
-            if self.fits(plan.key, StepKey(DECODE, self.bucket_for(len(decoding)), gap, 1)):
+            started = sum(p + n >= seq.prompt_len for seq, (p, n) in zip(slices, spans))  # decode next tick too
+            after = StepKey(DECODE, self.bucket_for(min(self.max_slots, len(decoding) + started)), gap, 1)
+            if self.fits(plan.key, after, started=True):
                 return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)
@@ -348,6 +394,7 @@ class TickScheduler:
         for the rows that sampled (None: all did, ids unknown, as in a simulation). A row
         missing from `tokens` failed and must be aborted by the caller."""
         self.last_phase = plan.phase
+        self.bank(plan)
         outs = []
         for i, seq in enumerate(plan.rows):
             if seq not in self.running:

@@ -123,10 +123,14 @@ def _add_serve(sub) -> None:
 MAX_WINDOW_MS = 1000.0  # --admission-window-ms: a window delays promises; a second is already a long wait
 
 
-def check_window_flags(args) -> None:
+def check_promise_flags(args) -> None:
     """Raises SpecError naming `--admission-window-ms` or `--window-grace-ms` outside
-    0..MAX_WINDOW_MS (NaN fails it too): serve and simulate take the same flags."""
+    0..MAX_WINDOW_MS, or `--join-share` outside 0..1 (NaN fails them too): serve and
+    simulate take the same flags."""
     from scheduler.errors import SpecError
+
+    if not 0 <= args.join_share <= 1:
+        raise SpecError(f"--join-share must be in 0..1, got {args.join_share}")
 
     for flag in ("admission_window_ms", "window_grace_ms"):
         if not 0 <= getattr(args, flag) <= MAX_WINDOW_MS:
@@ -151,6 +155,10 @@ def add_serving_args(p) -> None:
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")
+    p.add_argument("--join-share", type=float, default=1.0,
+                   help="the share (0..1) of a mixed tick's excess over the decode tick that a stream in "
+                        "company is promised on every token: 1 promises the longest tick; below it a prompt "
+                        "goes in beside running streams as their banked slack allows (default %(default)s)")
     p.add_argument("--alone-tpot", choices=("own", "company"), default="own",
                    help="the TPOT promised to a request that arrives alone (nothing running or waiting, no "
                         "earlier stream still being handed out): its own decode step (own: a lone stream runs at "

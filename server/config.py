@@ -24,6 +24,7 @@ class ServeConfig:
     guard_band_frac: float | None = None  # None: from the step jitter measured at start (server/core/build.py)
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
+    join_share: float = EngineConfig.join_share
     admission_window_s: float = EngineConfig.admission_window_s
     window_grace_s: float = EngineConfig.window_grace_s
     pace_quantile: float = EngineConfig.pace_quantile

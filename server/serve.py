@@ -65,12 +65,12 @@ def _validate(args) -> None:
         raise SpecError(f"--guard-band-ms must be in 0..{MAX_GUARD_MS:g}, got {args.guard_band_ms}")
     if not 0 <= args.send_wait_ms <= MAX_SEND_WAIT_MS:  # NaN fails it too
         raise SpecError(f"--send-wait-ms must be in 0..{MAX_SEND_WAIT_MS:g}, got {args.send_wait_ms}")
-    from server.cli import check_window_flags
+    from server.cli import check_promise_flags
 
     for flag in ("pace_quantile", "prefill_quantile"):
         if not 0 < getattr(args, flag) <= 1:  # NaN fails it too
             raise SpecError(f"--{flag.replace('_', '-')} must be in (0, 1], got {getattr(args, flag)}")
-    check_window_flags(args)
+    check_promise_flags(args)
     if args.replicas < 1:
         raise SpecError(f"--replicas must be >= 1, got {args.replicas}")
     if args.tick_log:
@@ -124,6 +124,7 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=guard_band_s(args), send_wait_s=args.send_wait_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
+                         join_share=args.join_share,
                          admission_window_s=args.admission_window_ms / 1e3,
                          window_grace_s=args.window_grace_ms / 1e3, pace_quantile=args.pace_quantile,
                          prefill_quantile=args.prefill_quantile, prefill_tail_once=args.prefill_tails == "one",

@@ -148,6 +148,7 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
+                                 join_share=cfg.join_share,
                                  admission_window_s=cfg.admission_window_s,
                                  window_grace_s=cfg.window_grace_s, pace_quantile=cfg.pace_quantile,
                                  prefill_quantile=cfg.prefill_quantile, prefill_tail_once=cfg.prefill_tail_once,

@@ -152,6 +152,11 @@ class EngineConfig:
     # A request arriving alone is promised its own decode step (False: the longest tick, as
     # in company; `lockstep serve --alone-tpot company`). docs/architecture.md, "Promises per request".
     alone_own_step: bool = True
+    # The share of the mixed tick's excess over the decode tick that a stream promised in
+    # company pays on every token (scheduler/ticks.TickScheduler.join_share; `serve
+    # --join-share`): 1.0 promises the longest tick; below it prompts go in beside streams
+    # as their banked slack allows. docs/architecture.md, "Joins paid from slack".
+    join_share: float = 1.0
     # A request that finds nothing running or waiting (earlier streams may still be handed
     # out) opens an admission window this long, seconds: those arriving within it join its
     # arrival group and all are promised together when it closes (at this bound, or when
@@ -270,6 +275,7 @@ class Engine:
         if config.deterministic and self.sched is not None:
             self.sched.tick_s = self.tick_s  # promised cadences bound the ticks (scheduler/ticks.py)
             self.sched.alone_own_step = config.alone_own_step
+            self.sched.join_share = config.join_share
         self._last_promise = (time.perf_counter(), 0.0)  # (perf_counter s, predicted TTFT s) of the last admitted
         # seq_id -> perf_counter s of its last token's promised time: its max_tokens-th while
         # it runs, its last real one once it ended (a stop token ends a stream early).

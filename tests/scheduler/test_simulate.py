@@ -301,17 +301,20 @@ def test_prompts_are_packed_into_one_prefill_step_and_into_a_mixed_steps_slice()
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.floats(0, 2.0)), min_size=1, max_size=14),
-       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.02, 0.3]))
-def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step, window_s):
+       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.02, 0.3]), st.sampled_from([1.0, 0.5, 0.0]))
+def test_every_token_is_computed_no_later_than_promised_whoever_arrives_later(reqs, mixed, alone_own_step, window_s,
+                                                                              join_share):
     """The promise property of the policy: a request's promise (first token, cadence),
     fixed at its admission by running the scheduler forward, holds whatever arrives after
-    it, because no tick lasts longer than any running stream's cadence; an arrival group's
-    promises (an admission window of `window_s`) hold too."""
+    it, because no tick lasts longer than any running stream's cadence plus the slack it
+    banked; an arrival group's promises (an admission window of `window_s`) hold too, and
+    so do promises in company below the longest tick (`join_share` < 1)."""
     from scheduler.simulate import SimRequest, simulate_load
 
     requests = [SimRequest(p, m, a) for p, m, a in reqs]
     sched = promising(mixed)
     sched.alone_own_step = alone_own_step
+    sched.join_share = join_share
     results, _ = simulate_load(sched, requests, tick_s, window_s=window_s)
     for r in results:
         if r.status == "OK":

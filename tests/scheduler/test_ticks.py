@@ -247,3 +247,37 @@ def test_eight_short_prompts_go_in_by_one_prefill_step():
     assert plan.spans == ((0, 25),) * 8 and plan.key == ("prefill", 1, 32, 256)
     assert all(o.seq.generated == 1 for o in sched.update(plan))
     assert sched.schedule().phase == "decode"  # all eight decode together
+
+
+def test_a_prompt_goes_in_beside_a_stream_once_its_banked_slack_covers_the_mixed_tick():
+    """join_share < 1 (docs/architecture.md, "Joins paid from slack"): a stream promised a
+    cadence below the mixed tick banks what each shorter decode tick leaves of it, and a
+    prompt slice goes in beside it only once that covers the mixed tick's excess; the
+    mixed tick spends it, so the stream's gaps never sum past its cadence."""
+    times = {DECODE: 0.010, MIXED: 0.020}
+    sched = TickScheduler(max_slots=2, max_context=1024, chunk=64, buckets=(1, 2), slices={1: 4, 2: 4},
+                          tick_s=lambda key: times[key.phase] + 0.001 * (key.batch - 1), join_share=0.5)
+    running = Seq(0, prompt_len=4, max_tokens=50, cadence_s=0.013)  # the b2 decode tick + 2 ms
+    sched.add(running)
+    while not running.generated:
+        step(sched)
+    joiner = Seq(1, prompt_len=8, max_tokens=5)
+    sched.add(joiner)
+    phases, ends, t = [], [], 0.0
+    while not joiner.decoding:
+        plan = sched.schedule()
+        phases.append(plan.phase)
+        t += sched.tick_s(plan.key)
+        sched.update(plan)
+        ends.append(t)
+        assert running.slack_s >= -1e-12  # never past its promise
+    # b1 decode ticks bank 3 ms each, a b1 mixed tick (20 ms) needs 7: after 3 of them,
+    # leaving 2; then after 2 more.
+    assert phases == [DECODE, DECODE, DECODE, MIXED, DECODE, DECODE, MIXED]
+    assert all(end <= (k + 1) * running.cadence_s + 1e-12 for k, end in enumerate(ends))
+
+
+def test_join_share_must_lie_in_zero_to_one():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="join_share"):
+            TickScheduler(max_slots=2, max_context=64, chunk=8, buckets=(1, 2), join_share=bad)
