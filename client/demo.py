@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             info = client.model_info()
             print(f"\nserving {info.model} on {info.pool}, plan {info.plan_hash[:16]}, buckets {list(info.buckets)}, "
                   f"program TPOT promised {info.predictions[0].tpot_s * 1e3:.2f} ms at "
-                  f"{info.predictions[0].prompt_len}-token prompts in company (the longest tick; a request alone "
+                  f"{info.predictions[0].prompt_len}-token prompts in company (the longest decode tick and half "
+                  f"the mixed tick's excess, prompts going in beside a stream from its banked slack; a request alone "
                   f"is promised its own decode step, requests arriving together one promise for all; paced: x "
                   f"the pace factor below; ticks follow the work and tokens wait for their promised time)\n")
             header = (f"{'request':<10} {'prompt':>6} {'tokens':>6} {'TTFT pred':>8} {'TTFT meas':>8} "

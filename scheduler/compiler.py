@@ -165,8 +165,8 @@ def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
 
 def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk: int, num_stages: int) -> list:
     """Per decode bucket, for a `prompt_len` prompt on an idle server: TTFT, and the TPOT
-    promised (docs/architecture.md, "Promises per request"): the longest tick any batch may
-    run, alone or in company (`serve --alone-tpot own` promises a lone request its own
+    promised (docs/architecture.md, "Promises per request"): in company, the longest decode
+    tick and half the mixed tick's excess (ticks.JOIN_SHARE; pipelined: the longest tick) (`serve --alone-tpot own` promises a lone request its own
     decode step, which the summary shows beside it)."""
     view = ProgramView.parse(body)
     ttft = timeline.ttft(options.prompt_len, chunk)
@@ -174,10 +174,10 @@ def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk:
     issue = view.issue_s(keys)
     out = []
     for b in options.buckets:
-        tpot = view.cadence_s(keys)
         # Pipelined: m row groups of b in flight, each ticking every max(tick, m x issue),
-        # as the pipelined engine paces them (scheduler/pipeline.py).
+        # as the pipelined engine paces them (scheduler/pipeline.py) at the longest tick.
         m = max(1, min(num_stages, options.max_slots // b))
+        tpot = view.cadence_s(keys) if num_stages > 1 else view.company_cadence_s(keys)
         interval = max(tpot, m * issue) if num_stages > 1 else tpot
         out.append({"batch": b, "prompt_len": options.prompt_len, "ttft_s": ttft, "tpot_s": tpot,
                     "tokens_per_s": b / tpot, "tokens_per_s_per_user": 1 / tpot,

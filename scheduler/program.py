@@ -40,7 +40,7 @@ from scheduler.devices import DEVICE_KINDS
 from scheduler.errors import SpecError
 from scheduler.model import ModelSpec
 from scheduler.placement import Placement, Stage
-from scheduler.ticks import StepKey, TickScheduler
+from scheduler.ticks import JOIN_SHARE, StepKey, TickScheduler, company_cadence
 
 SCHEMA_VERSION = 3  # 2: steps per key bucket and slice shape, slices, stage kinds; 3: bottleneck_s per step
 
@@ -157,7 +157,7 @@ class ProgramView:
         return self.steps[key]
 
     def tick_scheduler(self, max_queue: int = 64, tick_s=None, alone_own_step: bool = False,
-                       join_share: float = 1.0) -> TickScheduler:
+                       join_share: float = JOIN_SHARE) -> TickScheduler:
         """A fresh tick scheduler for this program's slots, context, buckets and slices;
         `tick_s` (paced seconds per step shape): promised cadences bound its ticks."""
         return TickScheduler(self.max_slots, self.max_context, self.prefill_chunk, self.buckets, max_queue,
@@ -177,6 +177,16 @@ class ProgramView:
         f = factors or {}
         return max(self.steps[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])] * f.get(phase, 1.0)
                    for b in self.buckets for phase in ("decode", "mixed"))
+
+    def company_cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
+        """The TPOT promised in company at key bucket `keys` by serve's default join share:
+        the longest decode step of any bucket and JOIN_SHARE of what the longest mixed step
+        takes past it, each times its phase's pace factor (scheduler/ticks.company_cadence;
+        `cadence_s` is the longest of either, the pipelined engine's tick)."""
+        f = factors or {}
+        decode = max(self.steps[StepKey("decode", b, keys, 1)] * f.get("decode", 1.0) for b in self.buckets)
+        mixed = max(self.steps[StepKey("mixed", b, keys, self.slices[b])] * f.get("mixed", 1.0) for b in self.buckets)
+        return company_cadence(decode, mixed)
 
     def lone_cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The TPOT promised at key bucket `keys` to a request that arrives alone: its own

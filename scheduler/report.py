@@ -18,10 +18,11 @@ def summary_json(program: Program) -> dict:
 
 def _cadence(program: Program) -> list[dict]:
     """The TPOT a request is promised at each key bucket (unpaced): `alone_s` arriving at an
-    idle server (its own decode step), `tick_s` in company (the longest tick any batch may
-    run); docs/architecture.md, "Promises per request"."""
+    idle server (its own decode step), `tick_s` in company (`ProgramView.company_cadence_s`);
+    docs/architecture.md, "Promises per request"."""
     view = program.view()
-    return [{"keys": k, "tick_s": view.cadence_s(k), "alone_s": view.lone_cadence_s(k)} for k in view.key_buckets]
+    return [{"keys": k, "tick_s": view.company_cadence_s(k), "alone_s": view.lone_cadence_s(k)}
+            for k in view.key_buckets]
 
 
 def _bytes(n: float) -> str:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from scheduler.program import ProgramView
-from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, TickScheduler, key_bucket, slice_sizes
+from scheduler.ticks import (DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, TickScheduler, company_cadence, key_bucket,
+                             slice_sizes)
 
 NEW_ID = -1  # the simulated arrival's seq_id (real ones are >= 0)
 
@@ -176,9 +177,10 @@ def promise_cadence(sched: TickScheduler, seq: Seq) -> float:
     request"): alone (nothing running or waiting, and no earlier stream still being handed
     out: `sched.delivering`), its own decode step, so a lone stream
     does not pay for a batch that is not there, and those who arrive during it wait for
-    what it leaves (their promises say so); in company, the longest tick any batch may run
-    (every decode and mixed step of every bucket), so whoever joins later, and whatever
-    prompt goes in beside it, keeps its pace. Both at the key bucket the longest stream
+    what it leaves (their promises say so); in company, the longest decode tick any batch
+    may run and `sched.join_share` of what the longest mixed tick takes past it
+    (`ticks.company_cadence`): whoever joins later keeps its pace, and a prompt goes in
+    beside it when the slack its shorter ticks banked pays for the mixed tick. Both at the key bucket the longest stream
     may reach. 0 without promises (`sched.tick_s` unset) or for a single token. With
     `sched.alone_own_step` off, a request alone is promised as one in company."""
     others = (*sched.running, *sched.waiting)
@@ -202,10 +204,11 @@ def group_cadence(sched: TickScheduler, seqs: tuple[Seq, ...], alone: bool) -> f
     decode = max(tick_s(StepKey(DECODE, b, keys, 1)) for b in sched.buckets)
     if len(seqs) >= sched.max_slots:
         return decode
-    if not sched.slices:  # prefill ticks alternate with decode ticks
-        return decode + sched.join_share * max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
+    if not sched.slices:  # prefill ticks alternate with decode ticks: a prompt's gap is both
+        prefill = max(tick_s(StepKey(PREFILL, 1, keys, n)) for n in slice_sizes(sched.chunk))
+        return company_cadence(decode, decode + prefill, sched.join_share)
     mixed = max(tick_s(StepKey(MIXED, b, keys, sched.slices[b])) for b in sched.buckets)
-    return decode + sched.join_share * max(0.0, mixed - decode)
+    return company_cadence(decode, mixed, sched.join_share)
 
 
 class ArrivalWindow(NamedTuple):

@@ -72,6 +72,22 @@ SLICE_ROWS = 4
 # read once), and the tokens of eight 25-token prompts in one step cost less than in four
 # (docs/compiled-steps.md: 4 x 44 tokens 87-90 ms, against 40-43 for 64).
 PREFILL_ROWS = 8
+# The share of the mixed tick's excess over the decode tick that a stream promised in company
+# pays on every token (`company_cadence`; `serve --join-share`): prompts go in beside it as its
+# banked slack allows, at most one mixed tick in two at a full house. Measured against 1.0
+# (the longest tick on every token; BENCHMARKS.md, "Twenty-second session"): `lockstep
+# simulate` of this host's pace record, c=8 closed loop 68.3 tokens/s against 58.9, 2 req/s
+# (gamma 4) 56.2 against 54.3, first tokens at c=8 p50 560 against 488 ms; 0.25: c=8 59.3
+# tokens/s, its first tokens p50 1767 ms (joins starve). Served side by side, c=8 69.3
+# against 57.7 tokens/s in the second of two runs (the first: 55.7 against 61.0, its pace
+# factors apart), 0.25 73.1 against 61.0.
+JOIN_SHARE = 0.5
+
+
+def company_cadence(decode_s: float, join_s: float, share: float = JOIN_SHARE) -> float:
+    """The TPOT in company: the longest decode tick and `share` of what the longest tick that
+    lets a prompt in (mixed, or a prefill tick beside the decode ticks) takes past it."""
+    return decode_s + share * max(0.0, join_s - decode_s)
 def queue_is_full(waiting: int, free_slots: int, max_queue: int) -> bool:
     """Whether `max_queue` requests already wait beyond the `free_slots` (those the next
     schedule gives to the first waiting): a burst that arrives faster than the ticks take
@@ -236,7 +252,7 @@ class TickScheduler:
     # that a stream promised in company pays on every token (scheduler/simulate.group_cadence):
     # 1.0, the longest tick (no tick ever needs slack); below it, a prompt goes in beside a
     # stream only as its banked slack allows (`fits`).
-    join_share: float = 1.0
+    join_share: float = JOIN_SHARE
 
     def __post_init__(self):
         if not self.buckets or list(self.buckets) != sorted(self.buckets) or self.buckets[-1] < self.max_slots:
@@ -360,18 +376,22 @@ class TickScheduler:
             if self.fits(plan.key, started=True):
                 return plan
         elif prefilling and (not decoding or self.last_phase == DECODE):
-            slices, spans = self._pack(prefilling, self.chunk, PREFILL_ROWS)
-            prompt = max(prompt_keys(p + n, self.max_context) for p, n in spans)
-            plan = TickPlan(PREFILL, 1, tuple(slices), spans, prompt, slice_shape(sum(n for _, n in spans), self.chunk))
-            if not decoding:
-                return plan
             # Beside decoding seqs (no mixed steps), a prefill tick and the decode tick after
-            # it (the prompts' rows in it too) are one gap in their streams.
-            gap = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
-            started = sum(p + n >= seq.prompt_len for seq, (p, n) in zip(slices, spans))  # decode next tick too
-            after = StepKey(DECODE, self.bucket_for(min(self.max_slots, len(decoding) + started)), gap, 1)
-            if self.fits(plan.key, after, started=True):
-                return plan
+            # it (the prompts' rows in it too) are one gap in their streams: the most of the
+            # oldest prompts whose gap fits, so that a later prompt packed beside an earlier
+            # one never holds the earlier one out (its promise was made without it).
+            for rows in range(min(PREFILL_ROWS, len(prefilling)), 0, -1):
+                slices, spans = self._pack(prefilling, self.chunk, rows)
+                prompt = max(prompt_keys(p + n, self.max_context) for p, n in spans)
+                plan = TickPlan(PREFILL, 1, tuple(slices), spans, prompt,
+                                slice_shape(sum(n for _, n in spans), self.chunk))
+                if not decoding:
+                    return plan
+                gap = max(keys, *(key_bucket(p + n, self.max_context) for p, n in spans))
+                started = sum(p + n >= seq.prompt_len for seq, (p, n) in zip(slices, spans))  # decode next tick too
+                after = StepKey(DECODE, self.bucket_for(min(self.max_slots, len(decoding) + started)), gap, 1)
+                if self.fits(plan.key, after, started=True):
+                    return plan
         if decoding:
             return TickPlan(DECODE, self.bucket_for(len(decoding)), tuple(decoding), keys=keys)
         return None

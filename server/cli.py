@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scheduler.fleet import POLICIES
 from scheduler.simulate import WINDOW_GRACE_S
+from scheduler.ticks import JOIN_SHARE
 from server.core.affinity import CORE_NICE
 from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
 
@@ -155,7 +156,7 @@ def add_serving_args(p) -> None:
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")
-    p.add_argument("--join-share", type=float, default=1.0,
+    p.add_argument("--join-share", type=float, default=JOIN_SHARE,
                    help="the share (0..1) of a mixed tick's excess over the decode tick that a stream in "
                         "company is promised on every token: 1 promises the longest tick; below it a prompt "
                         "goes in beside running streams as their banked slack allows (default %(default)s)")

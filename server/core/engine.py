@@ -43,7 +43,7 @@ from typing import Callable
 from scheduler.program import ProgramView
 from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
                                 promise_group, promised_cold)
-from scheduler.ticks import DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
+from scheduler.ticks import JOIN_SHARE, DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
 from server.runtime.step import ExecutorFailed, StepBatch
@@ -156,7 +156,7 @@ class EngineConfig:
     # company pays on every token (scheduler/ticks.TickScheduler.join_share; `serve
     # --join-share`): 1.0 promises the longest tick; below it prompts go in beside streams
     # as their banked slack allows. docs/architecture.md, "Joins paid from slack".
-    join_share: float = 1.0
+    join_share: float = JOIN_SHARE
     # A request that finds nothing running or waiting (earlier streams may still be handed
     # out) opens an admission window this long, seconds: those arriving within it join its
     # arrival group and all are promised together when it closes (at this bound, or when

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.simulate import NEW_ID, predict_arrival
-from scheduler.ticks import DECODE, Seq, StepKey, TickScheduler
+from scheduler.ticks import DECODE, JOIN_SHARE, Seq, StepKey, TickScheduler
 
 TICK_S = {("prefill", 1): 0.050, (DECODE, 1): 0.010, (DECODE, 2): 0.011, (DECODE, 4): 0.013,
           ("mixed", 1): 0.015, ("mixed", 2): 0.016, ("mixed", 4): 0.017}
@@ -148,7 +148,14 @@ def promising(mixed: bool = True, alone_own_step: bool = True) -> TickScheduler:
     return sched
 
 
-def test_a_lone_stream_is_promised_its_own_decode_step_and_company_the_longest_tick():
+def company(share: float = JOIN_SHARE) -> float:
+    """The TPOT in company at 128 keys: the longest decode tick and `share` of the longest
+    mixed tick's excess over it."""
+    decode = max(tick_s(StepKey(DECODE, b, 128, 1)) for b in (1, 2, 4))
+    return decode + share * (max(tick_s(StepKey("mixed", b, 128, 1)) for b in (1, 2, 4)) - decode)
+
+
+def test_a_lone_stream_is_promised_its_own_decode_step_and_company_a_share_of_the_mixed_tick():
     from scheduler.simulate import promise_cadence
 
     sched = promising()
@@ -156,6 +163,8 @@ def test_a_lone_stream_is_promised_its_own_decode_step_and_company_the_longest_t
     assert promise_cadence(sched, lone) == tick_s(StepKey(DECODE, 1, 128, 1))
     sched.add(lone)
     second = Seq(1, 20, 10)
+    assert promise_cadence(sched, second) == pytest.approx(company())
+    sched.join_share = 1.0  # the longest tick
     assert promise_cadence(sched, second) == max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed")
                                                  for b in (1, 2, 4))
     assert promise_cadence(sched, Seq(2, 20, 1)) == 0.0  # one token: no cadence to keep
@@ -168,9 +177,8 @@ def test_an_arrival_while_an_earlier_stream_is_still_handed_out_is_in_company():
     from scheduler.simulate import promise_cadence
 
     sched = promising()
-    company = max(tick_s(StepKey(p, b, 128, 1)) for p in (DECODE, "mixed") for b in (1, 2, 4))
     sched.delivering = True
-    assert promise_cadence(sched, Seq(0, 20, 10)) == company
+    assert promise_cadence(sched, Seq(0, 20, 10)) == pytest.approx(company())
     assert sched.clone().delivering
     sched.delivering = False
     assert promise_cadence(sched, Seq(0, 20, 10)) == tick_s(StepKey(DECODE, 1, 128, 1))
@@ -333,6 +341,7 @@ def test_a_cadence_rounded_on_its_way_through_a_promise_still_admits_its_longest
     from scheduler.simulate import promise_cadence
 
     sched = promising(alone_own_step=False)
+    sched.join_share = 1.0
     cadence = promise_cadence(sched, Seq(0, 8, 32))
     assert cadence == tick_s(StepKey("mixed", 4, 128, 4))  # the longest tick: bucket 4's mixed step
     rounded = math.nextafter(cadence, 0)  # one rounding below it
@@ -356,8 +365,7 @@ def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_togethe
     from scheduler.simulate import SimRequest, simulate_load
 
     decode = max(tick_s(StepKey(DECODE, b, 128, 1)) for b in (1, 2, 4))
-    company = max(decode, *(tick_s(StepKey("mixed", b, 128, 1)) for b in (1, 2, 4)))
-    assert decode < company
+    assert decode < company()
     burst = [SimRequest(12, 20, 0.0)] * 4 + [SimRequest(12, 20, 0.001)] * 4  # 4 slots: two waves
     grouped, end_grouped = simulate_load(promising(), burst, tick_s, window_s=0.01)
     assert [r.promise[1] for r in grouped] == [decode] * 8
@@ -367,7 +375,7 @@ def test_an_arrival_group_goes_in_by_whole_prefill_steps_and_is_promised_togethe
     # then the first decode tick.
     assert first_wave == pytest.approx([3 * tick_s(StepKey("prefill", 1, 32, 16))] * 4)
     pair, _ = simulate_load(promising(), burst[:2], tick_s, window_s=0.01)  # room left: company
-    assert [r.promise[1] for r in pair] == [company] * 2
+    assert [r.promise[1] for r in pair] == pytest.approx([company()] * 2)
     alone, end_alone = simulate_load(promising(), burst, tick_s)
     assert alone[0].promise[1] == tick_s(StepKey(DECODE, 1, 128, 1))
     assert min(r.ttft_s for r in alone[1:]) > 19 * alone[0].promise[1]  # behind the lone stream
