@@ -33,14 +33,14 @@ def test_ticks_follow_the_work_and_only_deterministic_ticks_are_bound_by_promise
     assert paced.sched.tick_s is not None and free.sched.tick_s is None
 
 
-def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_longest_tick():
+def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_company_cadence():
     from server.core.engine import Request
     from server.runtime.sampling import GREEDY
 
     engine = Engine(None, VIEW, EXACT)  # the default: `--alone-tpot own`
     company = Engine(None, VIEW, replace(EXACT, alone_own_step=False))  # `--alone-tpot company`
     assert company.predict(20, 11)[1] - company.predict(20, 11)[0] == pytest.approx(
-        10 * max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", 128) + keys_of(VIEW, "mixed", 128)))
+        10 * VIEW.company_cadence_s(128))  # the longest decode tick and half the mixed excess
     ttft, e2e = engine.predict(20, 11)
     keys = VIEW.key_buckets[0]
     assert (e2e - ttft) / 10 == pytest.approx(VIEW.step_s(StepKey("decode", 1, keys, 1)))
@@ -49,8 +49,7 @@ def test_a_lone_request_is_promised_its_own_decode_step_and_one_in_company_the_l
     engine.submit(r)
     assert r.seq.cadence_s == pytest.approx(r.predicted_tpot_s)
     ttft2, e2e2 = engine.predict(20, 11)
-    steady = keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys)
-    assert (e2e2 - ttft2) / 10 == pytest.approx(max(VIEW.step_s(k) for k in steady))
+    assert (e2e2 - ttft2) / 10 == pytest.approx(VIEW.company_cadence_s(keys))
     assert ttft2 > ttft + 9 * r.predicted_tpot_s  # it waits for the lone stream, whose cadence has no room for it
 
 
@@ -63,7 +62,7 @@ def test_an_arrival_is_in_company_while_an_earlier_stream_is_still_handed_out():
     engine = Engine(None, VIEW, EXACT)
     keys = VIEW.key_buckets[0]
     own = VIEW.step_s(StepKey("decode", 1, keys, 1))
-    steady = max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys))
+    steady = VIEW.company_cadence_s(keys)
     r = Request("a", list(range(20)), 11, GREEDY, frozenset(), lambda *a: None)
     r.promise(*engine.predict(20, 11))
     engine.submit(r)
@@ -298,7 +297,7 @@ def test_an_admission_window_promises_its_group_together_and_its_prompts_go_in_f
         assert engine.window_closes_at() is not None
         assert engine.close_window() == requests
     keys = VIEW.key_buckets[0]
-    company = max(VIEW.step_s(k) for k in keys_of(VIEW, "decode", keys) + keys_of(VIEW, "mixed", keys))
+    company = VIEW.company_cadence_s(keys)
     assert [r.predicted_tpot_s for r in requests] == pytest.approx([company] * 3)
     assert [r.seq.cadence_s for r in requests] == pytest.approx([company] * 3)
     engine.start()
