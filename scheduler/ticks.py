@@ -88,6 +88,8 @@ def company_cadence(decode_s: float, join_s: float, share: float = JOIN_SHARE) -
     """The TPOT in company: the longest decode tick and `share` of what the longest tick that
     lets a prompt in (mixed, or a prefill tick beside the decode ticks) takes past it."""
     return decode_s + share * max(0.0, join_s - decode_s)
+
+
 def queue_is_full(waiting: int, free_slots: int, max_queue: int) -> bool:
     """Whether `max_queue` requests already wait beyond the `free_slots` (those the next
     schedule gives to the first waiting): a burst that arrives faster than the ticks take

@@ -43,7 +43,7 @@ from typing import Callable
 from scheduler.program import ProgramView
 from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
                                 promise_group, promised_cold)
-from scheduler.ticks import JOIN_SHARE, DECODE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
+from scheduler.ticks import DECODE, JOIN_SHARE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
 from server.runtime.step import ExecutorFailed, StepBatch
