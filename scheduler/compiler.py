@@ -166,7 +166,8 @@ def _memory_json(ir, pool: Pool, stage, options: CompileOptions) -> dict:
 def _predictions(body: dict, timeline: Timeline, options: CompileOptions, chunk: int, num_stages: int) -> list:
     """Per decode bucket, for a `prompt_len` prompt on an idle server: TTFT, and the TPOT
     promised (docs/architecture.md, "Promises per request"): in company, the longest decode
-    tick and half the mixed tick's excess (ticks.JOIN_SHARE; pipelined: the longest tick) (`serve --alone-tpot own` promises a lone request its own
+    tick and half the mixed tick's excess (ticks.JOIN_SHARE; pipelined: the longest tick)
+    (`serve --alone-tpot own` promises a lone request its own
     decode step, which the summary shows beside it)."""
     view = ProgramView.parse(body)
     ttft = timeline.ttft(options.prompt_len, chunk)
