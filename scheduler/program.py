@@ -168,25 +168,27 @@ class ProgramView:
         prefill step's keys start lower: ticks.MIN_PROMPT_KEYS)."""
         return next(b for b in self.key_buckets if b >= keys)
 
-    def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
-        """The TPOT promised in company at key bucket `keys` (and the pipelined engine's
-        tick): the longest decode or mixed step of any bucket there, each times its phase's
-        pace factor (1 without factors). A stream promised it keeps its pace whoever joins
-        later (a cadence per bucket, re-chosen as the batch grew, broke it: measured ITL
-        p99/p50 1.50 at 2 req/s)."""
+    def _longest(self, keys: int, factors: dict[str, float] | None) -> tuple[float, float]:
+        """(longest decode step, longest mixed step) of any bucket at key bucket `keys`, each
+        times its phase's pace factor (1 without factors)."""
         f = factors or {}
-        return max(self.steps[StepKey(phase, b, keys, 1 if phase == "decode" else self.slices[b])] * f.get(phase, 1.0)
-                   for b in self.buckets for phase in ("decode", "mixed"))
+        decode = max(self.steps[StepKey("decode", b, keys, 1)] * f.get("decode", 1.0) for b in self.buckets)
+        mixed = max(self.steps[StepKey("mixed", b, keys, self.slices[b])] * f.get("mixed", 1.0) for b in self.buckets)
+        return decode, mixed
+
+    def cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
+        """The longest tick any batch may run at key bucket `keys` (the pipelined engine's
+        tick, and the TPOT in company at join share 1): the longest decode or mixed step of
+        any bucket there. A stream promised it keeps its pace whoever joins later (a cadence
+        per bucket, re-chosen as the batch grew, broke it: measured ITL p99/p50 1.50 at 2
+        req/s)."""
+        return max(self._longest(keys, factors))
 
     def company_cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The TPOT promised in company at key bucket `keys` by serve's default join share:
         the longest decode step of any bucket and JOIN_SHARE of what the longest mixed step
-        takes past it, each times its phase's pace factor (scheduler/ticks.company_cadence;
-        `cadence_s` is the longest of either, the pipelined engine's tick)."""
-        f = factors or {}
-        decode = max(self.steps[StepKey("decode", b, keys, 1)] * f.get("decode", 1.0) for b in self.buckets)
-        mixed = max(self.steps[StepKey("mixed", b, keys, self.slices[b])] * f.get("mixed", 1.0) for b in self.buckets)
-        return company_cadence(decode, mixed)
+        takes past it (scheduler/ticks.company_cadence)."""
+        return company_cadence(*self._longest(keys, factors))
 
     def lone_cadence_s(self, keys: int, factors: dict[str, float] | None = None) -> float:
         """The TPOT promised at key bucket `keys` to a request that arrives alone: its own

@@ -324,7 +324,7 @@ class TickScheduler:
             # A tick now may spend the seq's banked slack; a decode tick to come may not: it is
             # every tick from then on (a joiner's batch), and each must keep the cadence.
             room = seq.cadence_s + max(0.0, seq.slack_s) - seq.gap_s if started else seq.cadence_s
-            if seq.cadence_s > 0 and sum(map(seq.ticks or self.tick_s, keys)) > room * CADENCE_ULP:
+            if seq.cadence_s > 0 and sum(self.tick_for(seq, key) for key in keys) > room * CADENCE_ULP:
                 return False
         return True
 
