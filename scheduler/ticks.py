@@ -338,8 +338,16 @@ class TickScheduler:
         skipped at once) into the slack of every running seq past its first token: each tick
         adds to its gap, and each token it samples banks its cadence less the gap."""
         rows = {id(s) for i, s in enumerate(plan.rows) if not plan.is_slice(i)}
+        gates = {s.group for s in self.running if s.group >= 0 and not s.decoding}  # as `schedule` saw them
         for seq in self.running:
             if seq.cadence_s <= 0 or seq.generated < 1:
+                continue
+            if seq.group in gates and seq.generated <= 1:
+                # Held back by its group (`schedule`): its next token is promised a cadence after
+                # the group's prompts are in (simulate.promise_group), so the hold is no gap in its
+                # stream. Booked as one, a held member's slack went below zero by the group's prefill
+                # ticks and stayed there for ~24 ticks, and no prompt could go in beside the group
+                # until it ended: a burst's three stragglers waited 0.9-1.1 s for their first tokens.
                 continue
             tick = self.tick_for(seq, plan.key)
             if id(seq) in rows:  # it samples on each of them

@@ -277,6 +277,37 @@ def test_a_prompt_goes_in_beside_a_stream_once_its_banked_slack_covers_the_mixed
     assert all(end <= (k + 1) * running.cadence_s + 1e-12 for k, end in enumerate(ends))
 
 
+def test_a_group_member_held_for_its_group_banks_no_gap_and_a_later_prompt_goes_in_beside_the_group():
+    """An arrival group's members that got their first tokens in its first prefill tick are
+    held while the others' prompts go in (their next token is promised a cadence after that,
+    scheduler/simulate.promise_group): the hold is no gap in their streams. Booked as one,
+    their slack went below zero by the group's prefill ticks and no prompt could go in
+    beside the group until it ended (a burst's stragglers, 0.9-1.1 s for a first token)."""
+    times = {DECODE: 0.010, MIXED: 0.020, PREFILL: 0.030}
+    sched = TickScheduler(max_slots=4, max_context=1024, chunk=8, buckets=(1, 2, 4), slices={1: 4, 2: 4, 4: 4},
+                          tick_s=lambda key: times[key.phase], join_share=0.5)
+    group = [Seq(i, prompt_len=4, max_tokens=40, cadence_s=0.015, group=0) for i in range(3)]
+    for seq in group:
+        sched.add(seq)
+    plan = sched.schedule()  # two prompts of 4 fill the chunk: the third waits a tick
+    assert plan.phase == PREFILL and [s.seq_id for s in plan.rows] == [0, 1]
+    sched.update(plan)
+    plan = sched.schedule()
+    assert plan.phase == PREFILL and [s.seq_id for s in plan.rows] == [2]  # 0 and 1 held
+    sched.update(plan)
+    assert all(s.slack_s == 0.0 and s.gap_s == 0.0 for s in group)
+    straggler = Seq(3, prompt_len=4, max_tokens=5, cadence_s=0.015)
+    sched.add(straggler)
+    phases = []
+    while not straggler.generated:
+        plan = sched.schedule()
+        phases.append(plan.phase)
+        sched.update(plan)
+        assert all(s.slack_s >= -1e-12 for s in group)  # never past a promise
+    # Decode ticks bank 5 ms each, a mixed tick (20 ms) needs 5 past the 15 ms cadence: one.
+    assert phases == [DECODE, MIXED]
+
+
 def test_join_share_must_lie_in_zero_to_one():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="join_share"):
