@@ -111,6 +111,7 @@ def run(args, program: ProgramView, rate: float | None) -> tuple[dict, list[Requ
                                           window_s=0.0 if args.throughput else args.admission_window_ms / 1e3,
                                           tail_s=None if args.throughput or not tails else tails.get,
                                           cold_s=0.0 if args.throughput else pace.cold_s,
+                                          lead_s=0.0 if args.throughput or not args.start_lead_quantile else pace.lead_s,
                                           late_s=late if first or later else None,
                                           window_grace_s=0.0 if args.throughput else args.window_grace_ms / 1e3)
     records = _records(results)

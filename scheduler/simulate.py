@@ -45,6 +45,9 @@ def paced_ticks(view: ProgramView, factors: dict[str, float]) -> dict[StepKey, f
 # in the burst, 245 against 200 at c=8, p99 273 against 227 (docs/architecture.md,
 # "Arrival groups").
 WINDOW_GRACE_S = 0.0
+# The quantile of the last streams' start lateness that every promise adds as a lead
+# (server/core/engine.py, START_TOKENS, where it is measured; `serve --start-lead-quantile`).
+START_LEAD_QUANTILE = 0.95
 # A promise made after the engine sat idle this long (seconds, waiting for work) ...
 COLD_IDLE_S = 0.25
 # ... or within this long after the first tick that followed such a spell, adds the cold
@@ -70,12 +73,14 @@ class Pace:
     slice tokens -> the factor of that shape's ticks once it has samples of its own (else
     the prefill factor); tail: the prefill ticks' factor at the tail quantile (a first
     token's promise adds the longest tail of the prefill ticks before it), None: no tails;
-    cold_s: seconds a promise made after an idle spell adds (COLD_IDLE_S)."""
+    cold_s: seconds a promise made after an idle spell adds (COLD_IDLE_S); lead_s: seconds
+    every promise adds, the lead a stream's first tokens need (the engine's `start_lead_s`)."""
 
     factors: dict[str, float]
     shapes: dict[int, float] = field(default_factory=dict)
     tail: float | None = None
     cold_s: float = 0.0
+    lead_s: float = 0.0
 
     def tables(self, view: ProgramView) -> tuple[dict[StepKey, float], dict[StepKey, float]]:
         """(tick seconds, tail seconds) per step shape; tails only for prefill shapes."""
@@ -89,7 +94,7 @@ class Pace:
 
     def to_json(self) -> dict:
         return {"factors": dict(self.factors), "shapes": {str(n): f for n, f in self.shapes.items()},
-                "tail": self.tail, "cold_s": self.cold_s}
+                "tail": self.tail, "cold_s": self.cold_s, "lead_s": self.lead_s}
 
     @classmethod
     def from_json(cls, data: dict) -> "Pace":
@@ -104,12 +109,15 @@ class Pace:
                 tail = data.get("tail")
                 pace = cls({str(k): float(v) for k, v in data["factors"].items()},
                            {int(n): float(f) for n, f in (data.get("shapes") or {}).items()},
-                           None if tail is None else float(tail), float(data.get("cold_s") or 0.0))
+                           None if tail is None else float(tail), float(data.get("cold_s") or 0.0),
+                           float(data.get("lead_s") or 0.0))
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a pace: {exc}") from None
         factors = [*pace.factors.values(), *pace.shapes.values(), *([] if pace.tail is None else [pace.tail])]
-        if not pace.factors or not all(0 < f < math.inf for f in factors) or not 0 <= pace.cold_s < math.inf:
-            raise ValueError(f"pace factors must be finite and > 0, the cold allowance finite and >= 0: {data}")
+        if (not pace.factors or not all(0 < f < math.inf for f in factors)
+                or not all(0 <= s < math.inf for s in (pace.cold_s, pace.lead_s))):
+            raise ValueError(f"pace factors must be finite and > 0, the cold allowance and the lead finite and "
+                             f">= 0: {data}")
         return pace
 
 
@@ -376,6 +384,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                   concurrency: int = 0, jumps: bool = True, window_s: float = 0.0,
                   tail_s: Callable[[StepKey], float] | None = None,
                   cold_s: float = 0.0,
+                  lead_s: float = 0.0,
                   late_s: Callable[[int], float] | None = None,
                   window_grace_s: float = 0.0) -> tuple[list[SimResult], float]:
     """A discrete-event run of the tick scheduler: the same ticks the engine would run for
@@ -400,7 +409,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
 
     `tail_s` and `cold_s`: the prefill tails and the cold allowance the engine's promises
     add (`Pace`): a promise made while the simulated engine is cold (idle COLD_IDLE_S, or
-    within COLD_WINDOW_S of the first tick after that) adds `cold_s`, as the engine's.
+    within COLD_WINDOW_S of the first tick after that) adds `cold_s`, as the engine's; every
+    promise adds `lead_s` (the engine's `start_lead_s`: the lead its streams' first tokens need).
     `late_s(k)`: a draw of how late (seconds) promised token k (0: the first) leaves after its
     time, for each one handed out (serve's record of its own: the front end's timers and
     writes share the cores with the steps), so what a client sees is the promise plus that
@@ -426,8 +436,8 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     free_during = len(sched.free_slots)  # the free slots while the last tick ran (TickScheduler.full)
 
     def cold(at: float) -> float:
-        """The engine's `cold_s`: the allowance a promise made at `at` adds."""
-        return cold_s if promised_cold(at, cold_until, sched.idle(), last_end) else 0.0
+        """The engine's `cold_s` and its start lead: what a promise made at `at` adds."""
+        return lead_s + (cold_s if promised_cold(at, cold_until, sched.idle(), last_end) else 0.0)
 
     def close(at: float, in_flight: TickPlan | None = None) -> None:
         """Promises the open window's group (the engine's `close_window`); `in_flight`: the

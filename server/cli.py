@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scheduler.fleet import POLICIES
 from scheduler.simulate import WINDOW_GRACE_S
+from scheduler.simulate import START_LEAD_QUANTILE
 from scheduler.ticks import JOIN_SHARE
 from server.core.affinity import CORE_NICE
 from server.programs import AUTO_COMPILED_HELP, COMPILED_CHOICES, add_program_args, compile_program
@@ -126,12 +127,13 @@ MAX_WINDOW_MS = 1000.0  # --admission-window-ms: a window delays promises; a sec
 
 def check_promise_flags(args) -> None:
     """Raises SpecError naming `--admission-window-ms` or `--window-grace-ms` outside
-    0..MAX_WINDOW_MS, or `--join-share` outside 0..1 (NaN fails them too): serve and
+    0..MAX_WINDOW_MS, or `--join-share` or `--start-lead-quantile` outside 0..1 (NaN fails them too): serve and
     simulate take the same flags."""
     from scheduler.errors import SpecError
 
-    if not 0 <= args.join_share <= 1:
-        raise SpecError(f"--join-share must be in 0..1, got {args.join_share}")
+    for flag in ("join_share", "start_lead_quantile"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise SpecError(f"--{flag.replace('_', '-')} must be in 0..1, got {getattr(args, flag)}")
 
     for flag in ("admission_window_ms", "window_grace_ms"):
         if not 0 <= getattr(args, flag) <= MAX_WINDOW_MS:
@@ -156,6 +158,13 @@ def add_serving_args(p) -> None:
     p.add_argument("--guard-band-pct", type=float, default=None,
                    help="and this percentage of the tick's predicted step time, until the measured steps "
                         "re-pace the ticks (default: the step jitter measured at start, 10-30%%)")
+    p.add_argument("--pace-margin-pct", type=float, default=None,
+                   help="the margin over the served steps' quantile (--pace-quantile) once a phase paces from "
+                        "its own ticks, percent (default: 10, or --guard-band-pct when given)")
+    p.add_argument("--start-lead-quantile", type=float, default=START_LEAD_QUANTILE,
+                   help="every promise adds this quantile (0..1) of how late the last 64 streams' first 8 "
+                        "tokens would have been made without it: a stream's first tokens have no lead of "
+                        "their own; 0: none (default %(default)s)")
     p.add_argument("--join-share", type=float, default=JOIN_SHARE,
                    help="the share (0..1) of a mixed tick's excess over the decode tick that a stream in "
                         "company is promised on every token: 1 promises the longest tick; below it a prompt "

@@ -22,9 +22,13 @@ class ServeConfig:
     time_scale: float = 0.0  # 0: measured at start (simulated pools; real ones only if slower than predicted)
     guard_band_s: float = EngineConfig.guard_band_s
     guard_band_frac: float | None = None  # None: from the step jitter measured at start (server/core/build.py)
+    # The margin over the served steps' quantile once a phase paces from its own ticks (None:
+    # server/core/build.MIN_GUARD when the band is measured at start, else the band given).
+    pace_margin: float | None = None
     adaptive_pacing: bool = EngineConfig.adaptive_pacing
     alone_own_step: bool = EngineConfig.alone_own_step
     join_share: float = EngineConfig.join_share
+    start_lead_quantile: float = EngineConfig.start_lead_quantile
     admission_window_s: float = EngineConfig.admission_window_s
     window_grace_s: float = EngineConfig.window_grace_s
     pace_quantile: float = EngineConfig.pace_quantile

@@ -63,6 +63,8 @@ def _validate(args) -> None:
         raise SpecError("--time-scale, --guard-band-ms, --guard-band-pct, --grace-s and --duration-s must be >= 0")
     if args.guard_band_ms is not None and not 0 <= args.guard_band_ms <= MAX_GUARD_MS:  # NaN fails it too
         raise SpecError(f"--guard-band-ms must be in 0..{MAX_GUARD_MS:g}, got {args.guard_band_ms}")
+    if args.pace_margin_pct is not None and not 0 <= args.pace_margin_pct <= 100:  # NaN fails it too
+        raise SpecError(f"--pace-margin-pct must be in 0..100, got {args.pace_margin_pct}")
     if not 0 <= args.send_wait_ms <= MAX_SEND_WAIT_MS:  # NaN fails it too
         raise SpecError(f"--send-wait-ms must be in 0..{MAX_SEND_WAIT_MS:g}, got {args.send_wait_ms}")
     from server.cli import check_promise_flags
@@ -123,8 +125,9 @@ def build_config(args, meanwhile=None) -> tuple[ServeConfig, scheduler.Program]:
                          core_cpus=args.core_cpus, core_nice=args.core_nice, tick_log=args.tick_log,
                          deterministic=not args.throughput, time_scale=args.time_scale,
                          guard_band_s=guard_band_s(args), send_wait_s=args.send_wait_ms / 1e3, guard_band_frac=None if args.guard_band_pct is None else args.guard_band_pct / 100,
+                         pace_margin=None if args.pace_margin_pct is None else args.pace_margin_pct / 100,
                          adaptive_pacing=not args.fixed_pacing, alone_own_step=args.alone_tpot == "own",
-                         join_share=args.join_share,
+                         join_share=args.join_share, start_lead_quantile=args.start_lead_quantile,
                          admission_window_s=args.admission_window_ms / 1e3,
                          window_grace_s=args.window_grace_ms / 1e3, pace_quantile=args.pace_quantile,
                          prefill_quantile=args.prefill_quantile, prefill_tail_once=args.prefill_tails == "one",

@@ -145,10 +145,12 @@ def build_engine(config: ServeConfig, program: ProgramView, metrics=None) -> tup
         # build their oneDNN primitives (the demo's first prefill tick overran).
         prefill_scale = 0.0 if cfg.time_scale else max(1.0, measure_steps(executor, program, keys[:1], ("prefill",),
                                                                           3, warmup=2)[0])
+    if cfg.pace_margin is not None:  # `serve --pace-margin-pct`
+        margin = cfg.pace_margin
     engine_config = EngineConfig(deterministic=cfg.deterministic, time_scale=scale, guard_band_s=cfg.guard_band_s,
                                  max_queue=cfg.max_queue, guard_band_frac=guard,
                                  adaptive_pacing=cfg.adaptive_pacing, alone_own_step=cfg.alone_own_step,
-                                 join_share=cfg.join_share,
+                                 join_share=cfg.join_share, start_lead_quantile=cfg.start_lead_quantile,
                                  admission_window_s=cfg.admission_window_s,
                                  window_grace_s=cfg.window_grace_s, pace_quantile=cfg.pace_quantile,
                                  prefill_quantile=cfg.prefill_quantile, prefill_tail_once=cfg.prefill_tail_once,

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.program import ProgramView
-from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, WINDOW_GRACE_S, ArrivalWindow, Pace, predict_arrival,
-                                promise_group, promised_cold)
+from scheduler.simulate import (COLD_IDLE_S, COLD_WINDOW_S, START_LEAD_QUANTILE, WINDOW_GRACE_S, ArrivalWindow,
+                                Pace, predict_arrival, promise_group, promised_cold)
 from scheduler.ticks import DECODE, JOIN_SHARE, MIXED, PREFILL, Seq, StepKey, TickPlan, queue_is_full, slice_shape
 from server.core.pacing import Pacer
 from server.runtime.sampling import SamplingParams
@@ -93,6 +93,30 @@ SHAPE_SAMPLES = 4
 # step in 110 ms against 33.5 paced, and its 8 streams came late for 10 ticks, 7.9-8.6% of
 # the load's ticks (bench/peer_vllm.py; docs/architecture.md, "Where it falls short").
 COLD_SPELLS = 16
+# ... once COLD_MIN spells are measured: the median of one or two is their worst, and a
+# promise made with it idles the engine until it is due, so the next wave comes cold too
+# and the allowance holds itself up. Measured: a 4 s host stall in a fresh server's warm-up
+# (decode steps up to 660 ms) became a 650 ms allowance, and every c=8 wave and burst after
+# it was promised 760-860 ms while its first tokens were made by 36-185 (bench/peer_vllm.py,
+# out/s23-lead2; BENCHMARKS.md, "Twenty-third session").
+COLD_MIN = 3
+# A stream's first tokens have no lead: the first is made at its promise's prefill tick,
+# and the decode ticks after it build the lead that absorbs a slow step later on. Measured
+# (three tick logs of bench/peer_vllm.py's and bench/promise_misses.py's loads, made time
+# against promised time by token index): 10.8-16.7% of the first two tokens of a stream
+# were made late, by up to 17 and 37 ms, 1-10% of tokens 2-5, and none or ~1% from the
+# eighth on, at the pace's 95th percentile or its 80th. So every promise adds a start lead
+# (`Engine.start_lead_s`): the `start_lead_quantile` of how late the last START_SAMPLES
+# streams' first START_TOKENS tokens would have been made without it (their worst, each; 0
+# if none was late), once START_MIN streams have been measured; a stream promised cold
+# (COLD_IDLE_S) is the cold allowance's, not counted (with it, a fresh server's first
+# stream, 33-39 ms late at its second token, set a 33 ms lead on every c=1 request: TTFT p50
+# 61 ms against 31). A first token then comes that much later, and every token after it
+# keeps the stream's cadence.
+START_TOKENS = 8
+START_SAMPLES = 64
+START_MIN = 8
+LEAD_TOLERANCE_S = 0.0005  # a lead that moved less stays: requests a moment apart get the same one
 # Prefill ticks are few (one in 33 at c=1): they re-estimate from 16 of their own, every
 # 16, not 128 every 64. With 128, a start-up measured in a slow minute (prefill scale
 # 1.8-2.8 on this host, where served steps ran at 1.1-1.3x) held every first token late
@@ -157,6 +181,9 @@ class EngineConfig:
     # --join-share`): 1.0 promises the longest tick; below it prompts go in beside streams
     # as their banked slack allows. docs/architecture.md, "Joins paid from slack".
     join_share: float = JOIN_SHARE
+    # The quantile of the last streams' start lateness every promise adds as a lead (START_TOKENS;
+    # `serve --start-lead-quantile`); 0: none.
+    start_lead_quantile: float = START_LEAD_QUANTILE
     # A request that finds nothing running or waiting (earlier streams may still be handed
     # out) opens an admission window this long, seconds: those arriving within it join its
     # arrival group and all are promised together when it closes (at this bound, or when
@@ -216,6 +243,9 @@ class Request:
     made_s: list[float] = field(default_factory=list)  # perf_counter s each token was sampled (tick log on)
     # Each phase's pace factor when it was queued (the tick log's record of what its promise was made at).
     factors: dict[str, float] = field(default_factory=dict)
+    lead_s: float = 0.0  # the start lead its promise includes (Engine.start_lead_s)
+    cold: bool = False  # promised cold (COLD_IDLE_S): its start is the cold allowance's to cover, not the lead's
+    start_late_s: float = -math.inf  # its worst token of the first START_TOKENS against its promise less the lead
 
     def promise(self, ttft_s: float, e2e_s: float) -> None:
         """Records what admission promised: first token and last token, seconds from arrival."""
@@ -229,6 +259,7 @@ class Request:
 
 class Engine:
     prefill_tail = True  # prefill ticks at their median + one tick's tail per first token (PREFILL_TICK_QUANTILE)
+    start_lead = True  # promises add the lead the last streams' first tokens needed (START_TOKENS)
 
     def __init__(self, executor, program: ProgramView, config: EngineConfig = EngineConfig(), metrics=None):
         self.executor = executor
@@ -267,6 +298,9 @@ class Engine:
         self._shapes: dict[int, Pacer] = {}
         self._ticks: dict[StepKey, float] = {}  # wall seconds per tick shape, at the pace now
         self._cold_spells: collections.deque = collections.deque(maxlen=COLD_SPELLS)  # each past spell's excess, s
+        self._start_lates: collections.deque = collections.deque(maxlen=START_SAMPLES)  # each stream's, s (>= 0)
+        self._lead_s = 0.0  # the start lead promises add now (`start_lead_s`)
+        self._leads = self.start_lead and config.deterministic and config.start_lead_quantile > 0
         # The pace the metrics were last told (`_report_pace`); None while the engine is built:
         # the factors go with the ready message (its tails are 0 then, the cold allowance too).
         self._reported: Pace | None = None
@@ -339,12 +373,35 @@ class Engine:
         the phases' factors, the prefill shapes paced from their own ticks, the tail's
         factor and the cold allowance."""
         shapes = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
-        return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, self._cold_allowance())
+        return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, self._cold_allowance(),
+                    self._lead_s)
+
+    def start_lead_s(self) -> float:
+        """Seconds every promise adds now: the `start_lead_quantile` of how late the last
+        START_SAMPLES streams' first START_TOKENS tokens would have been made without a lead
+        (Pace.lead_s); 0 before START_MIN of them, in throughput mode, or when off."""
+        return self._lead_s
+
+    def _measure_start(self, r: Request, now: float) -> None:
+        """Books token len(r.out) - 1, made at `now`, into its stream's start lateness; the
+        stream's worst goes into the lead once its first START_TOKENS tokens are made."""
+        k = len(r.out) - 1
+        r.start_late_s = max(r.start_late_s, now - (r.due_s(k) - r.lead_s))
+        if k + 1 < min(START_TOKENS, r.max_tokens):
+            return
+        self._start_lates.append(max(0.0, r.start_late_s))
+        if len(self._start_lates) >= START_MIN:
+            lates = sorted(self._start_lates)
+            lead = lates[min(len(lates) - 1, int(self.config.start_lead_quantile * len(lates)))]
+            if abs(lead - self._lead_s) > LEAD_TOLERANCE_S:  # noise does not move every promise
+                self._lead_s = lead
+                self._report_pace()
 
     def _cold_allowance(self) -> float:
         """What a promise made cold adds (`cold_s`, Pace.cold_s): the median of the last
-        COLD_SPELLS spells' excess; 0 in throughput mode or before any spell."""
-        return statistics.median(self._cold_spells) if self.config.deterministic and self._cold_spells else 0.0
+        COLD_SPELLS spells' excess; 0 in throughput mode or before COLD_MIN spells."""
+        spells = self._cold_spells
+        return statistics.median(spells) if self.config.deterministic and len(spells) >= COLD_MIN else 0.0
 
     def _repace(self) -> None:
         pace = self.pace()
@@ -375,15 +432,19 @@ class Engine:
         plan, began = in_flight or (None, now)
         ttft, e2e = predict_arrival(snapshot, prompt_len, max_tokens, ticks.__getitem__, clone=False, in_flight=plan,
                                     elapsed_s=time.perf_counter() - began, tail_s=tail)
-        return ttft + cold, e2e + cold
+        lead = self._lead_s
+        return ttft + cold + lead, e2e + cold + lead
 
     def cold_s(self, now: float) -> float:
         """Under the lock: seconds a promise made at `now` adds for a start after an idle
         spell (COLD_IDLE_S): the median over the last COLD_SPELLS spells of how far their cold
         ticks ran past their pace; 0 while the engine is warm, in throughput mode, or before
         any spell."""
-        cold = promised_cold(now, self._cold_until, self.sched.idle(), self._last_tick_end)
-        return self._cold_allowance() if cold else 0.0
+        return self._cold_allowance() if self._promised_cold(now) else 0.0
+
+    def _promised_cold(self, now: float) -> bool:
+        """Under the lock: whether a promise made at `now` is made cold (`promised_cold`)."""
+        return promised_cold(now, self._cold_until, self.sched.idle(), self._last_tick_end)
 
     def predict_placed(self, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
         """`predict`, and where the request would go (a pipelined engine's row group; 0 here)."""
@@ -413,6 +474,10 @@ class Engine:
             seq = Seq(next(self._ids), len(request.prompt), request.max_tokens, request.stop_ids,
                       cadence_s=request.predicted_tpot_s if self.config.deterministic else 0.0,
                       ticks=self._ticks.__getitem__)  # the pace its promise was made at
+            # What `predict` added, unless the lead moved in between (then this one stream's start is
+            # measured against the newer lead: off by at most that move, once).
+            request.lead_s = self._lead_s
+            request.cold = self._promised_cold(time.perf_counter())  # before it is queued: idle or not
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             if self.tick_log is not None:
@@ -478,10 +543,13 @@ class Engine:
             promises = promise_group(snapshot, [r.seq for r in live], ticks.__getitem__, alone, in_flight=plan,
                                      elapsed_s=now - began, tail_s=tails.get if tails else None,
                                      ended=ended and plan is not None)
-            cold = self.cold_s(now)
+            cold, lead = self.cold_s(now), self._lead_s
+            promised_cold = self._promised_cold(now)
             for r in live:
                 ttft, cadence = promises[r.seq.seq_id]
-                offset = now - r.arrival_s + cold  # promises count from each one's arrival (+ a cold start's allowance)
+                r.lead_s, r.cold = lead, promised_cold
+                # Promises count from each one's arrival (+ a cold start's allowance, + the start lead).
+                offset = now - r.arrival_s + cold + lead
                 r.promise(offset + ttft, offset + ttft + (r.max_tokens - 1) * cadence)
                 r.seq.cadence_s, r.seq.ticks = r.predicted_tpot_s, ticks.__getitem__
                 if self.tick_log is not None:
@@ -846,6 +914,8 @@ class Engine:
         if self.tick_log is not None:  # only the tick log reads them
             r.made_s.append(now)
         r.out.append(token)
+        if self._leads and r.predicted_ttft_s > 0 and not r.cold and len(r.out) <= START_TOKENS:
+            self._measure_start(r, now)
         r.emit(token, self.ticks, now)
 
     def _finish(self, r: Request, reason: str, message: str = "") -> None:

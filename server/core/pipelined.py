@@ -38,6 +38,7 @@ class PipelinedEngine(Engine):
     # Its turns and predictions come from scheduler/pipeline.py's tables, which know no
     # first-token tail: prefill ticks keep the `prefill_quantile` pace, as before.
     prefill_tail = False
+    start_lead = False  # its promises are the pipe's (`predict_placed`), with no start lead
 
     def __init__(self, executor, program, config: EngineConfig = EngineConfig(), metrics=None, groups: int = 2):
         if not config.deterministic:

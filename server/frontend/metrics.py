@@ -198,6 +198,9 @@ class Metrics:
                                 ["phase"], registry=r)
         self._cold = Gauge("lockstep_cold_allowance_seconds",
                            "What a promise made after an idle spell adds to its first token", registry=r)
+        self._lead = Gauge("lockstep_start_lead_seconds",
+                           "What every promise adds to its first token: the lead a stream's first tokens need",
+                           registry=r)
 
         # Totals.
         self._prompt_tokens = Counter("lockstep_prompt_tokens_total", "Prompt tokens admitted", request, registry=r)
@@ -306,6 +309,7 @@ class Metrics:
         are the pace gauges' (set_pace), its cold allowance a gauge of its own."""
         self.pace_state = state
         self._cold.set(state.get("cold_s") or 0.0)
+        self._lead.set(state.get("lead_s") or 0.0)
 
     def set_pace(self, phase: str, factor: float, repaced: bool = False) -> None:
         if phase not in PHASES:

@@ -56,6 +56,7 @@ def test_a_sweep_writes_a_capacity_curve(tmp_path):
     *[([f"--{flag}={v}"], f"--{flag} must be in 0..1000") for flag in ("admission-window-ms", "window-grace-ms")
       for v in ("-1", "nan", "inf")],
     *[([f"--join-share={v}"], "--join-share must be in 0..1") for v in ("-0.1", "1.5", "nan")],
+    *[([f"--start-lead-quantile={v}"], "--start-lead-quantile must be in 0..1") for v in ("-0.1", "1.5", "nan")],
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
     out = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *ARGS, *extra, "--output", str(tmp_path)],

@@ -197,10 +197,11 @@ def test_closed_loop_promises_own_steps_to_one_client_and_company_to_several_aft
         assert cadences[0] == own and own not in cadences[clients:]
 
 
-def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
+def test_simulated_promises_add_the_engines_prefill_tails_cold_allowance_and_start_lead():
     """`lockstep simulate` promises what the engine would (scheduler/simulate.Pace): the
-    longest prefill tick's tail on every first token, and the cold allowance on promises
-    made after an idle spell (COLD_IDLE_S) or within COLD_WINDOW_S of its first tick."""
+    longest prefill tick's tail on every first token, the cold allowance on promises made
+    after an idle spell (COLD_IDLE_S) or within COLD_WINDOW_S of its first tick, and the
+    start lead on every promise."""
     from scheduler.simulate import COLD_IDLE_S, COLD_WINDOW_S, SimRequest, simulate_load
 
     def tail_s(key: StepKey) -> float:  # 1 ms per 32 keys: the 40-token prompt's ticks at 32, 32, 64
@@ -237,6 +238,15 @@ def test_simulated_promises_add_the_engines_prefill_tails_and_cold_allowance():
                             cold_s=cold, late_s=lambda k: 0.003 if k == 0 else 0.001)
     for r, on_time in zip(late, results):
         assert [x - y for x, y in zip(r.token_s, on_time.token_s)] == pytest.approx([0.003] + [0.001] * 4)
+    # The start lead (the engine's `start_lead_s`): on every promise, warm or cold, grouped or not.
+    lead = 0.007
+    led, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in arrivals], tick_s, tail_s=tail_s,
+                           cold_s=cold, lead_s=lead)
+    assert [r.promise[0] - p.promise[0] for r, p in zip(led, results)] == pytest.approx([lead] * 4)
+    assert all(r.token_s[0] == pytest.approx(r.arrival_s + r.promise[0]) for r in led)
+    led, _ = simulate_load(promising(), [SimRequest(40, 5, a) for a in (0.0, 0.001)], tick_s, window_s=0.5,
+                           tail_s=tail_s, cold_s=cold, lead_s=lead)
+    assert [r.promise[0] - p.promise[0] for r, p in zip(led, grouped)] == pytest.approx([lead] * 2)
 
 
 def test_an_arrival_within_the_grace_after_a_first_token_joins_its_window():
@@ -262,13 +272,14 @@ def test_an_arrival_within_the_grace_after_a_first_token_joins_its_window():
 def test_a_pace_round_trips_through_json_and_refuses_what_is_not_one():
     from scheduler.simulate import Pace
 
-    pace = Pace({"prefill": 1.2, "decode": 1.4, "mixed": 1.4}, {64: 1.1, 16: 1.3}, 1.6, 0.004)
+    pace = Pace({"prefill": 1.2, "decode": 1.4, "mixed": 1.4}, {64: 1.1, 16: 1.3}, 1.6, 0.004, 0.007)
     assert Pace.from_json(pace.to_json()) == pace
     assert Pace.from_json({"prefill": 1.2, "decode": 1.4}) == Pace({"prefill": 1.2, "decode": 1.4})  # an older record
     for bad in ([1.2], {}, {"factors": {}}, {"decode": "x"}, {"decode": float("nan")}, {"decode": -1.0},
                 {"decode": float("inf")}, {"factors": {"decode": 1.0}, "tail": 0.0},
                 {"factors": {"decode": 1.0}, "shapes": {"a": 1.0}}, {"factors": {"decode": 1.0}, "cold_s": -1e-9},
-                {"factors": {"decode": 1.0}, "cold_s": float("nan")}):
+                {"factors": {"decode": 1.0}, "cold_s": float("nan")},
+                *({"factors": {"decode": 1.0}, "lead_s": v} for v in (-1e-9, float("nan"), float("inf"), "x"))):
         with pytest.raises(ValueError):
             Pace.from_json(bad)
 

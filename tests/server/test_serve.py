@@ -109,6 +109,8 @@ def test_serve_in_ray_streams_then_drains_on_sigterm():
     *[([f"--{flag}={v}"], f"--{flag} must be in 0..1000") for flag in ("admission-window-ms", "window-grace-ms")
       for v in ("-1", "nan", "inf", "-inf", "1e9", "1000.5")],
     *[([f"--join-share={v}"], "--join-share must be in 0..1") for v in ("-0.1", "1.5", "nan", "inf", "-inf")],
+    *[([f"--start-lead-quantile={v}"], "--start-lead-quantile must be in 0..1") for v in ("-0.1", "1.5", "nan", "inf")],
+    *[([f"--pace-margin-pct={v}"], "--pace-margin-pct must be in 0..100") for v in ("-1", "100.5", "nan", "inf", "-inf")],
     (["--route", "random"], "--route: invalid choice"),
     (["--pipeline"], "--pipeline keeps steps of several row groups in the stage actors at once: it needs --executor ray"),
     (["--core-nice", "-1"], "--core-nice must be in 0..19"),

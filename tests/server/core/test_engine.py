@@ -602,8 +602,9 @@ def test_the_engine_tells_its_whole_pace_as_it_moves_and_times_ticks_from_it():
     chunk = TickPlan("prefill", 1, (), shape=VIEW.prefill_chunk)
     for i in range(16):
         engine._account(chunk, engine.sched, {}, VIEW.step_s(chunk.key) * (1.1 if i else 1.6), False, 0.0)
-    engine._account(TickPlan("decode", 1, ()), engine.sched, {}, 0.05, False, 0.0, cold=True)
-    engine._end_cold_spell()
+    for _ in range(3):  # COLD_MIN spells: one cold tick each
+        engine._account(TickPlan("decode", 1, ()), engine.sched, {}, 0.05, False, 0.0, cold=True)
+        engine._end_cold_spell()
     pace = Pace.from_json(metrics.pace_state)
     assert pace == engine.pace() and pace.shapes.keys() == {VIEW.prefill_chunk} and pace.tail > pace.shapes[
         VIEW.prefill_chunk] and pace.cold_s > 0
@@ -615,7 +616,8 @@ def test_the_engine_tells_its_whole_pace_as_it_moves_and_times_ticks_from_it():
 def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     """Ticks just after an idle spell run slow and are not paced from (COLD_IDLE_S); a
     request promised while the engine is cold gets the median of how far recent spells' ticks
-    ran past their pace, on its first token and so on every token; warm, nothing."""
+    ran past their pace (from COLD_MIN spells on), on its first token and so on every token;
+    warm, nothing."""
     import time
 
     from scheduler.ticks import TickPlan
@@ -630,6 +632,9 @@ def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     engine._account(plan, engine.sched, {}, paced, False, 0.0)  # a warm tick ends it
     engine._account(plan, engine.sched, {}, paced + 0.005, False, 0.0, cold=True)  # a milder one
     engine._end_cold_spell()
+    with engine._lock:  # two spells: fewer than COLD_MIN, no allowance yet
+        engine._last_tick_end = time.perf_counter() - 1.0
+        assert engine.cold_s(time.perf_counter()) == 0.0
     engine._cold_spells.append(0.040)  # and a worse one: the median of 5, 30 and 40 ms is 30
     now = time.perf_counter()
     engine._last_tick_end = now - 1.0  # idle for a second
@@ -642,7 +647,7 @@ def test_a_promise_made_cold_adds_the_median_recent_cold_spell():
     ttft, e2e = engine.predict(8, 4)
     assert cold_ttft - ttft == pytest.approx(0.030, abs=1e-6) and cold_e2e - e2e == pytest.approx(0.030, abs=1e-6)
     fast = Engine(None, VIEW, replace(EXACT, deterministic=False))  # throughput mode promises no cold start
-    fast._cold_spells.append(0.030)
+    fast._cold_spells.extend([0.030] * 3)
     with fast._lock:
         assert fast.cold_s(time.perf_counter() + 1.0) == 0.0
 
@@ -663,3 +668,46 @@ def test_a_burst_finds_every_slot_and_the_queue_before_it_is_refused():
     assert "queue full (3 waiting)" in engine.queue_full()
     with pytest.raises(OverflowError, match="queue full"):
         engine.submit(Request("over", list(range(8)), 4, GREEDY, frozenset(), lambda *a: None))
+
+
+def test_every_promise_adds_the_lead_the_last_streams_first_tokens_needed():
+    """A stream's first tokens have no lead (START_TOKENS): each stream's worst lateness over
+    them, against its promise less the lead it got, is measured; from START_MIN streams on,
+    every promise (`predict`, and so every token's time) adds their `start_lead_quantile`,
+    told to the metrics with the pace. Early streams count as 0, streams promised cold not
+    at all; off (quantile 0) or in throughput mode, no lead."""
+    from scheduler.simulate import Pace
+    from server.core.engine import START_MIN, START_TOKENS, Request
+    from server.frontend.metrics import Metrics
+    from server.runtime.sampling import GREEDY
+
+    def stream(engine, late_s, cold=False):
+        """A stream promised now, its first START_TOKENS tokens made `late_s` past their times
+        (the worst of them; the others on time)."""
+        r = Request("s", [1, 2, 3], START_TOKENS, GREEDY, frozenset(), lambda *a: None)
+        ttft, e2e = engine.predict(3, START_TOKENS)
+        r.promise(ttft, e2e)
+        r.lead_s, r.cold = engine.start_lead_s(), cold
+        for k in range(START_TOKENS):
+            engine._emit(r, 7, r.due_s(k) + (late_s if k == 1 else 0.0) - r.lead_s)
+
+    metrics = Metrics("tiny")
+    engine = Engine(None, VIEW, replace(EXACT, admission_window_s=0.0), metrics=metrics)
+    ttft0, e2e0 = engine.predict(3, START_TOKENS)
+    stream(engine, -0.050)  # early: counts as 0
+    stream(engine, 0.500, cold=True)  # promised cold: the cold allowance's to cover, not counted
+    for i in range(1, START_MIN - 1):
+        stream(engine, i * 1e-3)
+        assert engine.start_lead_s() == 0.0  # fewer than START_MIN streams measured
+    stream(engine, 0.020)  # the eighth: the 95th percentile of 0, 1..6 and 20 ms is the 20
+    assert START_MIN == 8 and engine.start_lead_s() == pytest.approx(0.020, abs=1e-6)
+    ttft, e2e = engine.predict(3, START_TOKENS)
+    assert ttft - ttft0 == pytest.approx(0.020, abs=1e-6) and e2e - e2e0 == pytest.approx(0.020, abs=1e-6)
+    assert Pace.from_json(metrics.pace_state).lead_s == pytest.approx(0.020, abs=1e-6) == engine.pace().lead_s
+    stream(engine, 0.020)  # measured against its promise less its lead: late by 20 ms again, not by 0
+    assert engine.start_lead_s() == pytest.approx(0.020, abs=1e-6)
+    for config in (replace(EXACT, start_lead_quantile=0.0), replace(EXACT, deterministic=False)):
+        other = Engine(None, VIEW, replace(config, admission_window_s=0.0))
+        for _ in range(START_MIN + 1):
+            stream(other, 0.020)
+        assert other.start_lead_s() == 0.0
