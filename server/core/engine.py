@@ -906,7 +906,8 @@ class Engine:
             "request": r.seq.seq_id, "id": r.request_id, "arrival_ms": round((r.arrival_s - self._t0) * 1e3, 3),
             "prompt": len(r.prompt), "max_tokens": r.max_tokens, "reason": reason,
             "ttft_ms": round(r.predicted_ttft_s * 1e3, 3), "tpot_ms": round(r.predicted_tpot_s * 1e3, 3),
-            "factors": {p: round(f, 4) for p, f in r.factors.items()},
+            "factors": {p: round(f, 4) for p, f in r.factors.items()}, "lead_ms": round(r.lead_s * 1e3, 3),
+            "cold": r.cold,
             "made_ms": [round((t - r.arrival_s) * 1e3, 3) for t in r.made_s]}) + "\n")
 
     def _emit(self, r: Request, token: int, now: float) -> None:

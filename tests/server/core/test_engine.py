@@ -231,6 +231,7 @@ def test_the_tick_log_records_every_tick_and_each_request_beside_its_promise(tmp
     assert logged["request"] == r.seq.seq_id and logged["reason"] == "length" and logged["max_tokens"] == 6
     assert logged["ttft_ms"] == pytest.approx(50.0) and logged["tpot_ms"] == pytest.approx(30.0)
     assert set(logged["factors"]) == {"prefill", "decode", "mixed"}
+    assert logged["lead_ms"] == pytest.approx(r.lead_s * 1e3, abs=1e-3) and logged["cold"] == r.cold
     assert logged["made_ms"] == [pytest.approx((t - r.arrival_s) * 1e3, abs=1e-3) for t in made]
     assert all(m <= logged["ttft_ms"] + k * logged["tpot_ms"] for k, m in enumerate(logged["made_ms"]))
     # A member of an admission window is promised when the window closes: its factors then.
