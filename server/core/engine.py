@@ -371,7 +371,7 @@ class Engine:
     def pace(self) -> Pace:
         """What every promise's tick times come from now (scheduler/simulate.py, `Pace`):
         the phases' factors, the prefill shapes paced from their own ticks, the tail's
-        factor and the cold allowance."""
+        factor, the cold allowance and the start lead."""
         shapes = {n: sp.factor for n, sp in self._shapes.items() if sp.samples >= sp.min_samples}
         return Pace(self.factors(), shapes, None if self._tail is None else self._tail.factor, self._cold_allowance(),
                     self._lead_s)
@@ -422,7 +422,8 @@ class Engine:
     def predict(self, prompt_len: int, max_tokens: int) -> tuple[float, float]:
         """(TTFT, end-to-end) in seconds for a request arriving now: the scheduler's
         current state run forward over the paced tick times, from what is left of the
-        tick in flight (a request arriving mid-tick is admitted at its end)."""
+        tick in flight (a request arriving mid-tick is admitted at its end), + the cold
+        allowance when cold and the start lead."""
         with self._lock:
             snapshot, in_flight = self.sched.clone(), self._in_flight
             now = time.perf_counter()
@@ -442,7 +443,7 @@ class Engine:
         """Under the lock: seconds a promise made at `now` adds for a start after an idle
         spell (COLD_IDLE_S): the median over the last COLD_SPELLS spells of how far their cold
         ticks ran past their pace; 0 while the engine is warm, in throughput mode, or before
-        any spell."""
+        COLD_MIN spells."""
         return self._cold_allowance() if self._promised_cold(now) else 0.0
 
     def _promised_cold(self, now: float) -> bool:
