@@ -422,7 +422,7 @@ def test_the_pace_serve_runs_at_is_recorded_for_simulate(tmp_path, monkeypatch):
         metrics.set_pace("decode", 2.0, repaced=True)  # the engine re-paced: the host got slower
         await asyncio.sleep(0.1)
         assert programs.recorded_pace(info["plan_hash"]) == Pace({**start, "decode": 2.0})
-        whole = Pace({**start, "decode": 2.0}, {64: 1.1}, 1.7, 0.012)
+        whole = Pace({**start, "decode": 2.0}, {64: 1.1}, 1.7, 0.012, 0.004)  # the start lead recorded too
         metrics.set_pace_state(whole.to_json())
         # How late tokens left past their promise (early counts as on time): first, later.
         for gap, late in ((None, 0.004), (0.02, -0.0003), (0.02, 0.0015), (None, 0.0)):

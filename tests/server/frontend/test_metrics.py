@@ -40,7 +40,7 @@ FAMILIES = {name: "histogram" for name in HISTOGRAMS} | {
         "lockstep_step_predicted_last_seconds", "lockstep_step_measured_last_seconds",
         "lockstep_requests_running", "lockstep_requests_waiting", "lockstep_kv_slots_used",
         "lockstep_kv_slots_total", "lockstep_time_scale", "lockstep_accepting_requests", "lockstep_engine_up",
-        "lockstep_pace_factor", "lockstep_cold_allowance_seconds",
+        "lockstep_pace_factor", "lockstep_cold_allowance_seconds", "lockstep_start_lead_seconds",
         "lockstep_server_info",
     )
 }  # fmt: skip
