@@ -481,7 +481,8 @@ class Engine:
             # What `predict` added, unless the lead moved in between (then this one stream's start is
             # measured against the newer lead: off by at most that move, once).
             request.lead_s = self._lead_s
-            request.cold = self._promised_cold(time.perf_counter())  # before it is queued: idle or not
+            # Before it is queued: idle or not (a pipelined engine has no one scheduler, nor a lead).
+            request.cold = self._leads and self._promised_cold(time.perf_counter())
             self._sched_for(request).add(seq)  # OverflowError when the queue is full
             request.seq = seq
             if self.tick_log is not None:
