@@ -112,7 +112,10 @@ COLD_MIN = 3
 # (COLD_IDLE_S) is the cold allowance's, not counted (with it, a fresh server's first
 # stream, 33-39 ms late at its second token, set a 33 ms lead on every c=1 request: TTFT p50
 # 61 ms against 31). A first token then comes that much later, and every token after it
-# keeps the stream's cadence.
+# keeps the stream's cadence. Most of the late starts above were cold streams: with them
+# apart, the lead was 0-3 ms in the session's last runs (a warm stream's start late by up
+# to 8 ms, rarely); cold streams' starts (c=8's first wave 14 ms late) are the cold
+# allowance's, which measures ticks, not their streams' tokens (docs/architecture.md).
 START_TOKENS = 8
 START_SAMPLES = 64
 START_MIN = 8
