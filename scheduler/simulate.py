@@ -435,7 +435,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
     last_end, cold_until = -math.inf, -math.inf  # the last tick's end; cold ticks start before cold_until
     free_during = len(sched.free_slots)  # the free slots while the last tick ran (TickScheduler.full)
 
-    def cold(at: float) -> float:
+    def added(at: float) -> float:
         """The engine's `cold_s` and its start lead: what a promise made at `at` adds."""
         return lead_s + (cold_s if promised_cold(at, cold_until, sched.idle(), last_end) else 0.0)
 
@@ -445,7 +445,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
         closes the window then, its tick still in flight: its tail is in the promise)."""
         nonlocal window
         members, alone, window = window.members, window.alone, None
-        allowance = cold(at)
+        allowance = added(at)
         elapsed = 0.0 if in_flight is None else tick_s(in_flight.key)
         for i, (ttft, cadence) in promise_group(sched, members, tick_s, alone, in_flight, elapsed,
                                                 tail_s=tail_s, ended=in_flight is not None).items():
@@ -481,7 +481,7 @@ def simulate_load(sched: TickScheduler, requests: list[SimRequest], tick_s: Call
                 in_flight += 1
                 return
             ttft, _ = predict_arrival(sched, r.prompt_len, r.max_tokens, tick_s, tail_s=tail_s)
-            ttft += cold(at)
+            ttft += added(at)
             seq.cadence_s = promise_cadence(sched, seq)
             promises[i] = (at + ttft, seq.cadence_s)
             delivery_ends[i] = at + ttft + (r.max_tokens - 1) * seq.cadence_s

@@ -338,11 +338,11 @@ class TickScheduler:
         skipped at once) into the slack of every running seq past its first token: each tick
         adds to its gap, and each token it samples banks its cadence less the gap."""
         rows = {id(s) for i, s in enumerate(plan.rows) if not plan.is_slice(i)}
-        gates = {s.group for s in self.running if s.group >= 0 and not s.decoding}  # as `schedule` saw them
+        gates = self._gates()  # as `schedule` saw them
         for seq in self.running:
             if seq.cadence_s <= 0 or seq.generated < 1:
                 continue
-            if seq.group in gates and seq.generated <= 1:
+            if self._held(seq, gates):
                 # Held back by its group (`schedule`): its next token is promised a cadence after
                 # the group's prompts are in (simulate.promise_group), so the hold is no gap in its
                 # stream. Booked as one, a held member's slack went below zero by the group's prefill
@@ -355,6 +355,15 @@ class TickScheduler:
                 seq.gap_s = 0.0
             else:
                 seq.gap_s += ticks * tick
+
+    def _gates(self) -> set[int]:
+        """The arrival groups with a running member whose prompt still has tokens to go in."""
+        return {s.group for s in self.running if s.group >= 0 and not s.decoding}
+
+    @staticmethod
+    def _held(seq: Seq, gates: set[int]) -> bool:
+        """Whether `seq` is held back by its group (`gates`): it has its first token, not a decoded one."""
+        return seq.group in gates and seq.generated <= 1
 
     def _may_enter(self, seq: Seq) -> bool:
         """Whether `seq` may take a slot now: the decode tick of every running seq and it,
@@ -372,10 +381,10 @@ class TickScheduler:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
         prefilling = [s for s in self.running if not s.decoding]
-        gates = {s.group for s in prefilling if s.group >= 0}
+        gates = self._gates()
         if gates:  # the group's prompts first: a later arrival's must not delay the group's start
             prefilling = [s for s in prefilling if s.group in gates]
-        decoding = [s for s in self.running if s.decoding and not (s.group in gates and s.generated <= 1)]
+        decoding = [s for s in self.running if s.decoding and not self._held(s, gates)]
         keys = max((key_bucket(s.prompt_len + s.generated, self.max_context) for s in decoding), default=0)
         if prefilling and decoding and self.slices:
             bucket = self.bucket_for(len(decoding))
